@@ -1,0 +1,15 @@
+"""domainlm: fine-tune GPT-2 or any Hugging Face causal LM on your own text, and measure it honestly.
+
+The command line is a thin layer over these functions:
+
+    from domainlm import TrainConfig, train
+    result = train(TrainConfig(model="scratch:tiny", train_file="train.txt", output_dir="out"))
+"""
+
+from domainlm.config import TrainConfig
+from domainlm.errors import UserError
+from domainlm.models import load_model
+from domainlm.train import TrainResult, train
+
+__all__ = ["TrainConfig", "TrainResult", "UserError", "load_model", "train"]
+__version__ = "0.1.0"

@@ -1,0 +1,228 @@
+"""Checkpoints and the output folder: save, find, load, rotate; atomic writes; what we own.
+
+A checkpoint is `checkpoint-<step>/`: the model in Hugging Face format (safetensors), the tokenizer,
+`training_state.pt` (optimizer, step, data position, RNG) and `checkpoint.json`, the completion
+marker with a SHA-256 of every file. It is written under a temporary name and renamed when
+complete, so a folder named `checkpoint-<step>` without a valid marker is never resumed from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from domainlm.errors import UserError
+
+CHECKPOINT_PREFIX = "checkpoint-"
+MARKER = "checkpoint.json"
+STATE_FILE = "training_state.pt"
+RUN_FILE = "run_config.json"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    step: int
+    path: Path
+    eval_perplexity: float | None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    output_dir: Path,
+    step: int,
+    model: Any,
+    tokenizer: Any,
+    training_state: dict[str, Any],
+    eval_perplexity: float | None = None,
+    model_state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write checkpoint-<step>/ atomically: temporary folder, checksums, marker, then rename."""
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = output_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, state_dict=model_state_dict)
+    tokenizer.save_pretrained(tmp)
+    torch.save(training_state, tmp / STATE_FILE)
+    files = {f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.is_file() and f.name != MARKER}
+    for name in files:
+        with open(tmp / name, "rb") as handle:
+            os.fsync(handle.fileno())
+    write_json_atomic(
+        tmp / MARKER, {"step": step, "files": files, "eval_perplexity": eval_perplexity}
+    )
+    _fsync_dir(tmp)
+    if final.exists():
+        trash = output_dir / f".{CHECKPOINT_PREFIX}{step}.old"
+        if trash.exists():
+            shutil.rmtree(trash)
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(output_dir)
+    return final
+
+
+def checkpoint_problem(path: Path, verify_checksums: bool = True) -> str | None:
+    """None if the checkpoint is complete and intact, else what is wrong with it."""
+    marker = path / MARKER
+    if not marker.is_file():
+        return "no completion marker (it was being written when the run stopped)"
+    try:
+        info = json.loads(marker.read_text())
+        files = info["files"]
+    except (ValueError, KeyError):
+        return "its completion marker is unreadable"
+    for name, digest in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if verify_checksums and _sha256(f) != digest:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def list_checkpoints(output_dir: Path) -> list[CheckpointInfo]:
+    """Complete checkpoints (marker present), oldest first. Checksums are checked on resume."""
+    found = []
+    if not output_dir.is_dir():
+        return found
+    for path in output_dir.iterdir():
+        name = path.name
+        if not (path.is_dir() and name.startswith(CHECKPOINT_PREFIX)):
+            continue
+        suffix = name[len(CHECKPOINT_PREFIX) :]
+        if not suffix.isdigit() or not (path / MARKER).is_file():
+            continue
+        try:
+            info = json.loads((path / MARKER).read_text())
+        except ValueError:
+            continue
+        found.append(CheckpointInfo(int(suffix), path, info.get("eval_perplexity")))
+    return sorted(found, key=lambda c: c.step)
+
+
+def all_checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """Every checkpoint-* folder, complete or not (for reporting)."""
+    if not output_dir.is_dir():
+        return []
+    return sorted(
+        p for p in output_dir.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+    )
+
+
+def best_checkpoint(checkpoints: list[CheckpointInfo]) -> CheckpointInfo | None:
+    scored = [c for c in checkpoints if c.eval_perplexity is not None]
+    return min(scored, key=lambda c: (c.eval_perplexity, -c.step)) if scored else None
+
+
+def rotate_checkpoints(output_dir: Path, keep: int | None) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints and the best one. Returns the deleted.
+
+    Called only after a new checkpoint is complete, so a crash here never leaves fewer than `keep`.
+    """
+    if keep is None:
+        return []
+    checkpoints = list_checkpoints(output_dir)
+    best = best_checkpoint(checkpoints)
+    protected = {c.path for c in checkpoints[-keep:]}
+    if best is not None:
+        protected.add(best.path)
+    deleted = []
+    for c in checkpoints:
+        if c.path not in protected:
+            shutil.rmtree(c.path)
+            deleted.append(c.path)
+    return deleted
+
+
+def load_training_state(path: Path) -> dict[str, Any]:
+    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------- output folder
+
+
+def read_run_file(output_dir: Path) -> dict[str, Any] | None:
+    path = output_dir / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        return None
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """Refuse an output path that is a file or cannot be written, before anything is done."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output-dir {output_dir} is a file; give a folder path")
+    probe_parent = output_dir if output_dir.exists() else _existing_parent(output_dir)
+    if not os.access(probe_parent, os.W_OK | os.X_OK):
+        raise UserError(f"--output-dir {output_dir} is not writable; choose another folder")
+
+
+def _existing_parent(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    if not path.is_dir():
+        raise UserError(f"--output-dir {path} is a file; give a folder path")
+    return path
+
+
+def remove_owned_files(output_dir: Path) -> list[str]:
+    """--overwrite-output-dir: remove what an earlier domainlm run wrote here, nothing else."""
+    run = read_run_file(output_dir) or {}
+    removed = []
+    for name in [*run.get("written", []), *(p.name for p in all_checkpoint_dirs(output_dir))]:
+        target = output_dir / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        else:
+            continue
+        removed.append(name)
+    for leftover in output_dir.glob(f".{CHECKPOINT_PREFIX}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    if (output_dir / RUN_FILE).exists():
+        (output_dir / RUN_FILE).unlink()
+    return removed

@@ -1,0 +1,191 @@
+"""The command line: a thin map from subcommands to library functions.
+
+`domainlm train` flags are generated from TrainConfig's fields (their help texts become --help),
+in kebab-case and snake_case, plus the spelling of transformers' run_clm.py used by the seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from domainlm.config import TrainConfig
+from domainlm.errors import TrainingAborted, UserError
+
+# run_clm.py / HF TrainingArguments spelling -> TrainConfig field.
+SEED_ALIASES: dict[str, str] = {
+    "model_name_or_path": "model",
+    "per_device_train_batch_size": "batch_size",
+    "per_device_eval_batch_size": "eval_batch_size",
+    "num_train_epochs": "epochs",
+    "learning_rate": "lr",
+    "gradient_accumulation_steps": "grad_accum",
+    "lr_scheduler_type": "scheduler",
+    "max_grad_norm": "max_grad_norm",
+}
+# Flags that HF accepts and that mean nothing different here (we always train and evaluate).
+ACCEPTED_NO_OP_FLAGS = ("do_train", "do_eval")
+PRECISION_FLAGS = {"bf16": "bf16", "fp16": "fp16"}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _base_type(annotation: Any) -> tuple[Any, bool]:
+    """(scalar type, is_list) of a field annotation such as `int | None` or `list[str] | None`."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        annotation = args[0]
+    if typing.get_origin(annotation) is list:
+        return typing.get_args(annotation)[0], True
+    return annotation, False
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field, in --kebab-case and --snake_case, help from the field's metadata."""
+    hints = _field_types(cls)
+    aliases: dict[str, list[str]] = {}
+    for alias, target in SEED_ALIASES.items():
+        aliases.setdefault(target, []).append(alias)
+    for f in dataclasses.fields(cls):
+        names = {f"--{f.name.replace('_', '-')}", f"--{f.name}"}
+        names.update(f"--{a}" for a in aliases.get(f.name, []))
+        flags = sorted(names, key=lambda n: ("_" in n, len(n)))
+        help_text = f.metadata.get("help", "")
+        kind, is_list = _base_type(hints[f.name])
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if kind is bool:
+            kwargs["action"] = "store_true"
+        else:
+            kwargs["type"] = kind
+            if "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]
+            if is_list:
+                kwargs["nargs"] = "+"
+        if f.default is not dataclasses.MISSING and f.default is not None and kind is not bool:
+            kwargs["help"] = f"{help_text} (default: {f.default})"
+        parser.add_argument(*flags, **kwargs)
+
+
+def _add_train_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a causal LM on one-text-per-line files",
+        description="Fine-tune a causal LM. Flags may also come from --config run.yaml.",
+        allow_abbrev=False,
+    )
+    p.add_argument("--config", dest="config_file", help="YAML file of options; flags override it")
+    add_dataclass_arguments(p, TrainConfig)
+    for flag in ACCEPTED_NO_OP_FLAGS:
+        p.add_argument(f"--{flag}", action="store_true", help=argparse.SUPPRESS)
+    for flag in PRECISION_FLAGS:
+        p.add_argument(f"--{flag}", action="store_true", help=f"same as --precision {flag}")
+    p.add_argument("--local-rank", "--local_rank", type=int, help=argparse.SUPPRESS)
+    p.set_defaults(handler=_run_train)
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults < YAML file < command-line flags."""
+    values: dict[str, Any] = {}
+    if getattr(args, "config_file", None):
+        values.update(load_yaml_options(Path(args.config_file)))
+    field_names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values.update({k: v for k, v in vars(args).items() if k in field_names})
+    for flag, precision in PRECISION_FLAGS.items():
+        if getattr(args, flag, False):
+            values["precision"] = precision
+    return TrainConfig(**values)
+
+
+def load_yaml_options(path: Path) -> dict[str, Any]:
+    """Options of a YAML file, in any spelling the command line accepts."""
+    import yaml
+
+    if not path.is_file():
+        raise UserError(f"--config {path}: no such file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(raw, dict):
+        raise UserError(f"--config {path}: expected a mapping of option: value")
+    field_names = {f.name for f in dataclasses.fields(TrainConfig)}
+    options: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = str(key).lstrip("-").replace("-", "_")
+        name = SEED_ALIASES.get(name, name)
+        if name in PRECISION_FLAGS and value:
+            options["precision"] = PRECISION_FLAGS[name]
+            continue
+        if name in ACCEPTED_NO_OP_FLAGS:
+            continue
+        if name not in field_names:
+            raise UserError(f"--config {path}: unknown option {key!r}")
+        options[name] = value
+    return options
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from domainlm.train import train
+
+    train(train_config_from_args(args))
+    return 0
+
+
+def _add_demo_parser(sub: Any) -> None:
+    p = sub.add_parser("demo", help="train a scratch model on Python's own docstrings, offline")
+    p.add_argument("--output-dir", default="demo-run", help="folder for the demo's data and model")
+    p.add_argument("--max-steps", type=int, default=None, help="override the demo's step count")
+    p.add_argument("--preset", default="scratch:mini", help="model to train (default scratch:mini)")
+    p.set_defaults(handler=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from domainlm.demo import run_demo
+
+    run_demo(Path(args.output_dir), max_steps=args.max_steps, model=args.preset)
+    return 0
+
+
+# Each subcommand: a function adding its parser, whose handler calls the library.
+SUBCOMMANDS: list[Callable[[Any], None]] = [_add_train_parser, _add_demo_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="domainlm",
+        description="Fine-tune GPT-2 or any Hugging Face causal LM on your own text, and measure it.",
+        allow_abbrev=False,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: parse, dispatch, and turn user errors into one line and exit code 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except UserError as exc:
+        print(f"domainlm: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except TrainingAborted as exc:
+        print(f"domainlm: stopped: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("domainlm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

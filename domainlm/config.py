@@ -1,0 +1,189 @@
+"""Run configuration: typed dataclasses with one help text per field, checked in __post_init__.
+
+The help texts are what `domainlm train --help` prints, so the docs and the code cannot drift.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from domainlm.errors import UserError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SCHEDULERS = ("cosine", "linear", "constant")
+STRATEGIES = ("auto", "ddp", "fsdp")
+PACKING_MODES = ("concat", "docs")
+DOC_SEPARATORS = ("line", "blank")
+ENCODING_ERRORS = ("strict", "replace")
+
+
+def opt(default: Any, help: str, **extra: Any) -> Any:
+    """A dataclass field whose `help` becomes the command-line help."""
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    """Everything `domainlm train` needs. `domainlm.train(TrainConfig(...))` runs it."""
+
+    model: str = opt(
+        None,
+        "Hub id (gpt2), local Hugging Face model folder, or offline preset scratch:NAME "
+        "(tiny, mini, gpt2, gpt2-medium, gpt2-large, gpt2-xl).",
+        required=True,
+    )
+    train_file: str = opt(
+        None, "Training texts: .txt (one per line), .jsonl with 'text', or a folder.", required=True
+    )
+    output_dir: str = opt(
+        None, "Folder for checkpoints, metrics and the final model.", required=True
+    )
+    validation_file: str | None = opt(
+        None, "Validation texts. Without one, a seeded random share of the training documents."
+    )
+    validation_split: float = opt(
+        0.05, "Share of training documents held out when no validation file is given."
+    )
+    block_size: int | None = opt(
+        None, "Tokens per training block. Default: the model's context, at most 1024."
+    )
+    batch_size: int = opt(8, "Blocks per micro-batch on each device.")
+    eval_batch_size: int | None = opt(None, "Windows per evaluation batch. Default: --batch-size.")
+    grad_accum: int = opt(1, "Micro-batches accumulated per optimizer step.")
+    epochs: float = opt(3.0, "Passes over the training blocks (ignored when --max-steps is set).")
+    max_steps: int | None = opt(None, "Optimizer steps to run; overrides --epochs.")
+    lr: float = opt(5e-5, "Peak learning rate (AdamW).")
+    warmup_steps: int = opt(0, "Steps of linear warmup from 0 to --lr.")
+    scheduler: str = opt("linear", "Learning-rate schedule after warmup.", choices=SCHEDULERS)
+    min_lr_ratio: float = opt(0.0, "Final learning rate as a share of --lr (cosine, linear).")
+    weight_decay: float = opt(0.0, "AdamW weight decay on matrices (not biases or norms).")
+    adam_beta1: float = opt(0.9, "AdamW beta1.")
+    adam_beta2: float = opt(0.999, "AdamW beta2.")
+    max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0 disables).")
+    precision: str = opt(
+        "auto", "Compute precision; auto picks bf16 where supported.", choices=PRECISIONS
+    )
+    eval_steps: int | None = opt(
+        None,
+        "Validate every N steps (and before the first and after the last). Default: --save-steps.",
+    )
+    eval_stride: int | None = opt(
+        None, "Validation stride S (tokens predicted per window). Default: block size - 1."
+    )
+    max_eval_tokens: int | None = opt(
+        None, "Score at most this many validation tokens at intermediate evaluations."
+    )
+    save_steps: int = opt(500, "Write a checkpoint every N steps.")
+    save_total_limit: int | None = opt(
+        None, "Keep only the newest K checkpoints (plus the best, which is never deleted)."
+    )
+    logging_steps: int = opt(10, "Log loss, learning rate and tokens/s every N steps.")
+    seed: int = opt(42, "Seed for initialisation, data order, dropout and the validation split.")
+    overwrite_output_dir: bool = opt(
+        False, "Start afresh in a folder of an earlier run (removes only files domainlm wrote)."
+    )
+    resume: str = opt("auto", "auto (newest matching checkpoint), never, or a checkpoint path.")
+    eos_token: str | None = opt(
+        None,
+        "Token appended after every document when the tokenizer has no EOS (or to override it).",
+    )
+    doc_sep: str = opt(
+        "line",
+        "Documents are lines (line) or paragraphs separated by empty lines (blank).",
+        choices=DOC_SEPARATORS,
+    )
+    packing: str = opt(
+        "concat",
+        "concat: documents share blocks and attend to each other (run_clm.py); docs: they do not.",
+        choices=PACKING_MODES,
+    )
+    encoding_errors: str = opt(
+        "strict",
+        "strict refuses invalid UTF-8 (with line numbers); replace goes on.",
+        choices=ENCODING_ERRORS,
+    )
+    strategy: str = opt("auto", "Distributed strategy under torchrun.", choices=STRATEGIES)
+    cache_dir: str | None = opt(
+        None, "Token cache folder. Default: $DOMAINLM_CACHE or ~/.cache/domainlm."
+    )
+    trust_remote_code: bool = opt(False, "Allow model code from the hub (only if you trust it).")
+    compile: bool = opt(False, "torch.compile the model (pays off on long GPU runs).")
+    quiet: bool = opt(False, "No progress bar: one log line per logging step (for log files).")
+    max_bad_steps: int = opt(
+        3, "Stop after this many consecutive steps with a NaN/Inf loss or gradient."
+    )
+    strict: bool = opt(False, "Treat data lint warnings as errors.")
+    sample_prompts: list[str] | None = opt(
+        None, "Prompts to sample from at every --sample-every steps (written to samples.jsonl)."
+    )
+    sample_every: int | None = opt(None, "Sample from --sample-prompts every N steps.")
+    sample_max_new_tokens: int = opt(40, "Tokens generated per training-time sample.")
+    report_to: list[str] | None = opt(
+        None, "Extra loggers: tensorboard, mlflow, wandb (when installed)."
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("model", "train_file", "output_dir"):
+            if not getattr(self, name):
+                raise UserError(f"--{name.replace('_', '-')} is required")
+        positive = ["batch_size", "grad_accum", "save_steps", "logging_steps", "max_bad_steps"]
+        optional_positive = [
+            "block_size",
+            "eval_batch_size",
+            "max_steps",
+            "eval_steps",
+            "eval_stride",
+            "save_total_limit",
+            "max_eval_tokens",
+            "sample_every",
+        ]
+        for name in positive:
+            _require_positive(name, getattr(self, name))
+        for name in optional_positive:
+            value = getattr(self, name)
+            if value is not None:
+                _require_positive(name, value)
+        if self.epochs <= 0 and self.max_steps is None:
+            raise UserError("--epochs must be positive (or set --max-steps)")
+        if self.lr <= 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        for name in ("warmup_steps",):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be 0 or more")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise UserError("--weight-decay and --max-grad-norm must be 0 or more")
+        if not 0 < self.validation_split < 1:
+            raise UserError("--validation-split must be between 0 and 1, e.g. 0.05")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise UserError("--min-lr-ratio must be between 0 and 1")
+        for name in ("precision", "scheduler", "strategy", "packing", "doc_sep", "encoding_errors"):
+            choices = _field_meta(name)["choices"]
+            if getattr(self, name) not in choices:
+                raise UserError(
+                    f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
+                    f"got {getattr(self, name)!r}"
+                )
+        if (
+            self.block_size is not None
+            and self.eval_stride is not None
+            and self.eval_stride > self.block_size - 1
+        ):
+            raise UserError(f"--eval-stride must be at most block size - 1 = {self.block_size - 1}")
+        if self.sample_every is not None and not self.sample_prompts:
+            raise UserError("--sample-every needs --sample-prompts")
+        if self.eval_steps is None:
+            self.eval_steps = self.save_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _field_meta(name: str) -> dict[str, Any]:
+    return {f.name: f.metadata for f in dataclasses.fields(TrainConfig)}[name]
+
+
+def _require_positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise UserError(f"--{name.replace('_', '-')} must be a positive number, got {value}")

@@ -1,0 +1,179 @@
+"""The one perplexity function, used by `domainlm perplexity` and by validation during training.
+
+Definition (docs/perplexity.md): over a token stream whose positions first..end-1 are predicted,
+window j predicts the next S (stride) tokens not yet predicted, positions [a, b) with
+a = first + j*S, from the up to L - S tokens before them as context. Every predicted token is
+scored exactly once; perplexity = exp(sum NLL / N), with the NLL summed in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from domainlm.data import IGNORE_INDEX
+from domainlm.device import autocast
+from domainlm.distributed import SINGLE, DistContext, all_reduce_sum
+from domainlm.errors import UserError
+
+
+@dataclass(frozen=True)
+class Window:
+    """Input tokens [context_start, target_end - 1) predicting positions [target_start, target_end)."""
+
+    context_start: int
+    target_start: int
+    target_end: int
+
+
+def make_windows(stream_length: int, block_size: int, stride: int, first: int = 1) -> list[Window]:
+    """The windows that predict positions first..stream_length-1, each exactly once."""
+    check_window(block_size, stride)
+    context = block_size - stride
+    return [
+        Window(max(0, a - context), a, min(a + stride, stream_length))
+        for a in range(first, stream_length, stride)
+    ]
+
+
+def check_window(block_size: int, stride: int) -> None:
+    if block_size < 2:
+        raise UserError(f"--block-size must be at least 2, got {block_size}")
+    if not 1 <= stride <= block_size - 1:
+        raise UserError(
+            f"--stride must be between 1 and block size - 1 = {block_size - 1}, got {stride}"
+        )
+
+
+@dataclass
+class NLLSum:
+    """Summed negative log-likelihood (nats) over `tokens` predicted tokens."""
+
+    nll_sum: float
+    tokens: int
+
+    @property
+    def nll(self) -> float:
+        return self.nll_sum / self.tokens if self.tokens else float("nan")
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll) if self.tokens else float("nan")
+
+
+def window_batches(
+    tokens: np.ndarray, windows: list[Window], batch_size: int
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """(window indices, input_ids, targets) per batch, right-padded, context targets masked."""
+    for start in range(0, len(windows), batch_size):
+        chunk = windows[start : start + batch_size]
+        width = max(1, max(w.target_end - 1 - w.context_start for w in chunk))
+        inputs = np.zeros((len(chunk), width), dtype=np.int64)
+        targets = np.full((len(chunk), width), IGNORE_INDEX, dtype=np.int64)
+        for row, w in enumerate(chunk):
+            n = w.target_end - 1 - w.context_start
+            inputs[row, :n] = tokens[w.context_start : w.target_end - 1]
+            scored = w.target_end - w.target_start
+            targets[row, n - scored : n] = tokens[w.target_start : w.target_end]
+        yield (
+            list(range(start, start + len(chunk))),
+            torch.from_numpy(inputs),
+            torch.from_numpy(targets),
+        )
+
+
+@torch.no_grad()
+def score_windows(
+    loss_module: torch.nn.Module,
+    tokens: np.ndarray,
+    windows: list[Window],
+    *,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "fp32",
+    ctx: DistContext = SINGLE,
+    progress: bool = False,
+) -> np.ndarray:
+    """NLL sum (float64) of each window this rank scores; windows are dealt round-robin to ranks.
+
+    Every rank runs the same number of batches (an empty window pads the short ones), so sharded
+    models (FSDP) stay in step. Entries of windows other ranks score stay 0.
+    """
+    sums = np.zeros(len(windows), dtype=np.float64)
+    mine = list(range(ctx.rank, len(windows), ctx.world_size))
+    per_rank = -(-len(windows) // ctx.world_size)
+    mine += [-1] * (per_rank - len(mine))
+    padded = [windows[i] if i >= 0 else Window(0, 1, 1) for i in mine]
+    was_training = loss_module.training
+    loss_module.eval()
+    bar = _progress(progress, len(padded), "scoring")
+    try:
+        for rows, inputs, targets in window_batches(tokens, padded, batch_size):
+            with autocast(device, precision):
+                row_sums = loss_module(inputs.to(device), targets.to(device))
+            values = row_sums.double().cpu().numpy()
+            for row, value in zip(rows, values, strict=True):
+                if mine[row] >= 0:
+                    sums[mine[row]] = value
+            if bar is not None:
+                bar.update(len(rows))
+    finally:
+        loss_module.train(was_training)
+        if bar is not None:
+            bar.close()
+    return sums
+
+
+def _progress(enabled: bool, total: int, desc: str):  # type: ignore[no-untyped-def]
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="win", dynamic_ncols=True, leave=False)
+
+
+def stream_nll(
+    loss_module: torch.nn.Module,
+    tokens: np.ndarray,
+    *,
+    block_size: int,
+    stride: int,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "fp32",
+    first: int = 1,
+    ctx: DistContext = SINGLE,
+    progress: bool = False,
+    max_tokens: int | None = None,
+) -> NLLSum:
+    """Summed NLL of a token stream under the window definition, reduced over ranks exactly."""
+    windows = make_windows(len(tokens), block_size, stride, first)
+    if max_tokens is not None:
+        windows = _limit(windows, max_tokens)
+    sums = score_windows(
+        loss_module,
+        tokens,
+        windows,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        ctx=ctx,
+        progress=progress,
+    )
+    predicted = sum(w.target_end - w.target_start for w in windows)
+    (total,) = all_reduce_sum([float(sums.sum())], ctx, device)
+    return NLLSum(total, predicted)
+
+
+def _limit(windows: list[Window], max_tokens: int) -> list[Window]:
+    kept, count = [], 0
+    for w in windows:
+        if count >= max_tokens:
+            break
+        kept.append(w)
+        count += w.target_end - w.target_start
+    return kept

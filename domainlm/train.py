@@ -1,0 +1,482 @@
+"""The training loop: data order, gradient accumulation, loss reduction, schedule, eval and save points.
+
+Read `train()` top to bottom: set-up, the step loop, the end. Everything else here is a helper the
+loop calls. Gradients are scaled so that one optimizer step minimises the mean NLL over all
+target tokens of the global batch (every micro-batch on every rank), never a mean of means.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from domainlm.checkpoint import (
+    RUN_FILE,
+    CheckpointInfo,
+    best_checkpoint,
+    check_output_dir,
+    checkpoint_problem,
+    list_checkpoints,
+    load_training_state,
+    read_run_file,
+    remove_owned_files,
+    rotate_checkpoints,
+    save_checkpoint,
+    write_json_atomic,
+)
+from domainlm.config import TrainConfig
+from domainlm.data import (
+    BlockDataset,
+    TokenStream,
+    epoch_order,
+    load_token_stream,
+    micro_batch_indices,
+    split_documents,
+    text_files,
+)
+from domainlm.device import autocast, pick_device, resolve_precision
+from domainlm.distributed import DistContext, all_reduce_sum
+from domainlm.errors import UserError
+from domainlm.evaluate import NLLSum, check_window, stream_nll
+from domainlm.loss import CausalLMLoss
+from domainlm.metrics import Console, MetricsLog
+from domainlm.models import LoadedModel, load_model, tokenizer_fingerprint
+from domainlm.schedule import learning_rate
+
+# What makes a checkpoint resumable by a run: the same model, tokenizer and block layout.
+RESUME_KEYS = ("model", "tokenizer", "block_size", "packing")
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports (also written to eval_results.json)."""
+
+    output_dir: Path
+    steps: int
+    initial_perplexity: float | None
+    final_perplexity: float | None
+    eval_tokens: int
+    train_tokens: int
+    train_runtime: float
+    best_checkpoint: Path | None
+    resumed_from: Path | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataCursor:
+    """Position in the data: epoch and the number of blocks of its order already consumed."""
+
+    epoch: int = 0
+    offset: int = 0
+
+    def next_global_batch(self, dataset: BlockDataset, size: int, seed: int) -> np.ndarray:
+        if self.offset >= len(dataset):
+            self.epoch, self.offset = self.epoch + 1, 0
+        order = epoch_order(len(dataset), self.epoch, seed)
+        blocks = order[self.offset : self.offset + size]
+        self.offset += len(blocks)
+        return blocks
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Fine-tune `config.model` on `config.train_file`; write checkpoints, metrics and the model."""
+    from domainlm.distributed import setup_distributed, teardown_distributed, wrap_model
+
+    ctx = setup_distributed()
+    try:
+        device = pick_device(ctx.local_rank if ctx.enabled else None)
+        precision = resolve_precision(config.precision, device)
+        console = Console(enabled=ctx.is_main, quiet=config.quiet)
+        output_dir = Path(config.output_dir)
+
+        # ---- check everything before anything is written
+        text_files(config.train_file)
+        if config.validation_file:
+            text_files(config.validation_file)
+        check_output_dir(output_dir)
+        loaded = load_model(
+            config.model,
+            seed=config.seed,
+            eos_token=config.eos_token,
+            trust_remote_code=config.trust_remote_code,
+        )
+        block_size = config.block_size or min(1024, loaded.context_length)
+        if block_size > loaded.context_length:
+            raise UserError(
+                f"--block-size {block_size} is larger than the model's context of "
+                f"{loaded.context_length} tokens; use at most {loaded.context_length}"
+            )
+        eval_stride = config.eval_stride or block_size - 1
+        check_window(block_size, eval_stride)
+        run_identity = {
+            "model": config.model,
+            "tokenizer": tokenizer_fingerprint(loaded.tokenizer, loaded.eos_id),
+            "block_size": block_size,
+            "packing": config.packing,
+        }
+        resume_from = decide_resume(config, output_dir, run_identity, console)
+
+        train_stream, valid_stream = load_streams(
+            config, loaded, run_identity["tokenizer"], console
+        )
+        dataset = BlockDataset(train_stream, block_size, config.packing)
+
+        # ---- model, optimizer, state
+        if resume_from is not None:
+            resumed = load_model(str(resume_from), eos_token=config.eos_token)
+            loaded.model = resumed.model
+        model = loaded.model.to(device)
+        if config.packing == "concat":
+            model.config.use_cache = False
+        loss_module = CausalLMLoss(model)
+        train_module = wrap_model(loss_module, ctx, device, config.strategy)
+        optimizer = make_optimizer(model, config, device)
+        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+        global_batch = config.batch_size * config.grad_accum * ctx.world_size
+        steps_per_epoch = math.ceil(len(dataset) / global_batch)
+        total_steps = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
+        cursor, start_step = DataCursor(), 0
+        if resume_from is not None:
+            state = load_training_state(resume_from)
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"]) if state.get("scaler") else None
+            cursor = DataCursor(int(state["epoch"]), int(state["offset"]))
+            start_step = int(state["step"])
+            console.info(f"resuming from {resume_from} at step {start_step}")
+
+        if ctx.is_main:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            write_run_file(output_dir, config, run_identity, written=[])
+        metrics = MetricsLog(
+            output_dir / "metrics.jsonl", enabled=ctx.is_main, resume_step=start_step
+        )
+
+        console.info(
+            f"model {config.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) "
+            f"on {device.type} x{ctx.world_size}, precision {precision}"
+        )
+        console.info(
+            f"train: {train_stream.num_documents} documents, {dataset.num_predicted:,} tokens, "
+            f"{len(dataset)} blocks of {block_size}; global batch {config.batch_size} x "
+            f"{config.grad_accum} accum x {ctx.world_size} ranks = {global_batch} blocks; "
+            f"{steps_per_epoch} steps/epoch, {total_steps} steps"
+        )
+
+        def evaluate(limit: int | None) -> NLLSum:
+            return stream_nll(
+                loss_module,
+                valid_stream.tokens,
+                block_size=block_size,
+                stride=eval_stride,
+                batch_size=config.eval_batch_size or config.batch_size,
+                device=device,
+                precision=precision,
+                ctx=ctx,
+                max_tokens=limit,
+            )
+
+        initial = None
+        if start_step == 0:
+            initial = evaluate(config.max_eval_tokens)
+            metrics.log_eval(0, 0.0, initial)
+            console.info(
+                f"validation perplexity before training: {initial.perplexity:.3f} "
+                f"({initial.tokens:,} tokens)"
+            )
+
+        # ---- the step loop
+        started = time.perf_counter()
+        bar = console.progress(total_steps, start_step)
+        window_nll = torch.zeros((), dtype=torch.float64, device=device)
+        window_tokens, window_start, tokens_seen = 0, time.perf_counter(), 0
+        last_eval: tuple[int, NLLSum] | None = None
+        for step in range(start_step, total_steps):
+            torch.manual_seed(config.seed * 1_000_003 + step * 1009 + ctx.rank)
+            lr = learning_rate(
+                step,
+                peak=config.lr,
+                warmup_steps=config.warmup_steps,
+                total_steps=total_steps,
+                kind=config.scheduler,
+                min_ratio=config.min_lr_ratio,
+            )
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            blocks = cursor.next_global_batch(dataset, global_batch, config.seed)
+            step_targets = sum(dataset.targets_in(int(b)) for b in blocks)
+            for micro in range(config.grad_accum):
+                batch = dataset.batch(
+                    micro_batch_indices(blocks, micro, ctx.rank, ctx.world_size, config.batch_size)
+                ).to(device)
+                last = micro == config.grad_accum - 1
+                sync = (
+                    nullcontext()
+                    if last or not hasattr(train_module, "no_sync")
+                    else train_module.no_sync()
+                )
+                with sync:
+                    with autocast(device, precision):
+                        row_nll = train_module(
+                            batch.input_ids, batch.targets, batch.position_ids, batch.attention_mask
+                        )
+                    nll = row_nll.sum()
+                    # DDP/FSDP average gradients over ranks; scale so the result is sum / tokens.
+                    scaler.scale(nll * (ctx.world_size / step_targets)).backward()
+                window_nll += nll.detach().double()
+            if config.max_grad_norm > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            window_tokens += step_targets
+            tokens_seen += step_targets
+            done = step + 1
+            epoch_float = cursor.epoch + cursor.offset / len(dataset)
+
+            if done % config.logging_steps == 0 or done == total_steps:
+                (nll_sum,) = all_reduce_sum([float(window_nll)], ctx, device)
+                elapsed = time.perf_counter() - window_start
+                # input tokens per second over all ranks, padding excluded
+                speed = window_tokens / elapsed if elapsed > 0 else 0.0
+                loss = nll_sum / max(1, window_tokens)
+                metrics.log_train(done, epoch_float, loss, lr, speed)
+                console.step(bar, done, loss, lr, speed)
+                window_nll.zero_()
+                window_tokens, window_start = 0, time.perf_counter()
+            else:
+                console.advance(bar, done)
+
+            final_step = done == total_steps
+            if done % config.eval_steps == 0 or final_step:
+                # The last evaluation scores the whole validation set, whatever --max-eval-tokens.
+                result = evaluate(None if final_step else config.max_eval_tokens)
+                metrics.log_eval(done, epoch_float, result)
+                console.info(f"step {done}: validation perplexity {result.perplexity:.3f}")
+                last_eval = (done, result)
+            if done % config.save_steps == 0 or final_step:
+                # The final step is saved too, so a finished run can be extended with --max-steps.
+                ppl = last_eval[1].perplexity if last_eval and last_eval[0] == done else None
+                save_training_checkpoint(
+                    output_dir, done, loaded, model, optimizer, scaler, cursor, ctx, ppl, config
+                )
+        console.close(bar)
+        runtime = time.perf_counter() - started
+
+        # ---- the end: the model folder and the results
+        if last_eval is not None and last_eval[0] == total_steps:
+            final = last_eval[1]
+        else:  # nothing left to train (a finished run started again)
+            final = evaluate(None)
+            metrics.log_eval(total_steps, cursor.epoch + cursor.offset / len(dataset), final)
+        best = None
+        if ctx.is_main:
+            before = set(p.name for p in output_dir.iterdir())
+            model.save_pretrained(output_dir)
+            loaded.tokenizer.save_pretrained(output_dir)
+            if final.tokens:
+                save_eval_results(output_dir, final, initial, metrics, runtime, tokens_seen)
+            written = sorted(set(p.name for p in output_dir.iterdir()) - before)
+            write_run_file(output_dir, config, run_identity, written=written)
+            best = best_checkpoint(list_checkpoints(output_dir))
+        result = TrainResult(
+            output_dir=output_dir,
+            steps=total_steps,
+            initial_perplexity=initial.perplexity if initial else metrics.initial_perplexity(),
+            final_perplexity=final.perplexity,
+            eval_tokens=final.tokens,
+            train_tokens=tokens_seen,
+            train_runtime=runtime,
+            best_checkpoint=best.path if best else None,
+            resumed_from=resume_from,
+        )
+        console.summary(result)
+        return result
+    finally:
+        teardown_distributed(ctx)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def make_optimizer(
+    model: torch.nn.Module, config: TrainConfig, device: torch.device
+) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not biases, norms); fused kernels on GPU."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups,
+        lr=config.lr,
+        betas=(config.adam_beta1, config.adam_beta2),
+        fused=device.type == "cuda",
+    )
+
+
+def load_streams(
+    config: TrainConfig, loaded: LoadedModel, tokenizer_id: str, console: Console
+) -> tuple[TokenStream, TokenStream]:
+    """Training and validation token streams (a seeded held-out split without a validation file)."""
+
+    def load(path: str) -> TokenStream:
+        cached = load_token_stream(
+            path,
+            loaded.tokenizer,
+            loaded.eos_id,
+            tokenizer_id,
+            config.cache_dir,
+            config.doc_sep,
+            config.encoding_errors,
+        )
+        console.info(f"{path}: {'token cache hit' if cached.cache_hit else 'tokenized and cached'}")
+        return cached.stream
+
+    train_stream = load(config.train_file)
+    if config.validation_file:
+        if Path(config.validation_file).resolve() == Path(config.train_file).resolve():
+            console.warn(
+                "the validation file is the training file: validation perplexity will be "
+                "optimistic (leakage); give a separate --validation-file"
+            )
+        return train_stream, load(config.validation_file)
+    train_docs, held_docs = split_documents(
+        train_stream.num_documents, config.validation_split, config.seed
+    )
+    console.info(
+        f"no --validation-file: holding out {len(held_docs)} of {train_stream.num_documents} "
+        f"documents ({config.validation_split:.0%}, seeded random) for validation"
+    )
+    return train_stream.select(train_docs), train_stream.select(held_docs)
+
+
+def decide_resume(
+    config: TrainConfig, output_dir: Path, identity: dict[str, Any], console: Console
+) -> Path | None:
+    """The checkpoint to continue from, or None to start afresh. Refuses to clobber other runs."""
+    if config.resume not in ("auto", "never"):
+        path = Path(config.resume)
+        problem = checkpoint_problem(path) if path.is_dir() else "no such folder"
+        if problem:
+            raise UserError(f"--resume {config.resume}: cannot resume from it: {problem}")
+        check_same_run(path.parent, identity, f"checkpoint {path}")
+        return path
+    if not output_dir.is_dir() or not any(output_dir.iterdir()):
+        return None
+    if config.overwrite_output_dir:
+        removed = remove_owned_files(output_dir)
+        if removed:
+            console.info(
+                f"--overwrite-output-dir: removed {len(removed)} entries of an earlier run"
+            )
+        return None
+    run = read_run_file(output_dir)
+    if run is None:
+        raise UserError(
+            f"--output-dir {output_dir} is not empty and holds no domainlm run; choose an empty "
+            "folder (or pass --overwrite-output-dir to write beside its files)"
+        )
+    check_same_run(output_dir, identity, f"--output-dir {output_dir}")
+    if config.resume == "never":
+        raise UserError(
+            f"--output-dir {output_dir} holds an earlier run; pass --overwrite-output-dir to start "
+            "afresh or --resume auto to continue it"
+        )
+    for candidate in reversed(list_checkpoints(output_dir)):
+        problem = checkpoint_problem(candidate.path)
+        if problem is None:
+            return candidate.path
+        console.warn(f"skipping {candidate.path.name}: {problem}")
+    raise UserError(
+        f"--output-dir {output_dir} holds an earlier run with no complete checkpoint to resume; "
+        "pass --overwrite-output-dir to start afresh"
+    )
+
+
+def check_same_run(folder: Path, identity: dict[str, Any], what: str) -> None:
+    run = read_run_file(folder) or {}
+    saved = run.get("identity", {})
+    for key in RESUME_KEYS:
+        if key in saved and saved[key] != identity[key]:
+            raise UserError(
+                f"{what} belongs to a run with another {key} ({saved[key]} vs {identity[key]}); "
+                "use another --output-dir or pass --overwrite-output-dir"
+            )
+
+
+def write_run_file(
+    output_dir: Path, config: TrainConfig, identity: dict[str, Any], written: list[str]
+) -> None:
+    previous = read_run_file(output_dir) or {}
+    owned = sorted(set(previous.get("written", [])) | set(written) | {"metrics.jsonl"})
+    write_json_atomic(
+        output_dir / RUN_FILE, {"identity": identity, "config": config.to_dict(), "written": owned}
+    )
+
+
+def save_training_checkpoint(
+    output_dir: Path,
+    step: int,
+    loaded: LoadedModel,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: Any,
+    cursor: DataCursor,
+    ctx: DistContext,
+    eval_perplexity: float | None,
+    config: TrainConfig,
+) -> CheckpointInfo | None:
+    """Write checkpoint-<step> on rank 0, then rotate; other ranks wait at a barrier."""
+    from domainlm.distributed import barrier, full_state_dicts
+
+    model_state, optim_state = full_state_dicts(model, optimizer, ctx)
+    if ctx.is_main:
+        state = {
+            "step": step,
+            "epoch": cursor.epoch,
+            "offset": cursor.offset,
+            "optimizer": optim_state,
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "rng_torch": torch.get_rng_state(),
+            "world_size": ctx.world_size,
+        }
+        save_checkpoint(
+            output_dir, step, model, loaded.tokenizer, state, eval_perplexity, model_state
+        )
+        rotate_checkpoints(output_dir, config.save_total_limit)
+    barrier(ctx)
+    return None
+
+
+def save_eval_results(
+    output_dir: Path,
+    final: NLLSum,
+    initial: NLLSum | None,
+    metrics: MetricsLog,
+    runtime: float,
+    train_tokens: int,
+) -> None:
+    results = {
+        "eval_loss": final.nll,
+        "perplexity": final.perplexity,
+        "eval_tokens": final.tokens,
+        "initial_perplexity": initial.perplexity if initial else metrics.initial_perplexity(),
+        "train_runtime": runtime,
+        "train_tokens": train_tokens,
+    }
+    (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
