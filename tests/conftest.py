@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny GPT-2 models built locally (no hub), small corpora, an isolated cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own token cache, so no test sees another's cache hits."""
+    cache = tmp_path / "token-cache"
+    monkeypatch.setenv("DOMAINLM_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """scratch:tiny saved as a Hugging Face folder, dropout off (deterministic forward passes)."""
+    from domainlm.models import save_scratch_folder
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    return save_scratch_folder(
+        "tiny", folder, seed=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
+
+
+def write_lines(path: Path, lines: list[str], newline: str = "\n") -> Path:
+    path.write_text(newline.join(lines) + newline, encoding="utf-8")
+    return path
+
+
+def uneven_corpus(n: int = 60, seed: int = 0) -> list[str]:
+    """Documents of uneven length from a small vocabulary (fast to learn, deterministic)."""
+    import random
+
+    rng = random.Random(seed)
+    words = "the cat dog sat ran on a mat in house big small red blue and then it away".split()
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 40))) for _ in range(n)]

@@ -1,0 +1,69 @@
+"""The command line: seed (run_clm.py) spelling, YAML configs, help and error handling."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from domainlm.cli import build_parser, main, train_config_from_args
+from domainlm.config import TrainConfig
+
+SEED_COMMAND = """--model_name_or_path gpt2 --train_file train_en.txt --validation_file valid_en.txt
+--do_train --do_eval --output_dir model --overwrite_output_dir --per_device_eval_batch_size 8
+--per_device_train_batch_size 6 --num_train_epochs 10 --save_steps 1000 --save_total_limit 3
+--learning_rate 3e-5 --block_size 512 --gradient_accumulation_steps 2 --max_steps 50
+--warmup_steps 5 --logging_steps 7 --eval_steps 100 --seed 9 --bf16""".split()
+
+NEW_COMMAND = """--model gpt2 --train-file train_en.txt --validation-file valid_en.txt
+--output-dir model --overwrite-output-dir --eval-batch-size 8 --batch-size 6 --epochs 10
+--save-steps 1000 --save-total-limit 3 --lr 3e-5 --block-size 512 --grad-accum 2 --max-steps 50
+--warmup-steps 5 --logging-steps 7 --eval-steps 100 --seed 9 --precision bf16""".split()
+
+
+def parse(args: list[str]) -> TrainConfig:
+    return train_config_from_args(build_parser().parse_args(["train", *args]))
+
+
+def test_seed_spelling_parses_to_the_same_config() -> None:
+    seed = parse(SEED_COMMAND)
+    assert seed == parse(NEW_COMMAND)
+    assert (seed.batch_size, seed.eval_batch_size, seed.epochs, seed.grad_accum) == (6, 8, 10.0, 2)
+    assert (seed.precision, seed.lr, seed.save_total_limit) == ("bf16", 3e-5, 3)
+
+
+def test_yaml_config_and_flags_override_it(tmp_path: Path) -> None:
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(
+        "model: scratch:tiny\ntrain_file: a.txt\noutput-dir: out\nlearning_rate: 0.001\n"
+        "batch_size: 3\nsave_steps: 7\n"
+    )
+    config = parse(["--config", str(config_file), "--batch-size", "5"])
+    assert (config.model, config.train_file, config.output_dir) == ("scratch:tiny", "a.txt", "out")
+    assert (config.lr, config.batch_size, config.save_steps, config.eval_steps) == (0.001, 5, 7, 7)
+
+
+def test_unknown_yaml_key_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("model: scratch:tiny\nbatch_sise: 3\n")
+    code = main(["train", "--config", str(config_file), "--train-file", "x", "--output-dir", "o"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "unknown option 'batch_sise'" in err
+
+
+def test_non_positive_numbers_are_refused(capsys: pytest.CaptureFixture) -> None:
+    code = main(["train", "--model", "scratch:tiny", "--train-file", "x", "--output-dir", "o",
+                 "--batch-size", "0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--batch-size must be a positive number" in err and "\n" not in err
+
+
+def test_help_texts_come_from_the_config_docstrings() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "domainlm", "train", "--help"], capture_output=True, text=True,
+        check=True,
+    )
+    assert "--grad-accum" in result.stdout and "Micro-batches accumulated" in result.stdout
+    assert "--per_device_train_batch_size" in result.stdout
