@@ -9,7 +9,17 @@ The command line is a thin layer over these functions:
 from domainlm.config import TrainConfig
 from domainlm.errors import UserError
 from domainlm.models import load_model
+from domainlm.perplexity import PerplexityConfig, PerplexityReport, evaluate_perplexity
 from domainlm.train import TrainResult, train
 
-__all__ = ["TrainConfig", "TrainResult", "UserError", "load_model", "train"]
+__all__ = [
+    "PerplexityConfig",
+    "PerplexityReport",
+    "TrainConfig",
+    "TrainResult",
+    "UserError",
+    "evaluate_perplexity",
+    "load_model",
+    "train",
+]
 __version__ = "0.1.0"

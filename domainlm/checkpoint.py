@@ -148,6 +148,14 @@ def all_checkpoint_dirs(output_dir: Path) -> list[Path]:
     )
 
 
+def checkpoint_dirs_by_step(output_dir: Path) -> list[Path]:
+    """Every checkpoint-<step> folder, complete or not, oldest first (resume checks each)."""
+    found = [
+        p for p in all_checkpoint_dirs(output_dir) if p.name[len(CHECKPOINT_PREFIX) :].isdigit()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+
 def best_checkpoint(checkpoints: list[CheckpointInfo]) -> CheckpointInfo | None:
     scored = [c for c in checkpoints if c.eval_perplexity is not None]
     return min(scored, key=lambda c: (c.eval_perplexity, -c.step)) if scored else None
@@ -168,6 +176,8 @@ def rotate_checkpoints(output_dir: Path, keep: int | None) -> list[Path]:
     deleted = []
     for c in checkpoints:
         if c.path not in protected:
+            # The marker goes first: a crash mid-delete leaves a folder that is never resumed.
+            (c.path / MARKER).unlink(missing_ok=True)
             shutil.rmtree(c.path)
             deleted.append(c.path)
     return deleted

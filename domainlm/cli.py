@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -135,6 +136,12 @@ def load_yaml_options(path: Path) -> dict[str, Any]:
 def _run_train(args: argparse.Namespace) -> int:
     from domainlm.train import train
 
+    local_rank = getattr(args, "local_rank", None)
+    if local_rank is None:
+        local_rank = getattr(args, "launcher_local_rank", None)
+    if local_rank is not None:
+        # torch.distributed.launch (the seed's launcher) passes --local-rank=N to each process.
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
     train(train_config_from_args(args))
     return 0
 
@@ -154,8 +161,120 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_perplexity_parser(sub: Any) -> None:
+    """`domainlm perplexity`: flags from PerplexityConfig's fields; --model may be repeated."""
+    from domainlm.perplexity import PerplexityConfig
+
+    p = sub.add_parser(
+        "perplexity",
+        help="perplexity and bits per byte of one or more models on a text (docs/perplexity.md)",
+        description="Score a text exactly (every token once, NLL summed in float64). Several "
+        "--model give one side-by-side table.",
+        allow_abbrev=False,
+    )
+    hints = _field_types(PerplexityConfig)
+    for f in dataclasses.fields(PerplexityConfig):
+        flags = sorted({f"--{f.name.replace('_', '-')}", f"--{f.name}"}, key=lambda n: "_" in n)
+        kind, _ = _base_type(hints[f.name])
+        kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"]}
+        if f.name == "model":
+            kwargs.update(action="append", required=True, metavar="MODEL")
+        elif kind is bool:
+            kwargs.update(action="store_true")
+        else:
+            kwargs.update(type=kind, default=f.default, choices=f.metadata.get("choices"))
+        p.add_argument(*flags, **kwargs)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=_run_perplexity)
+
+
+def _run_perplexity(args: argparse.Namespace) -> int:
+    from domainlm.distributed import context_from_env
+    from domainlm.perplexity import PerplexityConfig, evaluate_perplexity, render
+
+    names = {f.name for f in dataclasses.fields(PerplexityConfig)}
+    config = PerplexityConfig(**{k: v for k, v in vars(args).items() if k in names})
+    reports = evaluate_perplexity(config)
+    if context_from_env().is_main:
+        render(reports, config, as_json=args.json)
+    return 0
+
+
+def _add_generate_parser(sub: Any) -> None:
+    """`domainlm generate`: flags from GenerateConfig's fields, plus a repeatable --prompt."""
+    from domainlm.generate import GenerateConfig
+
+    p = sub.add_parser(
+        "generate",
+        help="continue prompts with a model; optionally check for copied training data",
+        description="Sample text from a model (streamed for one prompt). --check-memorization "
+        "reports the longest span of each sample copied verbatim from the training data.",
+        allow_abbrev=False,
+    )
+    add_dataclass_arguments(p, GenerateConfig)
+    p.add_argument(
+        "--prompt", dest="prompts", action="append", help="a prompt to continue (repeatable)"
+    )
+    p.set_defaults(handler=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from domainlm.generate import GenerateConfig, run_generate
+
+    names = {f.name for f in dataclasses.fields(GenerateConfig)}
+    run_generate(GenerateConfig(**{k: v for k, v in vars(args).items() if k in names}))
+    return 0
+
+
+def _add_report_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "report",
+        help="plots of loss, perplexity and learning rate, a summary table and the model card",
+        description="Report on one or more training runs (several runs are overlaid).",
+        allow_abbrev=False,
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output folders of training runs")
+    p.add_argument(
+        "--output", help="folder for the plots and summary (default: the run's folder, or ./report)"
+    )
+    p.set_defaults(handler=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from domainlm.report import run_report
+
+    run_report([Path(r) for r in args.runs], Path(args.output) if args.output else None)
+    return 0
+
+
+def _add_inspect_parser(sub: Any) -> None:
+    from domainlm.inspect_data import InspectConfig
+
+    p = sub.add_parser(
+        "inspect",
+        help="count, lint and size a corpus before training (tokens, steps, time, memory)",
+        allow_abbrev=False,
+    )
+    add_dataclass_arguments(p, InspectConfig)
+    p.set_defaults(handler=_run_inspect)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from domainlm.inspect_data import InspectConfig, run_inspect
+
+    names = {f.name for f in dataclasses.fields(InspectConfig)}
+    return run_inspect(InspectConfig(**{k: v for k, v in vars(args).items() if k in names}))
+
+
 # Each subcommand: a function adding its parser, whose handler calls the library.
-SUBCOMMANDS: list[Callable[[Any], None]] = [_add_train_parser, _add_demo_parser]
+SUBCOMMANDS: list[Callable[[Any], None]] = [
+    _add_train_parser,
+    _add_inspect_parser,
+    _add_demo_parser,
+    _add_perplexity_parser,
+    _add_generate_parser,
+    _add_report_parser,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="domainlm",
         description="Fine-tune GPT-2 or any Hugging Face causal LM on your own text, and measure it.",
         allow_abbrev=False,
+    )
+    # torch.distributed.launch puts --local-rank=N right after `-m domainlm`, before the command.
+    parser.add_argument(
+        "--local-rank", "--local_rank", dest="launcher_local_rank", type=int, help=argparse.SUPPRESS
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:

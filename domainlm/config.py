@@ -104,7 +104,15 @@ class TrainConfig:
         "strict refuses invalid UTF-8 (with line numbers); replace goes on.",
         choices=ENCODING_ERRORS,
     )
-    strategy: str = opt("auto", "Distributed strategy under torchrun.", choices=STRATEGIES)
+    strategy: str = opt(
+        "auto",
+        "Under torchrun: ddp (auto) replicates the model on every rank; fsdp shards it.",
+        choices=STRATEGIES,
+    )
+    dist_timeout: float = opt(
+        1800.0,
+        "Seconds a rank waits for the others (joining, each collective) before the run stops.",
+    )
     cache_dir: str | None = opt(
         None, "Token cache folder. Default: $DOMAINLM_CACHE or ~/.cache/domainlm."
     )
@@ -129,6 +137,7 @@ class TrainConfig:
             if not getattr(self, name):
                 raise UserError(f"--{name.replace('_', '-')} is required")
         positive = ["batch_size", "grad_accum", "save_steps", "logging_steps", "max_bad_steps"]
+        positive.append("dist_timeout")
         optional_positive = [
             "block_size",
             "eval_batch_size",

@@ -192,13 +192,14 @@ def load_token_stream(
     encoding_errors: str = "strict",
 ) -> CachedStream:
     """Tokenize a corpus once; later calls with the same content and tokenizer read the cache."""
+    from domainlm.corpus import corpus_fingerprint, tokenize_to_files
     from domainlm.models import token_dtype
 
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     key_text = "|".join(
         [
             CACHE_FORMAT_VERSION,
-            file_digest(path),
+            corpus_fingerprint(path),
             tokenizer_id,
             str(eos_id),
             doc_sep,
@@ -210,11 +211,12 @@ def load_token_stream(
     if tokens_file.is_file() and starts_file.is_file():
         tokens = np.load(tokens_file, mmap_mode="r")
         return CachedStream(TokenStream(tokens, np.load(starts_file)), True, key)
-    docs = read_documents(path, doc_sep, encoding_errors)
-    stream = tokenize_documents(docs, tokenizer, eos_id, token_dtype(len(tokenizer)))
-    cache.mkdir(parents=True, exist_ok=True)
-    _atomic_save(starts_file, stream.doc_starts)
-    _atomic_save(tokens_file, stream.tokens)
+    # Streamed in bounded memory, on all cores (domainlm/corpus.py), straight into the cache.
+    dtype = token_dtype(len(tokenizer))
+    tokenize_to_files(
+        path, tokenizer, eos_id, dtype, tokens_file, starts_file, doc_sep, encoding_errors
+    )
+    stream = TokenStream(np.load(tokens_file, mmap_mode="r"), np.load(starts_file))
     return CachedStream(stream, False, key)
 
 

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from domainlm.errors import TrainingAborted
+
+# How long a rank waits for the others (joining, each collective) before the run stops.
+DEFAULT_TIMEOUT_S = 1800.0
 
 
 @dataclass(frozen=True)
@@ -50,13 +56,47 @@ def all_reduce_sum(values: list[float], ctx: DistContext, device: torch.device) 
     return tensor.tolist()
 
 
-def setup_distributed() -> DistContext:
-    """Join torchrun's process group (NCCL on GPUs, gloo on CPU) when launched by it."""
+def setup_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> DistContext:
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPU) when launched by it.
+
+    `timeout_s` bounds every wait on other ranks (joining, collectives, barriers): a rank that
+    died or hangs ends the run with an error after at most that long instead of a silent hang.
+    """
     ctx = context_from_env()
     if ctx.enabled and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
+        try:
+            dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        except (RuntimeError, ValueError) as exc:
+            where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+            raise TrainingAborted(
+                f"rank {ctx.rank} of {ctx.world_size} could not join the other ranks at {where} "
+                f"within {timeout_s:.0f} s: {first_line(exc)}"
+            ) from exc
     return ctx
+
+
+def rank_lost(exc: BaseException, ctx: DistContext) -> TrainingAborted | None:
+    """The error to stop with when `exc` is a failed wait on other ranks, else None.
+
+    A collective fails when another rank died (its connection closes) or did not answer within
+    the timeout; this rank then stops too, and torchrun stops the remaining ones.
+    """
+    if not ctx.enabled or not isinstance(exc, (RuntimeError, dist.DistError)):
+        return None
+    text = str(exc)
+    markers = ("Connection closed", "Connection reset", "Timed out", "timed out", "Broken pipe")
+    if not isinstance(exc, dist.DistError) and not any(m in text for m in markers):
+        return None
+    return TrainingAborted(
+        f"rank {ctx.rank} of {ctx.world_size} lost contact with the other ranks (one died, or did "
+        f"not answer in time): {first_line(exc)}"
+    )
+
+
+def first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 def teardown_distributed(ctx: DistContext) -> None:
@@ -72,8 +112,24 @@ def barrier(ctx: DistContext) -> None:
 def wrap_model(
     module: torch.nn.Module, ctx: DistContext, device: torch.device, strategy: str
 ) -> torch.nn.Module:
-    """The module the training step calls: itself alone, or under DDP."""
+    """The module the training step calls: itself alone, under DDP, or sharded by FSDP.
+
+    `auto` and `ddp` replicate the model on every rank; `fsdp` shards parameters, gradients and
+    optimizer state over the ranks (each transformer block is a unit, then the rest at the root),
+    for models that do not fit on one device. FSDP changes `module` in place: its parameters
+    become DTensors, so build the optimizer after this call.
+    """
     if not ctx.enabled:
+        return module
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in transformer_blocks(module):
+            fully_shard(block)
+        # The root reshards after forward too (FSDP's default keeps it whole): after a no-grad
+        # validation pass its whole parameters would otherwise stay registered in place of the
+        # shards the optimizer holds, and the state dicts could not name them.
+        fully_shard(module, reshard_after_forward=True)
         return module
     from torch.nn.parallel import DistributedDataParallel
 
@@ -81,8 +137,77 @@ def wrap_model(
     return DistributedDataParallel(module, device_ids=device_ids)
 
 
+def transformer_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of a Hugging Face model (its `_no_split_modules` classes), in order.
+
+    Fallback for other models: the members of the largest ModuleList.
+    """
+    names: set[str] = set()
+    for sub in module.modules():
+        names.update(getattr(sub, "_no_split_modules", None) or [])
+    blocks = [sub for sub in module.modules() if type(sub).__name__ in names]
+    if blocks:
+        return blocks
+    lists = [sub for sub in module.modules() if isinstance(sub, torch.nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True when the parameters are FSDP shards (DTensors) rather than whole tensors."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_model_state_dict(
+    model: torch.nn.Module, ctx: DistContext
+) -> dict[str, torch.Tensor] | None:
+    """The whole model's state on rank 0 (gathered from the shards; every rank must call this).
+
+    None when the model is not sharded: then `save_pretrained` reads the module itself.
+    """
+    if not ctx.enabled or not is_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=options)
+    # One name per tensor, as save_pretrained writes it itself: a tied output layer (GPT-2's
+    # lm_head = wte) is saved once, under the name named_parameters() gives it first.
+    names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    return {k: v for k, v in state.items() if k in names}
+
+
 def full_state_dicts(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, ctx: DistContext
 ) -> tuple[dict[str, torch.Tensor] | None, dict]:
-    """Model and optimizer state as one process would hold them (None: let save_pretrained read it)."""
-    return None, optimizer.state_dict()
+    """Model and optimizer state as one process would hold them (None: let save_pretrained read it).
+
+    The optimizer state is keyed by parameter name (not position) and unsharded, on the CPU, so
+    a checkpoint loads into any world size and strategy (`load_optimizer_state`). Every rank must
+    call this; the non-main ranks get empty dicts.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
+    return full_model_state_dict(model, ctx), optim_state
+
+
+def load_optimizer_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict
+) -> None:
+    """Load a checkpoint's optimizer state, whichever world size and strategy wrote it.
+
+    Every rank passes the whole state; FSDP keeps the shard of each tensor it owns. Call before
+    the first backward pass (the optimizer's state is initialised from zero gradients).
+    """
+    groups = state.get("param_groups", [])
+    if not any(isinstance(p, str) for g in groups for p in g.get("params", [])):
+        optimizer.load_state_dict(state)  # a checkpoint keyed by parameter position
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(
+        model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True)
+    )

@@ -128,6 +128,21 @@ def score_windows(
     return sums
 
 
+def all_window_sums(sums: np.ndarray, ctx: DistContext, device: torch.device) -> np.ndarray:
+    """Every window's NLL sum on every rank, from `score_windows`' per-rank arrays.
+
+    Each rank filled in only its own windows (the rest are 0), so a float64 sum over ranks is
+    exact: per-window results (per-line scores) do not depend on the number of processes.
+    """
+    if not ctx.enabled:
+        return sums
+    import torch.distributed as dist
+
+    tensor = torch.from_numpy(np.ascontiguousarray(sums, dtype=np.float64)).to(device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.cpu().numpy()
+
+
 def _progress(enabled: bool, total: int, desc: str):  # type: ignore[no-untyped-def]
     if not enabled:
         return None

@@ -2,6 +2,16 @@
 
 Training divides these sums by the number of target tokens in the whole accumulation window
 (over all ranks), and evaluation adds them up in float64, so neither ever averages averages.
+
+Why not `model(...).logits`: for GPT-2 124M a (4, 256) batch has 50,257 logits per position, so
+the full logits are 206 MB in float32, plus their log-softmax and its gradient, each as large. For
+models whose head is a plain linear layer over the backbone's last hidden state (GPT-2, Llama,
+Mistral, Qwen, GPT-NeoX...), `CausalLMLoss` instead runs the backbone, keeps only the positions
+that have a target, and computes head + cross-entropy chunk by chunk; the gradients of the head
+are formed during that pass (softmax - onehot, multiplied straight into them), so no chunk's
+logits outlive it and none is recomputed. The result is the same summed NLL (tests/test_loss.py
+compares it, and its gradients, with full-logits cross-entropy). Other architectures fall back to
+the full logits.
 """
 
 from __future__ import annotations
@@ -10,17 +20,30 @@ import torch
 import torch.nn.functional as F
 
 from domainlm.data import IGNORE_INDEX
+from domainlm.guard import maybe_inject_oom
+
+# Architectures whose logits are exactly `get_output_embeddings()(base_model(...)[0])`: no logit
+# scaling or soft-capping, no final projection outside the base model.
+CHUNKED_HEAD_MODEL_TYPES = frozenset(
+    {"gpt2", "gpt_neo", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "opt", "phi3"}
+)
+# Positions per head chunk: 256 x 50,257 float32 logits = 51 MB alive at a time for GPT-2.
+DEFAULT_CHUNK_TOKENS = 256
 
 
 class CausalLMLoss(torch.nn.Module):
     """Wraps a causal LM. forward(...) -> (b,) float32 sums of the NLL of each row's targets.
 
     It is the module that DDP/FSDP wrap, so that gradients synchronise through its forward.
+    `chunk_tokens=None` forces the plain full-logits path (the reference).
     """
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(
+        self, model: torch.nn.Module, chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS
+    ) -> None:
         super().__init__()
         self.model = model
+        self.chunk_tokens = chunk_tokens
 
     def forward(
         self,
@@ -29,13 +52,33 @@ class CausalLMLoss(torch.nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        maybe_inject_oom(input_ids.shape[0])  # fault injection for tests (domainlm/guard.py)
         extra = {}
         if position_ids is not None:
             extra["position_ids"] = position_ids
         if attention_mask is not None:
             extra["attention_mask"] = attention_mask
-        logits = self.model(input_ids=input_ids, use_cache=False, **extra).logits  # (b, T, V)
-        return token_nll_sums(logits, targets)
+        head = linear_head(self.model) if self.chunk_tokens else None
+        if head is None:
+            logits = self.model(input_ids=input_ids, use_cache=False, **extra).logits  # (b, T, V)
+            return token_nll_sums(logits, targets)
+        hidden = self.model.base_model(input_ids=input_ids, use_cache=False, **extra)[
+            0
+        ]  # (b, T, H)
+        return chunked_nll_sums(hidden, head, targets, self.chunk_tokens or hidden.shape[1])
+
+
+def linear_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The model's output layer when logits are exactly head(base_model(...)[0]), else None."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in CHUNKED_HEAD_MODEL_TYPES:
+        return None
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
+    base = getattr(model, "base_model", None)
+    if not isinstance(head, torch.nn.Linear) or base is None or base is model:
+        return None
+    return head
 
 
 def token_nll_sums(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -48,3 +91,126 @@ def token_nll_sums(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         reduction="none",
     )
     return nll.view(b, t).sum(dim=1)
+
+
+def chunked_nll_sums(
+    hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, chunk_tokens: int
+) -> torch.Tensor:
+    """(b, T, H) hidden states -> (b,) NLL sums in float32, never holding more than one chunk of
+    logits. Equal to token_nll_sums(head(hidden), targets), gradients included."""
+    b, t, h = hidden.shape
+    flat_targets = targets.reshape(b * t)
+    flat_hidden = hidden.reshape(b * t, h)
+    rows = torch.arange(b, device=hidden.device).repeat_interleave(t)
+    if hidden.device.type == "cpu" or not torch.is_grad_enabled():
+        # Only the positions with a target (evaluation windows with a short stride score few).
+        # On a GPU in training this would be a host sync per step, and nearly all positions
+        # are targets there anyway.
+        keep = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
+        flat_hidden, flat_targets, rows = flat_hidden[keep], flat_targets[keep], rows[keep]
+    if flat_targets.shape[0] == 0:
+        # An all-padding micro-batch (the short end of an epoch): zero loss, still in the graph
+        # so that its backward() runs like any other (and DDP's gradient sync stays in step).
+        return torch.zeros(b, dtype=torch.float32, device=hidden.device) + 0.0 * hidden.sum()
+    compute_dtype = (
+        torch.get_autocast_dtype(hidden.device.type)
+        if torch.is_autocast_enabled(hidden.device.type)
+        else hidden.dtype
+    )
+    with torch.autocast(hidden.device.type, enabled=False):
+        nll = _LinearCrossEntropy.apply(
+            flat_hidden, head.weight, head.bias, flat_targets, chunk_tokens, compute_dtype
+        )
+    return torch.zeros(b, dtype=torch.float32, device=hidden.device).index_add(0, rows, nll)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """(n, H) hidden, (V, H) weight -> (n,) float32 NLL, chunk by chunk over the n positions.
+
+    Forward computes each chunk's logits once, in float32 after the matmul, and, when gradients
+    are needed, turns them in place into d nll / d logits = softmax - onehot and multiplies that
+    straight into the gradients of hidden and weight, which are kept (n x H and V x H) instead of
+    any logits. Backward then only scales them by the incoming gradient. The incoming gradient is
+    per position; when it is not the same for all positions (training always has one scale: the
+    summed loss over the token count), backward recomputes the weight gradient with it.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_tokens, compute_dtype):  # type: ignore[override]
+        needs = ctx.needs_input_grad
+        want_grads = any(needs[:3])
+        w = weight.to(compute_dtype)
+        b = None if bias is None else bias.to(compute_dtype)
+        x = hidden.to(compute_dtype)
+        nll = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.zeros_like(hidden) if needs[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if needs[2] else None
+        for start in range(0, targets.shape[0], chunk_tokens):
+            end = min(start + chunk_tokens, targets.shape[0])
+            logits = F.linear(x[start:end], w, b).float()  # (n, V)
+            tgt = targets[start:end]
+            valid = tgt != IGNORE_INDEX
+            safe = tgt.clamp(min=0).unsqueeze(1)
+            lse = torch.logsumexp(logits, dim=1)
+            nll[start:end] = (lse - logits.gather(1, safe).squeeze(1)) * valid
+            if not want_grads:
+                continue
+            # softmax - onehot, rows without a target zeroed: d nll / d logits, in place
+            logits.sub_(lse.unsqueeze(1)).exp_()
+            logits.scatter_add_(1, safe, -torch.ones_like(safe, dtype=logits.dtype))
+            logits.mul_(valid.unsqueeze(1))
+            g = logits.to(compute_dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:end] = (g @ w).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight.add_(g.t() @ x[start:end])
+            if grad_bias is not None:
+                grad_bias.add_(logits.sum(0))
+        ctx.save_for_backward(hidden, weight, bias, targets, grad_hidden, grad_weight, grad_bias)
+        ctx.chunk_tokens, ctx.compute_dtype = chunk_tokens, compute_dtype
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad_nll):  # type: ignore[override]
+        hidden, weight, bias, targets, grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        scale = grad_nll[:1]
+        uniform = bool((grad_nll == scale).all())
+        if not uniform and (grad_weight is not None or grad_bias is not None):
+            grad_weight, grad_bias = _weighted_head_grads(
+                hidden, weight, bias, targets, grad_nll, ctx.chunk_tokens, ctx.compute_dtype,
+                grad_weight is not None, grad_bias is not None,
+            )  # fmt: skip
+            scale = torch.ones_like(scale)
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * (
+                scale if uniform else grad_nll.unsqueeze(1).to(hidden.dtype)
+            )
+        if grad_weight is not None:
+            grad_weight = (grad_weight * scale).to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = (grad_bias * scale).to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def _weighted_head_grads(hidden, weight, bias, targets, weights, chunk_tokens, compute_dtype,
+                         want_weight, want_bias):  # type: ignore[no-untyped-def]  # fmt: skip
+    """Weight and bias gradients of sum_i weights[i] * nll_i, recomputing each chunk's logits."""
+    w = weight.to(compute_dtype)
+    b = None if bias is None else bias.to(compute_dtype)
+    x = hidden.to(compute_dtype)
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
+    grad_bias = torch.zeros_like(bias, dtype=torch.float32) if want_bias else None
+    for start in range(0, targets.shape[0], chunk_tokens):
+        end = min(start + chunk_tokens, targets.shape[0])
+        logits = F.linear(x[start:end], w, b).float()
+        tgt = targets[start:end]
+        safe = tgt.clamp(min=0).unsqueeze(1)
+        logits = torch.softmax(logits, dim=1)
+        logits.scatter_add_(1, safe, -torch.ones_like(safe, dtype=logits.dtype))
+        logits.mul_(((tgt != IGNORE_INDEX) * weights[start:end]).unsqueeze(1))
+        if grad_weight is not None:
+            grad_weight.add_(logits.to(compute_dtype).t() @ x[start:end])
+        if grad_bias is not None:
+            grad_bias.add_(logits.sum(0))
+    return grad_weight, grad_bias

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ class MetricsLog:
         self.path = path
         self.enabled = enabled
         self.events: list[dict[str, Any]] = []
+        # called with every event on rank 0: TensorBoard / MLflow / W&B (report.EventLoggers)
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
         if not enabled:
             return
         if resume_step > 0 and path.is_file():
@@ -38,6 +41,8 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(event) + "\n")
+            for listener in self.listeners:
+                listener(event)
 
     def log_train(
         self, step: int, epoch: float, loss: float, lr: float, tokens_per_s: float

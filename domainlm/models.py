@@ -160,7 +160,10 @@ def _load_pretrained(spec: str, trust_remote_code: bool) -> tuple[Any, Any]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch.float32, trust_remote_code=trust_remote_code
+            source,
+            dtype=torch.float32,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,  # never unpickle weights (a .bin file can run code)
         )
     except (OSError, ValueError) as exc:
         if path.is_dir():

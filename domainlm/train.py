@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,11 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from domainlm import guard
 from domainlm.checkpoint import (
     RUN_FILE,
     CheckpointInfo,
     best_checkpoint,
     check_output_dir,
+    checkpoint_dirs_by_step,
     checkpoint_problem,
     list_checkpoints,
     load_training_state,
@@ -46,9 +48,20 @@ from domainlm.device import autocast, pick_device, resolve_precision
 from domainlm.distributed import DistContext, all_reduce_sum
 from domainlm.errors import UserError
 from domainlm.evaluate import NLLSum, check_window, stream_nll
+from domainlm.generate import TrainingSampler
+from domainlm.lint import check_training_data
+from domainlm.lock import LOCK_FILE, RunLock
 from domainlm.loss import CausalLMLoss
 from domainlm.metrics import Console, MetricsLog
 from domainlm.models import LoadedModel, load_model, tokenizer_fingerprint
+from domainlm.packing import check_packing_support
+from domainlm.report import (
+    EventLoggers,
+    check_report_to,
+    data_summary,
+    owned_outputs,
+    write_run_report,
+)
 from domainlm.schedule import learning_rate
 
 # What makes a checkpoint resumable by a run: the same model, tokenizer and block layout.
@@ -89,9 +102,17 @@ class DataCursor:
 
 def train(config: TrainConfig) -> TrainResult:
     """Fine-tune `config.model` on `config.train_file`; write checkpoints, metrics and the model."""
-    from domainlm.distributed import setup_distributed, teardown_distributed, wrap_model
+    from domainlm.distributed import (
+        full_model_state_dict,
+        load_optimizer_state,
+        rank_lost,
+        setup_distributed,
+        teardown_distributed,
+        wrap_model,
+    )
 
-    ctx = setup_distributed()
+    ctx = setup_distributed(config.dist_timeout)
+    cleanup = ExitStack()  # the run lock and the signal handlers, released on every exit
     try:
         device = pick_device(ctx.local_rank if ctx.enabled else None)
         precision = resolve_precision(config.precision, device)
@@ -103,6 +124,7 @@ def train(config: TrainConfig) -> TrainResult:
         if config.validation_file:
             text_files(config.validation_file)
         check_output_dir(output_dir)
+        check_report_to(config.report_to)  # --report-to names installed loggers
         loaded = load_model(
             config.model,
             seed=config.seed,
@@ -123,18 +145,26 @@ def train(config: TrainConfig) -> TrainResult:
             "block_size": block_size,
             "packing": config.packing,
         }
-        resume_from = decide_resume(config, output_dir, run_identity, console)
-
+        # Data errors (empty, binary, invalid UTF-8) come before anything in output_dir is touched.
         train_stream, valid_stream = load_streams(
             config, loaded, run_identity["tokenizer"], console
         )
+        # Data lint (domainlm/lint.py): warnings, or with --strict an error before any write.
+        check_training_data(config, block_size, train_stream, valid_stream, console)
+        if config.packing == "docs":
+            check_packing_support(loaded.model)
+        if ctx.is_main:  # one run per output dir; taken before decide_resume may remove anything
+            cleanup.enter_context(RunLock(output_dir))
+        resume_from = decide_resume(config, output_dir, run_identity, console)
         dataset = BlockDataset(train_stream, block_size, config.packing)
 
         # ---- model, optimizer, state
         if resume_from is not None:
             resumed = load_model(str(resume_from), eos_token=config.eos_token)
             loaded.model = resumed.model
-        model = loaded.model.to(device)
+        # from_pretrained returns a model in eval mode: dropout must be on while training, in a
+        # fresh run from a folder as in a resumed one (else resume is not exact).
+        model = loaded.model.to(device).train()
         if config.packing == "concat":
             model.config.use_cache = False
         loss_module = CausalLMLoss(model)
@@ -148,7 +178,7 @@ def train(config: TrainConfig) -> TrainResult:
         cursor, start_step = DataCursor(), 0
         if resume_from is not None:
             state = load_training_state(resume_from)
-            optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(model, optimizer, state["optimizer"])
             scaler.load_state_dict(state["scaler"]) if state.get("scaler") else None
             cursor = DataCursor(int(state["epoch"]), int(state["offset"]))
             start_step = int(state["step"])
@@ -156,9 +186,14 @@ def train(config: TrainConfig) -> TrainResult:
 
         if ctx.is_main:
             output_dir.mkdir(parents=True, exist_ok=True)
-            write_run_file(output_dir, config, run_identity, written=[])
+            write_run_file(output_dir, config, run_identity, written=owned_outputs(config))
         metrics = MetricsLog(
             output_dir / "metrics.jsonl", enabled=ctx.is_main, resume_step=start_step
+        )
+        loggers = EventLoggers(config.report_to, output_dir, config.to_dict(), start_step)
+        metrics.listeners.append(loggers.log)
+        sampler = TrainingSampler.create(
+            config, loaded, model, output_dir, console, ctx, precision, start_step
         )
 
         console.info(
@@ -172,18 +207,26 @@ def train(config: TrainConfig) -> TrainResult:
             f"{steps_per_epoch} steps/epoch, {total_steps} steps"
         )
 
+        eval_batch = config.eval_batch_size or config.batch_size
+
         def evaluate(limit: int | None) -> NLLSum:
-            return stream_nll(
-                loss_module,
-                valid_stream.tokens,
-                block_size=block_size,
-                stride=eval_stride,
-                batch_size=config.eval_batch_size or config.batch_size,
-                device=device,
-                precision=precision,
-                ctx=ctx,
-                max_tokens=limit,
+            nonlocal eval_batch  # halved for good after an out-of-memory error
+            result, eval_batch = guard.eval_with_oom_backoff(
+                lambda batch_size: stream_nll(
+                    loss_module,
+                    valid_stream.tokens,
+                    block_size=block_size,
+                    stride=eval_stride,
+                    batch_size=batch_size,
+                    device=device,
+                    precision=precision,
+                    ctx=ctx,
+                    max_tokens=limit,
+                ),
+                eval_batch,
+                console.warn,
             )
+            return result
 
         initial = None
         if start_step == 0:
@@ -200,6 +243,11 @@ def train(config: TrainConfig) -> TrainResult:
         window_nll = torch.zeros((), dtype=torch.float64, device=device)
         window_tokens, window_start, tokens_seen = 0, time.perf_counter(), 0
         last_eval: tuple[int, NLLSum] | None = None
+        split = guard.MicroBatching(config.batch_size, config.grad_accum)  # halved on OOM
+        bad_steps = guard.BadStepGuard(config.max_bad_steps)
+        nan_steps = guard.injected_nan_steps()
+        last_saved = resume_from
+        stop = cleanup.enter_context(guard.StopSignals(console.info))
         for step in range(start_step, total_steps):
             torch.manual_seed(config.seed * 1_000_003 + step * 1009 + ctx.rank)
             lr = learning_rate(
@@ -213,35 +261,36 @@ def train(config: TrainConfig) -> TrainResult:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             blocks = cursor.next_global_batch(dataset, global_batch, config.seed)
-            step_targets = sum(dataset.targets_in(int(b)) for b in blocks)
-            for micro in range(config.grad_accum):
-                batch = dataset.batch(
-                    micro_batch_indices(blocks, micro, ctx.rank, ctx.world_size, config.batch_size)
-                ).to(device)
-                last = micro == config.grad_accum - 1
-                sync = (
-                    nullcontext()
-                    if last or not hasattr(train_module, "no_sync")
-                    else train_module.no_sync()
-                )
-                with sync:
-                    with autocast(device, precision):
-                        row_nll = train_module(
-                            batch.input_ids, batch.targets, batch.position_ids, batch.attention_mask
-                        )
-                    nll = row_nll.sum()
-                    # DDP/FSDP average gradients over ranks; scale so the result is sum / tokens.
-                    scaler.scale(nll * (ctx.world_size / step_targets)).backward()
-                window_nll += nll.detach().double()
+            done = step + 1
+            (step_nll, step_targets), split = guard.with_oom_backoff(
+                lambda s, blocks=blocks: accumulate_gradients(
+                    train_module, dataset, blocks, s.batch_size, s.grad_accum, ctx, device,
+                    precision, scaler,
+                ),
+                split,
+                reset=lambda: optimizer.zero_grad(set_to_none=True),
+                report=console.warn,
+            )
+            step_nll = guard.inject_nan(model, step_nll, done, nan_steps)
+            scaler.unscale_(optimizer)  # a no-op without fp16
             if config.max_grad_norm > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            scaler.step(optimizer)
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            else:
+                norm = guard.grad_norm(list(model.parameters()))
+            # fp16's scaler skips inf gradients by itself (that is how it finds its scale).
+            checked_norm = 0.0 if scaler.is_enabled() else float(norm)
+            if bad_steps.check(done, float(step_nll), checked_norm, last_saved):
+                scaler.step(optimizer)
+                window_nll += step_nll
+                window_tokens += step_targets
+            else:  # skipped: no update; the data of this step is consumed
+                console.warn(
+                    f"step {done}: NaN/Inf loss or gradient norm, step skipped "
+                    f"({bad_steps.consecutive} in a row, {bad_steps.total} in all)"
+                )
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            window_tokens += step_targets
             tokens_seen += step_targets
-            done = step + 1
             epoch_float = cursor.epoch + cursor.offset / len(dataset)
 
             if done % config.logging_steps == 0 or done == total_steps:
@@ -249,7 +298,8 @@ def train(config: TrainConfig) -> TrainResult:
                 elapsed = time.perf_counter() - window_start
                 # input tokens per second over all ranks, padding excluded
                 speed = window_tokens / elapsed if elapsed > 0 else 0.0
-                loss = nll_sum / max(1, window_tokens)
+                # NaN when every step of the window was skipped as bad (guard.BadStepGuard)
+                loss = nll_sum / window_tokens if window_tokens else float("nan")
                 metrics.log_train(done, epoch_float, loss, lr, speed)
                 console.step(bar, done, loss, lr, speed)
                 window_nll.zero_()
@@ -270,6 +320,17 @@ def train(config: TrainConfig) -> TrainResult:
                 save_training_checkpoint(
                     output_dir, done, loaded, model, optimizer, scaler, cursor, ctx, ppl, config
                 )
+                last_saved = output_dir / f"checkpoint-{done}"
+            if sampler is not None:  # samples.jsonl + console; RNG forked, model back in train mode
+                sampler.maybe_sample(done, final_step)
+            guard.step_delay()
+            if not final_step and guard.stop_agreed(stop, ctx, device):
+                if last_saved != output_dir / f"checkpoint-{done}":
+                    save_training_checkpoint(
+                        output_dir, done, loaded, model, optimizer, scaler, cursor, ctx, None, config
+                    )
+                console.close(bar)
+                raise guard.stopped_by_signal(stop, done, output_dir)
         console.close(bar)
         runtime = time.perf_counter() - started
 
@@ -278,14 +339,19 @@ def train(config: TrainConfig) -> TrainResult:
             final = last_eval[1]
         else:  # nothing left to train (a finished run started again)
             final = evaluate(None)
-            metrics.log_eval(total_steps, cursor.epoch + cursor.offset / len(dataset), final)
+            if not any("eval_ppl" in e and e["step"] == total_steps for e in metrics.events):
+                metrics.log_eval(total_steps, cursor.epoch + cursor.offset / len(dataset), final)
         best = None
+        final_state = full_model_state_dict(model, ctx)  # FSDP: gathered by all ranks; else None
         if ctx.is_main:
+            guard.refuse_nonfinite_weights(model, last_saved)  # never save NaN weights as final
             before = set(p.name for p in output_dir.iterdir())
-            model.save_pretrained(output_dir)
+            model.save_pretrained(output_dir, state_dict=final_state)
             loaded.tokenizer.save_pretrained(output_dir)
             if final.tokens:
                 save_eval_results(output_dir, final, initial, metrics, runtime, tokens_seen)
+            loggers.close()
+            write_run_report(output_dir, data_summary(train_stream, valid_stream))  # plots, card
             written = sorted(set(p.name for p in output_dir.iterdir()) - before)
             write_run_file(output_dir, config, run_identity, written=written)
             best = best_checkpoint(list_checkpoints(output_dir))
@@ -302,7 +368,13 @@ def train(config: TrainConfig) -> TrainResult:
         )
         console.summary(result)
         return result
+    except (RuntimeError, torch.distributed.DistError) as exc:
+        lost = rank_lost(exc, ctx)  # another rank died or timed out: one clear line, not a trace
+        if lost is None:
+            raise
+        raise lost from exc
     finally:
+        cleanup.close()
         teardown_distributed(ctx)
 
 
@@ -312,7 +384,8 @@ def train(config: TrainConfig) -> TrainResult:
 def make_optimizer(
     model: torch.nn.Module, config: TrainConfig, device: torch.device
 ) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (not biases, norms); fused kernels on GPU."""
+    """AdamW; weight decay on matrices only (not biases, norms); fused kernels (GPU and CPU:
+    one pass over each tensor, no full-size temporaries, so faster and lower peak memory)."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
@@ -325,8 +398,45 @@ def make_optimizer(
         groups,
         lr=config.lr,
         betas=(config.adam_beta1, config.adam_beta2),
-        fused=device.type == "cuda",
+        fused=device.type in ("cuda", "cpu"),
     )
+
+
+def accumulate_gradients(
+    train_module: torch.nn.Module,
+    dataset: BlockDataset,
+    blocks: np.ndarray,
+    batch_size: int,
+    grad_accum: int,
+    ctx: DistContext,
+    device: torch.device,
+    precision: str,
+    scaler: Any,
+) -> tuple[torch.Tensor, int]:
+    """Forward and backward over this rank's micro-batches of one global batch.
+
+    The gradient left in the parameters is that of (summed NLL / target tokens of the whole global
+    batch), whatever the split into ranks and micro-batches. Returns this rank's NLL sum (a device
+    tensor: no host sync) and the global batch's target-token count.
+    """
+    step_targets = sum(dataset.targets_in(int(b)) for b in blocks)
+    step_nll = torch.zeros((), dtype=torch.float64, device=device)
+    for micro in range(grad_accum):
+        batch = dataset.batch(
+            micro_batch_indices(blocks, micro, ctx.rank, ctx.world_size, batch_size)
+        ).to(device)
+        last = micro == grad_accum - 1
+        sync = nullcontext() if last or not hasattr(train_module, "no_sync") else train_module.no_sync()
+        with sync:
+            with autocast(device, precision):
+                row_nll = train_module(
+                    batch.input_ids, batch.targets, batch.position_ids, batch.attention_mask
+                )
+            nll = row_nll.sum()
+            # DDP/FSDP average gradients over ranks; scale so the result is sum / tokens.
+            scaler.scale(nll * (ctx.world_size / step_targets)).backward()
+        step_nll += nll.detach().double()
+    return step_nll, step_targets
 
 
 def load_streams(
@@ -376,7 +486,7 @@ def decide_resume(
             raise UserError(f"--resume {config.resume}: cannot resume from it: {problem}")
         check_same_run(path.parent, identity, f"checkpoint {path}")
         return path
-    if not output_dir.is_dir() or not any(output_dir.iterdir()):
+    if not output_dir.is_dir() or not any(p.name != LOCK_FILE for p in output_dir.iterdir()):
         return None
     if config.overwrite_output_dir:
         removed = remove_owned_files(output_dir)
@@ -397,15 +507,14 @@ def decide_resume(
             f"--output-dir {output_dir} holds an earlier run; pass --overwrite-output-dir to start "
             "afresh or --resume auto to continue it"
         )
-    for candidate in reversed(list_checkpoints(output_dir)):
-        problem = checkpoint_problem(candidate.path)
+    for candidate in reversed(checkpoint_dirs_by_step(output_dir)):  # newest first, marked or not
+        problem = checkpoint_problem(candidate)
         if problem is None:
-            return candidate.path
-        console.warn(f"skipping {candidate.path.name}: {problem}")
-    raise UserError(
-        f"--output-dir {output_dir} holds an earlier run with no complete checkpoint to resume; "
-        "pass --overwrite-output-dir to start afresh"
-    )
+            return candidate
+        console.warn(f"skipping {candidate.name}: {problem}")
+    # Killed before its first checkpoint: the same run starts again from step 0.
+    console.warn(f"--output-dir {output_dir}: no complete checkpoint to resume; starting at step 0")
+    return None
 
 
 def check_same_run(folder: Path, identity: dict[str, Any], what: str) -> None:

@@ -1,0 +1,291 @@
+"""Large corpora: read text files in bounded chunks, tokenize them on all cores, key the cache fast.
+
+A 1 GB file is never held in memory as text. It is read in chunks of `CHUNK_BYTES` cut at a line
+end (or, with `--doc-sep blank`, at an empty line, so no document spans two chunks); each chunk
+is decoded, split into documents exactly as `data.read_documents` does, and encoded with the
+tokenizer's Rust batch encoder (`encode_batch_fast`: no offsets, parallel over all cores unless
+TOKENIZERS_PARALLELISM=false) while the next chunk is read and split. Token ids go to a file on
+disk as they come; at the end that file becomes the cache's `.npy`. Peak memory is a few chunks
+of text and their token lists, whatever the size of the corpus.
+
+Cache key (`corpus_fingerprint`): a file of up to `FULL_HASH_BYTES` is hashed whole (as before).
+A larger file is keyed on its name, size, modification time (ns) and a SHA-256 of
+`SAMPLES` evenly spaced 64 KiB samples plus its first and last MiB, so a second run over a 1 GB
+file starts in well under a second instead of re-reading it. An edit changes the size or the
+modification time; only an edit that keeps both and misses every sample would go unseen, so
+`DOMAINLM_FULL_HASH=1` restores the full-content hash for those who rewrite files in place and
+reset their timestamps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from domainlm.errors import UserError
+
+CHUNK_BYTES = 4 << 20
+FULL_HASH_BYTES = 64 << 20
+SAMPLES = 64
+SAMPLE_BYTES = 64 << 10
+PROGRESS_MIN_BYTES = 32 << 20
+
+
+# ----------------------------------------------------------------------------- cache key
+
+
+def corpus_fingerprint(path: str | os.PathLike) -> str:
+    """A hash of a file or folder's text files that is fast for gigabytes (see module docstring)."""
+    from domainlm.data import text_files
+
+    full = os.environ.get("DOMAINLM_FULL_HASH", "") not in ("", "0")
+    digest = hashlib.sha256()
+    for file in text_files(path):
+        size = file.stat().st_size
+        digest.update(f"{file.name}\0{size}\0".encode())
+        if full or size <= FULL_HASH_BYTES:
+            with open(file, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 22), b""):
+                    digest.update(block)
+        else:
+            digest.update(f"sampled\0{file.stat().st_mtime_ns}\0".encode())
+            digest.update(_sampled_bytes_digest(file, size))
+    return digest.hexdigest()
+
+
+def _sampled_bytes_digest(file: Path, size: int) -> bytes:
+    """SHA-256 of the first and last MiB and SAMPLES evenly spaced SAMPLE_BYTES pieces."""
+    digest = hashlib.sha256()
+    step = max(1, size // (SAMPLES + 1))
+    pieces = [(0, 1 << 20), (max(0, size - (1 << 20)), 1 << 20)]
+    pieces += [(i * step, SAMPLE_BYTES) for i in range(1, SAMPLES + 1)]
+    with open(file, "rb") as handle:
+        for offset, length in pieces:
+            handle.seek(offset)
+            digest.update(handle.read(length))
+    return digest.digest()
+
+
+# ----------------------------------------------------------------------------- chunked reading
+
+
+def iter_chunks(
+    file: Path, doc_sep: str = "line", chunk_bytes: int | None = None
+) -> Iterator[tuple[int, bytes]]:
+    """(number of the chunk's first line, chunk bytes); each chunk ends at a document boundary."""
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
+    line_number = 1
+    carry = b""
+    with open(file, "rb") as handle:
+        while True:
+            data = handle.read(chunk_bytes)
+            if not data:
+                if carry:
+                    yield line_number, carry
+                return
+            buffer = carry + data
+            cut = _last_boundary(buffer, doc_sep)
+            if cut <= 0:
+                carry = buffer
+                continue
+            chunk, carry = buffer[:cut], buffer[cut:]
+            yield line_number, chunk
+            line_number += chunk.count(b"\n")
+
+
+def _last_boundary(buffer: bytes, doc_sep: str) -> int:
+    """Index just after the last line end (line) or the last empty line (blank); -1 if none."""
+    if doc_sep != "blank":
+        at = buffer.rfind(b"\n")
+        return at + 1 if at >= 0 else -1
+    at = max(buffer.rfind(b"\n\n") + 2, buffer.rfind(b"\n\r\n") + 3)
+    return at if at > 3 else -1
+
+
+def decode_chunk(file: Path, first_line: int, chunk: bytes, encoding_errors: str) -> str:
+    """UTF-8 text of a chunk (a BOM dropped at the file start); bad bytes name their lines."""
+    codec = "utf-8-sig" if first_line == 1 else "utf-8"
+    if first_line == 1 and b"\x00" in chunk[: 1 << 20]:
+        raise UserError(f"{file}: looks like a binary file (it contains NUL bytes), not text")
+    try:
+        return chunk.decode(codec)
+    except UnicodeDecodeError:
+        if encoding_errors == "replace":
+            return chunk.decode(codec, errors="replace")
+    bad = invalid_utf8_lines(chunk, first_line)
+    shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
+    raise UserError(
+        f"{file}: invalid UTF-8 on line(s) {shown}; fix the file or pass --encoding-errors replace"
+    )
+
+
+def invalid_utf8_lines(chunk: bytes, first_line: int) -> list[int]:
+    bad = []
+    for number, line in enumerate(chunk.split(b"\n"), start=first_line):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            bad.append(number)
+    return bad
+
+
+def chunk_documents(file: Path, first_line: int, text: str, doc_sep: str) -> list[str]:
+    """The documents of one decoded chunk, with the rules of `data.read_documents`."""
+    lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+    if file.suffix == ".jsonl":
+        return _jsonl_texts(file, first_line, lines)
+    if doc_sep == "blank":
+        docs, paragraph = [], []
+        for line in [*lines, ""]:
+            if line.strip():
+                paragraph.append(line)
+            elif paragraph:
+                docs.append("\n".join(paragraph))
+                paragraph = []
+        return docs
+    return [line for line in lines if line.strip()]
+
+
+def _jsonl_texts(file: Path, first_line: int, lines: list[str]) -> list[str]:
+    texts = []
+    for number, line in enumerate(lines, start=first_line):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{file}:{number}: not valid JSON ({exc.msg})") from exc
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise UserError(f'{file}:{number}: each JSON line needs a string field "text"')
+        if record["text"].strip():
+            texts.append(record["text"])
+    return texts
+
+
+def iter_documents(
+    path: str | os.PathLike, doc_sep: str = "line", encoding_errors: str = "strict"
+) -> Iterator[tuple[int, list[str]]]:
+    """(bytes read, documents) per chunk over all text files of a file or folder."""
+    from domainlm.data import text_files
+
+    for file in text_files(path):
+        for first_line, chunk in iter_chunks(file, doc_sep):
+            text = decode_chunk(file, first_line, chunk, encoding_errors)
+            yield len(chunk), chunk_documents(file, first_line, text, doc_sep)
+
+
+# ----------------------------------------------------------------------------- tokenizing
+
+
+def encode_batch(tokenizer: Any, docs: list[str]) -> list[list[int]]:
+    """Token ids of each document, no special tokens; the Rust batch encoder where there is one."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch_fast"):
+        return [e.ids for e in backend.encode_batch_fast(docs, add_special_tokens=False)]
+    return tokenizer(docs, add_special_tokens=False)["input_ids"]
+
+
+def _flatten(ids: list[list[int]], eos_id: int, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens with one EOS after each document, document lengths including that EOS)."""
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
+    return np.insert(flat, np.cumsum(lengths), eos_id).astype(dtype, copy=False), lengths + 1
+
+
+def tokenize_to_files(
+    path: str | os.PathLike,
+    tokenizer: Any,
+    eos_id: int,
+    dtype: Any,
+    tokens_file: Path,
+    starts_file: Path,
+    doc_sep: str = "line",
+    encoding_errors: str = "strict",
+    progress: bool | None = None,
+) -> int:
+    """Stream a corpus into `tokens_file` / `starts_file` (.npy, as `data.TokenStream` holds them).
+
+    Returns the number of documents. Both files appear atomically, only when all went well.
+    """
+    from domainlm.data import text_files
+
+    total_bytes = sum(f.stat().st_size for f in text_files(path))
+    show = total_bytes >= PROGRESS_MIN_BYTES if progress is None else progress
+    tokens_file.parent.mkdir(parents=True, exist_ok=True)
+    raw = tokens_file.with_name(f".{tokens_file.name}.{os.getpid()}.raw")
+    lengths: list[np.ndarray] = []
+    count = 1
+    bar = _progress_bar(total_bytes, f"tokenizing {Path(path).name}") if show else None
+    try:
+        with open(raw, "wb") as out, ThreadPoolExecutor(max_workers=1) as pool:
+            np.array([eos_id], dtype=dtype).tofile(out)
+            pending = None  # encode chunk k in the pool while chunk k+1 is read and split
+            for size, docs in itertools.chain(
+                iter_documents(path, doc_sep, encoding_errors), [(0, None)]
+            ):
+                if pending is not None:
+                    done_size, future = pending
+                    tokens, doc_lengths = future.result()
+                    tokens.tofile(out)
+                    lengths.append(doc_lengths)
+                    count += len(tokens)
+                    if bar is not None:
+                        bar.update(done_size)
+                pending = None
+                if docs is not None:
+                    pending = (size, pool.submit(_encode_chunk, tokenizer, docs, eos_id, dtype))
+        all_lengths = np.concatenate([np.zeros(0, np.int64), *lengths])
+        if len(all_lengths) == 0:
+            raise UserError(f"{path}: no text in it (the file is empty or holds only blank lines)")
+        starts = np.concatenate([[1], 1 + np.cumsum(all_lengths)]).astype(np.int64)
+        _save_npy_from_raw(raw, tokens_file, dtype, count)
+        tmp = starts_file.with_name(f".{starts_file.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as handle:
+            np.save(handle, starts)
+        os.replace(tmp, starts_file)
+        return len(all_lengths)
+    finally:
+        raw.unlink(missing_ok=True)
+        if bar is not None:
+            bar.close()
+
+
+def _encode_chunk(
+    tokenizer: Any, docs: list[str], eos_id: int, dtype: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    if not docs:
+        return np.zeros(0, dtype=dtype), np.zeros(0, dtype=np.int64)
+    return _flatten(encode_batch(tokenizer, docs), eos_id, dtype)
+
+
+def _save_npy_from_raw(raw: Path, target: Path, dtype: Any, count: int) -> None:
+    """Write the .npy header, then copy the raw token bytes (no array in memory)."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    header = {
+        "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+        "fortran_order": False,
+        "shape": (count,),
+    }
+    with open(tmp, "wb") as out, open(raw, "rb") as source:
+        np.lib.format.write_array_header_1_0(out, header)
+        shutil.copyfileobj(source, out, 16 << 20)
+    os.replace(tmp, target)
+
+
+def _progress_bar(total: int, desc: str) -> Any:
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr, dynamic_ncols=True
+    )

@@ -1,0 +1,497 @@
+"""`domainlm generate`: read what a model writes; samples while training; the memorization check.
+
+Prompts become token ids (each continues from EOS, as every training document does), the token
+loop of `sampling.py` continues them in batches, and the text is decoded here. With one prompt the
+text streams to the terminal as it is produced. `--check-memorization` looks every continuation up
+in an index of the training tokens (`memorize.py`) and warns when it recites training data.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from domainlm.config import DOC_SEPARATORS, ENCODING_ERRORS, PRECISIONS, opt
+from domainlm.errors import UserError
+
+SAMPLES_FILE = "samples.jsonl"
+# Settings of the samples written while training: varied enough to read, the same seed at every
+# step so that successive samples differ because the model changed, not the dice.
+TRAINING_TEMPERATURE, TRAINING_TOP_K = 0.8, 50
+SHOWN_TRAINING_CHARS = 200
+
+
+@dataclass
+class GenerateConfig:
+    """Everything `domainlm generate` needs. `generate_texts(GenerateConfig(...))` runs it."""
+
+    model: str = opt(
+        None, "Model folder (e.g. a training run's output), hub id, or scratch:NAME.", required=True
+    )
+    prompts: list[str] | None = opt(None, "Prompts to continue (or --prompt TEXT, repeatable).")
+    prompts_file: str | None = opt(None, "File of prompts, one per line.")
+    max_new_tokens: int = opt(100, "Most tokens generated per sample (fewer when EOS comes).")
+    temperature: float = opt(1.0, "Sampling temperature; 0 is greedy (always the likeliest token).")
+    top_k: int = opt(50, "Sample among the K likeliest tokens only (0: all).")
+    top_p: float = opt(
+        1.0, "Nucleus sampling: the smallest set of tokens holding this probability."
+    )
+    repetition_penalty: float = opt(1.0, "Divide positive logits of seen tokens by this (1: off).")
+    num_samples: int = opt(1, "Samples per prompt.")
+    seed: int | None = opt(None, "Seed: the same seed, model and prompts give the same text.")
+    batch_size: int = opt(16, "Sequences generated together.")
+    json: bool = opt(False, "Print one JSON object per sample instead of text.")
+    precision: str = opt(
+        "auto", "Compute precision (auto: bf16 on GPU, fp32 on CPU).", choices=PRECISIONS
+    )
+    check_memorization: bool = opt(
+        False, "Report the longest span of each sample copied verbatim from the training data."
+    )
+    train_file: str | None = opt(
+        None, "Training data for --check-memorization. Default: the run's, for a run's folder."
+    )
+    memorization_threshold: int = opt(
+        50, "Warn when a sample copies at least this many tokens verbatim."
+    )
+    cache_dir: str | None = opt(
+        None, "Token cache folder. Default: $DOMAINLM_CACHE or ~/.cache/domainlm."
+    )
+    doc_sep: str = opt("line", "How the training file separates documents.", choices=DOC_SEPARATORS)
+    encoding_errors: str = opt(
+        "strict", "Invalid UTF-8 in the training file.", choices=ENCODING_ERRORS
+    )
+    eos_token: str | None = opt(None, "End-of-text token, when the tokenizer has none.")
+    trust_remote_code: bool = opt(False, "Allow model code from the hub (only if you trust it).")
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise UserError("--model is required")
+        for name in ("max_new_tokens", "num_samples", "batch_size", "memorization_threshold"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be a positive number")
+        self.settings()  # checks temperature, top-k, top-p and the penalty
+        if self.precision not in PRECISIONS:
+            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}")
+
+    def settings(self) -> Any:
+        from domainlm.sampling import SamplingSettings
+
+        return SamplingSettings(
+            temperature=self.temperature,
+            top_k=self.top_k or None,
+            top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty,
+        )
+
+
+@dataclass
+class Sample:
+    """One continuation of one prompt, and (when checked) what it copies from the training data."""
+
+    prompt: str
+    sample: int
+    text: str
+    tokens: list[int]
+    stopped_at_eos: bool
+    memorization: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "prompt": self.prompt,
+            "sample": self.sample,
+            "text": self.text,
+            "new_tokens": len(self.tokens),
+            "stopped_at_eos": self.stopped_at_eos,
+            "memorization": self.memorization,
+        }
+
+
+# ----------------------------------------------------------------------------- library
+
+
+def read_prompts(config: GenerateConfig) -> list[str]:
+    """The prompts of --prompt/--prompts and --prompts-file, in that order."""
+    prompts = list(config.prompts or [])
+    if config.prompts_file:
+        path = Path(config.prompts_file)
+        if not path.is_file():
+            raise UserError(f"--prompts-file {path}: no such file")
+        text = path.read_text(encoding="utf-8-sig")
+        prompts += [line.rstrip("\r") for line in text.split("\n") if line.strip()]
+    if not prompts:
+        raise UserError("give a prompt: --prompt TEXT or --prompts-file FILE (one prompt per line)")
+    return prompts
+
+
+def generate_samples(
+    model: Any,
+    tokenizer: Any,
+    eos_id: int,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    settings: Any,
+    seed: int | None,
+    num_samples: int = 1,
+    batch_size: int = 16,
+    context_length: int | None = None,
+    precision: str = "fp32",
+    on_text: Any = None,
+) -> list[Sample]:
+    """Continue every prompt `num_samples` times, in batches; the model is used in eval mode.
+
+    `on_text(text)`, if given, receives the growing text of the first sequence of each batch.
+    """
+    import torch
+
+    from domainlm.device import autocast
+    from domainlm.sampling import make_generator, sample_batch
+
+    device = next(model.parameters()).device
+    rows = [(p, k) for p in prompts for k in range(num_samples)]
+    encoded = {p: tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts}
+    generator = make_generator(seed, device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    was_training = model.training
+    model.eval()
+    samples: list[Sample] = []
+    try:
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+
+            def show(generated: list[list[int]]) -> None:
+                on_text(tokenizer.decode(generated[0]))
+
+            with torch.no_grad(), autocast(device, precision):
+                results = sample_batch(
+                    model,
+                    [encoded[p] for p, _ in batch],
+                    eos_id=eos_id,
+                    max_new_tokens=max_new_tokens,
+                    settings=settings,
+                    generator=generator,
+                    context_length=context_length,
+                    pad_id=pad_id,
+                    on_step=show if on_text else None,
+                )
+            for (prompt, k), result in zip(batch, results, strict=True):
+                text = tokenizer.decode(result.tokens)
+                samples.append(Sample(prompt, k, text, result.tokens, result.stopped_at_eos))
+    finally:
+        model.train(was_training)
+    return samples
+
+
+def generate(config: GenerateConfig, out: TextIO | None = None) -> list[Sample]:
+    """Load the model, generate, optionally check memorization; print to `out` when given."""
+    from domainlm.device import pick_device, resolve_precision
+    from domainlm.models import load_model
+
+    prompts = read_prompts(config)
+    loaded = load_model(
+        config.model, eos_token=config.eos_token, trust_remote_code=config.trust_remote_code
+    )
+    checker = MemorizationChecker.open(config, loaded) if config.check_memorization else None
+    device = pick_device()
+    precision = resolve_precision(config.precision, device)
+    if device.type == "cpu":
+        precision = "fp32"  # bf16 autocast on CPU is slower for one-token steps
+    model = loaded.model.to(device)
+    streaming = (
+        out is not None and not config.json and len(prompts) == 1 and config.num_samples == 1
+    )
+    printer = TextPrinter(out, prompts[0]) if streaming and out is not None else None
+    samples = generate_samples(
+        model,
+        loaded.tokenizer,
+        loaded.eos_id,
+        prompts,
+        max_new_tokens=config.max_new_tokens,
+        settings=config.settings(),
+        seed=config.seed,
+        num_samples=config.num_samples,
+        batch_size=config.batch_size,
+        context_length=loaded.context_length,
+        precision=precision,
+        on_text=printer,
+    )
+    for sample in samples:
+        if checker is not None:
+            sample.memorization = checker.check(sample.tokens)
+        if out is None:
+            continue
+        if config.json:
+            out.write(json.dumps(sample.to_json(), ensure_ascii=False) + "\n")
+        elif printer is not None:
+            printer.finish(sample.text)
+        else:
+            out.write(
+                f"--- prompt {prompts.index(sample.prompt) + 1}, sample {sample.sample + 1}\n"
+            )
+            out.write(f"{sample.prompt}{sample.text}\n")
+        if checker is not None and not config.json:
+            out.write(checker.describe(sample.memorization) + "\n")
+        if out is not None:
+            out.flush()
+    if checker is not None:
+        checker.warn(samples)
+    return samples
+
+
+def generate_texts(config: GenerateConfig) -> list[str]:
+    """The continuations (text after each prompt), prompt by prompt, `num_samples` each."""
+    return [s.text for s in generate(config, out=None)]
+
+
+def run_generate(config: GenerateConfig) -> list[Sample]:
+    """The command: print to stdout (streaming one prompt), warnings to stderr."""
+    return generate(config, out=sys.stdout)
+
+
+class TextPrinter:
+    """Writes the text of one sequence as it grows, holding back an incomplete UTF-8 character."""
+
+    def __init__(self, out: TextIO, prompt: str) -> None:
+        self.out = out
+        self.printed = 0
+        out.write(prompt)
+        out.flush()
+
+    def __call__(self, text: str) -> None:
+        if text.endswith("\ufffd"):
+            return  # a multi-byte character is split across tokens; wait for the rest
+        self.out.write(text[self.printed :])
+        self.out.flush()
+        self.printed = len(text)
+
+    def finish(self, text: str) -> None:
+        self.out.write(text[self.printed :] + "\n")
+        self.printed = len(text)
+
+
+# ----------------------------------------------------------------------------- memorization
+
+
+class MemorizationChecker:
+    """Looks samples up in the n-gram index of the training token stream and describes the result."""
+
+    def __init__(self, index: Any, tokenizer: Any, train_file: str, doc_sep: str, threshold: int):
+        self.index = index
+        self.tokenizer = tokenizer
+        self.train_file = train_file
+        self.doc_sep = doc_sep
+        self.threshold = threshold
+
+    @classmethod
+    def open(cls, config: GenerateConfig, loaded: Any) -> MemorizationChecker:
+        """Tokenize (or read the cached tokens of) the training data; build or load its index."""
+        from domainlm.data import default_cache_dir, load_token_stream, text_files
+        from domainlm.memorize import NgramIndex
+        from domainlm.models import tokenizer_fingerprint
+
+        train_file, cache_dir = config.train_file, config.cache_dir
+        doc_sep, errors = config.doc_sep, config.encoding_errors
+        if train_file is None:
+            run = run_config_of(config.model)
+            if run is None:
+                raise UserError(
+                    "--check-memorization needs --train-file (or --model a domainlm run's folder)"
+                )
+            train_file = run["train_file"]
+            cache_dir = cache_dir or run.get("cache_dir")
+            doc_sep = run.get("doc_sep", doc_sep)
+            errors = run.get("encoding_errors", errors)
+        text_files(train_file)
+        cached = load_token_stream(
+            train_file,
+            loaded.tokenizer,
+            loaded.eos_id,
+            tokenizer_fingerprint(loaded.tokenizer, loaded.eos_id),
+            cache_dir,
+            doc_sep,
+            errors,
+        )
+        folder = Path(cache_dir) if cache_dir else default_cache_dir()
+        index, hit, seconds = NgramIndex.load_or_build(cached.stream, folder, cached.key)
+        how = "loaded" if hit else "built"
+        print(
+            f"memorization index {how} in {seconds:.1f}s ({len(cached.stream.tokens):,} training "
+            f"tokens of {train_file})",
+            file=sys.stderr,
+        )
+        return cls(index, loaded.tokenizer, str(train_file), doc_sep, config.memorization_threshold)
+
+    def check(self, tokens: list[int]) -> dict[str, Any]:
+        """The longest copied span of a sample: its length, where it is, and the training line."""
+        span = self.index.longest_copy(tokens)
+        if span is None:
+            return {"copied_tokens": 0, "over_threshold": False}
+        from domainlm.memorize import source_line
+
+        line_tokens = self.index.document_tokens(span.document)
+        return {
+            "copied_tokens": span.length,
+            "over_threshold": span.length >= self.threshold,
+            "sample_token_start": span.sample_start,
+            "copied_text": self.tokenizer.decode(
+                tokens[span.sample_start : span.sample_start + span.length]
+            ),
+            "train_document": span.document + 1,
+            "train_line": source_line(self.train_file, span.document, self.doc_sep),
+            "train_text": self.tokenizer.decode(line_tokens.tolist())[:SHOWN_TRAINING_CHARS],
+        }
+
+    def describe(self, result: dict[str, Any] | None) -> str:
+        if not result or not result["copied_tokens"]:
+            from domainlm.memorize import NGRAM
+
+            return f"memorization: no span of {NGRAM}+ tokens copied from the training data"
+        where = self._where(result)
+        return (
+            f"memorization: longest copied span {result['copied_tokens']} tokens, from {where}: "
+            f"{result['train_text']!r}"
+        )
+
+    def warn(self, samples: list[Sample]) -> None:
+        for number, sample in enumerate(samples, start=1):
+            result = sample.memorization
+            if result and result["over_threshold"]:
+                print(
+                    f"warning: sample {number} repeats {result['copied_tokens']} tokens verbatim "
+                    f"from {self._where(result)} (--memorization-threshold {self.threshold})",
+                    file=sys.stderr,
+                )
+
+    def _where(self, result: dict[str, Any]) -> str:
+        if result.get("train_line"):
+            return f"{self.train_file} line {result['train_line']}"
+        return f"{self.train_file} document {result['train_document']}"
+
+
+def run_config_of(model: str) -> dict[str, Any] | None:
+    """The training configuration saved in a run's folder (run_config.json), if `model` is one."""
+    path = Path(model) / "run_config.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())["config"]
+    except (ValueError, KeyError):
+        return None
+
+
+# ----------------------------------------------------------------------------- while training
+
+
+class TrainingSampler:
+    """Samples from fixed prompts every N steps while training: to samples.jsonl and the console.
+
+    Runs on rank 0 with the unwrapped model. It draws from its own generator inside a forked RNG
+    and restores the model's train/eval mode, so the training run is the same with or without it.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        eos_id: int,
+        prompts: list[str],
+        every: int,
+        max_new_tokens: int,
+        path: Path,
+        console: Any,
+        precision: str,
+        seed: int,
+        context_length: int | None = None,
+    ) -> None:
+        self.model, self.tokenizer, self.eos_id = model, tokenizer, eos_id
+        self.prompts, self.every, self.max_new_tokens = prompts, every, max_new_tokens
+        self.path, self.console, self.precision, self.seed = path, console, precision, seed
+        self.context_length = context_length
+
+    @classmethod
+    def create(
+        cls,
+        config: Any,
+        loaded: Any,
+        model: Any,
+        output_dir: Path,
+        console: Any,
+        ctx: Any,
+        precision: str,
+        start_step: int,
+    ) -> TrainingSampler | None:
+        """The sampler of a run with --sample-prompts (on rank 0), else None. Trims samples.jsonl
+        to the resumed step (or clears it on a fresh start), as metrics.jsonl is."""
+        if not config.sample_prompts or not ctx.is_main:
+            return None
+        if config.strategy == "fsdp" and ctx.world_size > 1:
+            console.warn("--sample-prompts is skipped under FSDP (rank 0 alone holds a shard)")
+            return None
+        path = Path(output_dir) / SAMPLES_FILE
+        trim_samples(path, start_step)
+        return cls(
+            model,
+            loaded.tokenizer,
+            loaded.eos_id,
+            list(config.sample_prompts),
+            config.sample_every or config.eval_steps,
+            config.sample_max_new_tokens,
+            path,
+            console,
+            precision,
+            config.seed,
+            loaded.context_length,
+        )
+
+    def maybe_sample(self, step: int, final: bool = False) -> list[Sample]:
+        """Sample at every `every` steps and at the last one."""
+        if step % self.every and not final:
+            return []
+        import torch
+
+        from domainlm.sampling import SamplingSettings
+
+        device = next(self.model.parameters()).device
+        devices = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            samples = generate_samples(
+                self.model,
+                self.tokenizer,
+                self.eos_id,
+                self.prompts,
+                max_new_tokens=self.max_new_tokens,
+                settings=SamplingSettings(temperature=TRAINING_TEMPERATURE, top_k=TRAINING_TOP_K),
+                seed=self.seed,
+                context_length=self.context_length,
+                precision=self.precision,
+            )
+        with open(self.path, "a", encoding="utf-8") as handle:
+            for sample in samples:
+                record = {"step": step, "prompt": sample.prompt, "text": sample.text}
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        for sample in samples:
+            self.console.info(f"sample at step {step}: {sample.prompt}{sample.text}")
+        return samples
+
+
+def trim_samples(path: Path, keep_until_step: int) -> None:
+    """Drop samples written after `keep_until_step` (all of them for a fresh start)."""
+    if not path.is_file():
+        return
+    if keep_until_step <= 0:
+        path.unlink()
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            break
+        if record.get("step", 0) <= keep_until_step:
+            kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    tmp.replace(path)

@@ -1,0 +1,286 @@
+"""Keeping a run alive and honest: graceful stop on signals, NaN/Inf steps, out-of-memory back-off.
+
+- `StopSignals`: the first SIGINT/SIGTERM asks the loop to stop after the current step (it saves a
+  checkpoint and exits 130/143); a second one stops at once (KeyboardInterrupt).
+- `BadStepGuard`: a step whose loss or gradient norm is NaN/Inf is skipped (no optimizer update)
+  and counted; after `max_bad_steps` consecutive bad steps the run stops.
+- `with_oom_backoff` / `eval_with_oom_backoff`: on `torch.OutOfMemoryError` the micro-batch is
+  halved and the accumulation doubled (same global batch, same blocks, same loss normalisation),
+  the RNG restored and the step retried.
+
+Fault injection (for tests; documented in docs/reliability.md), read from the environment:
+- `DOMAINLM_INJECT_NAN_STEPS=3,4`: the loss of those steps (1-based, as in metrics.jsonl) is NaN.
+- `DOMAINLM_INJECT_OOM_ABOVE=N`: any forward pass on more than N rows raises OutOfMemoryError.
+- `DOMAINLM_INJECT_STEP_DELAY=S`: sleep S seconds after every optimizer step (slows a run down
+  so that tests can signal or kill it at a chosen moment).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any, TypeVar
+
+import torch
+
+from domainlm.errors import TrainingAborted
+
+T = TypeVar("T")
+
+NAN_STEPS_ENV = "DOMAINLM_INJECT_NAN_STEPS"
+OOM_ABOVE_ENV = "DOMAINLM_INJECT_OOM_ABOVE"
+STEP_DELAY_ENV = "DOMAINLM_INJECT_STEP_DELAY"
+
+# Exit codes: 128 + signal number for a signal stop (the shell convention), 3 for numerical faults.
+SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+BAD_STEPS_EXIT = 3
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+class StopSignals:
+    """Context manager turning SIGINT/SIGTERM into a stop request checked between steps."""
+
+    def __init__(self, announce: Callable[[str], None] | None = None) -> None:
+        self.signum: int | None = None
+        self._announce = announce
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is not None:  # the second signal: stop now, whatever we are doing
+            raise KeyboardInterrupt
+        self.signum = signum
+        if self._announce is not None:
+            name = signal.Signals(signum).name
+            self._announce(
+                f"{name} received: finishing this step and saving a checkpoint "
+                "(send it again to stop at once)"
+            )
+
+    def __enter__(self) -> StopSignals:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for signum in SIGNAL_EXIT:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def exit_code(self) -> int:
+        return SIGNAL_EXIT.get(signal.Signals(self.signum), 1) if self.signum else 1
+
+
+def stop_agreed(stop: StopSignals, ctx: Any, device: torch.device) -> bool:
+    """True when a stop was requested on any rank (all ranks then stop after the same step)."""
+    if not ctx.enabled:
+        return stop.requested
+    from domainlm.distributed import all_reduce_sum
+
+    (count,) = all_reduce_sum([float(stop.requested)], ctx, device)
+    return count > 0
+
+
+def resume_command() -> str:
+    """The command line of this process, to print as the way to resume."""
+    import shlex
+    import sys
+
+    name = Path(sys.argv[0]).name if sys.argv else ""
+    if name not in ("domainlm", "__main__.py"):
+        return "the same command again"
+    program = "domainlm" if name == "domainlm" else "python -m domainlm"
+    return f"{program} {shlex.join(sys.argv[1:])}"
+
+
+def stopped_by_signal(stop: StopSignals, step: int, output_dir: Path) -> TrainingAborted:
+    name = signal.Signals(stop.signum).name if stop.signum else "a signal"
+    return TrainingAborted(
+        f"{name}: stopped after step {step}, saved {output_dir / f'checkpoint-{step}'}. "
+        f"To resume, run {resume_command()} (it continues from the newest checkpoint)",
+        exit_code=stop.exit_code(),
+    )
+
+
+# ----------------------------------------------------------------------------- numerical faults
+
+
+def injected_nan_steps() -> set[int]:
+    raw = os.environ.get(NAN_STEPS_ENV, "")
+    return {int(part) for part in raw.split(",") if part.strip()}
+
+
+def inject_nan(
+    model: torch.nn.Module, step_nll: torch.Tensor, step: int, steps: set[int]
+) -> torch.Tensor:
+    """Fault injection: on the listed steps the loss and every gradient become NaN."""
+    if step not in steps:
+        return step_nll
+    for param in model.parameters():
+        if param.grad is not None:
+            param.grad.fill_(float("nan"))
+    return step_nll * float("nan")
+
+
+def grad_norm(parameters: list[torch.nn.Parameter]) -> torch.Tensor:
+    """The global L2 norm of the gradients (what clipping uses), without changing them."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads])
+    )
+
+
+@dataclass
+class BadStepGuard:
+    """Counts consecutive NaN/Inf steps; raises TrainingAborted after `max_bad_steps` of them."""
+
+    max_bad_steps: int
+    consecutive: int = 0
+    total: int = 0
+
+    def check(self, step: int, loss: float, norm: float, last_checkpoint: str | None) -> bool:
+        """True if the step is good. A bad step is counted; too many in a row stop the run."""
+        if math.isfinite(loss) and math.isfinite(norm):
+            self.consecutive = 0
+            return True
+        self.consecutive += 1
+        self.total += 1
+        if self.consecutive >= self.max_bad_steps:
+            where = (
+                f"the last good checkpoint is {last_checkpoint}"
+                if last_checkpoint
+                else "no checkpoint was written"
+            )
+            raise TrainingAborted(
+                f"{self.consecutive} consecutive steps (up to step {step}) had a NaN/Inf loss or "
+                f"gradient norm (loss {loss}, gradient norm {norm}); {where}. Lower --lr, "
+                "use --precision fp32 or bf16, or check the data; --max-bad-steps sets the limit",
+                exit_code=BAD_STEPS_EXIT,
+            )
+        return False
+
+
+def weights_are_finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def refuse_nonfinite_weights(model: torch.nn.Module, last_checkpoint: Any) -> None:
+    """Stop instead of saving NaN/Inf weights (skipped steps make this rare, not impossible)."""
+    if not weights_are_finite(model):
+        where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "none"
+        raise TrainingAborted(
+            f"the weights hold NaN/Inf values and were not saved; {where}. Lower --lr",
+            exit_code=BAD_STEPS_EXIT,
+        )
+
+
+def step_delay() -> None:
+    delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
+
+
+# ----------------------------------------------------------------------------- out of memory
+
+
+def maybe_inject_oom(rows: int) -> None:
+    """Fault injection: raise OutOfMemoryError for a forward pass on more rows than allowed."""
+    limit = os.environ.get(OOM_ABOVE_ENV)
+    if limit and rows > int(limit):
+        raise torch.OutOfMemoryError(
+            f"injected by {OOM_ABOVE_ENV}={limit}: micro-batch of {rows} rows"
+        )
+
+
+@dataclass
+class MicroBatching:
+    """How one global batch is cut: `batch_size` blocks per micro-batch, `grad_accum` of them."""
+
+    batch_size: int
+    grad_accum: int
+
+    def halved(self) -> MicroBatching:
+        """Half the micro-batch (rounded up), enough micro-batches to cover the same blocks.
+
+        An odd size leaves the last micro-batch short (empty slots are masked blocks).
+        """
+        smaller = -(-self.batch_size // 2)
+        return MicroBatching(smaller, -(-self.batch_size * self.grad_accum // smaller))
+
+
+def _free_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def with_oom_backoff(
+    run: Callable[[MicroBatching], T],
+    split: MicroBatching,
+    reset: Callable[[], None],
+    report: Callable[[str], None],
+) -> tuple[T, MicroBatching]:
+    """run(split); on OutOfMemoryError: reset(), halve the micro-batch, restore the RNG, retry.
+
+    Returns the result and the split that worked (the caller keeps it for later steps). The
+    global batch is `batch_size * grad_accum` blocks either way, so the step's blocks and its loss
+    normalisation do not change. At a micro-batch of 1 the error is raised as TrainingAborted.
+    """
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    while True:
+        try:
+            return run(split), split
+        except torch.OutOfMemoryError as exc:
+            reset()
+            _free_memory()
+            if split.batch_size < 2:
+                raise TrainingAborted(
+                    f"out of memory at a micro-batch of {split.batch_size} blocks ({exc}); "
+                    "lower --block-size, use a smaller model or --precision bf16",
+                ) from exc
+            smaller = split.halved()
+            report(
+                f"out of memory at micro-batch {split.batch_size} x accumulation "
+                f"{split.grad_accum}; retrying the step with {smaller.batch_size} x "
+                f"{smaller.grad_accum} (same effective batch)"
+            )
+            split = smaller
+            torch.set_rng_state(cpu_rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def eval_with_oom_backoff(
+    run: Callable[[int], T], batch_size: int, report: Callable[[str], None]
+) -> tuple[T, int]:
+    """run(batch_size); on OutOfMemoryError halve the evaluation batch and retry (down to 1)."""
+    while True:
+        try:
+            return run(batch_size), batch_size
+        except torch.OutOfMemoryError as exc:
+            _free_memory()
+            if batch_size <= 1:
+                raise TrainingAborted(
+                    f"out of memory while evaluating one window at a time ({exc}); "
+                    "lower --block-size or use a smaller model"
+                ) from exc
+            report(
+                f"out of memory in evaluation at batch {batch_size}; retrying with {batch_size // 2}"
+            )
+            batch_size //= 2

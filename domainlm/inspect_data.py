@@ -1,0 +1,260 @@
+"""`domainlm inspect`: what a training run would see, before it runs.
+
+Counts (documents, characters, tokens, tokens per document, blocks, steps, padding), the data
+lint (domainlm/lint.py), a time estimate from timing a few real optimizer steps of the chosen
+model on this machine, and a peak-memory estimate by rule:
+
+    weights 4 B/param (fp32) + gradients 4 B/param + AdamW moments 8 B/param
+    + activations per micro-batch: layers x b x T x h x (34 + 5 n_heads T / h) bytes
+      (Korthikanti et al. 2022, 16-bit activations; doubled for fp32)
+    + logits: b x T x vocab x 4 B, three times (logits, float copy for the loss, their gradient)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from domainlm.config import DOC_SEPARATORS, PACKING_MODES
+from domainlm.data import BlockDataset, TokenStream, load_token_stream, split_documents
+from domainlm.errors import UserError
+from domainlm.lint import count_long_documents, lint_corpus
+from domainlm.models import load_model, tokenizer_fingerprint
+
+
+def opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class InspectConfig:
+    """Everything `domainlm inspect` needs; the same meaning as the `train` flags of that name."""
+
+    train_file: str = opt(None, "Training texts: .txt, .jsonl or a folder.", required=True)
+    validation_file: str | None = opt(None, "Validation texts (checked for leakage from train).")
+    model: str = opt(
+        "scratch:gpt2", "Model whose tokenizer, shape and speed to use (hub id, folder, scratch:)."
+    )
+    block_size: int | None = opt(None, "Tokens per block. Default: the model's context, max 1024.")
+    batch_size: int = opt(8, "Blocks per micro-batch on each device.")
+    grad_accum: int = opt(1, "Micro-batches accumulated per optimizer step.")
+    nproc: int = opt(1, "Number of devices (torchrun --nproc-per-node).")
+    epochs: float = opt(3.0, "Passes over the training blocks.")
+    max_steps: int | None = opt(None, "Optimizer steps; overrides --epochs.")
+    validation_split: float = opt(0.05, "Share held out when no validation file is given.")
+    seed: int = opt(42, "Seed of the held-out split.")
+    doc_sep: str = opt(
+        "line", "Documents are lines or blank-line paragraphs.", choices=DOC_SEPARATORS
+    )
+    packing: str = opt("concat", "Packing mode of the run to estimate.", choices=PACKING_MODES)
+    encoding_errors: str = opt("strict", "strict or replace.", choices=("strict", "replace"))
+    cache_dir: str | None = opt(None, "Token cache folder (shared with train).")
+    time_steps: int = opt(2, "Optimizer steps to time for the estimate (0: no timing).")
+    json: bool = opt(False, "Print one JSON object instead of text.")
+    strict: bool = opt(False, "Exit with an error when the lint finds problems.")
+
+    def __post_init__(self) -> None:
+        if not self.train_file:
+            raise UserError("--train-file is required")
+        for name in ("batch_size", "grad_accum", "nproc"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive")
+        if self.block_size is not None and self.block_size < 2:
+            raise UserError("--block-size must be at least 2")
+        if self.time_steps < 0:
+            raise UserError("--time-steps must be 0 or more")
+
+
+def stream_stats(stream: TokenStream, block_size: int) -> dict[str, Any]:
+    """Documents, tokens, tokens per document, blocks and padding of one token stream."""
+    per_doc = np.diff(stream.doc_starts) - 1  # without the EOS after each
+    blocks = -(-stream.num_predicted // block_size)
+    return {
+        "documents": stream.num_documents,
+        "tokens": int(stream.num_predicted),
+        "tokens_per_document": {
+            "min": int(per_doc.min()),
+            "median": float(np.median(per_doc)),
+            "p95": float(np.percentile(per_doc, 95)),
+            "max": int(per_doc.max()),
+        },
+        "blocks": int(blocks),
+        "tokens_padded": int(blocks * block_size - stream.num_predicted),
+    }
+
+
+def memory_estimate(model: Any, batch: int, block: int) -> dict[str, float]:
+    """Bytes of peak training memory by the rule in the module docstring, in GiB."""
+    cfg = model.config
+    params = sum(p.numel() for p in model.parameters())
+    layers = getattr(cfg, "n_layer", None) or getattr(cfg, "num_hidden_layers", 1)
+    hidden = getattr(cfg, "n_embd", None) or getattr(cfg, "hidden_size", 1)
+    heads = getattr(cfg, "n_head", None) or getattr(cfg, "num_attention_heads", 1)
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    acts = 2 * layers * batch * block * hidden * (34 + 5 * heads * block / hidden)
+    logits = 3 * batch * block * vocab * 4
+    gib = 1024**3
+    out = {
+        "weights_gib": params * 4 / gib,
+        "gradients_gib": params * 4 / gib,
+        "optimizer_gib": params * 8 / gib,
+        "activations_gib": (acts + logits) / gib,
+    }
+    out["total_gib"] = sum(out.values())
+    return out
+
+
+def time_steps(model: Any, batch: int, block: int, steps: int) -> float:
+    """Median seconds of one micro-batch forward+backward+AdamW step (random tokens, on CPU/GPU)."""
+    import torch
+
+    from domainlm.device import pick_device
+    from domainlm.loss import CausalLMLoss
+
+    device = pick_device(None)
+    model = model.to(device).train()
+    loss = CausalLMLoss(model)
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    ids = torch.randint(0, vocab, (batch, block + 1), device=device)
+    times = []
+    for _ in range(steps + 1):  # the first step warms up (allocations, kernels)
+        start = time.perf_counter()
+        loss(ids[:, :-1], ids[:, 1:]).sum().backward()
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times[1:]))
+
+
+def inspect_data(config: InspectConfig) -> dict[str, Any]:
+    """The full report as a dict (what --json prints)."""
+    loaded = load_model(config.model)
+    block = config.block_size or min(1024, loaded.context_length)
+    if block > loaded.context_length:
+        raise UserError(
+            f"--block-size {block} is larger than the model's context of {loaded.context_length}"
+        )
+    fingerprint = tokenizer_fingerprint(loaded.tokenizer, loaded.eos_id)
+
+    def load(path: str) -> TokenStream:
+        return load_token_stream(
+            path,
+            loaded.tokenizer,
+            loaded.eos_id,
+            fingerprint,
+            config.cache_dir,
+            config.doc_sep,
+            config.encoding_errors,
+        ).stream
+
+    full = load(config.train_file)
+    lint = lint_corpus(config.train_file, config.validation_file, config.cache_dir)
+    lint.train.long_documents = count_long_documents(full.doc_starts, block)
+    if config.validation_file:
+        train, valid = full, load(config.validation_file)
+        lint.validation.long_documents = count_long_documents(valid.doc_starts, block)
+        leaked = lint.validation.leaked_lines
+    else:
+        train_docs, held_docs = split_documents(
+            full.num_documents, config.validation_split, config.seed
+        )
+        train, valid = full.select(train_docs), full.select(held_docs)
+        leaked = held_out_leaks(full, train_docs, held_docs)
+    dataset = BlockDataset(train, block, config.packing)
+    global_batch = config.batch_size * config.grad_accum * config.nproc
+    steps_per_epoch = math.ceil(len(dataset) / global_batch)
+    total_steps = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
+    report: dict[str, Any] = {
+        "train_file": config.train_file,
+        "model": config.model,
+        "block_size": block,
+        "characters": lint.train.characters,
+        **stream_stats(train, block),
+        "global_batch_blocks": global_batch,
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+        "duplicate_lines": lint.train.duplicate_lines,
+        "leaked_lines": leaked,
+        "validation": {
+            "source": config.validation_file or f"held out {config.validation_split:.0%} of train",
+            **stream_stats(valid, block),
+        },
+        "memory": memory_estimate(loaded.model, config.batch_size, block),
+        "lint": {
+            "train": lint.train.to_dict(),
+            "validation": lint.validation.to_dict() if lint.validation else None,
+        },
+        "warnings": lint.warnings(config.doc_sep, block),
+    }
+    if config.time_steps:
+        micro = time_steps(loaded.model, config.batch_size, block, config.time_steps)
+        step = micro * config.grad_accum
+        report["time"] = {
+            "seconds_per_step": step,
+            "total_hours": step * total_steps / 3600,
+            "rule": f"median of {config.time_steps} timed steps of b={config.batch_size}, "
+            f"T={block} x {config.grad_accum} accum; ranks assumed as fast and in parallel; "
+            "evaluation not included",
+        }
+    if config.strict and report["warnings"]:
+        raise UserError(
+            f"--strict: {len(report['warnings'])} data problem(s): "
+            + " | ".join(report["warnings"])
+        )
+    return report
+
+
+def held_out_leaks(stream: TokenStream, train_docs: np.ndarray, held_docs: np.ndarray) -> int:
+    """Held-out documents whose exact tokens are also a training document (no validation file)."""
+    starts, tokens = stream.doc_starts, stream.tokens
+
+    def key(d: int) -> int:
+        return hash(np.asarray(tokens[starts[d] : starts[d + 1]]).tobytes())
+
+    seen = {key(int(d)) for d in train_docs}
+    return sum(1 for d in held_docs if key(int(d)) in seen)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The text form of `inspect_data`'s report."""
+    t, v = report["tokens_per_document"], report["validation"]
+    lines = [
+        f"train {report['train_file']} (model {report['model']}, block {report['block_size']})",
+        f"  documents {report['documents']:,}, characters {report['characters']:,}, tokens {report['tokens']:,}",
+        f"  tokens/document: min {t['min']}, median {t['median']:g}, p95 {t['p95']:g}, max {t['max']}",
+        f"  blocks {report['blocks']:,}, tokens padded {report['tokens_padded']:,}",
+        f"  global batch {report['global_batch_blocks']} blocks: {report['steps_per_epoch']:,} steps/epoch, "
+        f"{report['total_steps']:,} steps in total",
+        f"validation ({v['source']}): {v['documents']:,} documents, {v['tokens']:,} tokens",
+        f"  duplicate lines in train {report['duplicate_lines']:,}; leaked into validation {report['leaked_lines']}",
+    ]
+    m = report["memory"]
+    lines.append(
+        f"memory estimate: {m['total_gib']:.2f} GiB = weights {m['weights_gib']:.2f} + gradients "
+        f"{m['gradients_gib']:.2f} + AdamW {m['optimizer_gib']:.2f} + activations {m['activations_gib']:.2f}"
+    )
+    if "time" in report:
+        tm = report["time"]
+        lines.append(
+            f"time estimate: {tm['seconds_per_step']:.3g} s/step x {report['total_steps']:,} steps "
+            f"= {tm['total_hours']:.3g} h ({tm['rule']})"
+        )
+    lines += [f"warning: {w}" for w in report["warnings"]] or ["lint: no problems found"]
+    return "\n".join(lines)
+
+
+def run_inspect(config: InspectConfig) -> int:
+    report = inspect_data(config)
+    if config.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_report(report))
+    return 0

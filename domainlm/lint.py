@@ -1,0 +1,299 @@
+"""Data lint: the problems that silently spoil a run, found before training starts.
+
+Per file: empty lines, exact duplicate lines (count and the most repeated examples), control
+characters, CRLF line ends, a byte-order mark, invalid UTF-8 (line numbers), very short lines;
+for a validation file, its lines that also appear in the training data (leakage); and, from the
+token stream, documents longer than the block size (they cannot fit in one block or window).
+
+The text pass reads each file in chunks (`corpus.iter_chunks`), so it runs in bounded memory:
+each line costs one 8-byte hash. Its results are cached beside the token cache, keyed on the
+corpus fingerprints, so a second run over a 1 GB file does not pay for it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from domainlm.corpus import corpus_fingerprint, iter_chunks
+from domainlm.data import default_cache_dir, text_files
+
+LINT_VERSION = "1"
+SHORT_LINE_CHARS = 10  # a non-empty line under this many characters is "very short"
+MAX_EXAMPLES = 3
+MAX_LINE_NUMBERS = 10
+CONTROL_CHARS = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+@dataclass
+class FileLint:
+    """What the text pass found in one --train-file / --validation-file (file or folder)."""
+
+    path: str
+    lines: int = 0
+    characters: int = 0
+    empty_lines: int = 0
+    duplicate_lines: int = 0  # lines that repeat an earlier line exactly (extra copies)
+    duplicate_examples: list[tuple[str, int]] = field(default_factory=list)  # (text, copies)
+    short_lines: int = 0
+    crlf_lines: int = 0
+    bom: bool = False
+    control_char_lines: list[int] = field(default_factory=list)  # first line numbers
+    control_char_count: int = 0
+    invalid_utf8_lines: list[int] = field(default_factory=list)
+    invalid_utf8_count: int = 0
+    leaked_lines: int | None = None  # validation only: its lines also found in the train data
+    leaked_examples: list[str] = field(default_factory=list)
+    long_documents: int | None = None  # documents of more tokens than the block size
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class LintReport:
+    train: FileLint
+    validation: FileLint | None = None
+
+    def warnings(self, doc_sep: str = "line", block_size: int | None = None) -> list[str]:
+        out = file_warnings(self.train, doc_sep, block_size)
+        if self.validation is not None:
+            out += file_warnings(self.validation, doc_sep, block_size)
+        return out
+
+
+def file_warnings(lint: FileLint, doc_sep: str, block_size: int | None) -> list[str]:
+    """One line per problem found, naming the file and what to do."""
+    p, out = lint.path, []
+    if lint.invalid_utf8_count:
+        out.append(
+            f"{p}: {lint.invalid_utf8_count} line(s) of invalid UTF-8, e.g. line(s) "
+            f"{_numbers(lint.invalid_utf8_lines)}"
+        )
+    if lint.empty_lines and doc_sep == "line":
+        out.append(f"{p}: {lint.empty_lines} empty line(s) (skipped)")
+    if lint.duplicate_lines:
+        examples = "; ".join(f"{_short(t)!r} x{n}" for t, n in lint.duplicate_examples)
+        out.append(f"{p}: {lint.duplicate_lines} exact duplicate line(s), e.g. {examples}")
+    if lint.leaked_lines:
+        examples = "; ".join(repr(_short(t)) for t in lint.leaked_examples)
+        out.append(
+            f"{p}: {lint.leaked_lines} validation line(s) also appear in the training data "
+            f"(leakage: validation perplexity will be optimistic), e.g. {examples}"
+        )
+    if lint.long_documents:
+        what = "line(s)" if doc_sep == "line" else "document(s)"
+        out.append(
+            f"{p}: {lint.long_documents} {what} longer than the block size of {block_size} "
+            "tokens (split across blocks; their start is cut from the context of their end)"
+        )
+    if lint.control_char_count:
+        out.append(
+            f"{p}: {lint.control_char_count} line(s) with control characters, e.g. line(s) "
+            f"{_numbers(lint.control_char_lines)}"
+        )
+    if lint.crlf_lines:
+        out.append(f"{p}: {lint.crlf_lines} line(s) end in CRLF (Windows); the CR is dropped")
+    if lint.bom:
+        out.append(f"{p}: starts with a UTF-8 byte-order mark (dropped)")
+    if lint.short_lines:
+        out.append(
+            f"{p}: {lint.short_lines} very short line(s) (under {SHORT_LINE_CHARS} characters)"
+        )
+    return out
+
+
+def _numbers(numbers: list[int]) -> str:
+    return ", ".join(map(str, numbers[:MAX_LINE_NUMBERS])) + (
+        " ..." if len(numbers) > MAX_LINE_NUMBERS else ""
+    )
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ----------------------------------------------------------------------------- the text pass
+
+
+def _iter_file_lines(path: str | os.PathLike) -> Iterator[tuple[Path, int, bytes]]:
+    """(file, first line number, chunk) over all text files of a file or folder."""
+    for file in text_files(path):
+        for first, chunk in iter_chunks(file):
+            yield file, first, chunk
+
+
+def _scan(path: str | os.PathLike) -> tuple[FileLint, np.ndarray]:
+    """The lint of one input, and the hashes of its non-empty lines (CR dropped), in order."""
+    lint = FileLint(str(path))
+    hashes: list[np.ndarray] = []
+    for _file, first, chunk in _iter_file_lines(path):
+        if first == 1 and chunk.startswith(b"\xef\xbb\xbf"):
+            lint.bom = True
+            chunk = chunk[3:]
+        lines = chunk.split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()  # the piece after the final line end
+        lint.lines += len(lines)
+        lint.crlf_lines += chunk.count(b"\r\n")
+        try:
+            lint.characters += len(chunk.decode("utf-8"))
+        except UnicodeDecodeError:
+            lint.characters += len(chunk.decode("utf-8", errors="replace"))
+            bad = [n for n, line in enumerate(lines, start=first) if not _is_utf8(line)]
+            lint.invalid_utf8_count += len(bad)
+            lint.invalid_utf8_lines += bad[: MAX_LINE_NUMBERS - len(lint.invalid_utf8_lines)]
+        for match in CONTROL_CHARS.finditer(chunk):
+            number = first + chunk.count(b"\n", 0, match.start())
+            if not lint.control_char_lines or lint.control_char_lines[-1] != number:
+                lint.control_char_count += 1
+                if len(lint.control_char_lines) < MAX_LINE_NUMBERS:
+                    lint.control_char_lines.append(number)
+        stripped = [line.rstrip(b"\r") for line in lines]
+        kept = [line for line in stripped if line.strip()]
+        lint.empty_lines += len(stripped) - len(kept)
+        lint.short_lines += sum(1 for line in kept if len(line.strip()) < SHORT_LINE_CHARS)
+        hashes.append(np.fromiter((hash(line) for line in kept), dtype=np.int64, count=len(kept)))
+    return lint, np.concatenate([np.zeros(0, np.int64), *hashes])
+
+
+def _is_utf8(line: bytes) -> bool:
+    try:
+        line.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def _texts_of(path: str | os.PathLike, wanted: set[int], limit: int) -> dict[int, str]:
+    """The first line text of each wanted hash (stops reading once all are found)."""
+    found: dict[int, str] = {}
+    for _, _, chunk in _iter_file_lines(path):
+        for line in chunk.split(b"\n"):
+            line = line.rstrip(b"\r")
+            h = hash(line)
+            if h in wanted and h not in found:
+                found[h] = line.decode("utf-8", errors="replace").strip()
+                if len(found) >= min(limit, len(wanted)):
+                    return found
+    return found
+
+
+def _duplicates(lint: FileLint, path: str | os.PathLike, hashes: np.ndarray) -> np.ndarray:
+    """Fill the duplicate counts and examples; returns the unique hashes."""
+    unique, counts = np.unique(hashes, return_counts=True)
+    lint.duplicate_lines = int(len(hashes) - len(unique))
+    if lint.duplicate_lines:
+        top = np.argsort(-counts, kind="stable")[:MAX_EXAMPLES]
+        top = [i for i in top if counts[i] > 1]
+        texts = _texts_of(path, {int(unique[i]) for i in top}, MAX_EXAMPLES)
+        lint.duplicate_examples = [(texts.get(int(unique[i]), "?"), int(counts[i])) for i in top]
+    return unique
+
+
+def lint_corpus(
+    train_file: str | os.PathLike,
+    validation_file: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> LintReport:
+    """The text lint of the training (and validation) input, read from the lint cache if there."""
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    key_text = "|".join(
+        [
+            LINT_VERSION,
+            corpus_fingerprint(train_file),
+            corpus_fingerprint(validation_file) if validation_file else "-",
+            str(train_file),
+            str(validation_file),
+        ]
+    )
+    cached = cache / f"lint-{hashlib.sha256(key_text.encode()).hexdigest()[:24]}.json"
+    if cached.is_file():
+        try:
+            return _report_from_dict(json.loads(cached.read_text(encoding="utf-8")))
+        except (ValueError, TypeError, KeyError):
+            pass  # an unreadable cache entry is recomputed
+    train, train_hashes = _scan(train_file)
+    train_unique = _duplicates(train, train_file, train_hashes)
+    del train_hashes
+    validation = None
+    if validation_file:
+        validation, valid_hashes = _scan(validation_file)
+        _duplicates(validation, validation_file, valid_hashes)
+        leaked = np.isin(valid_hashes, train_unique)
+        validation.leaked_lines = int(leaked.sum())
+        if validation.leaked_lines:
+            wanted = {int(h) for h in valid_hashes[leaked][:MAX_EXAMPLES]}
+            validation.leaked_examples = list(
+                _texts_of(validation_file, wanted, MAX_EXAMPLES).values()
+            )
+    report = LintReport(train, validation)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(_report_to_dict(report)), encoding="utf-8")
+    os.replace(tmp, cached)
+    return report
+
+
+def count_long_documents(doc_starts: np.ndarray, block_size: int) -> int:
+    """Documents whose segment (leading EOS + tokens) does not fit in one block."""
+    lengths = np.diff(np.asarray(doc_starts, dtype=np.int64))  # tokens + the EOS after each
+    return int((lengths > block_size).sum())
+
+
+def _report_to_dict(report: LintReport) -> dict[str, Any]:
+    return {
+        "train": report.train.to_dict(),
+        "validation": report.validation.to_dict() if report.validation else None,
+    }
+
+
+def _file_from_dict(data: dict[str, Any]) -> FileLint:
+    data = dict(data)
+    data["duplicate_examples"] = [tuple(x) for x in data["duplicate_examples"]]
+    return FileLint(**data)
+
+
+def _report_from_dict(data: dict[str, Any]) -> LintReport:
+    valid = data.get("validation")
+    return LintReport(_file_from_dict(data["train"]), _file_from_dict(valid) if valid else None)
+
+
+def check_training_data(
+    config: Any, block_size: int, train_stream: Any, valid_stream: Any, console: Any
+) -> list[str]:
+    """Lint at the start of `train`: warnings on the console, or with --strict one UserError.
+
+    Runs after the token streams are loaded and before the output folder is touched.
+    """
+    from domainlm.errors import UserError
+
+    report = lint_corpus(config.train_file, config.validation_file, config.cache_dir)
+    train_long = count_long_documents(train_stream.doc_starts, block_size)
+    valid_long = count_long_documents(valid_stream.doc_starts, block_size)
+    if report.validation is None:
+        report.train.long_documents = train_long + valid_long
+        if report.train.duplicate_lines:
+            report.train.leaked_lines = None
+    else:
+        report.train.long_documents = train_long
+        report.validation.long_documents = valid_long
+    problems = report.warnings(config.doc_sep, block_size)
+    if report.validation is None and report.train.duplicate_lines:
+        problems.append(
+            f"{config.train_file}: with no --validation-file, copies of a duplicated line can land "
+            "on both sides of the held-out split (leakage)"
+        )
+    if config.strict and problems:
+        raise UserError(f"--strict: {len(problems)} data problem(s): " + " | ".join(problems))
+    for problem in problems:
+        console.warn(problem)
+    return problems

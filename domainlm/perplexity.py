@@ -1,0 +1,491 @@
+"""`domainlm perplexity`: one number per model, defined in docs/perplexity.md, computed exactly.
+
+The scoring itself is `evaluate.py`'s (the same windows that validation during training uses);
+this module builds the token streams, adds the tokenizer-independent figures (bits per byte and
+per character), scores each line on its own when asked, and formats the side-by-side table.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from domainlm.config import ENCODING_ERRORS, PRECISIONS, opt
+from domainlm.data import read_documents, text_files, tokenize_documents
+from domainlm.device import pick_device, resolve_precision
+from domainlm.distributed import DistContext, setup_distributed, teardown_distributed
+from domainlm.errors import UserError
+from domainlm.evaluate import (
+    Window,
+    all_window_sums,
+    check_window,
+    make_windows,
+    score_windows,
+    stream_nll,
+)
+from domainlm.loss import CausalLMLoss
+from domainlm.models import LoadedModel, load_model, token_dtype
+
+CONVENTIONS = ("eos", "plain")
+PER_LINE_SUFFIXES = (".jsonl", ".csv")
+TEXT_SOURCE = "--text"
+
+
+@dataclass
+class PerplexityConfig:
+    """Everything `domainlm perplexity` needs; `evaluate_perplexity(PerplexityConfig(...))` runs it."""
+
+    model: list[str] = opt(
+        None,
+        "Model to score: hub id, local folder or scratch:NAME. Repeat for a side-by-side table.",
+        required=True,
+    )
+    file: str | None = opt(
+        None, "Texts to score: .txt (one per line), .jsonl with 'text', or a folder."
+    )
+    text: str | None = opt(None, "A text to score instead of --file (each non-blank line a text).")
+    block_size: int | None = opt(
+        None, "Window length L in tokens (L-1 are fed to the model). Default: the model's context."
+    )
+    stride: int | None = opt(
+        None, "Tokens S newly predicted per window, 1 <= S <= L-1. Default: L-1 (cheapest)."
+    )
+    batch_size: int = opt(8, "Windows per forward pass.")
+    precision: str = opt(
+        "fp32", "Compute precision (NLL is summed in float64 anyway).", choices=PRECISIONS
+    )
+    convention: str = opt(
+        "eos",
+        "eos: every line ends with EOS and all its tokens are scored; plain: the text as one "
+        "stream with no EOS, first token not scored (what model(ids, labels=ids) does).",
+        choices=CONVENTIONS,
+    )
+    per_line: str | None = opt(
+        None, "Also score each line on its own and write the scores to this .jsonl or .csv file."
+    )
+    worst: int | None = opt(None, "Print the K least likely lines (highest per-line perplexity).")
+    encoding_errors: str = opt(
+        "strict",
+        "strict refuses invalid UTF-8 (with line numbers); replace goes on.",
+        choices=ENCODING_ERRORS,
+    )
+    eos_token: str | None = opt(None, "Token that ends every line when the tokenizer has no EOS.")
+    trust_remote_code: bool = opt(False, "Allow model code from the hub (only if you trust it).")
+    quiet: bool = opt(False, "No progress bar.")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, str):
+            self.model = [self.model]
+        if not self.model:
+            raise UserError("--model is required")
+        if (self.file is None) == (self.text is None):
+            raise UserError("give exactly one of --file or --text")
+        if self.text is not None and not self.text.strip():
+            raise UserError("--text is empty")
+        for name in ("block_size", "stride", "batch_size", "worst"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(
+                    f"--{name.replace('_', '-')} must be a positive number, got {value}"
+                )
+        if self.block_size is not None:
+            check_window(self.block_size, self.stride or self.block_size - 1)
+        for name, choices in (
+            ("precision", PRECISIONS),
+            ("convention", CONVENTIONS),
+            ("encoding_errors", ENCODING_ERRORS),
+        ):
+            if getattr(self, name) not in choices:
+                raise UserError(
+                    f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
+                    f"got {getattr(self, name)!r}"
+                )
+        if self.per_line is not None:
+            out = Path(self.per_line)
+            if out.suffix not in PER_LINE_SUFFIXES:
+                raise UserError(f"--per-line {out}: name a .jsonl or .csv file")
+            if not out.parent.is_dir():
+                raise UserError(f"--per-line {out}: the folder {out.parent} does not exist")
+            if out.is_dir():
+                raise UserError(f"--per-line {out}: is a folder, name a file")
+
+    @property
+    def scores_lines(self) -> bool:
+        return self.per_line is not None or self.worst is not None
+
+
+@dataclass
+class LineScore:
+    """One line scored on its own: `[EOS] tokens(d) [EOS]` (plain: `tokens(d)`, first unscored)."""
+
+    file: str
+    line: int
+    tokens: int
+    nll_sum: float
+    text: str = field(repr=False)
+
+    @property
+    def nll(self) -> float:
+        return self.nll_sum / self.tokens if self.tokens else float("nan")
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll) if self.tokens else float("nan")
+
+    def record(self, model: str) -> dict[str, Any]:
+        nll = self.nll if self.tokens else None
+        ppl = self.perplexity if self.tokens else None
+        return {"model": model, "file": self.file, "line": self.line, "tokens": self.tokens,
+                "nll": nll, "perplexity": ppl}  # fmt: skip
+
+
+@dataclass
+class PerplexityReport:
+    """The figures of one model on one text (`--json` prints `to_dict()`)."""
+
+    model: str
+    perplexity: float
+    nll: float
+    tokens: int
+    bytes: int
+    bits_per_byte: float
+    bits_per_char: float
+    block_size: int
+    stride: int
+    convention: str
+    precision: str
+    lines: list[LineScore] | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "lines"
+        }
+
+
+@dataclass
+class Corpus:
+    """The texts to score, each with the file and line it came from."""
+
+    documents: list[str]
+    origins: list[tuple[str, int]]
+
+    def plain_text(self) -> str:
+        return "\n".join(self.documents)
+
+    def size(self, convention: str) -> tuple[int, int]:
+        """(UTF-8 bytes, Unicode characters): each line plus one for its end (eos), or the joined text."""
+        if convention == "plain":
+            text = self.plain_text()
+            return len(text.encode("utf-8")), len(text)
+        return (
+            sum(len(d.encode("utf-8")) + 1 for d in self.documents),
+            sum(len(d) + 1 for d in self.documents),
+        )
+
+
+# ----------------------------------------------------------------------------- the function
+
+
+def evaluate_perplexity(config: PerplexityConfig) -> list[PerplexityReport]:
+    """Score the text under each model in turn; under torchrun every rank scores its share.
+
+    Everything is checked before anything is written; the per-line file (rank 0) comes last.
+    """
+    joined_here = not dist.is_initialized()
+    ctx = setup_distributed()
+    try:
+        corpus = read_corpus(config)
+        device = pick_device(ctx.local_rank if ctx.enabled else None)
+        precision = resolve_precision(config.precision, device)
+        reports = [
+            score_model(spec, corpus, config, ctx=ctx, device=device, precision=precision)
+            for spec in config.model
+        ]
+        if config.per_line is not None and ctx.is_main:
+            write_line_scores(Path(config.per_line), reports)
+        return reports
+    finally:
+        if joined_here:
+            teardown_distributed(ctx)
+
+
+def read_corpus(config: PerplexityConfig) -> Corpus:
+    """Non-blank lines (or jsonl `text`s) of --file, or of --text, with where each came from."""
+    if config.text is not None:
+        lines = config.text.replace("\r\n", "\n").split("\n")
+        numbered = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
+        if not numbered:
+            raise UserError("--text is empty")
+        return Corpus([t for _, t in numbered], [(TEXT_SOURCE, n) for n, _ in numbered])
+    documents = read_documents(config.file, "line", config.encoding_errors)
+    origins = [(str(f), n) for f in text_files(config.file) for n in _text_line_numbers(f)]
+    if len(origins) != len(documents):  # cannot happen for well-formed input; number them then
+        origins = [(str(config.file), n) for n in range(1, len(documents) + 1)]
+    return Corpus(documents, origins)
+
+
+def _text_line_numbers(file: Path) -> list[int]:
+    """1-based numbers of the lines of `file` that `read_documents` turns into documents."""
+    lines = file.read_bytes().decode("utf-8-sig", errors="replace").split("\n")
+    if file.suffix != ".jsonl":
+        return [n for n, line in enumerate(lines, start=1) if line.strip()]
+    numbers = []
+    for n, line in enumerate(lines, start=1):
+        if line.strip() and str(json.loads(line).get("text", "")).strip():
+            numbers.append(n)
+    return numbers
+
+
+def score_model(
+    spec: str,
+    corpus: Corpus,
+    config: PerplexityConfig,
+    *,
+    ctx: DistContext,
+    device: torch.device,
+    precision: str,
+) -> PerplexityReport:
+    """Load one model, check the window against its context, and score the stream (and lines)."""
+    loaded = load_model(
+        spec, eos_token=config.eos_token, trust_remote_code=config.trust_remote_code
+    )
+    block_size = config.block_size or loaded.context_length
+    if block_size > loaded.context_length:
+        raise UserError(
+            f"--block-size {block_size} is larger than the context of {spec} "
+            f"({loaded.context_length} tokens); use at most {loaded.context_length}"
+        )
+    stride = config.stride or block_size - 1
+    check_window(block_size, stride)
+    loss_module = CausalLMLoss(loaded.model.to(device))
+    progress = ctx.is_main and not config.quiet
+    tokens = stream_tokens(corpus, loaded, config.convention)
+    if len(tokens) < 2:
+        raise UserError("the text is a single token: there is nothing to predict")
+    total = stream_nll(
+        loss_module,
+        tokens,
+        block_size=block_size,
+        stride=stride,
+        batch_size=config.batch_size,
+        device=device,
+        precision=precision,
+        ctx=ctx,
+        progress=progress,
+    )
+    lines = None
+    if config.scores_lines:
+        lines = score_lines(
+            loss_module, corpus, loaded, config.convention,
+            block_size=block_size, stride=stride, batch_size=config.batch_size,
+            device=device, precision=precision, ctx=ctx, progress=progress,
+        )  # fmt: skip
+    num_bytes, num_chars = corpus.size(config.convention)
+    bits = total.nll_sum / math.log(2)
+    report = PerplexityReport(
+        model=spec,
+        perplexity=total.perplexity,
+        nll=total.nll,
+        tokens=total.tokens,
+        bytes=num_bytes,
+        bits_per_byte=bits / num_bytes,
+        bits_per_char=bits / num_chars,
+        block_size=block_size,
+        stride=stride,
+        convention=config.convention,
+        precision=precision,
+        lines=lines,
+    )
+    del loss_module, loaded
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return report
+
+
+def stream_tokens(corpus: Corpus, loaded: LoadedModel, convention: str) -> np.ndarray:
+    """eos: `[EOS] d1 EOS d2 EOS ...`; plain: the tokenizer's ids of the lines joined by newlines."""
+    if convention == "plain":
+        ids = loaded.tokenizer(corpus.plain_text())["input_ids"]
+        return np.asarray(ids, dtype=np.int64)
+    dtype = token_dtype(len(loaded.tokenizer))
+    return tokenize_documents(corpus.documents, loaded.tokenizer, loaded.eos_id, dtype).tokens
+
+
+def line_token_lists(corpus: Corpus, loaded: LoadedModel, convention: str) -> list[np.ndarray]:
+    """Each line as its own stream: `[EOS] tokens(d) [EOS]`, or plain `tokens(d)`."""
+    if convention == "plain":
+        ids = loaded.tokenizer(list(corpus.documents))["input_ids"]
+        return [np.asarray(line, dtype=np.int64) for line in ids]
+    dtype = token_dtype(len(loaded.tokenizer))
+    stream = tokenize_documents(corpus.documents, loaded.tokenizer, loaded.eos_id, dtype)
+    eos = stream.tokens[:1]
+    starts = stream.doc_starts
+    return [
+        np.concatenate([eos, stream.tokens[starts[i] : starts[i + 1]]]).astype(np.int64)
+        for i in range(stream.num_documents)
+    ]
+
+
+def score_lines(
+    loss_module: torch.nn.Module,
+    corpus: Corpus,
+    loaded: LoadedModel,
+    convention: str,
+    *,
+    block_size: int,
+    stride: int,
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    ctx: DistContext,
+    progress: bool,
+) -> list[LineScore]:
+    """Every line scored on its own with the same windows, all lines' windows batched together.
+
+    The lines are laid end to end in one array; each line's windows never reach into another.
+    Windows are sorted by width so that a batch holds windows of similar length (less padding).
+    """
+    streams = line_token_lists(corpus, loaded, convention)
+    offsets = np.concatenate([[0], np.cumsum([len(s) for s in streams])]).astype(np.int64)
+    tokens = np.concatenate(streams) if streams else np.zeros(0, dtype=np.int64)
+    windows: list[Window] = []
+    owners: list[int] = []
+    for i, line in enumerate(streams):
+        o = int(offsets[i])
+        for w in make_windows(len(line), block_size, stride):
+            windows.append(Window(w.context_start + o, w.target_start + o, w.target_end + o))
+            owners.append(i)
+    order = sorted(
+        range(len(windows)), key=lambda k: windows[k].target_end - windows[k].context_start
+    )
+    sums = score_windows(
+        loss_module,
+        tokens,
+        [windows[k] for k in order],
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        ctx=ctx,
+        progress=progress,
+    )
+    sums = all_window_sums(sums, ctx, device)
+    line_sums = np.bincount(
+        np.asarray([owners[k] for k in order], dtype=np.int64),
+        weights=sums,
+        minlength=len(streams),
+    )
+    return [
+        LineScore(file, number, max(0, len(s) - 1), float(line_sums[i]), text)
+        for i, (s, (file, number), text) in enumerate(
+            zip(streams, corpus.origins, corpus.documents, strict=True)
+        )
+    ]
+
+
+# ----------------------------------------------------------------------------- output
+
+
+LINE_FIELDS = ["model", "file", "line", "tokens", "nll", "perplexity"]
+
+
+def write_line_scores(path: Path, reports: list[PerplexityReport]) -> None:
+    """All models' per-line scores as .jsonl or .csv, written whole then moved into place."""
+    records = [s.record(r.model) for r in reports for s in (r.lines or [])]
+    if path.suffix == ".csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=LINE_FIELDS)
+        writer.writeheader()
+        writer.writerows(records)
+        content = buffer.getvalue()
+    else:
+        content = "".join(json.dumps(r) + "\n" for r in records)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(content, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+ROWS = (
+    ("perplexity", "perplexity", "{:.4f}"),
+    ("nll (nats/token)", "nll", "{:.5f}"),
+    ("bits per byte", "bits_per_byte", "{:.5f}"),
+    ("bits per char", "bits_per_char", "{:.5f}"),
+    ("tokens", "tokens", "{:,}"),
+    ("bytes", "bytes", "{:,}"),
+    ("window L / stride S", None, ""),
+)
+
+
+def format_table(reports: list[PerplexityReport]) -> str:
+    """Models side by side; from the second model on, a column with its change against the first."""
+    base = reports[0]
+    header = ["", *(r.model for r in reports[:1])]
+    for r in reports[1:]:
+        header += [r.model, "change"]
+    rows = [header]
+    for label, key, fmt in ROWS:
+        row = [label]
+        for i, r in enumerate(reports):
+            if key is None:
+                row.append(f"{r.block_size} / {r.stride}")
+            else:
+                row.append(fmt.format(getattr(r, key)))
+            if i > 0:
+                row.append(_change(getattr(base, key), getattr(r, key), key) if key else "")
+        rows.append(row)
+    widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if c == 0 else cell.rjust(w)
+            for c, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
+    if len({r.tokens for r in reports}) > 1:
+        lines.append(
+            "token counts differ (different tokenizers): compare bits per byte, not perplexity"
+        )
+    return "\n".join(lines)
+
+
+def _change(before: float, after: float, key: str) -> str:
+    if key in ("tokens", "bytes"):
+        return f"{after - before:+,}"
+    relative = f" ({(after - before) / before:+.1%})" if before else ""
+    return f"{after - before:+.4f}{relative}"
+
+
+def format_worst(reports: list[PerplexityReport], k: int) -> str:
+    """The k lines of highest per-line perplexity under each model, with where they are."""
+    out = []
+    for r in reports:
+        scored = [s for s in (r.lines or []) if s.tokens]
+        scored.sort(key=lambda s: (-s.nll, s.file, s.line))
+        out.append(f"least likely lines under {r.model}:")
+        for s in scored[:k]:
+            snippet = s.text if len(s.text) <= 70 else s.text[:67] + "..."
+            where = f"line {s.line}" if s.file == TEXT_SOURCE else f"{s.file}:{s.line}"
+            out.append(f"  {where}  perplexity {s.perplexity:.2f}  ({s.tokens} tokens)  {snippet}")
+    return "\n".join(out)
+
+
+def render(reports: list[PerplexityReport], config: PerplexityConfig, as_json: bool) -> None:
+    """Print the result: the table (or JSON) on stdout; with --json the worst lines go to stderr."""
+    if as_json:
+        data = [r.to_dict() for r in reports]
+        print(json.dumps(data[0] if len(data) == 1 else data, indent=2))
+    else:
+        print(format_table(reports))
+    if config.worst:
+        print(format_worst(reports, config.worst), file=sys.stderr if as_json else sys.stdout)

@@ -1,0 +1,173 @@
+"""Kill a training run at random moments; check that every resume ends bit-identical.
+
+    .venv/bin/python scripts/torture.py --kills 20 [--seed 0] [--workdir /tmp/torture]
+
+One uninterrupted reference run first. Then, for each of the `--kills` trials: start the same run
+in a fresh folder, wait until it trains (metrics.jsonl exists), SIGKILL it after a random delay
+drawn over the reference's training time (so kills land in steps, evaluations, checkpoint saves,
+rotation and the final save), then run the same command again until it finishes. Each trial
+passes when the final model.safetensors is bit-identical to the reference's and metrics.jsonl
+holds the same events (step, loss and perplexity, exactly) with no step missing or repeated.
+CPU, fp32, dropout on (scratch:tiny's default 0.1). Exit code 0 when every trial passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+DOMAINLM = [sys.executable, "-m", "domainlm"]
+WORDS = [
+    "the",
+    "cat",
+    "dog",
+    "sat",
+    "ran",
+    "on",
+    "a",
+    "mat",
+    "in",
+    "house",
+    "big",
+    "small",
+    "red",
+    "blue",
+    "and",
+    "then",
+    "it",
+    "away",
+]
+
+
+def write_corpus(folder: Path) -> tuple[Path, Path]:
+    rng = random.Random(0)
+
+    def docs(n: int) -> str:
+        return "".join(
+            " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 40))) + "\n" for _ in range(n)
+        )
+
+    train, valid = folder / "train.txt", folder / "valid.txt"
+    train.write_text(docs(40))
+    valid.write_text(docs(8))
+    return train, valid
+
+
+def train_args(train: Path, valid: Path, output_dir: Path) -> list[str]:
+    return [
+        *DOMAINLM,
+        "train",
+        "--model", "scratch:tiny",
+        "--train-file", str(train),
+        "--validation-file", str(valid),
+        "--output-dir", str(output_dir),
+        "--block-size", "32",
+        "--batch-size", "2",
+        "--grad-accum", "2",
+        "--max-steps", "8",
+        "--save-steps", "2",
+        "--eval-steps", "3",
+        "--save-total-limit", "2",
+        "--logging-steps", "1",
+        "--lr", "1e-3",
+        "--precision", "fp32",
+        "--quiet",
+    ]  # fmt: skip
+
+
+def run_env(cache: Path) -> dict[str, str]:
+    env = dict(os.environ, DOMAINLM_CACHE=str(cache), HF_HUB_OFFLINE="1")
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    return env
+
+
+def events(output_dir: Path) -> list[tuple]:
+    """metrics.jsonl without the timing field: what must match the reference exactly."""
+    rows = []
+    for line in (output_dir / "metrics.jsonl").read_text().splitlines():
+        e = json.loads(line)
+        e.pop("tokens_per_s", None)
+        rows.append(tuple(sorted(e.items())))
+    return rows
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/domainlm-torture"))
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    work = args.workdir
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    train, valid = write_corpus(work)
+    env = run_env(work / "cache")
+
+    ref = work / "reference"
+    done = subprocess.run(train_args(train, valid, ref), env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"the reference run failed:\n{done.stderr[-3000:]}")
+        return 2
+    # Time the training part of a run (from metrics.jsonl's creation to the exit).
+    timing = work / "timing"
+    proc = subprocess.Popen(train_args(train, valid, timing), env=env, stderr=subprocess.DEVNULL)
+    while not (timing / "metrics.jsonl").exists() and proc.poll() is None:
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    proc.wait()
+    train_time = time.monotonic() - t0
+    print(f"reference run: training part {train_time:.1f} s", flush=True)
+
+    failures = 0
+    for trial in range(args.kills):
+        out = work / f"trial-{trial:02d}"
+        delay = rng.uniform(0, train_time)
+        proc = subprocess.Popen(train_args(train, valid, out), env=env, stderr=subprocess.DEVNULL)
+        while not (out / "metrics.jsonl").exists() and proc.poll() is None:
+            time.sleep(0.005)
+        time.sleep(delay)
+        finished_first = proc.poll() is not None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        left = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+        partial = [n for n in left if n.startswith(".") and n != ".domainlm.lock"]
+        complete = [n for n in left if n.startswith("checkpoint-")]
+        again = subprocess.run(
+            train_args(train, valid, out), env=env, capture_output=True, text=True
+        )
+        ok = again.returncode == 0 and same_weights(out, ref) and events(out) == events(ref)
+        failures += not ok
+        print(
+            f"trial {trial:2d}: killed {delay:5.2f} s into training"
+            f"{' (after it finished)' if finished_first else ''}; left {complete}"
+            f"{' + partial ' + str(partial) if partial else ''}; resumed: "
+            f"{'identical' if ok else 'MISMATCH rc=' + str(again.returncode)}",
+            flush=True,
+        )
+        if not ok:
+            print(again.stderr[-2000:], flush=True)
+        else:
+            shutil.rmtree(out)
+    print(f"{args.kills - failures}/{args.kills} trials bit-identical", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Bad input (issue 5): one line naming the file or option and what to do, exit code 2, no
+traceback, nothing written or deleted. Plus what is not an error: a very long single line."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import uneven_corpus, write_lines
+
+from domainlm.cli import main as cli_main
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    write_lines(folder / "train.txt", uneven_corpus(30, seed=0))
+    write_lines(folder / "valid.txt", uneven_corpus(6, seed=1))
+    return folder
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    if not folder.exists():
+        return {}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in folder.rglob("*")
+    }
+
+
+def refused(capsys: pytest.CaptureFixture[str], args: list[str], out: Path, *expected: str) -> str:
+    """Run the CLI; assert exit 2, one error line holding `expected`, and out/ untouched."""
+    before = snapshot(out)
+    existed = out.exists()
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [x for x in err.splitlines() if x.startswith("domainlm: error:")]
+    assert len(lines) == 1, err
+    for text in expected:
+        assert text in lines[0], lines[0]
+    assert out.exists() == existed and snapshot(out) == before, "the output dir was touched"
+    return lines[0]
+
+
+def args_for(model: Path | str, train: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train", "--model", str(model), "--train-file", str(train), "--output-dir", str(out),
+        "--block-size", "32", "--batch-size", "2", "--max-steps", "1", "--precision", "fp32",
+        "--quiet", *extra,
+    ]  # fmt: skip
+
+
+def test_missing_file(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    missing = tmp_path / "nope.txt"
+    refused(capsys, args_for(tiny_model_dir, missing, out), out, str(missing), "no such file")
+
+
+def test_folder_without_text_files(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "notes.pdf").write_bytes(b"%PDF")
+    out = tmp_path / "out"
+    refused(capsys, args_for(tiny_model_dir, folder, out), out, str(folder), "no .txt or .jsonl")
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n  \n\t\n"], ids=["empty", "blank-lines"])
+def test_empty_or_blank_file(tiny_model_dir: Path, tmp_path: Path, capsys, content) -> None:
+    train = tmp_path / "train.txt"
+    train.write_bytes(content)
+    out = tmp_path / "out"
+    refused(capsys, args_for(tiny_model_dir, train, out), out, str(train), "no text in it")
+
+
+def test_binary_file(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    train = tmp_path / "train.txt"
+    train.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+    out = tmp_path / "out"
+    refused(capsys, args_for(tiny_model_dir, train, out), out, str(train), "binary")
+
+
+def test_invalid_utf8_names_lines_and_replace_goes_on(
+    tiny_model_dir: Path, tmp_path: Path, capsys
+) -> None:
+    from domainlm.data import read_documents
+
+    train = tmp_path / "train.txt"
+    train.write_bytes(b"fine line\nbad \xff\xfe line\nok\nalso bad \xc3\n")
+    out = tmp_path / "out"
+    refused(
+        capsys,
+        args_for(tiny_model_dir, train, out),
+        out,
+        str(train),
+        "line(s) 2, 4",
+        "--encoding-errors replace",
+    )
+    docs = read_documents(train, encoding_errors="replace")
+    assert docs == ["fine line", "bad \ufffd\ufffd line", "ok", "also bad \ufffd"]
+
+
+def test_unknown_model_offline(tmp_path: Path, corpus: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    line = refused(
+        capsys,
+        args_for("no-such-org-xyz/no-such-model", corpus / "train.txt", out),
+        out,
+        "no-such-org-xyz/no-such-model",
+        "hub",
+        "local model folder",
+        "scratch:",
+    )
+    assert "unreachable" in line
+
+
+def test_block_size_over_context(tiny_model_dir: Path, corpus: Path, tmp_path: Path, capsys):
+    out = tmp_path / "out"
+    args = args_for(tiny_model_dir, corpus / "train.txt", out, "--block-size", "512")
+    refused(capsys, args, out, "--block-size 512", "context of 256", "at most 256")
+
+
+@pytest.mark.parametrize(
+    "flag,value",
+    [("--batch-size", "0"), ("--lr", "-1"), ("--max-steps", "0"), ("--grad-accum", "-2"),
+     ("--save-steps", "0"), ("--max-bad-steps", "0")],
+)  # fmt: skip
+def test_zero_or_negative_numbers(corpus: Path, tmp_path: Path, capsys, flag, value) -> None:
+    out = tmp_path / "out"
+    args = args_for("scratch:tiny", corpus / "train.txt", out, flag, value)
+    refused(capsys, args, out, flag)
+
+
+def test_output_dir_is_a_file(tiny_model_dir: Path, corpus: Path, tmp_path: Path, capsys):
+    out = tmp_path / "out"
+    out.write_text("my notes")
+    refused(capsys, args_for(tiny_model_dir, corpus / "train.txt", out), out, str(out), "is a file")
+    assert out.read_text() == "my notes"
+
+
+def test_output_dir_not_writable(
+    tiny_model_dir: Path, corpus: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    # Tests may run as root, for whom chmod does not forbid writing: the check itself is
+    # os.access, so it is what is made to say no.
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode)
+    )
+    out = locked / "out"
+    refused(capsys, args_for(tiny_model_dir, corpus / "train.txt", out), out, "not writable")
+
+
+def test_resume_with_another_model_or_tokenizer(
+    tiny_model_dir: Path, corpus: Path, tmp_path: Path, capsys
+) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    out = tmp_path / "out"
+    train = corpus / "train.txt"
+    assert cli_main(args_for(model, train, out, "--save-steps", "1")) == 0
+    capsys.readouterr()
+    refused(
+        capsys,
+        args_for("scratch:tiny", train, out, "--max-steps", "2"),
+        out,
+        "another model",
+        "--output-dir",
+    )
+    # Same model folder, but its tokenizer changed (a token added): the ids would differ.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.add_tokens(["<domain-term>"])
+    tokenizer.save_pretrained(model)
+    refused(capsys, args_for(model, train, out, "--max-steps", "2"), out, "another tokenizer")
+
+
+def test_long_single_line_is_split_into_blocks(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A 1 MB single line (10 MB in the slow test below): one document, many blocks, no error."""
+    check_long_line(tiny_model_dir, tmp_path, 1_000_000)
+
+
+@pytest.mark.slow
+def test_ten_megabyte_single_line(tiny_model_dir: Path, tmp_path: Path) -> None:
+    check_long_line(tiny_model_dir, tmp_path, 10_000_000)
+
+
+def check_long_line(tiny_model_dir: Path, tmp_path: Path, size: int) -> None:
+    from domainlm.data import BlockDataset, load_token_stream
+    from domainlm.models import load_model, tokenizer_fingerprint
+
+    words = np.random.default_rng(0).choice(["alpha", "beta", "gamma", "delta"], size // 5)
+    train = tmp_path / "long.txt"
+    train.write_text(" ".join(words)[:size] + "\n")
+    loaded = load_model(str(tiny_model_dir))
+    fingerprint = tokenizer_fingerprint(loaded.tokenizer, loaded.eos_id)
+    stream = load_token_stream(train, loaded.tokenizer, loaded.eos_id, fingerprint).stream
+    assert stream.num_documents == 1
+    dataset = BlockDataset(stream, 64)
+    assert len(dataset) == -(-stream.num_predicted // 64) > 1000
+    assert sum(dataset.targets_in(i) for i in range(len(dataset))) == stream.num_predicted
+
+
+def test_same_train_and_validation_file_warns_of_leakage(
+    tiny_model_dir: Path, corpus: Path, tmp_path: Path, capsys
+) -> None:
+    from domainlm.config import TrainConfig
+    from domainlm.metrics import Console
+    from domainlm.models import load_model, tokenizer_fingerprint
+    from domainlm.train import load_streams
+
+    train = str(corpus / "train.txt")
+    config = TrainConfig(
+        model=str(tiny_model_dir), train_file=train, validation_file=train, output_dir="unused"
+    )
+    loaded = load_model(str(tiny_model_dir))
+    fingerprint = tokenizer_fingerprint(loaded.tokenizer, loaded.eos_id)
+    load_streams(config, loaded, fingerprint, Console())
+    err = capsys.readouterr().err
+    assert "warning: the validation file is the training file" in err and "leakage" in err

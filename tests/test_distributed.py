@@ -1,0 +1,340 @@
+"""Data-parallel training under real torchrun processes (gloo on CPU): DDP, FSDP, several nodes.
+
+Every run trains the same tiny dropout-free model for 4 steps of 4 blocks in fp32, so the runs
+must agree with each other: 2 ranks == 1 rank with 2 accumulated micro-batches == 2 "nodes" ==
+FSDP, and a 2-rank run resumed by 1 rank == the uninterrupted run. The expensive launches are
+module fixtures shared by several tests.
+
+Weights are compared as a relative L2 distance over the whole model and a max-abs difference
+relative to the largest weight: per element, attention's key biases have a gradient that is
+exactly zero in theory, float noise in practice, which Adam turns into +-lr steps whose signs
+depend on the summation order of two ranks; no tolerance on them alone would mean anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import uneven_corpus, write_lines
+from safetensors.torch import load_file
+
+from domainlm.config import TrainConfig
+from domainlm.distributed import DistContext, rank_lost, setup_distributed
+from domainlm.errors import TrainingAborted
+from domainlm.train import train
+
+STEPS = 4
+RUN_FLAGS = [
+    "--block-size", "32", "--batch-size", "2", "--max-steps", str(STEPS), "--save-steps", "2",
+    "--logging-steps", "1", "--precision", "fp32", "--lr", "1e-3", "--quiet",
+]  # fmt: skip
+LAUNCH_TIMEOUT = 240
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_env(cache: Path) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", DOMAINLM_CACHE=str(cache))
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return env
+
+
+def torchrun_cmd(launcher: list[str], data: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", *launcher, "-m", "domainlm",
+        "train", "--model", str(data["model"]), "--train-file", str(data["train"]),
+        "--validation-file", str(data["valid"]), "--output-dir", str(out), *RUN_FLAGS, *extra,
+    ]  # fmt: skip
+
+
+def run_ok(cmd: list[str], env: dict[str, str]) -> str:
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+def train_losses(out: Path) -> dict[int, float]:
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {e["step"]: e["loss"] for e in events if "loss" in e}
+
+
+def eval_events(out: Path) -> dict[int, dict]:
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {e["step"]: e for e in events if "eval_ppl" in e}
+
+
+def assert_same_weights(a: Path, b: Path, rel: float = 1e-5) -> None:
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    diff = torch.cat([(wa[k] - wb[k]).flatten() for k in wa])
+    ref = torch.cat([wb[k].flatten() for k in wb])
+    assert (diff.norm() / ref.norm()).item() < rel
+    assert (diff.abs().max() / ref.abs().max()).item() < rel
+
+
+def assert_same_losses(a: dict[int, float], b: dict[int, float], rel: float = 1e-5) -> None:
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=rel), step
+
+
+# ----------------------------------------------------------------------------- shared runs
+
+
+@pytest.fixture(scope="module")
+def data(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("dist-data")
+    return {
+        "model": tiny_model_dir,
+        "train": write_lines(root / "train.txt", uneven_corpus(60, seed=1)),
+        "valid": write_lines(root / "valid.txt", uneven_corpus(20, seed=2)),
+        "cache": root / "cache",
+        "root": root,
+    }
+
+
+@pytest.fixture(scope="module")
+def ddp_run(data: dict[str, Path]) -> tuple[Path, str]:
+    """torchrun --nproc_per_node=2, DDP: the reference the other runs must match."""
+    out = data["root"] / "ddp"
+    launcher = ["torch.distributed.run", "--nproc_per_node=2", f"--master-port={free_port()}"]
+    log = run_ok(torchrun_cmd(launcher, data, out), launch_env(data["cache"]))
+    return out, log
+
+
+@pytest.fixture(scope="module")
+def single_run(data: dict[str, Path]) -> Path:
+    """One process, 2 accumulated micro-batches: the same global batch of 4 blocks."""
+    out = data["root"] / "single"
+    os.environ["DOMAINLM_CACHE"] = str(data["cache"])
+    train(one_process_config(data, out))
+    return out
+
+
+def one_process_config(data: dict[str, Path], out: Path) -> TrainConfig:
+    return TrainConfig(
+        model=str(data["model"]),
+        train_file=str(data["train"]),
+        validation_file=str(data["valid"]),
+        output_dir=str(out),
+        block_size=32,
+        batch_size=2,
+        grad_accum=2,
+        max_steps=STEPS,
+        save_steps=2,
+        logging_steps=1,
+        precision="fp32",
+        lr=1e-3,
+        quiet=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(data: dict[str, Path]) -> Path:
+    """FSDP on 2 ranks, started by the seed's launcher (torch.distributed.launch: --local-rank)."""
+    out = data["root"] / "fsdp"
+    launcher = ["torch.distributed.launch", "--nproc_per_node=2", f"--master-port={free_port()}"]
+    run_ok(torchrun_cmd(launcher, data, out, "--strategy", "fsdp"), launch_env(data["cache"]))
+    return out
+
+
+# ----------------------------------------------------------------------------- the tests
+
+
+def test_two_ranks_equal_one_rank_with_accumulation(
+    ddp_run: tuple[Path, str], single_run: Path
+) -> None:
+    ddp_out, log = ddp_run
+    assert "global batch 2 x 1 accum x 2 ranks = 4 blocks" in log
+    assert_same_losses(train_losses(ddp_out), train_losses(single_run))
+    assert_same_weights(ddp_out, single_run)
+    moved = load_file(ddp_out / "model.safetensors")["transformer.h.0.mlp.c_fc.weight"]
+    assert not torch.equal(moved, load_file(ddp_out / "checkpoint-2" / "model.safetensors")[
+        "transformer.h.0.mlp.c_fc.weight"])  # fmt: skip
+
+
+def test_validation_perplexity_does_not_depend_on_world_size(
+    ddp_run: tuple[Path, str], single_run: Path
+) -> None:
+    two, one = eval_events(ddp_run[0]), eval_events(single_run)
+    assert sorted(two) == sorted(one) == [0, 2, 4]
+    for step in two:
+        assert two[step]["eval_tokens"] == one[step]["eval_tokens"] > 0
+        assert two[step]["eval_ppl"] == pytest.approx(one[step]["eval_ppl"], rel=1e-6)
+
+
+def test_two_nodes_equal_one_node(data: dict[str, Path], ddp_run: tuple[Path, str]) -> None:
+    """Two torchrun launches (--nnodes=2, c10d rendezvous on 127.0.0.1) == --nproc_per_node=2."""
+    out = data["root"] / "two-nodes"
+    endpoint = f"127.0.0.1:{free_port()}"
+    env = launch_env(data["cache"])
+    procs = []
+    for node in (0, 1):
+        launcher = [
+            "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=test",
+        ]  # fmt: skip
+        cmd = torchrun_cmd(launcher, data, out)
+        procs.append(
+            subprocess.Popen(
+                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    logs = [p.communicate(timeout=LAUNCH_TIMEOUT)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    assert_same_losses(train_losses(out), train_losses(ddp_run[0]))
+    assert_same_weights(out, ddp_run[0])
+
+
+def test_fsdp_equals_ddp_and_saves_a_normal_folder(
+    fsdp_run: Path, ddp_run: tuple[Path, str]
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    assert_same_losses(train_losses(fsdp_run), train_losses(ddp_run[0]))
+    assert_same_weights(fsdp_run, ddp_run[0])
+    assert_same_weights(fsdp_run / "checkpoint-2", ddp_run[0] / "checkpoint-2")
+    model = AutoModelForCausalLM.from_pretrained(fsdp_run)
+    saved = load_file(fsdp_run / "model.safetensors")
+    loaded = model.transformer.h[1].mlp.c_fc.weight
+    assert torch.equal(loaded, saved["transformer.h.1.mlp.c_fc.weight"])
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied, saved once
+
+
+@pytest.mark.parametrize("source", ["ddp", "fsdp"])
+def test_two_rank_checkpoint_resumed_by_one_rank(
+    source: str,
+    data: dict[str, Path],
+    ddp_run: tuple[Path, str],
+    fsdp_run: Path,
+    tmp_path: Path,
+) -> None:
+    """Stop a 2-rank run after step 2; one process with --grad-accum 2 finishes it identically."""
+    finished = ddp_run[0] if source == "ddp" else fsdp_run
+    out = tmp_path / "resumed"
+    shutil.copytree(finished, out)
+    shutil.rmtree(out / "checkpoint-4")  # as if the run had been stopped after step 2
+    state = torch.load(out / "checkpoint-2" / "training_state.pt", weights_only=True)
+    assert (state["world_size"], state["step"], state["epoch"], state["offset"]) == (2, 2, 0, 8)
+    os.environ["DOMAINLM_CACHE"] = str(data["cache"])
+    result = train(one_process_config(data, out))
+    assert result.resumed_from == out / "checkpoint-2"
+    end = torch.load(out / "checkpoint-4" / "training_state.pt", weights_only=True)
+    assert (end["world_size"], end["step"], end["epoch"], end["offset"]) == (1, 4, 0, 16)
+    assert_same_losses(train_losses(out), train_losses(ddp_run[0]))
+    assert_same_weights(out, ddp_run[0])
+
+
+def test_killed_rank_stops_the_whole_run(data: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "killed"
+    launcher = ["torch.distributed.run", "--nproc_per_node=2", f"--master-port={free_port()}"]
+    cmd = torchrun_cmd(launcher, data, out)
+    cmd[cmd.index("--max-steps") + 1] = "100000"
+    cmd[cmd.index("--save-steps") + 1] = "100000"
+    log_file = tmp_path / "log.txt"
+    with open(log_file, "w") as log:
+        agent = subprocess.Popen(cmd, env=launch_env(data["cache"]), stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT
+        while "step 1:" not in log_file.read_text():  # both ranks are in the step loop
+            assert agent.poll() is None and time.monotonic() < deadline, log_file.read_text()
+            time.sleep(0.2)
+        workers = child_pids(agent.pid)
+        assert len(workers) == 2
+        victim = max(workers)
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        agent.wait(timeout=60)
+        stopped_after = time.monotonic() - killed_at
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    log = log_file.read_text()
+    assert agent.returncode != 0
+    assert stopped_after < 60
+    assert "FAILED" in log and "SIGKILL" in log, log[-3000:]
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+
+
+@pytest.mark.slow
+def test_dead_node_stops_the_other_node_with_a_message(
+    data: dict[str, Path], tmp_path: Path
+) -> None:
+    """A whole node (agent and worker) dies: the other node's rank sees its collective fail and
+    stops with domainlm's one-line message; its agent then ends the run."""
+    out, endpoint = tmp_path / "dead-node", f"127.0.0.1:{free_port()}"
+    agents, logs = [], []
+    for node in (0, 1):
+        launcher = [
+            "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=dead",
+        ]  # fmt: skip
+        cmd = torchrun_cmd(launcher, data, out)
+        cmd[cmd.index("--max-steps") + 1] = "100000"
+        cmd[cmd.index("--save-steps") + 1] = "100000"
+        logs.append(tmp_path / f"node{node}.txt")
+        with open(logs[-1], "w") as log:
+            env = launch_env(data["cache"])
+            agents.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=log))
+    try:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT
+        while "step 1:" not in logs[0].read_text():
+            assert time.monotonic() < deadline, logs[0].read_text()
+            time.sleep(0.2)
+        for pid in [*child_pids(agents[1].pid), agents[1].pid]:
+            os.kill(pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        agents[0].wait(timeout=60)
+        assert time.monotonic() - killed_at < 60
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                agent.kill()
+    assert agents[0].returncode != 0
+    assert "domainlm: stopped: rank 0 of 2 lost contact with the other ranks" in logs[0].read_text()
+
+
+def child_pids(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return sorted(int(c) for c in children)
+
+
+def test_rendezvous_timeout_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank whose peers never come stops after the timeout with a message, not a hang."""
+    for name, value in {
+        "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1",
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+    }.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    started = time.monotonic()
+    with pytest.raises(TrainingAborted, match="rank 1 of 2 could not join the other ranks at 127"):
+        setup_distributed(timeout_s=1)
+    assert time.monotonic() - started < 30
+
+
+def test_lost_rank_errors_become_one_line() -> None:
+    ctx = DistContext(rank=1, world_size=2)
+    lost = rank_lost(RuntimeError("[gloo] Connection closed by peer [127.0.0.1]:1234\nmore"), ctx)
+    assert isinstance(lost, TrainingAborted)
+    assert str(lost).startswith("rank 1 of 2 lost contact with the other ranks")
+    assert "more" not in str(lost)
+    assert rank_lost(RuntimeError("shape mismatch"), ctx) is None
+    assert rank_lost(RuntimeError("Connection closed"), DistContext()) is None

@@ -1,0 +1,240 @@
+"""Generation, its command line and the memorization check (issue 8)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import uneven_corpus, write_lines
+
+from domainlm.cli import main
+from domainlm.data import load_token_stream
+from domainlm.errors import UserError
+from domainlm.generate import GenerateConfig, MemorizationChecker, generate_samples, generate_texts
+from domainlm.memorize import NGRAM, NgramIndex, source_line
+from domainlm.models import load_model, tokenizer_fingerprint
+from domainlm.sampling import SamplingSettings, sample_batch
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir: Path):
+    loaded = load_model(str(tiny_model_dir))
+    loaded.model.eval()
+    return loaded
+
+
+def manual_greedy(model, prompt: list[int], eos: int, steps: int) -> list[int]:
+    """Slow and obvious: the whole sequence through the model at every step, no cache, argmax."""
+    ids = [eos, *prompt]
+    out = []
+    for _ in range(steps):
+        with torch.no_grad():
+            token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+        if token == eos:
+            break
+        out.append(token)
+        ids.append(token)
+    return out
+
+
+def test_temperature_zero_equals_the_argmax_path(tiny) -> None:
+    prompts = [[464, 3797, 3332, 319], [40], [1212, 318, 257, 1332, 286, 262, 7427]]  # uneven
+    got = sample_batch(
+        tiny.model,
+        prompts,
+        eos_id=tiny.eos_id,
+        max_new_tokens=8,
+        settings=SamplingSettings(temperature=0),
+    )
+    for prompt, result in zip(prompts, got, strict=True):
+        assert result.tokens == manual_greedy(tiny.model, prompt, tiny.eos_id, 8)
+        assert len(result.tokens) == 8 and not result.stopped_at_eos
+
+
+def test_a_seed_makes_sampling_reproducible(tiny) -> None:
+    def run(seed: int) -> list[str]:
+        samples = generate_samples(
+            tiny.model,
+            tiny.tokenizer,
+            tiny.eos_id,
+            ["the cat", "a dog sat"],
+            max_new_tokens=8,
+            settings=SamplingSettings(temperature=1.0, top_k=0, top_p=0.95),
+            seed=seed,
+            num_samples=2,
+        )
+        assert [(s.prompt, s.sample) for s in samples] == [
+            ("the cat", 0), ("the cat", 1), ("a dog sat", 0), ("a dog sat", 1)
+        ]
+        return [s.text for s in samples]
+
+    torch.manual_seed(0)
+    first = run(7)
+    torch.manual_seed(123)  # the global RNG plays no part
+    assert run(7) == first
+    assert run(8) != first
+    assert len(set(first)) == 4  # samples of one prompt differ from each other
+
+
+def test_generation_stops_at_eos(tiny) -> None:
+    prompt = [464, 3797]
+    greedy = manual_greedy(tiny.model, prompt, tiny.eos_id, 10)
+    # Declare the first greedy token that was not generated before (at k >= 1) the end of text:
+    # the sequence must stop right before it.
+    k = next(i for i in range(1, len(greedy)) if greedy[i] not in greedy[:i])
+    stop = greedy[k]
+    got = sample_batch(
+        tiny.model,
+        [prompt, [40, 1101]],
+        eos_id=stop,
+        pad_id=tiny.eos_id,
+        max_new_tokens=10,
+        settings=SamplingSettings(temperature=0),
+    )
+    assert got[0].tokens == greedy[:k] and got[0].stopped_at_eos
+    assert len(got[1].tokens) <= 10
+
+    # A model biased towards the real EOS ends at once, with an empty continuation.
+    bias = torch.zeros(tiny.vocab_size)
+    bias[tiny.eos_id] = 1e4
+    hook = tiny.model.lm_head.register_forward_hook(lambda m, i, out: out + bias)
+    try:
+        samples = generate_samples(
+            tiny.model, tiny.tokenizer, tiny.eos_id, ["hello"], max_new_tokens=20,
+            settings=SamplingSettings(temperature=1.0), seed=0,
+        )
+    finally:
+        hook.remove()
+    assert samples[0].text == "" and samples[0].tokens == [] and samples[0].stopped_at_eos
+
+
+def test_demo_api_and_bad_options(tiny_model_dir: Path) -> None:
+    config = GenerateConfig(
+        model=str(tiny_model_dir), prompts=["the cat", "x"], max_new_tokens=6,
+        temperature=0.8, top_k=50, seed=0,
+    )
+    texts = generate_texts(config)
+    assert len(texts) == 2 and texts == generate_texts(config)
+    for bad in (dict(temperature=-1), dict(top_p=0), dict(max_new_tokens=0)):
+        with pytest.raises(UserError):
+            GenerateConfig(model=str(tiny_model_dir), prompts=["a"], **bad)
+    with pytest.raises(UserError, match="give a prompt"):
+        generate_texts(GenerateConfig(model=str(tiny_model_dir)))
+
+
+def test_cli_streams_one_prompt_and_prints_json_for_many(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["generate", "--model", str(tiny_model_dir), "--max-new-tokens", "5", "--seed", "1"]
+    assert main([*base, "--prompt", "The cat", "--temperature", "0"]) == 0
+    streamed = capsys.readouterr().out
+    expected = generate_texts(
+        GenerateConfig(model=str(tiny_model_dir), prompts=["The cat"], max_new_tokens=5,
+                       temperature=0, seed=1)
+    )[0]
+    assert streamed == f"The cat{expected}\n"
+
+    prompts = write_lines(tmp_path / "prompts.txt", ["one", "two", "three"])
+    assert main([*base, "--prompts-file", str(prompts), "--num-samples", "2", "--json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"] for r in records] == ["one", "one", "two", "two", "three", "three"]
+    assert all(r["new_tokens"] <= 5 for r in records)
+
+    assert main([*base, "--prompts-file", str(tmp_path / "missing.txt")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- memorization
+
+
+def planted_corpus(tmp_path: Path) -> tuple[Path, str, int]:
+    """A training file with one distinctive line (on file line 31, after a blank line)."""
+    lines = uneven_corpus(40, seed=3)
+    planted = (
+        "Quantum lighthouse keepers of Ouagadougou tabulate seventeen violet harmonicas "
+        "beneath the cathedral of forgotten umbrellas while zebras recite Fibonacci numbers"
+    )
+    lines = lines[:29] + ["", planted] + lines[29:]
+    return write_lines(tmp_path / "train.txt", lines), planted, 31
+
+
+def test_memorization_finds_a_planted_span(tiny, tmp_path: Path, isolated_cache: Path) -> None:
+    train_file, planted, line_number = planted_corpus(tmp_path)
+    tok = tiny.tokenizer
+    cached = load_token_stream(
+        train_file, tok, tiny.eos_id, tokenizer_fingerprint(tok, tiny.eos_id), isolated_cache
+    )
+    index, hit, _ = NgramIndex.load_or_build(cached.stream, isolated_cache, cached.key)
+    assert not hit
+    planted_ids = tok(planted, add_special_tokens=False)["input_ids"]
+    copied = planted_ids[3:3 + 20]
+    # Fresh text: token ids that occur nowhere in the corpus (it has ~20 distinct words).
+    fresh = np.random.default_rng(0).integers(30000, 40000, size=60).tolist()
+    sample = fresh[:15] + copied + fresh[15:30]
+
+    span = index.longest_copy(sample)
+    assert span is not None
+    assert (span.length, span.sample_start) == (20, 15)
+    assert list(cached.stream.tokens[span.train_start:span.train_start + 20]) == copied
+    assert source_line(train_file, span.document) == line_number
+    assert index.longest_copy(fresh) is None
+    assert index.longest_copy(copied[: NGRAM - 1]) is None  # shorter than an n-gram: not reported
+
+    checker = MemorizationChecker(index, tok, str(train_file), "line", threshold=20)
+    result = checker.check(sample)
+    assert result["copied_tokens"] == 20 and result["over_threshold"]
+    assert result["train_line"] == line_number and result["train_text"] == planted
+    assert not MemorizationChecker(index, tok, str(train_file), "line", 21).check(sample)[
+        "over_threshold"
+    ]
+    assert checker.check(fresh) == {"copied_tokens": 0, "over_threshold": False}
+
+    again, hit, _ = NgramIndex.load_or_build(cached.stream, isolated_cache, cached.key)
+    assert hit and np.array_equal(np.asarray(again.packed), index.packed)
+
+
+def test_memorization_index_matches_a_brute_force_search() -> None:
+    """Longest common substring by brute force on a small random stream with repeats."""
+    from domainlm.data import TokenStream
+
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, 6, size=3000).astype(np.uint16)  # small alphabet: many repeats
+    stream = TokenStream(tokens, np.array([1, 1500, 3000]))
+    index = NgramIndex.build(stream)
+    for trial in range(5):
+        start = int(rng.integers(1, 2900))
+        sample = np.concatenate([rng.integers(0, 6, 10), tokens[start:start + 30], rng.integers(0, 6, 10)])
+        best = 0
+        for j in range(len(sample)):
+            for p in range(len(tokens)):
+                k = 0
+                while j + k < len(sample) and p + k < len(tokens) and sample[j + k] == tokens[p + k]:
+                    k += 1
+                best = max(best, k)
+        span = index.longest_copy(sample.tolist())
+        assert span is not None and span.length == best, trial
+        got = tokens[span.train_start:span.train_start + span.length]
+        assert list(got) == list(sample[span.sample_start:span.sample_start + span.length])
+
+
+def test_cli_memorization_check(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train_file, _, _ = planted_corpus(tmp_path)
+    args = [
+        "generate", "--model", str(tiny_model_dir), "--prompt", "the cat", "--max-new-tokens", "8",
+        "--seed", "0", "--check-memorization", "--train-file", str(train_file), "--json",
+    ]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    record = json.loads(captured.out)
+    assert record["memorization"]["copied_tokens"] in range(0, 9)
+    assert "memorization index built" in captured.err
+    assert main(args) == 0
+    assert "memorization index loaded" in capsys.readouterr().err
+    no_train = ["generate", "--model", str(tiny_model_dir), "--prompt", "a", "--check-memorization"]
+    assert main(no_train) == 2
+    assert "--train-file" in capsys.readouterr().err

@@ -1,0 +1,117 @@
+"""Data lint: each problem is found, counted and located in generated files; --strict refuses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import uneven_corpus, write_lines
+
+from domainlm.config import TrainConfig
+from domainlm.errors import UserError
+from domainlm.lint import check_training_data, count_long_documents, lint_corpus
+from domainlm.metrics import Console
+
+
+def _messy(tmp_path: Path) -> Path:
+    lines = uneven_corpus(20, seed=1)
+    body = (
+        [lines[0], "", "same line repeated here"]
+        + lines[1:10]
+        + [
+            "same line repeated here",
+            "ok",
+            "tab\tis fine but bell \x07 is not",
+            "same line repeated here",
+        ]
+    )
+    raw = ("\r\n".join(body) + "\r\n").encode()
+    bad = b"caf\xe9 in latin-1\r\n"  # line 17
+    path = tmp_path / "train.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + raw + bad)
+    return path
+
+
+def test_every_problem_is_counted_with_line_numbers(tmp_path):
+    report = lint_corpus(_messy(tmp_path))
+    t = report.train
+    assert t.lines == 17
+    assert t.bom and t.crlf_lines == 17
+    assert t.empty_lines == 1
+    assert t.duplicate_lines == 2
+    assert t.duplicate_examples[0] == ("same line repeated here", 3)
+    assert t.control_char_lines == [15] and t.control_char_count == 1
+    assert t.invalid_utf8_lines == [17] and t.invalid_utf8_count == 1
+    assert t.short_lines == 1  # "ok"
+    text = "\n".join(report.warnings())
+    for needle in (
+        "invalid UTF-8",
+        "line(s) 17",
+        "duplicate",
+        "x3",
+        "control",
+        "CRLF",
+        "byte-order",
+    ):
+        assert needle in text
+
+
+def test_clean_file_has_no_warnings(tmp_path):
+    path = write_lines(tmp_path / "clean.txt", sorted(set(uneven_corpus(30))))
+    assert lint_corpus(path).warnings() == []
+
+
+def test_leakage_counts_validation_lines_found_in_train(tmp_path):
+    docs = uneven_corpus(40, seed=2)
+    train = write_lines(tmp_path / "train.txt", docs)
+    valid = write_lines(
+        tmp_path / "valid.txt", [docs[3], "a brand new validation sentence", docs[7]]
+    )
+    report = lint_corpus(train, valid)
+    assert report.validation.leaked_lines == 2
+    assert set(report.validation.leaked_examples) == {docs[3], docs[7]}
+    assert report.train.leaked_lines is None
+
+
+def test_long_documents_from_token_lengths():
+    # documents of 3, 9 and 4 tokens (+ EOS each): starts 1, 5, 15, 20
+    assert count_long_documents(np.array([1, 5, 15, 20]), block_size=8) == 1
+    assert count_long_documents(np.array([1, 5, 15, 20]), block_size=10) == 0
+
+
+def test_chunked_scan_matches_one_chunk(tmp_path, monkeypatch):
+    """Line numbers and counts do not depend on where the reader cuts its chunks."""
+    path = _messy(tmp_path)
+    whole = lint_corpus(path, cache_dir=tmp_path / "a").train
+    monkeypatch.setattr("domainlm.corpus.CHUNK_BYTES", 64)
+    chunked = lint_corpus(path, cache_dir=tmp_path / "b").train
+    assert chunked == whole
+
+
+def test_strict_training_refuses_before_writing(tmp_path):
+    from domainlm.data import TokenStream
+
+    train = _messy(tmp_path)
+    out = tmp_path / "run"
+    config = TrainConfig(
+        model="scratch:tiny",
+        train_file=str(train),
+        output_dir=str(out),
+        strict=True,
+        encoding_errors="replace",
+    )
+    stream = TokenStream(np.zeros(10, np.uint16), np.array([1, 5, 10]))
+    with pytest.raises(UserError, match="--strict: .*data problem"):
+        check_training_data(config, 64, stream, stream, Console(enabled=False))
+    assert not out.exists()
+    config.strict = False
+    problems = check_training_data(config, 64, stream, stream, Console(enabled=False))
+    assert any("duplicate" in p for p in problems)
+
+
+def test_lint_result_is_cached(tmp_path):
+    path = write_lines(tmp_path / "t.txt", ["x y z w v u t s", "x y z w v u t s"])
+    lint_corpus(path)
+    assert len(list((tmp_path / "token-cache").glob("lint-*.json"))) == 1
+    assert lint_corpus(path).train.duplicate_examples == [("x y z w v u t s", 2)]

@@ -1,0 +1,126 @@
+"""CausalLMLoss: the chunked head + cross-entropy equals full-logits cross-entropy, gradients too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from domainlm.data import IGNORE_INDEX
+from domainlm.loss import CausalLMLoss, chunked_nll_sums, linear_head
+from domainlm.models import build_scratch_model
+
+
+def reference_row_sums(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor):
+    """The slow obvious definition: full float32 logits, per-token cross-entropy, summed per row."""
+    logits = model(input_ids=inputs, use_cache=False).logits.float()
+    nll = F.cross_entropy(
+        logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return nll.sum(dim=1)
+
+
+def batch(seed: int = 0, b: int = 3, t: int = 40, vocab: int = 50257):
+    g = torch.Generator().manual_seed(seed)
+    inputs = torch.randint(0, vocab, (b, t), generator=g)
+    targets = torch.randint(0, vocab, (b, t), generator=g)
+    targets[0, -7:] = IGNORE_INDEX  # a padded last block
+    targets[2, :25] = IGNORE_INDEX  # an evaluation window with context positions
+    return inputs, targets
+
+
+def tiny_gpt2() -> torch.nn.Module:
+    return build_scratch_model(
+        "tiny", seed=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    ).train()
+
+
+def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(
+    "chunk, row_weights",
+    [(7, [0.5, 2.0, 1.0]), (64, [0.25, 0.25, 0.25]), (1000, [1.0, 1.0, 1.0])],
+)
+def test_chunked_loss_equals_full_logits_fp32_values_and_gradients(
+    chunk: int, row_weights: list[float]
+) -> None:
+    """Uniform upstream gradients (training) use the gradients formed in forward; non-uniform
+    ones recompute the head's gradient: both must equal the reference."""
+    model = tiny_gpt2()
+    inputs, targets = batch()
+    weights = torch.tensor(row_weights)
+
+    expected = reference_row_sums(model, inputs, targets)
+    (expected * weights).sum().backward()
+    expected_grads = grads(model)
+    model.zero_grad(set_to_none=True)
+
+    loss = CausalLMLoss(model, chunk_tokens=chunk)
+    assert linear_head(model) is model.lm_head  # the chunked path is the one under test
+    got = loss(inputs, targets)
+    (got * weights).sum().backward()
+    got_grads = grads(model)
+
+    assert got.dtype == torch.float32 and got.shape == (3,)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+    assert got_grads.keys() == expected_grads.keys()
+    for name, g in expected_grads.items():
+        assert_close_relative(got_grads[name], g, name)
+
+
+def assert_close_relative(got: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    """Equal to 1e-5 relative to the tensor's scale (elementwise, tiny entries included)."""
+    scale = expected.abs().max().item()
+    error = (got - expected).abs().max().item()
+    assert error <= 1e-5 * scale, f"{name}: max error {error:.3g} vs scale {scale:.3g}"
+
+
+def test_fully_masked_row_scores_zero_and_eval_mode_matches() -> None:
+    model = tiny_gpt2().eval()
+    inputs, targets = batch(seed=1)
+    targets[1] = IGNORE_INDEX
+    with torch.no_grad():
+        got = CausalLMLoss(model, chunk_tokens=16)(inputs, targets)
+        expected = reference_row_sums(model, inputs, targets)
+    assert got[1].item() == 0.0
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+
+
+def test_full_logits_fallback_for_unknown_architectures() -> None:
+    model = tiny_gpt2()
+    model.config.model_type = "some-unknown-arch"
+    assert linear_head(model) is None
+    inputs, targets = batch(seed=2)
+    got = CausalLMLoss(model)(inputs, targets)
+    torch.testing.assert_close(got, reference_row_sums(model, inputs, targets), rtol=1e-5, atol=0)
+
+
+def test_bf16_autocast_stays_close_to_fp32() -> None:
+    model = tiny_gpt2().eval()
+    inputs, targets = batch(seed=3)
+    with torch.no_grad():
+        exact = reference_row_sums(model, inputs, targets)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = CausalLMLoss(model)(inputs, targets)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, exact, rtol=2e-2, atol=0)
+
+
+def test_chunked_nll_sums_with_bias_matches_linear_reference() -> None:
+    g = torch.Generator().manual_seed(4)
+    head = torch.nn.Linear(16, 50, bias=True)
+    hidden = torch.randn(2, 9, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (2, 9), generator=g)
+    targets[1, 3] = IGNORE_INDEX
+    got = chunked_nll_sums(hidden, head, targets, chunk_tokens=4)
+    got.sum().backward()
+    got_grad = hidden.grad.clone()
+    hidden.grad = None
+    expected = F.cross_entropy(
+        head(hidden).transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+    ).sum(1)
+    expected.sum().backward()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+    assert_close_relative(got_grad, hidden.grad, "hidden")

@@ -1,0 +1,307 @@
+"""`domainlm perplexity` against a slow, obvious reference of the definition in docs/perplexity.md.
+
+The reference builds the token stream itself, runs the Hugging Face model directly one window at
+a time and takes a float64 log-softmax over the full logits: it shares no code with domainlm's
+windows, batching or loss.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import uneven_corpus, write_lines
+
+from domainlm.cli import main
+from domainlm.perplexity import PerplexityConfig, evaluate_perplexity
+
+L = 32  # window length used by most tests (the tiny model's context is 256)
+
+
+# ----------------------------------------------------------------------------- the reference
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
+    """The tiny model and its tokenizer, loaded by transformers alone."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def reference_nll(model, tokens: list[int], block: int, stride: int) -> tuple[float, int]:  # type: ignore[no-untyped-def]
+    """Sum of -log p(token) over positions 1..n-1, one window at a time, in float64.
+
+    The window predicting positions [a, a + stride) sees the up to block - stride tokens before a.
+    """
+    total, count = 0.0, 0
+    for a in range(1, len(tokens), stride):
+        b = min(a + stride, len(tokens))
+        c = max(0, a - (block - stride))
+        with torch.no_grad():
+            logits = model(torch.tensor([tokens[c : b - 1]])).logits[0]  # (b - 1 - c, V)
+        logp = torch.log_softmax(logits[a - 1 - c :].double(), dim=-1)  # rows predicting a..b-1
+        for t in range(a, b):
+            total -= float(logp[t - a, tokens[t]])
+            count += 1
+    return total, count
+
+
+def eos_stream(tokenizer, lines: list[str]) -> list[int]:  # type: ignore[no-untyped-def]
+    """[EOS] d1 EOS d2 EOS ... for the non-blank lines."""
+    eos = tokenizer.eos_token_id
+    stream = [eos]
+    for line in lines:
+        if line.strip():
+            stream += tokenizer(line, add_special_tokens=False)["input_ids"] + [eos]
+    return stream
+
+
+def corpus_lines() -> list[str]:
+    """Uneven lines, one longer than L tokens, a one-token line and a blank line to skip."""
+    lines = uneven_corpus(4, seed=3)
+    lines.insert(2, " ".join(["a long line that keeps going"] * 7))
+    lines.insert(3, "")
+    lines.append("x")
+    return lines
+
+
+def run(model_dir: Path, **fields) -> list:  # type: ignore[no-untyped-def]
+    return evaluate_perplexity(PerplexityConfig(model=[str(model_dir)], quiet=True, **fields))
+
+
+# ----------------------------------------------------------------------------- exactness
+
+
+@pytest.mark.parametrize(
+    ("stride", "batch_size"), [(L - 1, 7), (L // 2, 1), (L // 4, 7)], ids=["L-1", "L/2", "L/4"]
+)
+def test_stream_and_lines_match_the_reference(tmp_path, tiny_model_dir, hf, stride, batch_size):
+    model, tokenizer = hf
+    lines = corpus_lines()
+    assert max(len(tokenizer(x)["input_ids"]) for x in lines) > L  # lines longer than a window
+    corpus = write_lines(tmp_path / "corpus.txt", lines)
+    out = tmp_path / "lines.jsonl"
+
+    (report,) = run(
+        tiny_model_dir,
+        file=str(corpus),
+        block_size=L,
+        stride=stride,
+        batch_size=batch_size,
+        per_line=str(out),
+    )
+
+    ref_sum, ref_count = reference_nll(model, eos_stream(tokenizer, lines), L, stride)
+    assert report.tokens == ref_count
+    assert report.perplexity == pytest.approx(math.exp(ref_sum / ref_count), rel=1e-5)
+    assert (report.block_size, report.stride) == (L, stride)
+
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    expected_numbers = [n for n, x in enumerate(lines, start=1) if x.strip()]
+    assert [r["line"] for r in records] == expected_numbers  # physical line numbers in the file
+    for record, line in zip(records, [x for x in lines if x.strip()], strict=True):
+        line_sum, line_count = reference_nll(model, eos_stream(tokenizer, [line]), L, stride)
+        assert record["tokens"] == line_count
+        assert record["nll"] == pytest.approx(line_sum / line_count, rel=1e-5)
+        assert record["perplexity"] == pytest.approx(math.exp(line_sum / line_count), rel=1e-5)
+
+
+def test_one_line_file_longer_than_the_window(tmp_path, tiny_model_dir, hf):
+    model, tokenizer = hf
+    line = "one single line that is much longer than one window of the model " * 4
+    corpus = write_lines(tmp_path / "one.txt", [line])
+    (report,) = run(tiny_model_dir, file=str(corpus), block_size=L, stride=5, batch_size=1)
+    ref_sum, ref_count = reference_nll(model, eos_stream(tokenizer, [line]), L, 5)
+    assert report.tokens == ref_count == len(tokenizer(line)["input_ids"]) + 1
+    assert report.perplexity == pytest.approx(math.exp(ref_sum / ref_count), rel=1e-5)
+
+
+def test_default_window_is_the_model_context_and_jsonl_input(tmp_path, tiny_model_dir, hf):
+    model, tokenizer = hf
+    lines = corpus_lines()
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": x}) + "\n" for x in lines), encoding="utf-8")
+    (report,) = run(tiny_model_dir, file=str(jsonl), batch_size=7)
+    assert (report.block_size, report.stride) == (256, 255)
+    ref_sum, ref_count = reference_nll(model, eos_stream(tokenizer, lines), 256, 255)
+    assert report.tokens == ref_count
+    assert report.perplexity == pytest.approx(math.exp(ref_sum / ref_count), rel=1e-5)
+
+
+def test_plain_convention_is_the_hf_loss(tiny_model_dir, hf):
+    """exp(model(ids, labels=ids).loss): to 1e-6 against that loss computed in float64.
+
+    The float32 loss itself is only good to about one float32 step of the mean NLL (9.5e-7 at
+    the tiny model's NLL of 10.8, i.e. 9.5e-7 relative in perplexity), so against it the bound
+    is 3e-6.
+    """
+    import copy
+
+    model, tokenizer = hf
+    model64 = copy.deepcopy(model).double()
+    for text in ("I have a dream", "The quick brown fox jumps over the lazy dog, again and again."):
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            hf32 = math.exp(float(model(ids, labels=ids).loss))
+            hf64 = math.exp(float(model64(ids, labels=ids).loss))
+        (report,) = run(tiny_model_dir, text=text, convention="plain")
+        assert report.tokens == ids.shape[1] - 1
+        assert report.perplexity == pytest.approx(hf64, rel=1e-6)
+        assert report.perplexity == pytest.approx(hf32, rel=3e-6)
+
+
+def test_bits_per_byte_and_per_char(tiny_model_dir, hf):
+    model, tokenizer = hf
+    text = "héllo wörld\n\n中文 text"
+    (report,) = run(tiny_model_dir, text=text)
+    # bytes: "héllo wörld" is 13 UTF-8 bytes, "中文 text" 11; plus one per line for its end.
+    assert report.bytes == (13 + 1) + (11 + 1)
+    chars = (11 + 1) + (7 + 1)
+    ref_sum, ref_count = reference_nll(model, eos_stream(tokenizer, text.split("\n")), 256, 255)
+    assert report.tokens == ref_count
+    assert report.bits_per_byte == pytest.approx(ref_sum / math.log(2) / 26, rel=1e-5)
+    assert report.bits_per_char == pytest.approx(ref_sum / math.log(2) / chars, rel=1e-5)
+    assert report.nll * report.tokens / math.log(2) == pytest.approx(report.bits_per_byte * 26)
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+@pytest.fixture(scope="module")
+def second_model_dir(tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
+    from domainlm.models import save_scratch_folder
+
+    folder = tmp_path_factory.mktemp("tiny-model-2")
+    return save_scratch_folder(
+        "tiny", folder, seed=1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
+
+
+def test_cli_side_by_side_table_json_csv_and_worst(
+    tmp_path, tiny_model_dir, second_model_dir, capsys
+):
+    corpus = write_lines(tmp_path / "corpus.txt", corpus_lines())
+    out = tmp_path / "lines.csv"
+    common = ["--file", str(corpus), "--block-size", str(L), "--quiet"]
+
+    assert main(["perplexity", "--model", str(tiny_model_dir), *common, "--json"]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert set(one) >= {"perplexity", "nll", "tokens", "bytes", "bits_per_byte", "bits_per_char",
+                        "block_size", "stride", "model"}  # fmt: skip
+    assert one["stride"] == L - 1
+
+    argv = ["perplexity", "--model", str(tiny_model_dir), "--model", str(second_model_dir), *common]
+    assert main([*argv, "--per-line", str(out), "--worst", "2"]) == 0
+    table = capsys.readouterr().out
+    first_row = next(x for x in table.splitlines() if x.startswith("perplexity"))
+    base, tuned = (float(v) for v in first_row.split()[1:3])
+    assert base == pytest.approx(one["perplexity"], abs=1e-4)
+    assert f"{tuned - base:+.4f}" in first_row and "change" in table
+    assert table.count("least likely lines under") == 2
+
+    rows = list(csv.DictReader(out.open()))
+    assert [r["model"] for r in rows].count(str(second_model_dir)) == len(rows) // 2
+    worst = max(
+        (r for r in rows if r["model"] == str(tiny_model_dir)), key=lambda r: float(r["nll"])
+    )
+    assert f"{corpus}:{worst['line']}" in table.split("least likely lines under")[1]
+
+
+def _error_line(capsys) -> str:  # type: ignore[no-untyped-def]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("domainlm: error:")
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    ("content", "flags", "message"),
+    [
+        (None, [], "no such file"),
+        ("", [], "no text in it"),
+        ("\n   \n\t\n", [], "no text in it"),
+        ("some text\n", ["--block-size", "257"], "larger than the context"),
+        ("some text\n", ["--block-size", "16", "--stride", "16"], "--stride must be between"),
+        ("some text\n", ["--block-size", "16", "--stride", "0"], "--stride must be"),
+        ("some text\n", ["--stride", "256"], "--stride must be between"),
+        ("some text\n", ["--block-size", "1"], "--block-size must be at least 2"),
+    ],
+    ids=["missing", "empty", "blank-lines", "L>context", "S=L", "S=0", "S>default-L-1", "L=1"],
+)
+def test_bad_input_is_one_line_and_exit_2(
+    tmp_path, tiny_model_dir, capsys, content, flags, message
+):
+    path = tmp_path / "input.txt"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    out = tmp_path / "lines.jsonl"
+    argv = [
+        "perplexity",
+        "--model",
+        str(tiny_model_dir),
+        "--file",
+        str(path),
+        "--per-line",
+        str(out),
+    ]
+    assert main([*argv, *flags]) == 2
+    assert message in _error_line(capsys)
+    assert not out.exists()
+
+
+def test_bad_input_from_a_real_process(tmp_path, tiny_model_dir):
+    result = subprocess.run(
+        [sys.executable, "-m", "domainlm", "perplexity", "--model", str(tiny_model_dir),
+         "--file", str(tmp_path / "missing.txt")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"domainlm: error: {tmp_path / 'missing.txt'}: no such file or folder"
+    ]
+
+
+def test_per_line_score_windows_never_cross_lines(tiny_model_dir, hf):
+    """Scoring lines together in batches gives each line the score it has alone."""
+    model, tokenizer = hf
+    lines = ["short", "a somewhat longer line of words to score", "x"]
+    (together,) = run(tiny_model_dir, text="\n".join(lines), block_size=L, stride=3, worst=3)
+    for score, line in zip(together.lines, lines, strict=True):
+        (alone,) = run(tiny_model_dir, text=line, block_size=L, stride=3)
+        assert score.tokens == alone.tokens
+        assert score.nll == pytest.approx(alone.nll, rel=1e-6)
+    assert np.all([s.line for s in together.lines] == np.arange(1, 4))
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_single_process_result(tmp_path, tiny_model_dir):
+    """Under torchrun (gloo, CPU) each rank scores its share; the figures and lines match 1 process.
+
+    Slow (about 30 s on a loaded 2-core machine): two interpreters start torch and transformers.
+    """
+    corpus = write_lines(tmp_path / "corpus.txt", corpus_lines())
+    flags = ["--model", str(tiny_model_dir), "--file", str(corpus), "--block-size", str(L)]
+    flags += ["--stride", "8", "--batch-size", "3", "--json", "--quiet"]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    launched = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "-m", "domainlm",
+         "perplexity", *flags, "--per-line", str(tmp_path / "two.jsonl")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    two = json.loads(launched.stdout)
+    (one,) = run(tiny_model_dir, file=str(corpus), block_size=L, stride=8, batch_size=3,
+                 per_line=str(tmp_path / "one.jsonl"))  # fmt: skip
+    assert two["tokens"] == one.tokens
+    assert two["perplexity"] == pytest.approx(one.perplexity, rel=1e-12)
+    assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()

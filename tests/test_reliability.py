@@ -1,0 +1,429 @@
+"""Never lose a run (issue 5): exact resume after SIGKILL, graceful stop on SIGINT/SIGTERM, the run
+lock, NaN/Inf steps, out-of-memory back-off, crash-safe checkpoints.
+
+Runs are real `domainlm train` subprocesses receiving real signals, on scratch:tiny (dropout 0.1,
+as the preset defines it), CPU, fp32. `DOMAINLM_INJECT_STEP_DELAY` slows a run down so that a
+signal reliably arrives mid-run; it does not change any number.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import uneven_corpus, write_lines
+from safetensors.torch import load_file
+
+from domainlm import checkpoint as ckpt
+from domainlm.cli import main as cli_main
+from domainlm.lock import LOCK_FILE, RunLock, pid_alive
+
+MAX_STEPS = 10  # 8 steps per epoch: the runs cross an epoch boundary
+
+
+def train_cmd(corpus: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "domainlm", "train",
+        "--model", "scratch:tiny",
+        "--train-file", str(corpus / "train.txt"),
+        "--validation-file", str(corpus / "valid.txt"),
+        "--output-dir", str(out),
+        "--block-size", "32", "--batch-size", "2", "--grad-accum", "2",
+        "--max-steps", str(MAX_STEPS), "--save-steps", "3", "--eval-steps", "5",
+        "--logging-steps", "1", "--lr", "1e-3", "--precision", "fp32", "--quiet",
+        *extra,
+    ]  # fmt: skip
+
+
+def env_for(corpus: Path, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "DOMAINLM_CACHE": str(corpus / "cache"),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        **extra,
+    }
+
+
+def metric_events(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        row.pop("tokens_per_s", None)  # the only field that depends on timing
+    return rows
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the run ended before {path.name} appeared"
+        assert time.monotonic() < end, f"{path} did not appear"
+        time.sleep(0.02)
+
+
+def wait_for_step(out: Path, step: int, proc: subprocess.Popen) -> None:
+    """Until metrics.jsonl holds the training event of `step` (logging every step)."""
+    wait_for(out / "metrics.jsonl", proc)
+    while f'"step": {step}, "epoch"' not in (out / "metrics.jsonl").read_text():
+        assert proc.poll() is None, "the run ended early"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("corpus")
+    write_lines(folder / "train.txt", uneven_corpus(40, seed=0))
+    write_lines(folder / "valid.txt", uneven_corpus(8, seed=1))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uninterrupted run; run from an empty folder with an empty HOME and TMPDIR, so that the
+    security test can check that nothing was written outside the output dir and the cache."""
+    base = tmp_path_factory.mktemp("reference")
+    home, cwd, tmp = base / "home", base / "cwd", base / "tmp"
+    for folder in (home, cwd, tmp):
+        folder.mkdir()
+    out = base / "out"
+    env = env_for(corpus, HOME=str(home), TMPDIR=str(tmp), XDG_CACHE_HOME=str(home / ".cache"))
+    done = subprocess.run(train_cmd(corpus, out), env=env, cwd=cwd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_reference_writes_only_output_dir_and_cache(reference: Path) -> None:
+    base = reference.parent
+    for name in ("home", "cwd", "tmp"):
+        left = sorted(
+            str(p.relative_to(base))
+            for p in (base / name).rglob("*")
+            # torch's own compile cache, made on import of torch._inductor (not domainlm's)
+            if not p.relative_to(base / name).parts[0].startswith("torchinductor_")
+        )
+        assert left == [], f"written outside the output dir and the cache: {left}"
+    assert sorted(p.name for p in base.iterdir()) == ["cwd", "home", "out", "tmp"]
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(
+    corpus: Path, reference: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    cmd = train_cmd(corpus, out)
+    proc = subprocess.Popen(
+        cmd,
+        env=env_for(corpus, DOMAINLM_INJECT_STEP_DELAY="0.3"),
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for(out / "checkpoint-3", proc)
+    proc.kill()  # SIGKILL: no handler, no clean-up
+    assert proc.wait() == -signal.SIGKILL
+    steps_before = [e["step"] for e in metric_events(out) if "loss" in e]
+    assert 3 <= max(steps_before) < MAX_STEPS  # killed mid-run, mid-epoch (8 steps per epoch)
+    # The lock of the killed run is left behind, stale: the resumed run takes it over.
+    owner = json.loads((out / LOCK_FILE).read_text())
+    assert not pid_alive(owner["pid"])
+
+    done = subprocess.run(cmd, env=env_for(corpus), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "resuming from" in done.stderr
+    assert_same_weights(out, reference)
+    # metrics.jsonl: the same events, losses and perplexities to the last bit; no step twice.
+    assert metric_events(out) == metric_events(reference)
+    train_steps = [e["step"] for e in metric_events(out) if "loss" in e]
+    assert train_steps == list(range(1, MAX_STEPS + 1))
+    assert not (out / LOCK_FILE).exists()
+
+
+def test_sigterm_saves_and_exits_143_then_resumes_exactly(
+    corpus: Path, reference: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    cmd = train_cmd(corpus, out)
+    proc = subprocess.Popen(
+        cmd,
+        env=env_for(corpus, DOMAINLM_INJECT_STEP_DELAY="0.5"),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for_step(out, 4, proc)  # the signal arrives during step 4 (its pause): not a save step
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    stopped = [line for line in stderr.splitlines() if line.startswith("domainlm: stopped")]
+    assert len(stopped) == 1 and "SIGTERM" in stopped[0] and "To resume, run" in stopped[0]
+    # It finished the step it was in and saved it, although 4 or 5 is not a --save-steps step.
+    step = max(c.step for c in ckpt.list_checkpoints(out))
+    assert step in (4, 5)
+    assert f"checkpoint-{step}" in stopped[0]
+    assert ckpt.checkpoint_problem(out / f"checkpoint-{step}") is None
+    assert not (out / LOCK_FILE).exists()
+
+    done = subprocess.run(cmd, env=env_for(corpus), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"checkpoint-{step} at step {step}" in done.stderr
+    assert_same_weights(out, reference)
+    assert metric_events(out) == metric_events(reference)
+
+
+def test_sigint_exits_130_and_the_lock_refuses_a_second_run(
+    corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    cmd = train_cmd(corpus, out)
+    proc = subprocess.Popen(
+        cmd,
+        # 8 s pauses: the first run surely lives while the second one starts up
+        env=env_for(corpus, DOMAINLM_INJECT_STEP_DELAY="8"),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for_step(out, 1, proc)
+    # A second run on the same folder while the first lives: refused, nothing touched.
+    before = sorted(p.name for p in out.iterdir())
+    assert cli_main(cmd[3:]) == 2
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("domainlm:")]
+    assert len(lines) == 1 and f"in use by another run (process {proc.pid}" in lines[0]
+    assert "Traceback" not in err
+    assert proc.poll() is None  # the first run goes on
+
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "SIGINT: stopped after step" in stderr
+    # The refused run deleted nothing (the lock went with the first run, as it should).
+    assert set(before) - {LOCK_FILE} <= {p.name for p in out.iterdir()}
+    assert not (out / LOCK_FILE).exists()
+
+
+def test_second_ctrl_c_stops_at_once(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        train_cmd(corpus, out),
+        env=env_for(corpus, DOMAINLM_INJECT_STEP_DELAY="30"),  # step 1, then a long pause
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for_step(out, 1, proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    started = time.monotonic()
+    _, stderr = proc.communicate(timeout=60)
+    assert time.monotonic() - started < 20  # did not sit out the 30 s pause
+    assert proc.returncode == 130
+    assert "domainlm: interrupted" in stderr and "stopped after step" not in stderr
+    assert ckpt.list_checkpoints(out) == []  # stopped at once: no checkpoint of step 1
+
+
+# ----------------------------------------------------------------------------- the lock
+
+
+def test_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        RunLock(out).acquire().release()  # free folder: taken and released
+        lock = out / LOCK_FILE
+        lock.write_text(json.dumps({"pid": live.pid, "host": socket.gethostname()}))
+        with pytest.raises(Exception, match=f"in use by another run \\(process {live.pid}"):
+            RunLock(out).acquire()
+        assert json.loads(lock.read_text())["pid"] == live.pid  # not touched
+        lock.write_text(json.dumps({"pid": live.pid, "host": "another-host"}))
+        with pytest.raises(Exception, match="on host another-host; if that run is over, remove"):
+            RunLock(out).acquire()
+    finally:
+        live.kill()
+        live.wait()
+    lock.write_text(json.dumps({"pid": live.pid, "host": socket.gethostname()}))  # now dead
+    taken = RunLock(out).acquire()
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    taken.release()
+    assert not lock.exists() and out.is_dir()
+
+
+# ----------------------------------------------------------------------------- numerical faults
+
+
+def small_run(model_dir: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train", "--model", str(model_dir),
+        "--train-file", str(corpus / "train.txt"),
+        "--validation-file", str(corpus / "valid.txt"),
+        "--output-dir", str(out), "--block-size", "32", "--batch-size", "2",
+        "--logging-steps", "1", "--lr", "1e-3", "--precision", "fp32", "--quiet",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_nan_steps_are_skipped_without_update(
+    tiny_model_dir: Path,
+    corpus: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("DOMAINLM_INJECT_NAN_STEPS", "1,2")
+    out = tmp_path / "out"
+    assert cli_main(small_run(tiny_model_dir, corpus, out, "--max-steps", "2")) == 0
+    err = capsys.readouterr().err
+    assert "step 1: NaN/Inf loss or gradient norm, step skipped (1 in a row" in err
+    assert "step 2: NaN/Inf loss or gradient norm, step skipped (2 in a row, 2 in all)" in err
+    # Both steps were skipped: the saved model is the initial one, finite, bit for bit.
+    assert_same_weights(out, tiny_model_dir)
+    losses = [e["loss"] for e in metric_events(out) if "loss" in e]
+    assert len(losses) == 2 and all(math.isnan(x) for x in losses)  # logged as NaN, not 0
+
+
+def test_too_many_bad_steps_stop_with_exit_3_and_no_final_model(
+    tiny_model_dir: Path,
+    corpus: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("DOMAINLM_INJECT_NAN_STEPS", "2,3,4")
+    out = tmp_path / "out"
+    args = small_run(tiny_model_dir, corpus, out, "--max-steps", "6", "--save-steps", "2")
+    assert cli_main([*args, "--max-bad-steps", "3"]) == 3
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("domainlm:")]
+    assert len(lines) == 1
+    assert "3 consecutive steps (up to step 4) had a NaN/Inf loss" in lines[0]
+    assert f"the last good checkpoint is {out / 'checkpoint-2'}" in lines[0]
+    assert not (out / "model.safetensors").exists()  # no final model
+    for c in ckpt.list_checkpoints(out):
+        assert all(
+            torch.isfinite(t).all() for t in load_file(c.path / "model.safetensors").values()
+        )
+
+
+# ----------------------------------------------------------------------------- out of memory
+
+
+def test_oom_halves_micro_batch_and_matches_smaller_batch_run(
+    corpus: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """batch 4 x accum 1 with OOM above 2 rows == batch 2 x accum 2 (dropout on: RNG restored)."""
+    common = ["--max-steps", "3", "--save-steps", "100"]
+
+    def run(out: Path, *extra: str) -> None:
+        args = small_run(Path("scratch:tiny"), corpus, out, *common, *extra)
+        assert cli_main(args) == 0
+
+    run(tmp_path / "small", "--batch-size", "2", "--grad-accum", "2")
+    capsys.readouterr()
+    monkeypatch.setenv("DOMAINLM_INJECT_OOM_ABOVE", "2")
+    run(tmp_path / "oom", "--batch-size", "4", "--grad-accum", "1")
+    err = capsys.readouterr().err
+    assert (
+        "out of memory at micro-batch 4 x accumulation 1; retrying the step with 2 x 2 "
+        "(same effective batch)" in err
+    )
+    assert "out of memory in evaluation at batch 4; retrying with 2" in err
+    assert err.count("retrying the step") == 1  # the halved split is kept for later steps
+    wa = load_file(tmp_path / "oom" / "model.safetensors")
+    wb = load_file(tmp_path / "small" / "model.safetensors")
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-6)
+    ea = [e for e in metric_events(tmp_path / "oom") if "eval_ppl" in e]
+    eb = [e for e in metric_events(tmp_path / "small") if "eval_ppl" in e]
+    assert [e["eval_ppl"] for e in ea] == pytest.approx([e["eval_ppl"] for e in eb], rel=1e-6)
+
+
+def test_oom_at_micro_batch_one_is_a_clear_stop(
+    tiny_model_dir: Path,
+    corpus: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("DOMAINLM_INJECT_OOM_ABOVE", "0")
+    rc = cli_main(small_run(tiny_model_dir, corpus, tmp_path / "out", "--max-steps", "1"))
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("domainlm:")]
+    assert rc == 1 and len(lines) == 1 and "out of memory" in lines[0]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_corrupted_or_unmarked_checkpoint_is_skipped_for_the_previous(
+    tiny_model_dir: Path, corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    args = small_run(tiny_model_dir, corpus, out, "--save-steps", "2")
+    assert cli_main([*args, "--max-steps", "6"]) == 0
+    # checkpoint-6: flip bytes in the middle of its weights; checkpoint-4: no marker (cut short).
+    weights = out / "checkpoint-6" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 8] = bytes(b ^ 0xFF for b in data[len(data) // 2 :][:8])
+    weights.write_bytes(bytes(data))
+    (out / "checkpoint-4" / ckpt.MARKER).unlink()
+    capsys.readouterr()
+    assert cli_main([*args, "--max-steps", "7"]) == 0
+    err = capsys.readouterr().err
+    assert "skipping checkpoint-6: model.safetensors does not match its checksum" in err
+    assert "skipping checkpoint-4: no completion marker" in err
+    assert f"resuming from {out / 'checkpoint-2'} at step 2" in err
+    steps = [e["step"] for e in metric_events(out) if "loss" in e]
+    assert steps == list(range(1, 8))  # events after step 2 were replaced, none doubled
+
+
+def test_rotation_deletes_only_after_the_new_checkpoint_is_complete(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from domainlm.models import load_model
+
+    loaded = load_model(str(tiny_model_dir))
+    out = tmp_path / "out"
+    out.mkdir()
+    state = {"step": 1, "epoch": 0, "offset": 0}
+    ckpt.save_checkpoint(out, 1, loaded.model, loaded.tokenizer, state)
+
+    # A save that dies half-way (disk full while writing the training state) ...
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError("No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ckpt.torch, "save", disk_full)
+        with pytest.raises(OSError):
+            ckpt.save_checkpoint(out, 2, loaded.model, loaded.tokenizer, {**state, "step": 2})
+    # ... leaves the old checkpoint intact and no checkpoint-2, only a temporary folder.
+    assert [c.step for c in ckpt.list_checkpoints(out)] == [1]
+    assert ckpt.checkpoint_problem(out / "checkpoint-1") is None
+    assert not (out / "checkpoint-2").exists()
+
+    # A complete save, then rotation to 1: checkpoint-1 goes, and only once 2 was complete.
+    seen_when_deleting: list[str | None] = []
+    real_rmtree = ckpt.shutil.rmtree
+
+    def watching_rmtree(path: Path, *args: object, **kwargs: object) -> None:
+        if Path(path).name == "checkpoint-1":
+            seen_when_deleting.append(ckpt.checkpoint_problem(out / "checkpoint-2"))
+        real_rmtree(path, *args, **kwargs)
+
+    ckpt.save_checkpoint(out, 2, loaded.model, loaded.tokenizer, {**state, "step": 2})
+    monkeypatch.setattr(ckpt.shutil, "rmtree", watching_rmtree)
+    deleted = ckpt.rotate_checkpoints(out, keep=1)
+    assert [p.name for p in deleted] == ["checkpoint-1"] and seen_when_deleting == [None]
+    assert [c.step for c in ckpt.list_checkpoints(out)] == [2]
+    assert not any(p.name.startswith(".checkpoint-2") for p in out.iterdir())

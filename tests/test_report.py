@@ -1,0 +1,169 @@
+"""Samples while training, plots, the summary table, the model card and loggers (issue 8)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import uneven_corpus, write_lines
+
+from domainlm import TrainConfig, train
+from domainlm.checkpoint import read_run_file, remove_owned_files
+from domainlm.cli import main
+from domainlm.errors import UserError
+from domainlm.report import (
+    CARD_MARKER,
+    PLOTS,
+    EventLoggers,
+    plot_runs,
+    read_run,
+    run_report,
+)
+
+PROMPTS = ["the cat", "a dog"]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two short runs, the same but for --sample-prompts (and the learning rate of a third...)."""
+    base = tmp_path_factory.mktemp("report-runs")
+    train_file = write_lines(base / "train.txt", uneven_corpus(40))
+    valid_file = write_lines(base / "valid.txt", uneven_corpus(6, seed=1))
+    common = dict(
+        model=str(tiny_model_dir), train_file=str(train_file), validation_file=str(valid_file),
+        block_size=32, batch_size=2, max_steps=4, save_steps=2, logging_steps=1, lr=1e-3,
+        precision="fp32", quiet=True, cache_dir=str(base / "cache"),
+    )
+    sampled = base / "sampled"
+    train(TrainConfig(output_dir=str(sampled), sample_prompts=PROMPTS, sample_every=2,
+                      sample_max_new_tokens=6, **common))
+    plain = base / "plain"
+    train(TrainConfig(output_dir=str(plain), **common))
+    return sampled, plain
+
+
+def train_losses(run: Path) -> list[float]:
+    return [e["loss"] for e in read_run(run).train]
+
+
+def test_samples_while_training_leave_the_run_unchanged(runs: tuple[Path, Path]) -> None:
+    sampled, plain = runs
+    records = [json.loads(line) for line in (sampled / "samples.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["prompt"]) for r in records] == [
+        (2, "the cat"), (2, "a dog"), (4, "the cat"), (4, "a dog")
+    ]
+    assert all(isinstance(r["text"], str) for r in records)
+    assert not (plain / "samples.jsonl").exists()
+    # the sampler draws from its own generator inside a forked RNG: the same losses to the bit
+    assert train_losses(sampled) == train_losses(plain)
+    assert read_run(sampled).evals == read_run(plain).evals
+
+
+def decode_png(path: Path) -> np.ndarray:
+    from matplotlib.image import imread
+
+    return imread(path)
+
+
+def test_plots_are_written_valid_and_show_curves(runs: tuple[Path, Path]) -> None:
+    sampled, _ = runs
+    for name in PLOTS:
+        image = decode_png(sampled / name)
+        assert image.shape[:2] == (500, 800)
+        rgb = image[..., :3].reshape(-1, 3)
+        # not blank: many distinct colours (curve, axes, text), and the curve's blue is there
+        assert len(np.unique(rgb, axis=0)) > 50
+        blue = (rgb[:, 2] > 0.6) & (rgb[:, 0] < 0.3)
+        assert blue.sum() > 100, name
+
+
+def test_model_card(runs: tuple[Path, Path]) -> None:
+    sampled, _ = runs
+    card = (sampled / "README.md").read_text()
+    assert card.startswith("---\n") and CARD_MARKER in card
+    meta = yaml.safe_load(card.split("---\n")[1])
+    results = json.loads((sampled / "eval_results.json").read_text())
+    assert meta["pipeline_tag"] == "text-generation"
+    metric = meta["model-index"][0]["results"][0]["metrics"][0]
+    assert metric["type"] == "perplexity" and metric["value"] == round(results["perplexity"], 4)
+    assert meta["domainlm_data"]["train_documents"] == 40
+    assert meta["domainlm_data"]["validation_documents"] == 6
+    assert f"{results['initial_perplexity']:.3f} before training" in card
+    assert f"{results['perplexity']:.3f} after" in card
+    assert "| lr | 0.001 |" in card and "| block_size | 32 |" in card
+    assert "](validation_perplexity.png)" in card
+
+
+def test_report_files_are_owned_by_the_run(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(runs[0], copy)
+    written = set(read_run_file(copy)["written"])
+    assert {"README.md", "samples.jsonl", *PLOTS} <= written
+    (copy / "notes.txt").write_text("mine")
+    remove_owned_files(copy)  # what --overwrite-output-dir does
+    left = {p.name for p in copy.iterdir()}
+    assert not left & {"README.md", "samples.jsonl", *PLOTS} and "notes.txt" in left
+
+
+def test_report_over_two_runs(runs: tuple[Path, Path], tmp_path: Path,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "report"
+    assert main(["report", str(runs[0]), str(runs[1]), "--output", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| sampled |" in table and "| plain |" in table
+    assert sorted(p.name for p in out.iterdir()) == sorted([*PLOTS, "summary.md"])
+    assert [line[:2] for line in (out / "summary.md").read_text().splitlines()].count("| ") == 3
+    # two curves overlaid: matplotlib's first two colours (blue, orange) are both drawn
+    rgb = decode_png(out / "training_loss.png")[..., :3].reshape(-1, 3)
+    orange = (rgb[:, 0] > 0.9) & (rgb[:, 1] > 0.4) & (rgb[:, 1] < 0.6) & (rgb[:, 2] < 0.2)
+    assert orange.sum() > 100
+
+
+def test_report_refuses_a_folder_that_is_no_run(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="not a training run"):
+        run_report([tmp_path], out)
+    assert not out.exists()
+
+
+def test_a_foreign_readme_is_kept(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(runs[1], copy)
+    (copy / "README.md").write_text("my own notes\n")
+    run_report([copy])
+    assert (copy / "README.md").read_text() == "my own notes\n"
+    assert (copy / "summary.md").is_file()
+
+
+def test_without_matplotlib_plots_are_skipped(runs, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
+    assert plot_runs([read_run(runs[0])], tmp_path) == []
+    assert "matplotlib is not installed" in capsys.readouterr().err
+
+
+def test_tensorboard_events(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    loggers = EventLoggers(None, tmp_path, {"lr": 1e-3}, start_step=0)
+    loggers.log({"step": 1, "epoch": 0.1, "loss": 2.5, "lr": 1e-3, "tokens_per_s": 10.0})
+    loggers.log({"step": 2, "epoch": 0.2, "eval_loss": 2.0, "eval_ppl": 7.39, "eval_tokens": 5})
+    loggers.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [s.value for s in events.Scalars("train/loss")] == [2.5]
+    assert [s.step for s in events.Scalars("eval/eval_ppl")] == [2]
+
+
+def test_report_to_needs_the_logger_installed(tiny_model_dir: Path, tmp_path: Path) -> None:
+    train_file = write_lines(tmp_path / "train.txt", uneven_corpus(10))
+    config = TrainConfig(model=str(tiny_model_dir), train_file=str(train_file),
+                         output_dir=str(tmp_path / "out"), report_to=["nosuchlogger"])
+    with pytest.raises(UserError, match="--report-to nosuchlogger"):
+        train(config)
+    assert not (tmp_path / "out").exists()
