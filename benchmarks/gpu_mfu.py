@@ -29,6 +29,7 @@ import time
 
 import torch
 
+from domainlm.fastpath import use_fast_kernels
 from domainlm.loss import CausalLMLoss
 from domainlm.models import build_scratch_model
 
@@ -55,6 +56,7 @@ def run_variant(name: str, args: argparse.Namespace, compile_: bool) -> dict:
         if compile_:
             model.compile()
     else:
+        use_fast_kernels(model)  # as train.py does
         loss_module = CausalLMLoss(model)
         if compile_:
             model.base_model.compile()

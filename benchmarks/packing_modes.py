@@ -23,8 +23,51 @@ from domainlm.train import train
 
 def corpus(n: int, seed: int) -> list[str]:
     rng = random.Random(seed)
-    words = ["the", "cat", "dog", "sat", "ran", "on", "a", "mat", "in", "house", "big", "small", "red", "blue", "and", "then", "it", "away"]
+    words = [
+        "the",
+        "cat",
+        "dog",
+        "sat",
+        "ran",
+        "on",
+        "a",
+        "mat",
+        "in",
+        "house",
+        "big",
+        "small",
+        "red",
+        "blue",
+        "and",
+        "then",
+        "it",
+        "away",
+    ]
     return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 40))) for _ in range(n)]
+
+
+def step_speed(model_name: str, block: int, batch: int, repeats: int = 6) -> dict[str, float]:
+    """Median seconds of one forward + backward on the same blocks, modes alternated."""
+    import time
+
+    import numpy as np
+
+    from domainlm.data import BlockDataset, tokenize_documents
+    from domainlm.loss import CausalLMLoss
+    from domainlm.models import load_model
+
+    loaded = load_model(model_name)
+    stream = tokenize_documents(corpus(2000, 0), loaded.tokenizer, loaded.eos_id, np.uint16)
+    loss = CausalLMLoss(loaded.model)
+    times: dict[str, list[float]] = {"concat": [], "docs": []}
+    for r in range(repeats + 1):
+        for mode in ("concat", "docs") if r % 2 == 0 else ("docs", "concat"):
+            b = BlockDataset(stream, block, mode).batch(list(range(batch)))
+            start = time.perf_counter()
+            loss(b.input_ids, b.targets, b.position_ids).sum().backward()
+            if r:  # the first round warms up
+                times[mode].append(time.perf_counter() - start)
+    return {mode: statistics.median(v) for mode, v in times.items()}
 
 
 def main() -> None:
@@ -34,7 +77,11 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--micro-only", action="store_true", help="only the step timing")
     args = parser.parse_args()
+    print(json.dumps({"step_seconds": step_speed(args.model, args.block_size, args.batch_size)}))
+    if args.micro_only:
+        return
     results: dict[str, dict[str, list[float]]] = {
         m: {"tokens_per_s": [], "perplexity": []} for m in ("concat", "docs")
     }

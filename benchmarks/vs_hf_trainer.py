@@ -254,11 +254,13 @@ def run_domainlm_eval(args: argparse.Namespace) -> None:
 
     from domainlm.data import load_token_stream
     from domainlm.evaluate import stream_nll
+    from domainlm.fastpath import use_fast_kernels
     from domainlm.loss import CausalLMLoss
     from domainlm.models import load_model, tokenizer_fingerprint
 
     out = Path(args.output_dir)
     loaded = load_model(args.model)
+    use_fast_kernels(loaded.model)  # as train.py does
     stream = load_token_stream(
         args.validation_file,
         loaded.tokenizer,

@@ -243,16 +243,21 @@ def tokenize_to_files(
                 pending = None
                 if docs is not None:
                     pending = (size, pool.submit(_encode_chunk, tokenizer, docs, eos_id, dtype))
-        all_lengths = np.concatenate([np.zeros(0, np.int64), *lengths])
-        if len(all_lengths) == 0:
+        num_docs = sum(len(x) for x in lengths)
+        if num_docs == 0:
             raise UserError(f"{path}: no text in it (the file is empty or holds only blank lines)")
-        starts = np.concatenate([[1], 1 + np.cumsum(all_lengths)]).astype(np.int64)
+        starts = np.empty(num_docs + 1, dtype=np.int64)  # filled in place: one array, not four
+        starts[0] = 0
+        np.concatenate(lengths, out=starts[1:])
+        del lengths
+        np.cumsum(starts, out=starts)
+        starts += 1
         _save_npy_from_raw(raw, tokens_file, dtype, count)
         tmp = starts_file.with_name(f".{starts_file.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as handle:
             np.save(handle, starts)
         os.replace(tmp, starts_file)
-        return len(all_lengths)
+        return num_docs
     finally:
         raw.unlink(missing_ok=True)
         if bar is not None:

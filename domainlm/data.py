@@ -10,7 +10,6 @@ dropped, and the padding of the last, partial block is masked out of the loss.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,67 +49,15 @@ def read_documents(
     """Documents of a file or folder: non-blank lines (or blank-line separated paragraphs).
 
     CRLF line ends and a UTF-8 byte-order mark are handled; `.jsonl` files give their `text` field.
+    The rules live in `corpus.py`, which reads large files in bounded chunks; this is its
+    all-in-memory form for small inputs.
     """
-    docs: list[str] = []
-    for file in text_files(path):
-        docs.extend(_read_file(file, doc_sep, encoding_errors))
+    from domainlm.corpus import iter_documents
+
+    docs = [doc for _, chunk in iter_documents(path, doc_sep, encoding_errors) for doc in chunk]
     if not docs:
         raise UserError(f"{path}: no text in it (the file is empty or holds only blank lines)")
     return docs
-
-
-def _read_file(file: Path, doc_sep: str, encoding_errors: str) -> list[str]:
-    raw = file.read_bytes()
-    if b"\x00" in raw[: 1 << 20]:
-        raise UserError(f"{file}: looks like a binary file (it contains NUL bytes), not text")
-    text = _decode(file, raw, encoding_errors)
-    lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
-    if file.suffix == ".jsonl":
-        return _jsonl_texts(file, lines)
-    if doc_sep == "blank":
-        docs, paragraph = [], []
-        for line in [*lines, ""]:
-            if line.strip():
-                paragraph.append(line)
-            elif paragraph:
-                docs.append("\n".join(paragraph))
-                paragraph = []
-        return docs
-    return [line for line in lines if line.strip()]
-
-
-def _decode(file: Path, raw: bytes, encoding_errors: str) -> str:
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        if encoding_errors == "replace":
-            return raw.decode("utf-8-sig", errors="replace")
-    bad = []
-    for number, line in enumerate(raw.split(b"\n"), start=1):
-        try:
-            line.decode("utf-8")
-        except UnicodeDecodeError:
-            bad.append(number)
-    shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
-    raise UserError(
-        f"{file}: invalid UTF-8 on line(s) {shown}; fix the file or pass --encoding-errors replace"
-    )
-
-
-def _jsonl_texts(file: Path, lines: list[str]) -> list[str]:
-    texts = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{file}:{number}: not valid JSON ({exc.msg})") from exc
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise UserError(f'{file}:{number}: each JSON line needs a string field "text"')
-        if record["text"].strip():
-            texts.append(record["text"])
-    return texts
 
 
 # ----------------------------------------------------------------------------- token stream
@@ -162,17 +109,6 @@ def tokenize_documents(docs: Sequence[str], tokenizer: Any, eos_id: int, dtype: 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("DOMAINLM_CACHE", Path.home() / ".cache" / "domainlm"))
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """Content hash of a file or of all text files of a folder (names included)."""
-    digest = hashlib.sha256()
-    for file in text_files(path):
-        digest.update(str(file.name).encode())
-        with open(file, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass

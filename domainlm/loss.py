@@ -119,7 +119,13 @@ def chunked_nll_sums(
     )
     with torch.autocast(hidden.device.type, enabled=False):
         nll = _LinearCrossEntropy.apply(
-            flat_hidden, head.weight, head.bias, flat_targets, chunk_tokens, compute_dtype
+            flat_hidden,
+            head.weight,
+            head.bias,
+            flat_targets,
+            chunk_tokens,
+            compute_dtype,
+            torch.is_grad_enabled(),  # evaluation: no gradient work at all
         )
     return torch.zeros(b, dtype=torch.float32, device=hidden.device).index_add(0, rows, nll)
 
@@ -136,8 +142,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_tokens, compute_dtype):  # type: ignore[override]
-        needs = ctx.needs_input_grad
+    def forward(ctx, hidden, weight, bias, targets, chunk_tokens, compute_dtype, grad_enabled):  # type: ignore[override]
+        needs = [grad_enabled and n for n in ctx.needs_input_grad]
         want_grads = any(needs[:3])
         w = weight.to(compute_dtype)
         b = None if bias is None else bias.to(compute_dtype)
@@ -190,7 +196,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_weight = (grad_weight * scale).to(weight.dtype)
         if grad_bias is not None:
             grad_bias = (grad_bias * scale).to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
 def _weighted_head_grads(hidden, weight, bias, targets, weights, chunk_tokens, compute_dtype,

@@ -28,6 +28,7 @@ from domainlm.device import pick_device, resolve_precision
 from domainlm.distributed import DistContext, setup_distributed, teardown_distributed
 from domainlm.errors import UserError
 from domainlm.evaluate import (
+    NLLSum,
     Window,
     all_window_sums,
     check_window,
@@ -127,22 +128,12 @@ class PerplexityConfig:
 
 
 @dataclass
-class LineScore:
+class LineScore(NLLSum):
     """One line scored on its own: `[EOS] tokens(d) [EOS]` (plain: `tokens(d)`, first unscored)."""
 
-    file: str
-    line: int
-    tokens: int
-    nll_sum: float
-    text: str = field(repr=False)
-
-    @property
-    def nll(self) -> float:
-        return self.nll_sum / self.tokens if self.tokens else float("nan")
-
-    @property
-    def perplexity(self) -> float:
-        return math.exp(self.nll) if self.tokens else float("nan")
+    file: str = ""
+    line: int = 0
+    text: str = field(default="", repr=False)
 
     def record(self, model: str) -> dict[str, Any]:
         nll = self.nll if self.tokens else None
@@ -387,7 +378,7 @@ def score_lines(
         minlength=len(streams),
     )
     return [
-        LineScore(file, number, max(0, len(s) - 1), float(line_sums[i]), text)
+        LineScore(float(line_sums[i]), max(0, len(s) - 1), file=file, line=number, text=text)
         for i, (s, (file, number), text) in enumerate(
             zip(streams, corpus.origins, corpus.documents, strict=True)
         )

@@ -48,6 +48,7 @@ from domainlm.device import autocast, pick_device, resolve_precision
 from domainlm.distributed import DistContext, all_reduce_sum
 from domainlm.errors import UserError
 from domainlm.evaluate import NLLSum, check_window, stream_nll
+from domainlm.fastpath import use_fast_kernels
 from domainlm.generate import TrainingSampler
 from domainlm.lint import check_training_data
 from domainlm.lock import LOCK_FILE, RunLock
@@ -167,6 +168,7 @@ def train(config: TrainConfig) -> TrainResult:
         model = loaded.model.to(device).train()
         if config.packing == "concat":
             model.config.use_cache = False
+        use_fast_kernels(model)  # same function, fused kernels (domainlm/fastpath.py)
         loss_module = CausalLMLoss(model)
         train_module = wrap_model(loss_module, ctx, device, config.strategy)
         optimizer = make_optimizer(model, config, device)
@@ -308,6 +310,7 @@ def train(config: TrainConfig) -> TrainResult:
                 console.advance(bar, done)
 
             final_step = done == total_steps
+            paused_at = time.perf_counter()  # evaluation, saving and sampling are not training time
             if done % config.eval_steps == 0 or final_step:
                 # The last evaluation scores the whole validation set, whatever --max-eval-tokens.
                 result = evaluate(None if final_step else config.max_eval_tokens)
@@ -323,6 +326,7 @@ def train(config: TrainConfig) -> TrainResult:
                 last_saved = output_dir / f"checkpoint-{done}"
             if sampler is not None:  # samples.jsonl + console; RNG forked, model back in train mode
                 sampler.maybe_sample(done, final_step)
+            window_start += time.perf_counter() - paused_at
             guard.step_delay()
             if not final_step and guard.stop_agreed(stop, ctx, device):
                 if last_saved != output_dir / f"checkpoint-{done}":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -121,3 +123,28 @@ def test_model_that_ignores_position_ids_is_refused():
 
 def test_gpt2_passes_the_packing_check(tiny_model_dir):
     check_packing_support(load_model(str(tiny_model_dir)).model)
+
+
+def test_training_runs_under_docs_packing(tmp_path, tiny_model_dir):
+    from conftest import write_lines
+
+    from domainlm.config import TrainConfig
+    from domainlm.train import train
+
+    docs = uneven_corpus(40, seed=8)
+    result = train(
+        TrainConfig(
+            model=str(tiny_model_dir),
+            train_file=str(write_lines(tmp_path / "train.txt", docs)),
+            output_dir=str(tmp_path / "run"),
+            block_size=32,
+            batch_size=2,
+            max_steps=2,
+            save_steps=2,
+            packing="docs",
+            quiet=True,
+        )
+    )
+    assert result.steps == 2 and result.final_perplexity is not None
+    run = json.loads((tmp_path / "run" / "run_config.json").read_text())
+    assert run["identity"]["packing"] == "docs"

@@ -27,7 +27,7 @@ from domainlm import checkpoint as ckpt
 from domainlm.cli import main as cli_main
 from domainlm.lock import LOCK_FILE, RunLock, pid_alive
 
-MAX_STEPS = 10  # 8 steps per epoch: the runs cross an epoch boundary
+MAX_STEPS = 9  # 8 steps per epoch: the runs cross an epoch boundary
 
 
 def train_cmd(corpus: Path, out: Path, *extra: str) -> list[str]:
@@ -127,6 +127,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(
     cmd = train_cmd(corpus, out)
     proc = subprocess.Popen(
         cmd,
+        cwd=corpus,  # `python -m` imports from the working folder: the same for all runs
         env=env_for(corpus, DOMAINLM_INJECT_STEP_DELAY="0.3"),
         stderr=subprocess.DEVNULL,
     )
@@ -139,7 +140,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(
     owner = json.loads((out / LOCK_FILE).read_text())
     assert not pid_alive(owner["pid"])
 
-    done = subprocess.run(cmd, env=env_for(corpus), capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=corpus, env=env_for(corpus), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "resuming from" in done.stderr
     assert_same_weights(out, reference)
@@ -157,6 +158,7 @@ def test_sigterm_saves_and_exits_143_then_resumes_exactly(
     cmd = train_cmd(corpus, out)
     proc = subprocess.Popen(
         cmd,
+        cwd=corpus,  # `python -m` imports from the working folder: the same for all runs
         env=env_for(corpus, DOMAINLM_INJECT_STEP_DELAY="0.5"),
         stderr=subprocess.PIPE,
         text=True,
@@ -174,7 +176,7 @@ def test_sigterm_saves_and_exits_143_then_resumes_exactly(
     assert ckpt.checkpoint_problem(out / f"checkpoint-{step}") is None
     assert not (out / LOCK_FILE).exists()
 
-    done = subprocess.run(cmd, env=env_for(corpus), capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=corpus, env=env_for(corpus), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert f"checkpoint-{step} at step {step}" in done.stderr
     assert_same_weights(out, reference)
@@ -189,6 +191,7 @@ def test_sigint_exits_130_and_the_lock_refuses_a_second_run(
     proc = subprocess.Popen(
         cmd,
         # 8 s pauses: the first run surely lives while the second one starts up
+        cwd=corpus,  # `python -m` imports from the working folder: the same for all runs
         env=env_for(corpus, DOMAINLM_INJECT_STEP_DELAY="8"),
         stderr=subprocess.PIPE,
         text=True,
@@ -216,6 +219,7 @@ def test_second_ctrl_c_stops_at_once(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = subprocess.Popen(
         train_cmd(corpus, out),
+        cwd=corpus,  # `python -m` imports from the working folder: the same for all runs
         env=env_for(corpus, DOMAINLM_INJECT_STEP_DELAY="30"),  # step 1, then a long pause
         stderr=subprocess.PIPE,
         text=True,
