@@ -68,15 +68,21 @@ class NLLSum:
 def window_batches(
     tokens: np.ndarray, windows: list[Window], batch_size: int
 ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
-    """(window indices, input_ids, targets) per batch, right-padded, context targets masked."""
+    """(window indices, input_ids, targets) per batch, right-padded, context targets masked.
+
+    A window feeds all its tokens `[context_start, target_end)`, as `model(ids, labels=ids)` does
+    (the last one predicts nothing). Feeding one token less gives the same numbers in exact
+    arithmetic, but a float32 forward pass rounds differently at another sequence length
+    (~1e-6 relative), and the plain convention is to reproduce that call.
+    """
     for start in range(0, len(windows), batch_size):
         chunk = windows[start : start + batch_size]
-        width = max(1, max(w.target_end - 1 - w.context_start for w in chunk))
+        width = max(w.target_end - w.context_start for w in chunk)
         inputs = np.zeros((len(chunk), width), dtype=np.int64)
         targets = np.full((len(chunk), width), IGNORE_INDEX, dtype=np.int64)
         for row, w in enumerate(chunk):
-            n = w.target_end - 1 - w.context_start
-            inputs[row, :n] = tokens[w.context_start : w.target_end - 1]
+            n = w.target_end - 1 - w.context_start  # input positions that predict a token
+            inputs[row, : n + 1] = tokens[w.context_start : w.target_end]
             scored = w.target_end - w.target_start
             targets[row, n - scored : n] = tokens[w.target_start : w.target_end]
         yield (

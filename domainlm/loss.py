@@ -32,7 +32,7 @@ DEFAULT_CHUNK_TOKENS = 256
 
 
 class CausalLMLoss(torch.nn.Module):
-    """Wraps a causal LM. forward(...) -> (b,) float32 sums of the NLL of each row's targets.
+    """Wraps a causal LM. forward(...) -> (b,) float64 sums of the NLL of each row's targets.
 
     It is the module that DDP/FSDP wrap, so that gradients synchronise through its forward.
     `chunk_tokens=None` forces the plain full-logits path (the reference).
@@ -82,7 +82,7 @@ def linear_head(model: torch.nn.Module) -> torch.nn.Linear | None:
 
 
 def token_nll_sums(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(b, T, V) logits and (b, T) targets -> (b,) NLL sums in float32, padding ignored."""
+    """(b, T, V) logits and (b, T) targets -> (b,) NLL sums in float64, padding ignored."""
     b, t, v = logits.shape
     nll = F.cross_entropy(
         logits.reshape(b * t, v).float(),
@@ -90,13 +90,13 @@ def token_nll_sums(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         ignore_index=IGNORE_INDEX,
         reduction="none",
     )
-    return nll.view(b, t).sum(dim=1)
+    return nll.view(b, t).sum(dim=1, dtype=torch.float64)
 
 
 def chunked_nll_sums(
     hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, chunk_tokens: int
 ) -> torch.Tensor:
-    """(b, T, H) hidden states -> (b,) NLL sums in float32, never holding more than one chunk of
+    """(b, T, H) hidden states -> (b,) NLL sums in float64, never holding more than one chunk of
     logits. Equal to token_nll_sums(head(hidden), targets), gradients included."""
     b, t, h = hidden.shape
     flat_targets = targets.reshape(b * t)
@@ -111,7 +111,7 @@ def chunked_nll_sums(
     if flat_targets.shape[0] == 0:
         # An all-padding micro-batch (the short end of an epoch): zero loss, still in the graph
         # so that its backward() runs like any other (and DDP's gradient sync stays in step).
-        return torch.zeros(b, dtype=torch.float32, device=hidden.device) + 0.0 * hidden.sum()
+        return torch.zeros(b, dtype=torch.float64, device=hidden.device) + 0.0 * hidden.sum()
     compute_dtype = (
         torch.get_autocast_dtype(hidden.device.type)
         if torch.is_autocast_enabled(hidden.device.type)
@@ -127,11 +127,11 @@ def chunked_nll_sums(
             compute_dtype,
             torch.is_grad_enabled(),  # evaluation: no gradient work at all
         )
-    return torch.zeros(b, dtype=torch.float32, device=hidden.device).index_add(0, rows, nll)
+    return torch.zeros(b, dtype=torch.float64, device=hidden.device).index_add(0, rows, nll)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """(n, H) hidden, (V, H) weight -> (n,) float32 NLL, chunk by chunk over the n positions.
+    """(n, H) hidden, (V, H) weight -> (n,) float64 NLL, chunk by chunk over the n positions.
 
     Forward computes each chunk's logits once, in float32 after the matmul, and, when gradients
     are needed, turns them in place into d nll / d logits = softmax - onehot and multiplies that
@@ -148,7 +148,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         w = weight.to(compute_dtype)
         b = None if bias is None else bias.to(compute_dtype)
         x = hidden.to(compute_dtype)
-        nll = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)
+        nll = torch.empty(targets.shape[0], dtype=torch.float64, device=hidden.device)
         grad_hidden = torch.zeros_like(hidden) if needs[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs[1] else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if needs[2] else None
@@ -158,12 +158,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
             tgt = targets[start:end]
             valid = tgt != IGNORE_INDEX
             safe = tgt.clamp(min=0).unsqueeze(1)
-            lse = torch.logsumexp(logits, dim=1)
-            nll[start:end] = (lse - logits.gather(1, safe).squeeze(1)) * valid
+            # nll = log(sum(exp(shifted))) - shifted[target], shifted = logits - row max, with
+            # the sum of the V exponentials accumulated in float64: a float32 sum over 50,257
+            # terms rounds at ~1e-6 relative, which is what the perplexity's precision would be.
+            # The target's shifted logit is formed in float64 too: the float32 subtraction at
+            # |logit| ~ 30 rounds at ~2e-6, straight into that token's NLL.
+            row_max = logits.max(dim=1, keepdim=True).values
+            target_logit = (logits.gather(1, safe) - row_max.double()).squeeze(1)
+            logits.sub_(row_max).exp_()
+            sum_exp = logits.sum(dim=1, dtype=torch.float64)
+            nll[start:end] = (torch.log(sum_exp) - target_logit) * valid
             if not want_grads:
                 continue
             # softmax - onehot, rows without a target zeroed: d nll / d logits, in place
-            logits.sub_(lse.unsqueeze(1)).exp_()
+            logits.div_(sum_exp.float().unsqueeze(1))
             logits.scatter_add_(1, safe, -torch.ones_like(safe, dtype=logits.dtype))
             logits.mul_(valid.unsqueeze(1))
             g = logits.to(compute_dtype)
@@ -180,6 +188,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_nll):  # type: ignore[override]
         hidden, weight, bias, targets, grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        grad_nll = grad_nll.float()
         scale = grad_nll[:1]
         uniform = bool((grad_nll == scale).all())
         if not uniform and (grad_weight is not None or grad_bias is not None):

@@ -58,7 +58,7 @@ class PerplexityConfig:
     )
     text: str | None = opt(None, "A text to score instead of --file (each non-blank line a text).")
     block_size: int | None = opt(
-        None, "Window length L in tokens (L-1 are fed to the model). Default: the model's context."
+        None, "Window length L in tokens fed to the model. Default: the model's context."
     )
     stride: int | None = opt(
         None, "Tokens S newly predicted per window, 1 <= S <= L-1. Default: L-1 (cheapest)."

@@ -138,26 +138,37 @@ def test_default_window_is_the_model_context_and_jsonl_input(tmp_path, tiny_mode
     assert report.perplexity == pytest.approx(math.exp(ref_sum / ref_count), rel=1e-5)
 
 
-def test_plain_convention_is_the_hf_loss(tiny_model_dir, hf):
-    """exp(model(ids, labels=ids).loss): to 1e-6 against that loss computed in float64.
+def exact_plain_perplexity(model, ids: torch.Tensor) -> float:
+    """exp of the mean NLL of tokens 2..n: the model's logits, log-softmax in float64. (HF's loss
+    function casts logits to float32, and its float32 cross-entropy on the CPU rounds at ~1e-5.)"""
+    with torch.no_grad():
+        logits = model(ids).logits[0, :-1].double()
+    return math.exp(float(torch.nn.functional.cross_entropy(logits, ids[0, 1:])))
 
-    The float32 loss itself is only good to about one float32 step of the mean NLL (9.5e-7 at
-    the tiny model's NLL of 10.8, i.e. 9.5e-7 relative in perplexity), so against it the bound
-    is 3e-6.
-    """
-    import copy
 
-    model, tokenizer = hf
-    model64 = copy.deepcopy(model).double()
-    for text in ("I have a dream", "The quick brown fox jumps over the lazy dog, again and again."):
+def check_plain_convention(model_dir, model, tokenizer, texts) -> None:  # type: ignore[no-untyped-def]
+    for text in texts:
         ids = tokenizer(text, return_tensors="pt")["input_ids"]
         with torch.no_grad():
             hf32 = math.exp(float(model(ids, labels=ids).loss))
-            hf64 = math.exp(float(model64(ids, labels=ids).loss))
-        (report,) = run(tiny_model_dir, text=text, convention="plain")
+        (report,) = run(model_dir, text=text, convention="plain")
         assert report.tokens == ids.shape[1] - 1
-        assert report.perplexity == pytest.approx(hf64, rel=1e-6)
-        assert report.perplexity == pytest.approx(hf32, rel=3e-6)
+        # To 1e-6 on the random-init model (NLL 10.8). On the trained model below 1.7e-6 was
+        # measured: there the float32 logits themselves differ in their last bits between a
+        # matmul over 3 or 4 rows (domainlm skips the position that predicts nothing), the noise
+        # floor of a float32 forward pass, not a difference of method.
+        assert report.perplexity == pytest.approx(exact_plain_perplexity(model, ids), rel=3e-6)
+        # HF's float32 cross-entropy on the CPU is itself off the exact value by up to 1.8e-5
+        # relative in perplexity (measured on the trained model below: its summed NLL 9.736244
+        # against 9.736317 in float64); within that rounding it is the same number.
+        assert report.perplexity == pytest.approx(hf32, rel=5e-5)
+
+
+def test_plain_convention_is_the_hf_loss(tiny_model_dir, hf):
+    """--convention plain is exp(model(ids, labels=ids).loss), the seed's example."""
+    model, tokenizer = hf
+    texts = ("I have a dream", "The quick brown fox jumps over the lazy dog, again and again.")
+    check_plain_convention(tiny_model_dir, model, tokenizer, texts)
 
 
 def test_bits_per_byte_and_per_char(tiny_model_dir, hf):
@@ -306,3 +317,25 @@ def test_two_processes_give_the_single_process_result(tmp_path, tiny_model_dir):
     assert two["tokens"] == one.tokens
     assert two["perplexity"] == pytest.approx(one.perplexity, rel=1e-12)
     assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
+
+
+def test_plain_convention_on_a_trained_model(tiny_model_dir, tmp_path):
+    """The same at a perplexity like real GPT-2's on the seed's sentence (68.57, NLL 4.2), where
+    logits are larger and float32 rounding matters more."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from domainlm import TrainConfig, train
+
+    texts = ["I have a dream", "I have a dream that one day", "The quick brown fox jumps"]
+    train_file = tmp_path / "t.txt"
+    train_file.write_text("\n".join(texts * 20) + "\n")
+    out = tmp_path / "run"
+    train(TrainConfig(model=str(tiny_model_dir), train_file=str(train_file), output_dir=str(out),
+                      block_size=32, batch_size=4, lr=1e-2, max_steps=60, save_steps=100,
+                      precision="fp32", quiet=True))  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer(texts[0], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert float(model(ids, labels=ids).loss) < 5.0  # trained: the regime of real models
+    check_plain_convention(out, model, tokenizer, texts)
