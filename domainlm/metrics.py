@@ -28,7 +28,7 @@ class MetricsLog:
         if not enabled:
             return
         if resume_step > 0 and path.is_file():
-            kept = [e for e in _read_jsonl(path) if e.get("step", 0) <= resume_step]
+            kept = [e for e in read_events(path) if e.get("step", 0) <= resume_step]
             tmp = path.with_name(f".{path.name}.tmp")
             tmp.write_text("".join(json.dumps(e) + "\n" for e in kept))
             os.replace(tmp, path)
@@ -75,7 +75,8 @@ class MetricsLog:
         return None
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """The events of a metrics.jsonl, up to a line cut short by a crash."""
     events = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from domainlm.errors import UserError
+from domainlm.metrics import read_events
 
 PLOTS = {
     "training_loss.png": ("loss", "training loss (nats/token)", False),
@@ -63,12 +64,7 @@ def read_run(path: Path) -> RunData:
     metrics = path / "metrics.jsonl"
     if not metrics.is_file():
         raise UserError(f"{path}: not a training run (no metrics.jsonl in it)")
-    events = []
-    for line in metrics.read_text(encoding="utf-8").splitlines():
-        try:
-            events.append(json.loads(line))
-        except ValueError:
-            break  # a line cut by a crash ends the usable log
+    events = read_events(metrics)
     run = RunData(
         path,
         train=[e for e in events if "loss" in e],
