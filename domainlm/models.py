@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,14 +158,35 @@ def _load_pretrained(spec: str, trust_remote_code: bool) -> tuple[Any, Any]:
     if path.is_dir() and not (path / "config.json").is_file():
         raise UserError(f"{spec} is not a Hugging Face model folder (no config.json in it)")
     source = str(path) if path.is_dir() else spec
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+
+    def load(local_files_only: bool) -> tuple[Any, Any]:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, trust_remote_code=trust_remote_code, local_files_only=local_files_only
+        )
         model = AutoModelForCausalLM.from_pretrained(
             source,
             dtype=torch.float32,
             trust_remote_code=trust_remote_code,
             use_safetensors=True,  # never unpickle weights (a .bin file can run code)
+            local_files_only=local_files_only,
         )
+        return model, tokenizer
+
+    try:
+        if path.is_dir():
+            return load(local_files_only=True)
+        try:  # a hub id already in the local cache needs no network
+            return load(local_files_only=True)
+        except (OSError, ValueError):
+            pass
+        if not hub_reachable():
+            # Refuse at once: offline, huggingface_hub would retry for ~50 s per file.
+            raise UserError(
+                f"model '{spec}' is not in the local Hugging Face cache and the hub "
+                f"({hub_endpoint()}) is unreachable; use a local model folder, or an offline "
+                "preset such as scratch:gpt2 or scratch:tiny"
+            )
+        return load(local_files_only=False)
     except (OSError, ValueError) as exc:
         if path.is_dir():
             raise UserError(f"could not load the model in {spec}: {_first_line(exc)}") from exc
@@ -177,7 +199,25 @@ def _load_pretrained(spec: str, trust_remote_code: bool) -> tuple[Any, Any]:
             f"model): {_first_line(exc)}. Use a local model folder, or an offline preset such as "
             f"scratch:gpt2 or scratch:tiny"
         ) from exc
-    return model, tokenizer
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hugging Face hub opens within a few seconds."""
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        return False
+    url = urlparse(hub_endpoint())
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
 
 
 def _first_line(exc: BaseException) -> str:

@@ -221,3 +221,26 @@ def test_same_train_and_validation_file_warns_of_leakage(
     load_streams(config, loaded, fingerprint, Console())
     err = capsys.readouterr().err
     assert "warning: the validation file is the training file" in err and "leakage" in err
+
+
+def test_unreachable_hub_fails_fast_with_one_line(tmp_path: Path, corpus: Path) -> None:
+    """Without HF_HUB_OFFLINE, a hub that cannot be reached is one line within seconds, not a
+    minute of huggingface_hub's retry messages."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens on the discard port
+    out = tmp_path / "out"
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "domainlm", *args_for("gpt2", corpus / "train.txt", out)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert "is unreachable" in result.stderr and "scratch:" in result.stderr
+    assert elapsed < 30 and not out.exists()
