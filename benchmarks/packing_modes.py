@@ -12,38 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import tempfile
 from pathlib import Path
 
 from domainlm.config import TrainConfig
+from domainlm.demo import word_documents
 from domainlm.train import train
 
 
 def corpus(n: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    words = [
-        "the",
-        "cat",
-        "dog",
-        "sat",
-        "ran",
-        "on",
-        "a",
-        "mat",
-        "in",
-        "house",
-        "big",
-        "small",
-        "red",
-        "blue",
-        "and",
-        "then",
-        "it",
-        "away",
-    ]
-    return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 40))) for _ in range(n)]
+    return word_documents(n, seed)
 
 
 def step_speed(model_name: str, block: int, batch: int, repeats: int = 6) -> dict[str, float]:

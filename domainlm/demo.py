@@ -44,6 +44,20 @@ def stdlib_docstrings(limit: int | None = None) -> list[str]:
     return docs
 
 
+SMALL_VOCABULARY = (
+    "the cat dog sat ran on a mat in house big small red blue and then it away".split()
+)
+
+
+def word_documents(n: int, seed: int = 0) -> list[str]:
+    """A small synthetic corpus for tests and benchmarks: n documents of 3 to 40 words drawn
+    from an 18-word vocabulary (fast to learn, uneven lengths, deterministic)."""
+    rng = random.Random(seed)
+    return [
+        " ".join(rng.choice(SMALL_VOCABULARY) for _ in range(rng.randint(3, 40))) for _ in range(n)
+    ]
+
+
 def write_demo_corpus(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     docs = stdlib_docstrings()
     random.Random(seed).shuffle(docs)

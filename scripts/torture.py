@@ -27,40 +27,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from domainlm.demo import word_documents
+
 DOMAINLM = [sys.executable, "-m", "domainlm"]
-WORDS = [
-    "the",
-    "cat",
-    "dog",
-    "sat",
-    "ran",
-    "on",
-    "a",
-    "mat",
-    "in",
-    "house",
-    "big",
-    "small",
-    "red",
-    "blue",
-    "and",
-    "then",
-    "it",
-    "away",
-]
 
 
 def write_corpus(folder: Path) -> tuple[Path, Path]:
-    rng = random.Random(0)
-
-    def docs(n: int) -> str:
-        return "".join(
-            " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 40))) + "\n" for _ in range(n)
-        )
-
+    docs = word_documents(48, seed=0)
     train, valid = folder / "train.txt", folder / "valid.txt"
-    train.write_text(docs(40))
-    valid.write_text(docs(8))
+    train.write_text("".join(d + "\n" for d in docs[:40]))
+    valid.write_text("".join(d + "\n" for d in docs[40:]))
     return train, valid
 
 

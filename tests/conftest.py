@@ -37,8 +37,6 @@ def write_lines(path: Path, lines: list[str], newline: str = "\n") -> Path:
 
 def uneven_corpus(n: int = 60, seed: int = 0) -> list[str]:
     """Documents of uneven length from a small vocabulary (fast to learn, deterministic)."""
-    import random
+    from domainlm.demo import word_documents
 
-    rng = random.Random(seed)
-    words = "the cat dog sat ran on a mat in house big small red blue and then it away".split()
-    return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 40))) for _ in range(n)]
+    return word_documents(n, seed)
