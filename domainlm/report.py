@@ -115,7 +115,7 @@ def plot_runs(runs: list[RunData], output_dir: Path) -> list[Path]:
         if log_scale:
             ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
-        if runs:
+        if ax.get_legend_handles_labels()[0]:  # a run whose values are all NaN draws nothing
             ax.legend()
         fig.tight_layout()
         target = output_dir / filename
