@@ -137,11 +137,7 @@ def time_steps(model: Any, batch: int, block: int, steps: int) -> float:
 def inspect_data(config: InspectConfig) -> dict[str, Any]:
     """The full report as a dict (what --json prints)."""
     loaded = load_model(config.model)
-    block = config.block_size or min(1024, loaded.context_length)
-    if block > loaded.context_length:
-        raise UserError(
-            f"--block-size {block} is larger than the model's context of {loaded.context_length}"
-        )
+    block = loaded.block_size(config.block_size, default_cap=1024)
     fingerprint = tokenizer_fingerprint(loaded.tokenizer, loaded.eos_id)
 
     def load(path: str) -> TokenStream:

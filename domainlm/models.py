@@ -42,6 +42,18 @@ class LoadedModel:
     context_length: int
     source: str
 
+    def block_size(self, requested: int | None, default_cap: int | None = None) -> int:
+        """The window/block length to use: `requested`, else the context (at most `default_cap`);
+        one the model cannot attend over is refused."""
+        context = self.context_length
+        size = requested or min(context, default_cap or context)
+        if size > context:
+            raise UserError(
+                f"--block-size {size} is larger than the context of {context} tokens of "
+                f"{self.source}; use at most {context}"
+            )
+        return size
+
     @property
     def vocab_size(self) -> int:
         return int(self.model.get_input_embeddings().weight.shape[0])

@@ -252,12 +252,7 @@ def score_model(
     loaded = load_model(
         spec, eos_token=config.eos_token, trust_remote_code=config.trust_remote_code
     )
-    block_size = config.block_size or loaded.context_length
-    if block_size > loaded.context_length:
-        raise UserError(
-            f"--block-size {block_size} is larger than the context of {spec} "
-            f"({loaded.context_length} tokens); use at most {loaded.context_length}"
-        )
+    block_size = loaded.block_size(config.block_size)
     stride = config.stride or block_size - 1
     check_window(block_size, stride)
     loss_module = CausalLMLoss(loaded.model.to(device))

@@ -132,12 +132,7 @@ def train(config: TrainConfig) -> TrainResult:
             eos_token=config.eos_token,
             trust_remote_code=config.trust_remote_code,
         )
-        block_size = config.block_size or min(1024, loaded.context_length)
-        if block_size > loaded.context_length:
-            raise UserError(
-                f"--block-size {block_size} is larger than the model's context of "
-                f"{loaded.context_length} tokens; use at most {loaded.context_length}"
-            )
+        block_size = loaded.block_size(config.block_size, default_cap=1024)
         eval_stride = config.eval_stride or block_size - 1
         check_window(block_size, eval_stride)
         run_identity = {
