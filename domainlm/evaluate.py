@@ -118,15 +118,16 @@ def score_windows(
     loss_module.eval()
     bar = _progress(progress, len(padded), "scoring")
     try:
-        for rows, inputs, targets in window_batches(tokens, padded, batch_size):
-            with autocast(device, precision):
-                row_sums = loss_module(inputs.to(device), targets.to(device))
-            values = row_sums.double().cpu().numpy()
-            for row, value in zip(rows, values, strict=True):
-                if mine[row] >= 0:
-                    sums[mine[row]] = value
-            if bar is not None:
-                bar.update(len(rows))
+        # One autocast region for the whole evaluation: the weights do not change, so each is
+        # cast to the compute dtype once (autocast's cache), not once per batch.
+        with autocast(device, precision):
+            for rows, inputs, targets in window_batches(tokens, padded, batch_size):
+                values = loss_module(inputs.to(device), targets.to(device)).double().cpu().numpy()
+                for row, value in zip(rows, values, strict=True):
+                    if mine[row] >= 0:
+                        sums[mine[row]] = value
+                if bar is not None:
+                    bar.update(len(rows))
     finally:
         loss_module.train(was_training)
         if bar is not None:

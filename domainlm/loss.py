@@ -8,10 +8,10 @@ the full logits are 206 MB in float32, plus their log-softmax and its gradient, 
 models whose head is a plain linear layer over the backbone's last hidden state (GPT-2, Llama,
 Mistral, Qwen, GPT-NeoX...), `CausalLMLoss` instead runs the backbone, keeps only the positions
 that have a target, and computes head + cross-entropy chunk by chunk; the gradients of the head
-are formed during that pass (softmax - onehot, multiplied straight into them), so no chunk's
-logits outlive it and none is recomputed. The result is the same summed NLL (tests/test_loss.py
-compares it, and its gradients, with full-logits cross-entropy). Other architectures fall back to
-the full logits.
+are formed during that pass (softmax - onehot, kept in bf16 for up to 2,048 positions, then
+multiplied into them), so no float32 logits outlive their chunk and none is recomputed. The
+result is the same summed NLL (tests/test_loss.py compares it, and its gradients, with
+full-logits cross-entropy). Other architectures fall back to the full logits.
 """
 
 from __future__ import annotations
@@ -27,8 +27,11 @@ from domainlm.guard import maybe_inject_oom
 CHUNKED_HEAD_MODEL_TYPES = frozenset(
     {"gpt2", "gpt_neo", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "opt", "phi3"}
 )
-# Positions per head chunk: 256 x 50,257 float32 logits = 51 MB alive at a time for GPT-2.
+# Positions per head chunk: 256 x 50,257 float32 softmax = 51 MB alive at a time for GPT-2.
 DEFAULT_CHUNK_TOKENS = 256
+# Positions whose d nll / d logits are kept (in the compute dtype) for one pair of gradient
+# matmuls: 2,048 x 50,257 bf16 = 206 MB for GPT-2; a (4, 256) CPU batch is one group.
+GRAD_GROUP_TOKENS = 2048
 
 
 class CausalLMLoss(torch.nn.Module):
@@ -133,12 +136,14 @@ def chunked_nll_sums(
 class _LinearCrossEntropy(torch.autograd.Function):
     """(n, H) hidden, (V, H) weight -> (n,) float64 NLL, chunk by chunk over the n positions.
 
-    Forward computes each chunk's logits once, in float32 after the matmul, and, when gradients
-    are needed, turns them in place into d nll / d logits = softmax - onehot and multiplies that
-    straight into the gradients of hidden and weight, which are kept (n x H and V x H) instead of
-    any logits. Backward then only scales them by the incoming gradient. The incoming gradient is
-    per position; when it is not the same for all positions (training always has one scale: the
-    summed loss over the token count), backward recomputes the weight gradient with it.
+    Forward computes each chunk's logits once and their softmax in float32 (one fused kernel),
+    reads the NLL off it, and, when gradients are needed, turns it into d nll / d logits =
+    softmax - onehot, stored in the compute dtype for a group of chunks; each group's
+    gradients of hidden and weight are then two large matmuls (a weight-gradient matmul per
+    256-row chunk ran at half the speed on CPU). Backward only scales them by the incoming
+    gradient. The incoming gradient is per position; when it is not the same for all positions
+    (training always has one scale: the summed loss over the token count), backward recomputes
+    the weight gradient with it.
     """
 
     @staticmethod
@@ -148,39 +153,38 @@ class _LinearCrossEntropy(torch.autograd.Function):
         w = weight.to(compute_dtype)
         b = None if bias is None else bias.to(compute_dtype)
         x = hidden.to(compute_dtype)
-        nll = torch.empty(targets.shape[0], dtype=torch.float64, device=hidden.device)
-        grad_hidden = torch.zeros_like(hidden) if needs[0] else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs[1] else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if needs[2] else None
-        for start in range(0, targets.shape[0], chunk_tokens):
-            end = min(start + chunk_tokens, targets.shape[0])
-            logits = F.linear(x[start:end], w, b).float()  # (n, V)
-            tgt = targets[start:end]
-            valid = tgt != IGNORE_INDEX
-            safe = tgt.clamp(min=0).unsqueeze(1)
-            # nll = log(sum(exp(shifted))) - shifted[target], shifted = logits - row max, with
-            # the sum of the V exponentials accumulated in float64: a float32 sum over 50,257
-            # terms rounds at ~1e-6 relative, which is what the perplexity's precision would be.
-            # The target's shifted logit is formed in float64 too: the float32 subtraction at
-            # |logit| ~ 30 rounds at ~2e-6, straight into that token's NLL.
-            row_max = logits.max(dim=1, keepdim=True).values
-            target_logit = (logits.gather(1, safe) - row_max.double()).squeeze(1)
-            logits.sub_(row_max).exp_()
-            sum_exp = logits.sum(dim=1, dtype=torch.float64)
-            nll[start:end] = (torch.log(sum_exp) - target_logit) * valid
-            if not want_grads:
+        n = targets.shape[0]
+        nll = torch.empty(n, dtype=torch.float64, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if needs[0] else None
+        grad_weight = grad_bias = None
+        group_tokens = max(chunk_tokens, GRAD_GROUP_TOKENS)
+        for group_start in range(0, n, group_tokens):
+            group_end = min(group_start + group_tokens, n)
+            # d nll / d logits of the group's positions, filled chunk by chunk
+            grad_logits = (
+                torch.empty(
+                    group_end - group_start, w.shape[0], dtype=compute_dtype, device=hidden.device
+                )  # fmt: skip
+                if want_grads
+                else None
+            )
+            for start in range(group_start, group_end, chunk_tokens):
+                end = min(start + chunk_tokens, group_end)
+                logits = F.linear(x[start:end], w, b)  # (c, V), compute dtype
+                nll[start:end], probs = _nll_and_softmax(logits, targets[start:end])
+                if grad_logits is not None:
+                    grad_logits[start - group_start : end - group_start] = probs
+            if grad_logits is None:
                 continue
-            # softmax - onehot, rows without a target zeroed: d nll / d logits, in place
-            logits.div_(sum_exp.float().unsqueeze(1))
-            logits.scatter_add_(1, safe, -torch.ones_like(safe, dtype=logits.dtype))
-            logits.mul_(valid.unsqueeze(1))
-            g = logits.to(compute_dtype)
+            rows = slice(group_start, group_end)
             if grad_hidden is not None:
-                grad_hidden[start:end] = (g @ w).to(hidden.dtype)
-            if grad_weight is not None:
-                grad_weight.add_(g.t() @ x[start:end])
-            if grad_bias is not None:
-                grad_bias.add_(logits.sum(0))
+                grad_hidden[rows] = (grad_logits @ w).to(hidden.dtype)
+            if needs[1]:
+                part = (grad_logits.t() @ x[rows]).float()
+                grad_weight = part if grad_weight is None else grad_weight.add_(part)
+            if needs[2]:
+                part = grad_logits.sum(0, dtype=torch.float32)
+                grad_bias = part if grad_bias is None else grad_bias.add_(part)
         ctx.save_for_backward(hidden, weight, bias, targets, grad_hidden, grad_weight, grad_bias)
         ctx.chunk_tokens, ctx.compute_dtype = chunk_tokens, compute_dtype
         return nll
@@ -206,6 +210,34 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if grad_bias is not None:
             grad_bias = (grad_bias * scale).to(bias.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def _nll_and_softmax(
+    logits: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c, V) logits, (c,) targets -> (c,) float64 NLL, and softmax - onehot in float32 (rows
+    without a target zeroed): d nll / d logits.
+
+    NLL = logsumexp - target logit, with logsumexp = max - log(p_max) + log(sum p), p the float32
+    softmax: p_max = exp(0) / s is the softmax's own normalisation and the float64 sum of p
+    corrects its rounding, so the result has the precision of a float64 sum of the V
+    exponentials (a float32 one rounds at ~1e-6 relative, straight into the perplexity) at the
+    cost of one fused softmax. The target's logit and the subtraction are float64 too.
+    """
+    probs = torch.softmax(logits, dim=1, dtype=torch.float32)
+    valid = targets != IGNORE_INDEX
+    safe = targets.clamp(min=0).unsqueeze(1)
+    row_max = logits.amax(dim=1).double()
+    log_sum_exp = (
+        row_max
+        - torch.log(probs.amax(dim=1).double())
+        + torch.log(probs.sum(dim=1, dtype=torch.float64))
+    )
+    nll = (log_sum_exp - logits.gather(1, safe).squeeze(1).double()) * valid
+    probs.scatter_add_(1, safe, -torch.ones_like(safe, dtype=probs.dtype))
+    if probs.device.type != "cpu" or not bool(valid.all()):  # no host sync on a GPU
+        probs.mul_(valid.unsqueeze(1))
+    return nll, probs
 
 
 def _weighted_head_grads(hidden, weight, bias, targets, weights, chunk_tokens, compute_dtype,

@@ -53,6 +53,7 @@ from domainlm.generate import TrainingSampler
 from domainlm.lint import check_training_data
 from domainlm.lock import LOCK_FILE, RunLock
 from domainlm.loss import CausalLMLoss
+from domainlm.malloc import reuse_freed_host_memory
 from domainlm.metrics import Console, MetricsLog
 from domainlm.models import LoadedModel, load_model, tokenizer_fingerprint
 from domainlm.packing import check_packing_support
@@ -112,6 +113,7 @@ def train(config: TrainConfig) -> TrainResult:
         wrap_model,
     )
 
+    reuse_freed_host_memory()  # no page faults for each step's large blocks (domainlm/malloc.py)
     ctx = setup_distributed(config.dist_timeout)
     cleanup = ExitStack()  # the run lock and the signal handlers, released on every exit
     try:
@@ -261,8 +263,15 @@ def train(config: TrainConfig) -> TrainResult:
             done = step + 1
             (step_nll, step_targets), split = guard.with_oom_backoff(
                 lambda s, blocks=blocks: accumulate_gradients(
-                    train_module, dataset, blocks, s.batch_size, s.grad_accum, ctx, device,
-                    precision, scaler,
+                    train_module,
+                    dataset,
+                    blocks,
+                    s.batch_size,
+                    s.grad_accum,
+                    ctx,
+                    device,
+                    precision,
+                    scaler,
                 ),
                 split,
                 reset=lambda: optimizer.zero_grad(set_to_none=True),
@@ -326,7 +335,16 @@ def train(config: TrainConfig) -> TrainResult:
             if not final_step and guard.stop_agreed(stop, ctx, device):
                 if last_saved != output_dir / f"checkpoint-{done}":
                     save_training_checkpoint(
-                        output_dir, done, loaded, model, optimizer, scaler, cursor, ctx, None, config
+                        output_dir,
+                        done,
+                        loaded,
+                        model,
+                        optimizer,
+                        scaler,
+                        cursor,
+                        ctx,
+                        None,
+                        config,
                     )
                 console.close(bar)
                 raise guard.stopped_by_signal(stop, done, output_dir)
@@ -425,7 +443,11 @@ def accumulate_gradients(
             micro_batch_indices(blocks, micro, ctx.rank, ctx.world_size, batch_size)
         ).to(device)
         last = micro == grad_accum - 1
-        sync = nullcontext() if last or not hasattr(train_module, "no_sync") else train_module.no_sync()
+        sync = (
+            nullcontext()
+            if last or not hasattr(train_module, "no_sync")
+            else train_module.no_sync()
+        )
         with sync:
             with autocast(device, precision):
                 row_nll = train_module(

@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import domainlm.loss
 from domainlm.data import IGNORE_INDEX
-from domainlm.loss import CausalLMLoss, chunked_nll_sums, linear_head
+from domainlm.loss import CausalLMLoss, _nll_and_softmax, chunked_nll_sums, linear_head
 from domainlm.models import build_scratch_model
 
 
@@ -77,6 +78,46 @@ def assert_close_relative(got: torch.Tensor, expected: torch.Tensor, name: str) 
     assert error <= 1e-5 * scale, f"{name}: max error {error:.3g} vs scale {scale:.3g}"
 
 
+def test_gradients_formed_over_several_groups_equal_full_logits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The head's gradients are built one group of positions at a time (GRAD_GROUP_TOKENS, 2,048
+    normally); groups of 10 with chunks of 7 inside them must give the same gradients."""
+    monkeypatch.setattr(domainlm.loss, "GRAD_GROUP_TOKENS", 10)
+    model = tiny_gpt2()
+    inputs, targets = batch(seed=5)
+    reference_row_sums(model, inputs, targets).sum().backward()
+    expected_grads = grads(model)
+    model.zero_grad(set_to_none=True)
+    got = CausalLMLoss(model, chunk_tokens=7)(inputs, targets)
+    got.sum().backward()
+    torch.testing.assert_close(got, reference_row_sums(model, inputs, targets), rtol=1e-5, atol=0)
+    for name, g in expected_grads.items():
+        assert_close_relative(grads(model)[name], g, name)
+
+
+def test_nll_and_softmax_are_float64_exact_and_skip_rows_without_target() -> None:
+    """The NLL read off the float32 softmax (max - log p_max + log sum p) equals a float64
+    log-softmax to 1e-6 absolute even for wide logits; a row without a target (kept unfiltered
+    on a GPU) scores 0 and has zero gradient; the others get softmax - onehot."""
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(5, 50257, generator=g) * torch.tensor([1.0, 5, 20, 1, 3])[:, None]
+    targets = torch.randint(0, 50257, (5,), generator=g)
+    targets[3] = IGNORE_INDEX
+    nll, grad = _nll_and_softmax(logits, targets)
+    log_probs = torch.log_softmax(logits.double(), dim=1)
+    expected = -log_probs.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
+    expected[3] = 0.0
+    assert nll.dtype == torch.float64
+    assert (nll - expected).abs().max().item() < 1e-6
+    expected_grad = log_probs.exp()
+    expected_grad[torch.arange(5), targets.clamp(min=0)] -= 1.0
+    expected_grad[3] = 0.0
+    # the gradient is a float32 softmax (its normalising sum rounds at ~1e-6): bf16 after this
+    assert (grad.double() - expected_grad).abs().max().item() < 1e-5
+    assert grad[3].abs().sum().item() == 0.0
+
+
 def test_fully_masked_row_scores_zero_and_eval_mode_matches() -> None:
     model = tiny_gpt2().eval()
     inputs, targets = batch(seed=1)
@@ -119,7 +160,9 @@ def test_chunked_nll_sums_with_bias_matches_linear_reference() -> None:
     got_grad = hidden.grad.clone()
     hidden.grad = None
     expected = F.cross_entropy(
-        head(hidden).double().transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
+        head(hidden).double().transpose(1, 2),
+        targets,
+        ignore_index=IGNORE_INDEX,
         reduction="none",
     ).sum(1)
     expected.sum().backward()
