@@ -180,8 +180,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden[rows] = (grad_logits @ w).to(hidden.dtype)
             if needs[1]:
-                part = (grad_logits.t() @ x[rows]).float()
-                grad_weight = part if grad_weight is None else grad_weight.add_(part)
+                # one group (a CPU batch): kept in the compute dtype, made float32 by backward's
+                # scaling; several: summed in float32
+                part = grad_logits.t() @ x[rows]
+                grad_weight = part if grad_weight is None else grad_weight.float().add_(part)
             if needs[2]:
                 part = grad_logits.sum(0, dtype=torch.float32)
                 grad_bias = part if grad_bias is None else grad_bias.add_(part)
@@ -205,7 +207,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_hidden = grad_hidden * (
                 scale if uniform else grad_nll.unsqueeze(1).to(hidden.dtype)
             )
-        if grad_weight is not None:
+        if grad_weight is not None:  # scale is a float32 (1,) tensor: a bf16 product is float32
             grad_weight = (grad_weight * scale).to(weight.dtype)
         if grad_bias is not None:
             grad_bias = (grad_bias * scale).to(bias.dtype)
