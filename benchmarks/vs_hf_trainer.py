@@ -448,7 +448,7 @@ def quality(results: dict[tuple[str, str], list[dict]]) -> str:
         bf16, fp32 = (statistics.median(r["eval_loss"] for r in runs[p]) for p in ("bf16", "fp32"))
         name = "domainlm" if tool == "domainlm" else "HF Trainer"
         lines.append(f"- {name}: validation loss {bf16:.4f} (bf16) vs {fp32:.4f} (fp32), "
-                     f"bf16 - fp32 = {bf16 - fp32:+.4f}")  # fmt: skip
+                     f"bf16 - fp32 = {bf16 - fp32:+.5f}")  # fmt: skip
     return "\n".join(lines)
 
 
