@@ -12,7 +12,7 @@ import os
 import sys
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,15 +50,27 @@ def _base_type(annotation: Any) -> tuple[Any, bool]:
     return annotation, False
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per field, in --kebab-case and --snake_case, help from the field's metadata."""
+def add_dataclass_arguments(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    *,
+    aliases: Mapping[str, str] | None = None,
+    enforce_required: bool = False,
+) -> None:
+    """One flag per field, in --kebab-case and --snake_case, help from the field's metadata.
+
+    `aliases` maps other spellings (run_clm.py's) to field names. A list field is given as
+    `--flag a b`, or, when its metadata says `repeatable`, as `--flag a --flag b`. Fields left
+    out stay out of the namespace, so the dataclass's own defaults (or a --config file) apply;
+    `enforce_required` has argparse refuse a missing required field instead.
+    """
     hints = _field_types(cls)
-    aliases: dict[str, list[str]] = {}
-    for alias, target in SEED_ALIASES.items():
-        aliases.setdefault(target, []).append(alias)
+    spellings: dict[str, list[str]] = {}
+    for alias, target in (aliases or {}).items():
+        spellings.setdefault(target, []).append(alias)
     for f in dataclasses.fields(cls):
         names = {f"--{f.name.replace('_', '-')}", f"--{f.name}"}
-        names.update(f"--{a}" for a in aliases.get(f.name, []))
+        names.update(f"--{a}" for a in spellings.get(f.name, []))
         flags = sorted(names, key=lambda n: ("_" in n, len(n)))
         help_text = f.metadata.get("help", "")
         kind, is_list = _base_type(hints[f.name])
@@ -69,8 +81,12 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["type"] = kind
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
-            if is_list:
+            if is_list and f.metadata.get("repeatable"):
+                kwargs.update(action="append", metavar=f.name.upper())
+            elif is_list:
                 kwargs["nargs"] = "+"
+        if enforce_required and f.metadata.get("required"):
+            kwargs["required"] = True
         if f.default is not dataclasses.MISSING and f.default is not None and kind is not bool:
             kwargs["help"] = f"{help_text} (default: {f.default})"
         parser.add_argument(*flags, **kwargs)
@@ -84,7 +100,7 @@ def _add_train_parser(sub: Any) -> None:
         allow_abbrev=False,
     )
     p.add_argument("--config", dest="config_file", help="YAML file of options; flags override it")
-    add_dataclass_arguments(p, TrainConfig)
+    add_dataclass_arguments(p, TrainConfig, aliases=SEED_ALIASES)
     for flag in ACCEPTED_NO_OP_FLAGS:
         p.add_argument(f"--{flag}", action="store_true", help=argparse.SUPPRESS)
     for flag in PRECISION_FLAGS:
@@ -163,7 +179,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _add_perplexity_parser(sub: Any) -> None:
-    """`domainlm perplexity`: flags from PerplexityConfig's fields; --model may be repeated."""
+    """`domainlm perplexity`: flags from PerplexityConfig's fields; --model is repeatable."""
     from domainlm.perplexity import PerplexityConfig
 
     p = sub.add_parser(
@@ -173,18 +189,7 @@ def _add_perplexity_parser(sub: Any) -> None:
         "--model give one side-by-side table.",
         allow_abbrev=False,
     )
-    hints = _field_types(PerplexityConfig)
-    for f in dataclasses.fields(PerplexityConfig):
-        flags = sorted({f"--{f.name.replace('_', '-')}", f"--{f.name}"}, key=lambda n: "_" in n)
-        kind, _ = _base_type(hints[f.name])
-        kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"]}
-        if f.name == "model":
-            kwargs.update(action="append", required=True, metavar="MODEL")
-        elif kind is bool:
-            kwargs.update(action="store_true")
-        else:
-            kwargs.update(type=kind, default=f.default, choices=f.metadata.get("choices"))
-        p.add_argument(*flags, **kwargs)
+    add_dataclass_arguments(p, PerplexityConfig, enforce_required=True)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=_run_perplexity)
 
@@ -212,7 +217,7 @@ def _add_generate_parser(sub: Any) -> None:
         "reports the longest span of each sample copied verbatim from the training data.",
         allow_abbrev=False,
     )
-    add_dataclass_arguments(p, GenerateConfig)
+    add_dataclass_arguments(p, GenerateConfig, aliases=SEED_ALIASES)
     p.add_argument(
         "--prompt", dest="prompts", action="append", help="a prompt to continue (repeatable)"
     )
@@ -256,7 +261,7 @@ def _add_inspect_parser(sub: Any) -> None:
         help="count, lint and size a corpus before training (tokens, steps, time, memory)",
         allow_abbrev=False,
     )
-    add_dataclass_arguments(p, InspectConfig)
+    add_dataclass_arguments(p, InspectConfig, aliases=SEED_ALIASES)
     p.set_defaults(handler=_run_inspect)
 
 

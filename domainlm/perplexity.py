@@ -52,6 +52,7 @@ class PerplexityConfig:
         None,
         "Model to score: hub id, local folder or scratch:NAME. Repeat for a side-by-side table.",
         required=True,
+        repeatable=True,
     )
     file: str | None = opt(
         None, "Texts to score: .txt (one per line), .jsonl with 'text', or a folder."

@@ -13,7 +13,6 @@ depend on the summation order of two ranks; no tolerance on them alone would mea
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -31,6 +30,7 @@ from safetensors.torch import load_file
 from domainlm.config import TrainConfig
 from domainlm.distributed import DistContext, rank_lost, setup_distributed
 from domainlm.errors import TrainingAborted
+from domainlm.metrics import read_events
 from domainlm.train import train
 
 STEPS = 4
@@ -72,12 +72,12 @@ def run_ok(cmd: list[str], env: dict[str, str]) -> str:
 
 
 def train_losses(out: Path) -> dict[int, float]:
-    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    events = read_events(out / "metrics.jsonl")
     return {e["step"]: e["loss"] for e in events if "loss" in e}
 
 
 def eval_events(out: Path) -> dict[int, dict]:
-    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    events = read_events(out / "metrics.jsonl")
     return {e["step"]: e for e in events if "eval_ppl" in e}
 
 

@@ -1,4 +1,4 @@
-"""reuse_freed_host_memory: a freed 64 MB tensor's pages are reused, not faulted in again."""
+"""reuse_freed_host_memory: freed 64 MB tensors' pages are reused, not faulted in again."""
 
 from __future__ import annotations
 
@@ -20,8 +20,12 @@ def faults_for_a_fresh_block():
     block.fill_(1.0)
     del block
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-faults_for_a_fresh_block()
-print(json.dumps({"applied": applied, "faults": faults_for_a_fresh_block()}))
+# The heap settles after a first block or two (a small allocation can land in a freed block, so
+# the next one grows the heap once); a training loop is that steady state: count cycles 4-8.
+for _ in range(3):
+    faults_for_a_fresh_block()
+steady = sum(faults_for_a_fresh_block() for _ in range(5))
+print(json.dumps({"applied": applied, "faults": steady}))
 """
 
 
@@ -38,10 +42,10 @@ def run_snippet(system_malloc: bool) -> dict:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 def test_freed_blocks_are_reused_without_page_faults_unless_opted_out() -> None:
-    pages = 64 * 2**20 // 4096  # 16,384 pages of 4 KiB in the block
+    pages = 64 * 2**20 // 4096  # 16,384 pages of 4 KiB in a block; 5 blocks measured
     reused = run_snippet(system_malloc=False)
     assert reused["applied"] is True
-    assert reused["faults"] < pages // 10, reused
+    assert reused["faults"] < pages // 2, reused
     system = run_snippet(system_malloc=True)  # glibc default: mmap per block, faulted afresh
     assert system["applied"] is False
-    assert system["faults"] > pages // 2, system
+    assert system["faults"] > 4 * pages, system

@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from domainlm import checkpoint as ckpt
 from domainlm.cli import main as cli_main
 from domainlm.lock import LOCK_FILE, RunLock, pid_alive
+from domainlm.metrics import read_events
 
 MAX_STEPS = 9  # 8 steps per epoch: the runs cross an epoch boundary
 
@@ -55,7 +56,7 @@ def env_for(corpus: Path, **extra: str) -> dict[str, str]:
 
 
 def metric_events(out: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_events(out / "metrics.jsonl")
     for row in rows:
         row.pop("tokens_per_s", None)  # the only field that depends on timing
     return rows

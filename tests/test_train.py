@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from domainlm import TrainConfig, train
 from domainlm.errors import UserError
+from domainlm.metrics import read_events
 from domainlm.schedule import learning_rate
 
 
@@ -82,7 +83,7 @@ def test_end_to_end_files_limit_loss_and_reload(tiny_model_dir: Path, corpus, tm
         assert {"model.safetensors", "config.json", "training_state.pt", "checkpoint.json",
                 "tokenizer.json"} <= files
 
-    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    events = read_events(out / "metrics.jsonl")
     train_steps = [e["step"] for e in events if "loss" in e]
     eval_steps = [e["step"] for e in events if "eval_ppl" in e]
     assert train_steps == [2, 4, 6, 8, 10, 12]
@@ -159,7 +160,7 @@ def test_grad_accumulation_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> N
         out = tmp_path / name
         train(base_config(tiny_model_dir, train_file, out, batch_size=batch_size, grad_accum=accum,
                           **common))
-        events = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        events = read_events(out / "metrics.jsonl")
         runs.append([e["loss"] for e in events if "loss" in e])
     assert len(runs[0]) == 3
     assert runs[0] == pytest.approx(runs[1], rel=1e-5)
@@ -175,7 +176,7 @@ def test_resume_auto_continues_and_other_runs_are_protected(
     train(base_config(tiny_model_dir, train_file, out, **cfg))
     extended = train(base_config(tiny_model_dir, train_file, out, **{**cfg, "max_steps": 6}))
     assert extended.resumed_from == out / "checkpoint-4"
-    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [e["step"] for e in read_events(out / "metrics.jsonl")]
     assert steps == sorted(steps) and steps.count(6) == 2 and steps.count(4) == 2
 
     # A folder of someone else's files is refused, and nothing in it is touched.

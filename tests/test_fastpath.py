@@ -1,0 +1,144 @@
+"""fastpath.py: kernel swaps that keep the function (GELU, dropout's distribution, attention)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+import domainlm.fastpath as fastpath
+from domainlm.fastpath import (
+    ATTENTION_NAME,
+    FastDropout,
+    TanhGELU,
+    cpu_dropout,
+    sdpa_unless_cpu_dropout,
+    use_fast_kernels,
+)
+from domainlm.models import build_scratch_model
+
+
+def tiny_gpt2(**dropouts: float) -> torch.nn.Module:
+    rates = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, **dropouts}
+    return build_scratch_model("tiny", seed=0, **rates)
+
+
+def ids(seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 50257, (3, 40), generator=torch.Generator().manual_seed(seed))
+
+
+def test_swaps_keep_the_function_and_the_saved_config(tmp_path: Path) -> None:
+    model = tiny_gpt2().eval()
+    with torch.no_grad():
+        before = model(input_ids=ids()).logits
+        layers = model.config.n_layer
+        # n_layer GELUs; dropouts: embeddings + 3 per layer; the attention setting
+        assert use_fast_kernels(model) == layers + (1 + 3 * layers) + 1
+        assert isinstance(model.transformer.h[0].mlp.act, TanhGELU)
+        assert isinstance(model.transformer.h[0].attn.attn_dropout, FastDropout)
+        assert not model.transformer.h[0].attn.attn_dropout.training  # eval mode kept
+        assert model.config._attn_implementation == ATTENTION_NAME
+        after = model(input_ids=ids()).logits
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["activation_function"] == "gelu_new" and ATTENTION_NAME not in json.dumps(saved)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids()).logits, before, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_dropout_is_bernoulli_p_seeded_and_its_gradient_uses_the_same_mask() -> None:
+    p, n = 0.1, 1_000_000
+    x = torch.ones(n, requires_grad=True)
+    torch.manual_seed(3)
+    out = cpu_dropout(x, p)
+    dropped = (out == 0).double().mean().item()
+    assert abs(dropped - p) < 0.0015  # 5 standard deviations of a Bernoulli(0.1) mean over 1e6
+    kept = out[out != 0]
+    assert torch.all(kept == kept[0]) and kept[0].item() == pytest.approx(1 / (1 - p), rel=1e-6)
+    out.sum().backward()
+    assert torch.equal(x.grad, out.detach())  # d out / d x = keep / (1 - p)
+    torch.manual_seed(3)
+    assert torch.equal(cpu_dropout(torch.ones(n), p), out.detach())  # the seed decides the mask
+    assert torch.equal(cpu_dropout(torch.ones(5), 0.0), torch.ones(5))
+
+
+class _Attention(torch.nn.Module):
+    is_causal = True
+
+
+def _qkv(seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 4, 9, 8, generator=g, requires_grad=True) for _ in range(3)]
+
+
+def _reference(q, k, v, bias: torch.Tensor, keep: torch.Tensor | None, p: float):  # type: ignore[no-untyped-def]
+    """The slow obvious formula in float64: softmax(q k^T / sqrt(d) + bias), dropout, @ v."""
+    w = torch.softmax((q.double() @ k.double().transpose(-1, -2)) / 8**0.5 + bias, dim=-1)
+    if keep is not None:
+        w = w * keep / (1 - round(p * 2**31) / 2**31)
+    return (w @ v.double()).transpose(1, 2)
+
+
+@pytest.mark.parametrize("mask", ["causal", "bool", "float"])
+def test_attention_with_cpu_dropout_equals_the_formula(mask: str) -> None:
+    """The eager path, with its dropout mask redrawn from the same seed for the reference."""
+    q, k, v = _qkv()
+    causal = torch.ones(9, 9, dtype=torch.bool).tril()
+    bias = torch.zeros(9, 9, dtype=torch.float64).masked_fill(~causal, float("-inf"))
+    attention_mask = {
+        "causal": None,
+        "bool": causal.expand(2, 1, 9, 9),
+        "float": bias.float().clamp(min=torch.finfo(torch.float32).min).expand(2, 1, 9, 9),
+    }[mask]
+    module, p = _Attention().train(), 0.25
+    torch.manual_seed(7)
+    got, _ = sdpa_unless_cpu_dropout(module, q, k, v, attention_mask, dropout=p)
+    torch.manual_seed(7)
+    keep = torch.empty(2, 4, 9, 9, dtype=torch.int32).random_() >= round(p * 2**31)
+    expected = _reference(q, k, v, bias, keep, p)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    got.sum().backward()
+    got_grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    expected.sum().backward()
+    for got_grad, t in zip(got_grads, (q, k, v), strict=True):
+        torch.testing.assert_close(got_grad.double(), t.grad.double(), rtol=1e-5, atol=1e-6)
+
+
+def test_attention_is_sdpa_without_dropout_and_in_eval() -> None:
+    q, k, v = _qkv(seed=2)
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+    for module in (_Attention().train(), _Attention().eval()):  # eval: transformers passes 0.0
+        got, _ = sdpa_unless_cpu_dropout(module, q, k, v, None, dropout=0.0)
+        torch.testing.assert_close(got, expected)
+
+
+def test_model_in_training_takes_the_eager_path_with_the_same_result(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A GPT-2 in train mode with attention dropout goes through the eager formula: with the
+    dropout itself made the identity, its logits equal the plain sdpa model's without dropout."""
+    plain = tiny_gpt2().train()
+    with torch.no_grad():
+        expected = plain(input_ids=ids(4)).logits
+    model = tiny_gpt2(attn_pdrop=0.1).train()
+    use_fast_kernels(model)
+    calls = []
+
+    def identity(x: torch.Tensor, p: float) -> torch.Tensor:
+        calls.append(p)
+        return x
+
+    monkeypatch.setattr(fastpath, "cpu_dropout", identity)
+    with torch.no_grad():
+        got = model(input_ids=ids(4)).logits
+    assert [p for p in calls if p > 0] == [0.1] * model.config.n_layer  # the attention's
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
