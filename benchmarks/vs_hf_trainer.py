@@ -34,8 +34,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-DOCS_FILE = ROOT / "docs" / "benchmarks.md"
+from docs_section import write_section
+
 SECTION = "## Training vs the HF Trainer"
 
 
@@ -477,19 +477,6 @@ def machine() -> str:
             f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min) when the table was written")  # fmt: skip
 
 
-def write_docs(text: str) -> None:
-    """Replace (or append) this benchmark's section of docs/benchmarks.md; others' stay."""
-    DOCS_FILE.parent.mkdir(exist_ok=True)
-    old = DOCS_FILE.read_text(encoding="utf-8") if DOCS_FILE.exists() else "# Benchmarks\n"
-    start = old.find(SECTION)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + (old[end + 1 :] if end >= 0 else "")
-    DOCS_FILE.write_text(new.rstrip("\n") + "\n", encoding="utf-8")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("mode", nargs="?", default="compare",
@@ -554,8 +541,7 @@ def main() -> None:
         "drops the remainder, domainlm adds EOS after each line):", "", same_learning, "",
     ])  # fmt: skip
     if args.write_docs:
-        write_docs(text)
-        print(f"wrote {DOCS_FILE}")
+        write_section(SECTION, text)
 
 
 if __name__ == "__main__":

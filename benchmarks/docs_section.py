@@ -1,0 +1,21 @@
+"""Write one benchmark's section of docs/benchmarks.md, leaving the other sections as they are."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DOCS_FILE = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+
+
+def write_section(heading: str, text: str, docs_file: Path = DOCS_FILE) -> None:
+    """Replace the section that starts with `heading` (up to the next `## `), or append it."""
+    docs_file.parent.mkdir(exist_ok=True)
+    old = docs_file.read_text(encoding="utf-8") if docs_file.exists() else "# Benchmarks\n"
+    start = old.find(heading)
+    if start < 0:
+        new = old.rstrip("\n") + "\n\n" + text
+    else:
+        end = old.find("\n## ", start + len(heading))
+        new = old[:start] + text + (old[end + 1 :] if end >= 0 else "")
+    docs_file.write_text(new.rstrip("\n") + "\n", encoding="utf-8")
+    print(f"wrote {docs_file}")
