@@ -16,6 +16,7 @@ def write_section(heading: str, text: str, docs_file: Path = DOCS_FILE) -> None:
         new = old.rstrip("\n") + "\n\n" + text
     else:
         end = old.find("\n## ", start + len(heading))
-        new = old[:start] + text + (old[end + 1 :] if end >= 0 else "")
+        rest = old[end + 1 :] if end >= 0 else ""
+        new = old[:start] + text.rstrip("\n") + "\n\n" + rest
     docs_file.write_text(new.rstrip("\n") + "\n", encoding="utf-8")
     print(f"wrote {docs_file}")

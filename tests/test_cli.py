@@ -54,15 +54,28 @@ def test_unknown_yaml_key_is_a_clear_error(tmp_path: Path, capsys: pytest.Captur
 
 
 def test_non_positive_numbers_are_refused(capsys: pytest.CaptureFixture) -> None:
-    code = main(["train", "--model", "scratch:tiny", "--train-file", "x", "--output-dir", "o",
-                 "--batch-size", "0"])
+    code = main(
+        [
+            "train",
+            "--model",
+            "scratch:tiny",
+            "--train-file",
+            "x",
+            "--output-dir",
+            "o",
+            "--batch-size",
+            "0",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--batch-size must be a positive number" in err and "\n" not in err
 
 
 def test_help_texts_come_from_the_config_docstrings() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "domainlm", "train", "--help"], capture_output=True, text=True,
+        [sys.executable, "-m", "domainlm", "train", "--help"],
+        capture_output=True,
+        text=True,
         check=True,
     )
     assert "--grad-accum" in result.stdout and "Micro-batches accumulated" in result.stdout

@@ -38,7 +38,10 @@ def test_txt_skips_blank_lines_and_handles_crlf_and_bom(tmp_path: Path) -> None:
 def test_jsonl_text_field(tmp_path: Path) -> None:
     path = tmp_path / "t.jsonl"
     path.write_text(
-        json.dumps({"text": "first doc", "id": 1}) + "\n\n" + json.dumps({"text": "two\nlines"}) + "\n"
+        json.dumps({"text": "first doc", "id": 1})
+        + "\n\n"
+        + json.dumps({"text": "two\nlines"})
+        + "\n"
     )
     assert read_documents(path) == ["first doc", "two\nlines"]
 

@@ -5,10 +5,13 @@ must agree with each other: 2 ranks == 1 rank with 2 accumulated micro-batches =
 FSDP, and a 2-rank run resumed by 1 rank == the uninterrupted run. The expensive launches are
 module fixtures shared by several tests.
 
-Weights are compared as a relative L2 distance over the whole model and a max-abs difference
-relative to the largest weight: per element, attention's key biases have a gradient that is
-exactly zero in theory, float noise in practice, which Adam turns into +-lr steps whose signs
-depend on the summation order of two ranks; no tolerance on them alone would mean anything.
+Weights are compared as a relative L2 distance over the whole model (1e-5) and a max-abs
+difference relative to the largest weight (1e-4, a tenth of one Adam step at lr 1e-3): per
+element, a weight whose gradient is zero in theory (attention's key biases) or nearly zero is
+float noise in practice, which Adam divides by its own tiny second moment and turns into steps
+of up to +-lr whose signs depend on the summation order of two ranks (one value weight of 12,288
+moved 1.4e-5 apart, the rest at most 3e-6). A parameter left out of the gradient sync, or a
+wrong average, moves every element by about lr per step: 10x over the bound.
 """
 
 from __future__ import annotations
@@ -81,13 +84,13 @@ def eval_events(out: Path) -> dict[int, dict]:
     return {e["step"]: e for e in events if "eval_ppl" in e}
 
 
-def assert_same_weights(a: Path, b: Path, rel: float = 1e-5) -> None:
+def assert_same_weights(a: Path, b: Path, rel: float = 1e-5, rel_max: float = 1e-4) -> None:
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert wa.keys() == wb.keys()
     diff = torch.cat([(wa[k] - wb[k]).flatten() for k in wa])
     ref = torch.cat([wb[k].flatten() for k in wb])
     assert (diff.norm() / ref.norm()).item() < rel
-    assert (diff.abs().max() / ref.abs().max()).item() < rel
+    assert (diff.abs().max() / ref.abs().max()).item() < rel_max
 
 
 def assert_same_losses(a: dict[int, float], b: dict[int, float], rel: float = 1e-5) -> None:

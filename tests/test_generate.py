@@ -67,7 +67,10 @@ def test_a_seed_makes_sampling_reproducible(tiny) -> None:
             num_samples=2,
         )
         assert [(s.prompt, s.sample) for s in samples] == [
-            ("the cat", 0), ("the cat", 1), ("a dog sat", 0), ("a dog sat", 1)
+            ("the cat", 0),
+            ("the cat", 1),
+            ("a dog sat", 0),
+            ("a dog sat", 1),
         ]
         return [s.text for s in samples]
 
@@ -103,8 +106,13 @@ def test_generation_stops_at_eos(tiny) -> None:
     hook = tiny.model.lm_head.register_forward_hook(lambda m, i, out: out + bias)
     try:
         samples = generate_samples(
-            tiny.model, tiny.tokenizer, tiny.eos_id, ["hello"], max_new_tokens=20,
-            settings=SamplingSettings(temperature=1.0), seed=0,
+            tiny.model,
+            tiny.tokenizer,
+            tiny.eos_id,
+            ["hello"],
+            max_new_tokens=20,
+            settings=SamplingSettings(temperature=1.0),
+            seed=0,
         )
     finally:
         hook.remove()
@@ -113,8 +121,12 @@ def test_generation_stops_at_eos(tiny) -> None:
 
 def test_demo_api_and_bad_options(tiny_model_dir: Path) -> None:
     config = GenerateConfig(
-        model=str(tiny_model_dir), prompts=["the cat", "x"], max_new_tokens=6,
-        temperature=0.8, top_k=50, seed=0,
+        model=str(tiny_model_dir),
+        prompts=["the cat", "x"],
+        max_new_tokens=6,
+        temperature=0.8,
+        top_k=50,
+        seed=0,
     )
     texts = generate_texts(config)
     assert len(texts) == 2 and texts == generate_texts(config)
@@ -132,8 +144,9 @@ def test_cli_streams_one_prompt_and_prints_json_for_many(
     assert main([*base, "--prompt", "The cat", "--temperature", "0"]) == 0
     streamed = capsys.readouterr().out
     expected = generate_texts(
-        GenerateConfig(model=str(tiny_model_dir), prompts=["The cat"], max_new_tokens=5,
-                       temperature=0, seed=1)
+        GenerateConfig(
+            model=str(tiny_model_dir), prompts=["The cat"], max_new_tokens=5, temperature=0, seed=1
+        )
     )[0]
     assert streamed == f"The cat{expected}\n"
 
@@ -170,7 +183,7 @@ def test_memorization_finds_a_planted_span(tiny, tmp_path: Path, isolated_cache:
     index, hit, _ = NgramIndex.load_or_build(cached.stream, isolated_cache, cached.key)
     assert not hit
     planted_ids = tok(planted, add_special_tokens=False)["input_ids"]
-    copied = planted_ids[3:3 + 20]
+    copied = planted_ids[3 : 3 + 20]
     # Fresh text: token ids that occur nowhere in the corpus (it has ~20 distinct words).
     fresh = np.random.default_rng(0).integers(30000, 40000, size=60).tolist()
     sample = fresh[:15] + copied + fresh[15:30]
@@ -178,7 +191,7 @@ def test_memorization_finds_a_planted_span(tiny, tmp_path: Path, isolated_cache:
     span = index.longest_copy(sample)
     assert span is not None
     assert (span.length, span.sample_start) == (20, 15)
-    assert list(cached.stream.tokens[span.train_start:span.train_start + 20]) == copied
+    assert list(cached.stream.tokens[span.train_start : span.train_start + 20]) == copied
     assert source_line(train_file, span.document) == line_number
     assert index.longest_copy(fresh) is None
     assert index.longest_copy(copied[: NGRAM - 1]) is None  # shorter than an n-gram: not reported
@@ -206,18 +219,22 @@ def test_memorization_index_matches_a_brute_force_search() -> None:
     index = NgramIndex.build(stream)
     for trial in range(5):
         start = int(rng.integers(1, 2900))
-        sample = np.concatenate([rng.integers(0, 6, 10), tokens[start:start + 30], rng.integers(0, 6, 10)])
+        sample = np.concatenate(
+            [rng.integers(0, 6, 10), tokens[start : start + 30], rng.integers(0, 6, 10)]
+        )
         best = 0
         for j in range(len(sample)):
             for p in range(len(tokens)):
                 k = 0
-                while j + k < len(sample) and p + k < len(tokens) and sample[j + k] == tokens[p + k]:
+                while (
+                    j + k < len(sample) and p + k < len(tokens) and sample[j + k] == tokens[p + k]
+                ):
                     k += 1
                 best = max(best, k)
         span = index.longest_copy(sample.tolist())
         assert span is not None and span.length == best, trial
-        got = tokens[span.train_start:span.train_start + span.length]
-        assert list(got) == list(sample[span.sample_start:span.sample_start + span.length])
+        got = tokens[span.train_start : span.train_start + span.length]
+        assert list(got) == list(sample[span.sample_start : span.sample_start + span.length])
 
 
 def test_cli_memorization_check(
@@ -225,8 +242,19 @@ def test_cli_memorization_check(
 ) -> None:
     train_file, _, _ = planted_corpus(tmp_path)
     args = [
-        "generate", "--model", str(tiny_model_dir), "--prompt", "the cat", "--max-new-tokens", "8",
-        "--seed", "0", "--check-memorization", "--train-file", str(train_file), "--json",
+        "generate",
+        "--model",
+        str(tiny_model_dir),
+        "--prompt",
+        "the cat",
+        "--max-new-tokens",
+        "8",
+        "--seed",
+        "0",
+        "--check-memorization",
+        "--train-file",
+        str(train_file),
+        "--json",
     ]
     assert main(args) == 0
     captured = capsys.readouterr()

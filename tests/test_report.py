@@ -35,13 +35,29 @@ def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
     train_file = write_lines(base / "train.txt", uneven_corpus(40))
     valid_file = write_lines(base / "valid.txt", uneven_corpus(6, seed=1))
     common = dict(
-        model=str(tiny_model_dir), train_file=str(train_file), validation_file=str(valid_file),
-        block_size=32, batch_size=2, max_steps=4, save_steps=2, logging_steps=1, lr=1e-3,
-        precision="fp32", quiet=True, cache_dir=str(base / "cache"),
+        model=str(tiny_model_dir),
+        train_file=str(train_file),
+        validation_file=str(valid_file),
+        block_size=32,
+        batch_size=2,
+        max_steps=4,
+        save_steps=2,
+        logging_steps=1,
+        lr=1e-3,
+        precision="fp32",
+        quiet=True,
+        cache_dir=str(base / "cache"),
     )
     sampled = base / "sampled"
-    train(TrainConfig(output_dir=str(sampled), sample_prompts=PROMPTS, sample_every=2,
-                      sample_max_new_tokens=6, **common))
+    train(
+        TrainConfig(
+            output_dir=str(sampled),
+            sample_prompts=PROMPTS,
+            sample_every=2,
+            sample_max_new_tokens=6,
+            **common,
+        )
+    )
     plain = base / "plain"
     train(TrainConfig(output_dir=str(plain), **common))
     return sampled, plain
@@ -55,7 +71,10 @@ def test_samples_while_training_leave_the_run_unchanged(runs: tuple[Path, Path])
     sampled, plain = runs
     records = [json.loads(line) for line in (sampled / "samples.jsonl").read_text().splitlines()]
     assert [(r["step"], r["prompt"]) for r in records] == [
-        (2, "the cat"), (2, "a dog"), (4, "the cat"), (4, "a dog")
+        (2, "the cat"),
+        (2, "a dog"),
+        (4, "the cat"),
+        (4, "a dog"),
     ]
     assert all(isinstance(r["text"], str) for r in records)
     assert not (plain / "samples.jsonl").exists()
@@ -110,8 +129,9 @@ def test_report_files_are_owned_by_the_run(runs: tuple[Path, Path], tmp_path: Pa
     assert not left & {"README.md", "samples.jsonl", *PLOTS} and "notes.txt" in left
 
 
-def test_report_over_two_runs(runs: tuple[Path, Path], tmp_path: Path,
-                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_report_over_two_runs(
+    runs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "report"
     assert main(["report", str(runs[0]), str(runs[1]), "--output", str(out)]) == 0
     table = capsys.readouterr().out
@@ -162,8 +182,12 @@ def test_tensorboard_events(tmp_path: Path) -> None:
 
 def test_report_to_needs_the_logger_installed(tiny_model_dir: Path, tmp_path: Path) -> None:
     train_file = write_lines(tmp_path / "train.txt", uneven_corpus(10))
-    config = TrainConfig(model=str(tiny_model_dir), train_file=str(train_file),
-                         output_dir=str(tmp_path / "out"), report_to=["nosuchlogger"])
+    config = TrainConfig(
+        model=str(tiny_model_dir),
+        train_file=str(train_file),
+        output_dir=str(tmp_path / "out"),
+        report_to=["nosuchlogger"],
+    )
     with pytest.raises(UserError, match="--report-to nosuchlogger"):
         train(config)
     assert not (tmp_path / "out").exists()

@@ -44,35 +44,59 @@ def stream_of(path: Path, tokenizer, eos: int) -> np.ndarray:
 @pytest.fixture
 def corpus(tmp_path: Path) -> tuple[Path, Path]:
     docs = uneven_corpus(80, seed=1)
-    return write_lines(tmp_path / "train.txt", docs[:70]), write_lines(tmp_path / "valid.txt", docs[70:])
+    return write_lines(tmp_path / "train.txt", docs[:70]), write_lines(
+        tmp_path / "valid.txt", docs[70:]
+    )
 
 
 def base_config(model: Path | str, train_file: Path, out: Path, **kw) -> TrainConfig:
     values = dict(
-        model=str(model), train_file=str(train_file), output_dir=str(out), block_size=32,
-        batch_size=4, lr=3e-3, max_steps=12, save_steps=4, eval_steps=4, logging_steps=2,
-        precision="fp32", quiet=True, warmup_steps=2,
+        model=str(model),
+        train_file=str(train_file),
+        output_dir=str(out),
+        block_size=32,
+        batch_size=4,
+        lr=3e-3,
+        max_steps=12,
+        save_steps=4,
+        eval_steps=4,
+        logging_steps=2,
+        precision="fp32",
+        quiet=True,
+        warmup_steps=2,
     )
     values.update(kw)
     return TrainConfig(**values)
 
 
-def test_end_to_end_files_limit_loss_and_reload(tiny_model_dir: Path, corpus, tmp_path: Path) -> None:
+def test_end_to_end_files_limit_loss_and_reload(
+    tiny_model_dir: Path, corpus, tmp_path: Path
+) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     train_file, valid_file = corpus
     out = tmp_path / "run"
     result = train(
-        base_config(tiny_model_dir, train_file, out, validation_file=str(valid_file), save_total_limit=2)
+        base_config(
+            tiny_model_dir, train_file, out, validation_file=str(valid_file), save_total_limit=2
+        )
     )
     from domainlm.report import PLOTS, tensorboard_enabled
 
     names = {p.name for p in out.iterdir()}
     expected = {
-        "checkpoint-8", "checkpoint-12",  # newest two; the best (lowest perplexity) is one of them
-        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-        "tokenizer_config.json", "eval_results.json", "metrics.jsonl", "run_config.json",
-        "README.md", *PLOTS,
+        "checkpoint-8",
+        "checkpoint-12",  # newest two; the best (lowest perplexity) is one of them
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "eval_results.json",
+        "metrics.jsonl",
+        "run_config.json",
+        "README.md",
+        *PLOTS,
     }
     if tensorboard_enabled(None):  # event files whenever tensorboard is installed
         expected.add("tensorboard")
@@ -80,8 +104,13 @@ def test_end_to_end_files_limit_loss_and_reload(tiny_model_dir: Path, corpus, tm
     checkpoints = sorted(p.name for p in out.glob("checkpoint-*"))
     for ckpt in checkpoints:
         files = {p.name for p in (out / ckpt).iterdir()}
-        assert {"model.safetensors", "config.json", "training_state.pt", "checkpoint.json",
-                "tokenizer.json"} <= files
+        assert {
+            "model.safetensors",
+            "config.json",
+            "training_state.pt",
+            "checkpoint.json",
+            "tokenizer.json",
+        } <= files
 
     events = read_events(out / "metrics.jsonl")
     train_steps = [e["step"] for e in events if "loss" in e]
@@ -93,8 +122,14 @@ def test_end_to_end_files_limit_loss_and_reload(tiny_model_dir: Path, corpus, tm
     assert losses[-1] < losses[0] - 1.0, losses
 
     results = json.loads((out / "eval_results.json").read_text())
-    assert set(results) >= {"eval_loss", "perplexity", "eval_tokens", "initial_perplexity",
-                            "train_runtime", "train_tokens"}
+    assert set(results) >= {
+        "eval_loss",
+        "perplexity",
+        "eval_tokens",
+        "initial_perplexity",
+        "train_runtime",
+        "train_tokens",
+    }
     assert results["perplexity"] < results["initial_perplexity"]
     assert result.final_perplexity == pytest.approx(results["perplexity"])
     assert results["train_tokens"] == 12 * 4 * 32 or results["train_tokens"] <= 12 * 4 * 32
@@ -153,13 +188,22 @@ def test_grad_accumulation_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> N
     divides each update by the gradient's own scale, so parameters whose gradient is zero in exact
     arithmetic (the attention key bias: softmax ignores a constant shift) move by rounding noise."""
     train_file = write_lines(tmp_path / "t.txt", uneven_corpus(30, seed=5))
-    common = dict(block_size=16, max_steps=3, save_steps=100, eval_steps=100, validation_split=0.1,
-                  logging_steps=1)
+    common = dict(
+        block_size=16,
+        max_steps=3,
+        save_steps=100,
+        eval_steps=100,
+        validation_split=0.1,
+        logging_steps=1,
+    )
     runs = []
     for name, batch_size, accum in [("a", 4, 1), ("b", 2, 2)]:
         out = tmp_path / name
-        train(base_config(tiny_model_dir, train_file, out, batch_size=batch_size, grad_accum=accum,
-                          **common))
+        train(
+            base_config(
+                tiny_model_dir, train_file, out, batch_size=batch_size, grad_accum=accum, **common
+            )
+        )
         events = read_events(out / "metrics.jsonl")
         runs.append([e["loss"] for e in events if "loss" in e])
     assert len(runs[0]) == 3
