@@ -125,6 +125,7 @@ def main() -> None:
     if args.variant:
         return child(args)
 
+    # a DOMAINLM_SYSTEM_MALLOC=1 in the caller's environment would make "+ malloc reuse" a no-op
     env = dict(os.environ, DOMAINLM_SYSTEM_MALLOC="0")
     forwarded = [
         "--batch-size", str(args.batch_size), "--block-size", str(args.block_size),
