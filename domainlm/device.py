@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
@@ -59,3 +60,11 @@ def autocast(device: torch.device, precision: str) -> Iterator[None]:
             yield
     else:
         yield
+
+
+def prefer_expandable_cuda_segments() -> None:
+    """Let PyTorch's CUDA allocator grow segments instead of caching many fixed-size blocks
+    (`expandable_segments:True`), unless PYTORCH_CUDA_ALLOC_CONF is already set: the loss's
+    chunk-sized temporaries then do not fragment GPU memory. Must run before the first CUDA
+    allocation; a no-op on the CPU."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")

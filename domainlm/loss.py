@@ -16,6 +16,9 @@ full-logits cross-entropy). Other architectures fall back to the full logits.
 
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -27,8 +30,22 @@ from domainlm.guard import maybe_inject_oom
 CHUNKED_HEAD_MODEL_TYPES = frozenset(
     {"gpt2", "gpt_neo", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "opt", "phi3"}
 )
-# Positions per head chunk: 256 x 50,257 float32 softmax = 51 MB alive at a time for GPT-2.
+# Positions per head chunk on the CPU: 256 x 50,257 float32 softmax = 51 MB alive at a time for
+# GPT-2. On a GPU, fewer and larger chunks (each chunk is a dozen kernel launches the host must
+# issue): about CUDA_CHUNK_LOGITS logits per chunk (GPT-2: 2,560 positions, 256 MiB in bf16).
 DEFAULT_CHUNK_TOKENS = 256
+CUDA_CHUNK_LOGITS = 2**27
+# `chunk_tokens=BY_DEVICE`: DEFAULT_CHUNK_TOKENS on the CPU, CUDA_CHUNK_LOGITS' worth on a GPU.
+BY_DEVICE = 0
+# On a GPU the head's vocabulary is padded to a multiple of this inside the loss: GPT-2's 50,257
+# rows make every logits row 2-byte aligned, and cuBLAS then falls back to Turing-era kernels for
+# the head's three matmuls (~18% of an H200's bf16 rate); 50,304 rows run on Hopper's. The padded
+# logits are set to -inf, so the softmax, the NLL and every gradient are unchanged; the model's
+# own weight keeps its 50,257 rows.
+CUDA_VOCAB_MULTIPLE = 64
+# On a GPU while training, the head's softmax, NLL and gradient are one compiled kernel per chunk
+# (fused_nll_and_grad); False keeps the unfused float64-exact path there too.
+USE_FUSED_KERNEL = True
 # Positions whose d nll / d logits are kept (in the compute dtype) for one pair of gradient
 # matmuls: 2,048 x 50,257 bf16 = 206 MB for GPT-2; a (4, 256) CPU batch is one group.
 GRAD_GROUP_TOKENS = 2048
@@ -38,15 +55,20 @@ class CausalLMLoss(torch.nn.Module):
     """Wraps a causal LM. forward(...) -> (b,) float64 sums of the NLL of each row's targets.
 
     It is the module that DDP/FSDP wrap, so that gradients synchronise through its forward.
-    `chunk_tokens=None` forces the plain full-logits path (the reference).
+    `chunk_tokens=None` forces the plain full-logits path (the reference); BY_DEVICE sizes the
+    chunks for the device. `vocab_multiple` pads the head's rows inside the loss (None: by device).
     """
 
     def __init__(
-        self, model: torch.nn.Module, chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS
+        self,
+        model: torch.nn.Module,
+        chunk_tokens: int | None = BY_DEVICE,
+        vocab_multiple: int | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
+        self.vocab_multiple = vocab_multiple
 
     def forward(
         self,
@@ -61,14 +83,14 @@ class CausalLMLoss(torch.nn.Module):
             extra["position_ids"] = position_ids
         if attention_mask is not None:
             extra["attention_mask"] = attention_mask
-        head = linear_head(self.model) if self.chunk_tokens else None
+        head = linear_head(self.model) if self.chunk_tokens is not None else None
         if head is None:
             logits = self.model(input_ids=input_ids, use_cache=False, **extra).logits  # (b, T, V)
             return token_nll_sums(logits, targets)
         hidden = self.model.base_model(input_ids=input_ids, use_cache=False, **extra)[
             0
         ]  # (b, T, H)
-        return chunked_nll_sums(hidden, head, targets, self.chunk_tokens or hidden.shape[1])
+        return chunked_nll_sums(hidden, head, targets, self.chunk_tokens, self.vocab_multiple)
 
 
 def linear_head(model: torch.nn.Module) -> torch.nn.Linear | None:
@@ -96,12 +118,27 @@ def token_nll_sums(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return nll.view(b, t).sum(dim=1, dtype=torch.float64)
 
 
+def chunk_tokens_for(device: torch.device, vocab_size: int) -> int:
+    """Positions per head chunk on `device` (see DEFAULT_CHUNK_TOKENS, CUDA_CHUNK_LOGITS)."""
+    if device.type != "cuda":
+        return DEFAULT_CHUNK_TOKENS
+    return max(DEFAULT_CHUNK_TOKENS, CUDA_CHUNK_LOGITS // vocab_size // 256 * 256)
+
+
 def chunked_nll_sums(
-    hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, chunk_tokens: int
+    hidden: torch.Tensor,
+    head: torch.nn.Linear,
+    targets: torch.Tensor,
+    chunk_tokens: int = BY_DEVICE,
+    vocab_multiple: int | None = None,
 ) -> torch.Tensor:
     """(b, T, H) hidden states -> (b,) NLL sums in float64, never holding more than one chunk of
     logits. Equal to token_nll_sums(head(hidden), targets), gradients included."""
     b, t, h = hidden.shape
+    if chunk_tokens == BY_DEVICE:
+        chunk_tokens = chunk_tokens_for(hidden.device, head.weight.shape[0])
+    if vocab_multiple is None:
+        vocab_multiple = CUDA_VOCAB_MULTIPLE if hidden.device.type == "cuda" else 1
     flat_targets = targets.reshape(b * t)
     flat_hidden = hidden.reshape(b * t, h)
     rows = torch.arange(b, device=hidden.device).repeat_interleave(t)
@@ -129,6 +166,7 @@ def chunked_nll_sums(
             chunk_tokens,
             compute_dtype,
             torch.is_grad_enabled(),  # evaluation: no gradient work at all
+            vocab_multiple,
         )
     return torch.zeros(b, dtype=torch.float64, device=hidden.device).index_add(0, rows, nll)
 
@@ -147,33 +185,32 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_tokens, compute_dtype, grad_enabled):  # type: ignore[override]
+    def forward(ctx, hidden, weight, bias, targets, chunk_tokens, compute_dtype, grad_enabled,  # type: ignore[override]
+                vocab_multiple):  # fmt: skip
         needs = [grad_enabled and n for n in ctx.needs_input_grad]
         want_grads = any(needs[:3])
-        w = weight.to(compute_dtype)
-        b = None if bias is None else bias.to(compute_dtype)
+        vocab = weight.shape[0]
+        w, b = _padded_head(weight, bias, compute_dtype, vocab_multiple)
         x = hidden.to(compute_dtype)
         n = targets.shape[0]
         nll = torch.empty(n, dtype=torch.float64, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if needs[0] else None
         grad_weight = grad_bias = None
-        group_tokens = max(chunk_tokens, GRAD_GROUP_TOKENS)
+        # On a GPU while training, one compiled kernel per chunk (fused_nll_and_grad); each chunk
+        # is then a group of its own, its gradient used as it comes out.
+        fused = want_grads and compute_dtype != torch.float16 and _fused_kernel(hidden.device)
+        group_tokens = chunk_tokens if fused else max(chunk_tokens, GRAD_GROUP_TOKENS)
         for group_start in range(0, n, group_tokens):
             group_end = min(group_start + group_tokens, n)
-            # d nll / d logits of the group's positions, filled chunk by chunk
-            grad_logits = (
-                torch.empty(
-                    group_end - group_start, w.shape[0], dtype=compute_dtype, device=hidden.device
+            if fused:
+                logits = F.linear(x[group_start:group_end], w, b)  # (c, V padded)
+                nll32, grad_logits = fused(logits, targets[group_start:group_end], vocab)
+                nll[group_start:group_end] = nll32
+            else:
+                grad_logits = _nll_and_grad_chunks(
+                    x, w, b, targets, nll, vocab, group_start, group_end, chunk_tokens,
+                    want_grads,
                 )  # fmt: skip
-                if want_grads
-                else None
-            )
-            for start in range(group_start, group_end, chunk_tokens):
-                end = min(start + chunk_tokens, group_end)
-                logits = F.linear(x[start:end], w, b)  # (c, V), compute dtype
-                nll[start:end], probs = _nll_and_softmax(logits, targets[start:end])
-                if grad_logits is not None:
-                    grad_logits[start - group_start : end - group_start] = probs
             if grad_logits is None:
                 continue
             rows = slice(group_start, group_end)
@@ -187,6 +224,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if needs[2]:
                 part = grad_logits.sum(0, dtype=torch.float32)
                 grad_bias = part if grad_bias is None else grad_bias.add_(part)
+        if grad_weight is not None and grad_weight.shape[0] > vocab:
+            grad_weight = grad_weight[:vocab]  # the padding rows' gradient is zero; drop them
+        if grad_bias is not None and grad_bias.shape[0] > vocab:
+            grad_bias = grad_bias[:vocab]
         ctx.save_for_backward(hidden, weight, bias, targets, grad_hidden, grad_weight, grad_bias)
         ctx.chunk_tokens, ctx.compute_dtype = chunk_tokens, compute_dtype
         return nll
@@ -211,7 +252,97 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_weight = (grad_weight * scale).to(weight.dtype)
         if grad_bias is not None:
             grad_bias = (grad_bias * scale).to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _nll_and_grad_chunks(x, w, b, targets, nll, vocab, group_start, group_end, chunk_tokens,
+                         want_grads):  # type: ignore[no-untyped-def]  # fmt: skip
+    """One group of positions, chunk by chunk: fills `nll` (float64, exact); returns the group's
+    d nll / d logits in the compute dtype, or None without gradients."""
+    grad_logits = (
+        torch.empty(group_end - group_start, w.shape[0], dtype=w.dtype, device=x.device)
+        if want_grads
+        else None
+    )
+    for start in range(group_start, group_end, chunk_tokens):
+        end = min(start + chunk_tokens, group_end)
+        logits = F.linear(x[start:end], w, b)  # (c, V padded), compute dtype
+        if w.shape[0] > vocab:
+            logits[:, vocab:] = float("-inf")  # padding rows: probability exactly 0
+        nll[start:end], probs = _nll_and_softmax(logits, targets[start:end])
+        if grad_logits is not None:
+            grad_logits[start - group_start : end - group_start] = probs
+    return grad_logits
+
+
+def fused_nll_and_grad(
+    logits: torch.Tensor, targets: torch.Tensor, vocab: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c, V padded) logits -> (c,) float32 NLL and (c, V padded) softmax - onehot in the logits'
+    dtype; columns from `vocab` on (padding) and rows without a target are excluded (zero).
+
+    The same quantities as `_nll_and_softmax`, written as one expression so that torch.compile
+    makes it one pass over the logits (max and sum of exponentials) and one write of the gradient,
+    instead of seven full-size passes. The log-sum-exp is float32 (relative error ~1e-7): this is
+    the training loss on a GPU; evaluation always takes the float64-exact path.
+    """
+    x = logits.float()
+    columns = torch.arange(x.shape[1], device=x.device)
+    x = torch.where(columns < vocab, x, float("-inf"))
+    valid = targets != IGNORE_INDEX
+    safe = targets.clamp(min=0)
+    row_max = x.amax(dim=1, keepdim=True)
+    exp = torch.exp(x - row_max)
+    total = exp.sum(dim=1, keepdim=True)
+    target_logit = x.gather(1, safe.unsqueeze(1))
+    nll = (row_max + torch.log(total) - target_logit).squeeze(1) * valid
+    onehot = columns == safe.unsqueeze(1)
+    grad = (exp / total - onehot.float()) * valid.unsqueeze(1)
+    return nll, grad.to(logits.dtype)
+
+
+_FUSED: dict[str, Any] = {}
+
+
+def _fused_kernel(device: torch.device) -> Any:
+    """The compiled `fused_nll_and_grad` on CUDA when `USE_FUSED_KERNEL`, else None. A compiler
+    that fails (no Triton, an unsupported GPU) is reported once and the exact path used."""
+    if device.type != "cuda" or not USE_FUSED_KERNEL or _FUSED.get("broken"):
+        return None
+    if "kernel" not in _FUSED:
+        _FUSED["kernel"] = torch.compile(fused_nll_and_grad, dynamic=None)
+
+    def guarded(logits: torch.Tensor, targets: torch.Tensor, vocab: int) -> Any:
+        try:
+            return _FUSED["kernel"](logits, targets, vocab)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back, say so once
+            _FUSED["broken"] = True
+            warnings.warn(
+                f"compiling the fused loss kernel failed ({type(exc).__name__}); using the "
+                "unfused path",
+                stacklevel=2,
+            )
+            return fused_nll_and_grad(logits, targets, vocab)
+
+    return guarded
+
+
+def _padded_head(
+    weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, multiple: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The head's weight and bias in `dtype`, rows padded with zeros to a multiple of `multiple`
+    (one copy, the same cast `weight.to(dtype)` does anyway)."""
+    vocab = weight.shape[0]
+    padded = -(-vocab // multiple) * multiple
+    if padded == vocab:
+        return weight.to(dtype), None if bias is None else bias.to(dtype)
+    w = weight.new_zeros((padded, weight.shape[1]), dtype=dtype)
+    w[:vocab] = weight
+    b = None
+    if bias is not None:
+        b = bias.new_zeros(padded, dtype=dtype)
+        b[:vocab] = bias
+    return w, b
 
 
 def _nll_and_softmax(

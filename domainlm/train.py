@@ -44,7 +44,12 @@ from domainlm.data import (
     split_documents,
     text_files,
 )
-from domainlm.device import autocast, pick_device, resolve_precision
+from domainlm.device import (
+    autocast,
+    pick_device,
+    prefer_expandable_cuda_segments,
+    resolve_precision,
+)
 from domainlm.distributed import DistContext, all_reduce_sum
 from domainlm.errors import UserError
 from domainlm.evaluate import NLLSum, check_window, stream_nll
@@ -114,6 +119,7 @@ def train(config: TrainConfig) -> TrainResult:
     )
 
     reuse_freed_host_memory()  # no page faults for each step's large blocks (domainlm/malloc.py)
+    prefer_expandable_cuda_segments()  # before anything touches CUDA
     ctx = setup_distributed(config.dist_timeout)
     cleanup = ExitStack()  # the run lock and the signal handlers, released on every exit
     try:
@@ -167,6 +173,8 @@ def train(config: TrainConfig) -> TrainResult:
             model.config.use_cache = False
         use_fast_kernels(model)  # same function, fused kernels (domainlm/fastpath.py)
         loss_module = CausalLMLoss(model)
+        if config.compile:
+            compile_model(loss_module)
         train_module = wrap_model(loss_module, ctx, device, config.strategy)
         optimizer = make_optimizer(model, config, device)
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -272,6 +280,7 @@ def train(config: TrainConfig) -> TrainResult:
                     device,
                     precision,
                     scaler,
+                    fixed_rows=config.compile,
                 ),
                 split,
                 reset=lambda: optimizer.zero_grad(set_to_none=True),
@@ -398,6 +407,16 @@ def train(config: TrainConfig) -> TrainResult:
 # ----------------------------------------------------------------------------- helpers
 
 
+def compile_model(loss_module: CausalLMLoss) -> None:
+    """torch.compile, in place, the part of the model the loss calls: the backbone when the head
+    is chunked (the head and cross-entropy are the loss's own kernels), else the whole model.
+    In place (`Module.compile`), so parameter names and the saved folder stay as they are."""
+    from domainlm.loss import linear_head
+
+    model = loss_module.model
+    (model.base_model if linear_head(model) is not None else model).compile()
+
+
 def make_optimizer(
     model: torch.nn.Module, config: TrainConfig, device: torch.device
 ) -> torch.optim.Optimizer:
@@ -429,8 +448,10 @@ def accumulate_gradients(
     device: torch.device,
     precision: str,
     scaler: Any,
+    fixed_rows: bool = False,
 ) -> tuple[torch.Tensor, int]:
-    """Forward and backward over this rank's micro-batches of one global batch.
+    """Forward and backward over this rank's micro-batches of one global batch (each padded to
+    `batch_size` rows with empty blocks when `fixed_rows`).
 
     The gradient left in the parameters is that of (summed NLL / target tokens of the whole global
     batch), whatever the split into ranks and micro-batches. Returns this rank's NLL sum (a device
@@ -439,9 +460,10 @@ def accumulate_gradients(
     step_targets = sum(dataset.targets_in(int(b)) for b in blocks)
     step_nll = torch.zeros((), dtype=torch.float64, device=device)
     for micro in range(grad_accum):
-        batch = dataset.batch(
-            micro_batch_indices(blocks, micro, ctx.rank, ctx.world_size, batch_size)
-        ).to(device)
+        indices = micro_batch_indices(blocks, micro, ctx.rank, ctx.world_size, batch_size)
+        if fixed_rows:  # a compiled model: one shape, no recompilation at an epoch's short end
+            indices += [-1] * (batch_size - len(indices))
+        batch = dataset.batch(indices).to(device)
         last = micro == grad_accum - 1
         sync = (
             nullcontext()

@@ -168,3 +168,100 @@ def test_chunked_nll_sums_with_bias_matches_linear_reference() -> None:
     expected.sum().backward()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
     assert_close_relative(got_grad, hidden.grad, "hidden")
+
+
+@pytest.mark.parametrize("multiple, groups", [(64, False), (64, True), (1000, True)])
+def test_padded_vocabulary_equals_full_logits(
+    multiple: int, groups: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The head padded inside the loss (50,257 -> 50,304 rows, as on a GPU; or 51,000) gives the
+    reference's values and gradients: the padding logits are -inf, and the gradient of the
+    model's own 50,257-row weight keeps its shape."""
+    if groups:
+        monkeypatch.setattr(domainlm.loss, "GRAD_GROUP_TOKENS", 10)
+    model = tiny_gpt2()
+    inputs, targets = batch(seed=7)
+    expected = reference_row_sums(model, inputs, targets)
+    expected.sum().backward()
+    expected_grads = grads(model)
+    model.zero_grad(set_to_none=True)
+    got = CausalLMLoss(model, chunk_tokens=7, vocab_multiple=multiple)(inputs, targets)
+    got.sum().backward()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+    assert model.lm_head.weight.grad.shape == (50257, model.config.n_embd)
+    for name, g in expected_grads.items():
+        assert_close_relative(grads(model)[name], g, name)
+
+
+def test_padded_vocabulary_with_bias_matches_linear_reference() -> None:
+    """A biased head of 50 rows padded to 64: padding bias entries stay out of the softmax."""
+    g = torch.Generator().manual_seed(8)
+    head = torch.nn.Linear(16, 50, bias=True)
+    hidden = torch.randn(2, 9, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (2, 9), generator=g)
+    got = chunked_nll_sums(hidden, head, targets, chunk_tokens=4, vocab_multiple=64)
+    got.sum().backward()
+    got_grads = [hidden.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()]
+    hidden.grad = head.weight.grad = head.bias.grad = None
+    expected = F.cross_entropy(
+        head(hidden).double().transpose(1, 2), targets, reduction="none"
+    ).sum(1)
+    expected.sum().backward()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+    for name, a, b in zip(
+        ["hidden", "weight", "bias"],
+        got_grads,
+        [hidden.grad, head.weight.grad, head.bias.grad],
+        strict=True,
+    ):
+        assert a.shape == b.shape
+        assert_close_relative(a, b, name)
+
+
+def test_chunk_size_by_device() -> None:
+    """256 positions per chunk on the CPU; on a GPU about 2^27 logits a chunk, whole 256s."""
+    assert domainlm.loss.chunk_tokens_for(torch.device("cpu"), 50257) == 256
+    gpu = domainlm.loss.chunk_tokens_for(torch.device("cuda", 0), 50304)
+    assert gpu == 2560 and gpu * 50304 <= 2**27
+    assert domainlm.loss.chunk_tokens_for(torch.device("cuda", 0), 10**9) == 256
+
+
+def test_fused_kernel_math_equals_float64_reference() -> None:
+    """fused_nll_and_grad (compiled on a GPU; its eager form here): float32 log-sum-exp to 1e-5
+    of float64, gradient = softmax - onehot, padding columns and rows without target zero."""
+    g = torch.Generator().manual_seed(9)
+    vocab, padded = 1000, 1024
+    logits = torch.randn(6, padded, generator=g) * torch.tensor([1.0, 5, 20, 1, 3, 8])[:, None]
+    logits[:, vocab:] = 7.0  # padding columns hold anything; they must not count
+    targets = torch.randint(0, vocab, (6,), generator=g)
+    targets[4] = IGNORE_INDEX
+    nll, grad = domainlm.loss.fused_nll_and_grad(logits, targets, vocab)
+    log_probs = torch.log_softmax(logits[:, :vocab].double(), dim=1)
+    expected = -log_probs.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
+    expected[4] = 0.0
+    assert (nll.double() - expected).abs().max().item() < 1e-5
+    expected_grad = torch.zeros(6, padded, dtype=torch.float64)
+    expected_grad[:, :vocab] = log_probs.exp()
+    expected_grad[torch.arange(6), targets.clamp(min=0)] -= 1.0
+    expected_grad[4] = 0.0
+    assert (grad.double() - expected_grad).abs().max().item() < 1e-6
+    assert grad[:, vocab:].abs().sum().item() == 0.0
+
+
+def test_fused_path_equals_full_logits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The training path a GPU takes (fused kernel, padded head, one group per chunk), run on
+    the CPU with the kernel uncompiled: values and gradients equal the reference."""
+    monkeypatch.setattr(
+        domainlm.loss, "_fused_kernel", lambda device: domainlm.loss.fused_nll_and_grad
+    )
+    model = tiny_gpt2()
+    inputs, targets = batch(seed=10)
+    expected = reference_row_sums(model, inputs, targets)
+    expected.sum().backward()
+    expected_grads = grads(model)
+    model.zero_grad(set_to_none=True)
+    got = CausalLMLoss(model, chunk_tokens=16, vocab_multiple=64)(inputs, targets)
+    got.sum().backward()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+    for name, g in expected_grads.items():
+        assert_close_relative(grads(model)[name], g, name)
