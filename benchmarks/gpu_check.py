@@ -182,7 +182,7 @@ def domainlm_train(model: Path, paths: dict[str, Path], out: Path, block: int, b
         "--output-dir", str(out), "--overwrite-output-dir", "--block-size", str(block),
         "--batch-size", str(batch), "--max-steps", str(steps), "--precision", "bf16",
         "--logging-steps", "10", "--eval-steps", str(10**6), "--save-steps", str(10**6),
-        "--max-eval-tokens", "20000", "--lr", "5e-5", "--quiet",
+        "--max-eval-tokens", "8000", "--lr", "5e-5", "--quiet",
     ]  # fmt: skip
     if compile_:
         cmd.append("--compile")
@@ -322,7 +322,7 @@ def cuda_tests(log: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work-dir", default="/tmp/domainlm-gpu-check")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=32, help="GPT-2 124M's batch")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--compile", action="store_true",
                         help="GPT-2 124M with --compile too (the 1B shape always is)")  # fmt: skip
