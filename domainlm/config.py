@@ -12,6 +12,7 @@ from typing import Any
 from domainlm.errors import UserError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
 SCHEDULERS = ("cosine", "linear", "constant")
 STRATEGIES = ("auto", "ddp", "fsdp")
 PACKING_MODES = ("concat", "docs")
@@ -64,6 +65,12 @@ class TrainConfig:
     max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0 disables).")
     precision: str = opt(
         "auto", "Compute precision; auto picks bf16 where supported.", choices=PRECISIONS
+    )
+    device: str | None = opt(
+        None,
+        "Where to compute: auto (this rank's GPU when PyTorch sees one, else the CPU), cpu, or "
+        "cuda (an error without a GPU). Default: $DOMAINLM_DEVICE or auto.",
+        choices=DEVICES,
     )
     eval_steps: int | None = opt(
         None,
@@ -174,6 +181,7 @@ class TrainConfig:
                     f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
                     f"got {getattr(self, name)!r}"
                 )
+        check_device(self.device)
         if (
             self.block_size is not None
             and self.eval_stride is not None
@@ -187,6 +195,12 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def check_device(device: str | None) -> None:
+    """--device is one of DEVICES, or None ($DOMAINLM_DEVICE or auto, checked when used)."""
+    if device is not None and device not in DEVICES:
+        raise UserError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
 
 
 def _field_meta(name: str) -> dict[str, Any]:

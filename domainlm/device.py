@@ -8,16 +8,82 @@ from collections.abc import Iterator
 
 import torch
 
+from domainlm.config import DEVICES
 from domainlm.errors import UserError
 
+# The default of --device when it is not given (the test suite sets it to cpu: tests/conftest.py).
+DEVICE_ENV = "DOMAINLM_DEVICE"
 
-def pick_device(local_rank: int | None = None) -> torch.device:
-    """CUDA (this rank's GPU under torchrun) when present, else the CPU."""
-    if torch.cuda.is_available():
-        index = local_rank if local_rank is not None else torch.cuda.current_device()
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
-    return torch.device("cpu")
+
+def device_choice(requested: str | None = None) -> str:
+    """`requested` (--device), else $DOMAINLM_DEVICE, else `auto`; one of DEVICES."""
+    if requested is not None:
+        choice, source = requested, "--device"
+    else:
+        choice, source = os.environ.get(DEVICE_ENV) or "auto", DEVICE_ENV
+    if choice not in DEVICES:
+        raise UserError(f"{source} must be one of {', '.join(DEVICES)}, got {choice!r}")
+    return choice
+
+
+def uses_cuda(requested: str | None = None) -> bool:
+    """Whether the run computes on GPUs: `cuda`, or `auto` where PyTorch sees a GPU.
+
+    `cuda` without a GPU is a UserError (a one-line message, not a CUDA traceback later).
+    """
+    choice = device_choice(requested)
+    if choice == "cpu":
+        return False
+    if not torch.cuda.is_available():
+        if choice == "cuda":
+            raise UserError(
+                "--device cuda, but PyTorch sees no GPU (torch.cuda.is_available() is False: "
+                "no GPU, no driver, or a CPU-only torch build); use --device cpu"
+            )
+        return False
+    return True
+
+
+def distributed_backend(requested: str | None = None) -> str:
+    """The process-group backend for a run on `requested`: NCCL on GPUs, gloo on the CPU."""
+    return "nccl" if uses_cuda(requested) else "gloo"
+
+
+def check_ranks_fit_gpus(local_rank: int, local_world_size: int, gpus: int) -> None:
+    """Each torchrun process on a machine takes one GPU of its own: refuse more than there are.
+
+    Without this check rank N asks for cuda:N, which does not exist, and dies with a traceback.
+    """
+    processes = max(local_world_size, local_rank + 1)
+    if processes > gpus:
+        raise UserError(
+            f"torchrun started {processes} processes on this machine but it has {gpus} "
+            f"GPU{'' if gpus == 1 else 's'}: use --nproc_per_node={gpus}, or --device cpu"
+        )
+
+
+def check_local_ranks(local_rank: int) -> None:
+    """check_ranks_fit_gpus for this torchrun process (LOCAL_WORLD_SIZE: processes per machine)."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
+    check_ranks_fit_gpus(local_rank, local_world, torch.cuda.device_count())
+
+
+def pick_device(local_rank: int | None = None, requested: str | None = None) -> torch.device:
+    """The device of this process for `requested` (--device; None: $DOMAINLM_DEVICE or auto).
+
+    auto: this rank's GPU when PyTorch sees one, else the CPU; cpu: the CPU, even on a GPU
+    machine; cuda: this rank's GPU, a UserError without one. `local_rank` is given under torchrun
+    (each local rank takes the GPU of its number; more local ranks than GPUs is a UserError).
+    """
+    if not uses_cuda(requested):
+        return torch.device("cpu")
+    if local_rank is None:
+        index = torch.cuda.current_device()
+    else:
+        check_local_ranks(local_rank)
+        index = local_rank
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

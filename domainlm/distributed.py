@@ -9,6 +9,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from domainlm.device import check_local_ranks, distributed_backend
 from domainlm.errors import TrainingAborted
 
 # How long a rank waits for the others (joining, each collective) before the run stops.
@@ -56,15 +57,23 @@ def all_reduce_sum(values: list[float], ctx: DistContext, device: torch.device) 
     return tensor.tolist()
 
 
-def setup_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> DistContext:
+def setup_distributed(
+    timeout_s: float = DEFAULT_TIMEOUT_S, device: str | None = None
+) -> DistContext:
     """Join torchrun's process group (NCCL on GPUs, gloo on CPU) when launched by it.
+
+    `device` is --device (None: $DOMAINLM_DEVICE or auto): `cpu` joins over gloo even where
+    PyTorch sees a GPU. With GPUs, more processes on this machine than GPUs is a UserError,
+    raised before joining, so that every rank stops with the same line instead of waiting.
 
     `timeout_s` bounds every wait on other ranks (joining, collectives, barriers): a rank that
     died or hangs ends the run with an error after at most that long instead of a silent hang.
     """
     ctx = context_from_env()
     if ctx.enabled and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = distributed_backend(device)
+        if backend == "nccl":
+            check_local_ranks(ctx.local_rank)
         try:
             dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
         except (RuntimeError, ValueError) as exc:

@@ -14,7 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from domainlm.config import DOC_SEPARATORS, ENCODING_ERRORS, PRECISIONS, opt
+from domainlm.config import (
+    DEVICES,
+    DOC_SEPARATORS,
+    ENCODING_ERRORS,
+    PRECISIONS,
+    check_device,
+    opt,
+)
 from domainlm.errors import UserError
 
 SAMPLES_FILE = "samples.jsonl"
@@ -47,6 +54,12 @@ class GenerateConfig:
     precision: str = opt(
         "auto", "Compute precision (auto: bf16 on GPU, fp32 on CPU).", choices=PRECISIONS
     )
+    device: str | None = opt(
+        None,
+        "Where to compute: auto (this rank's GPU when PyTorch sees one, else the CPU), cpu, or "
+        "cuda (an error without a GPU). Default: $DOMAINLM_DEVICE or auto.",
+        choices=DEVICES,
+    )
     check_memorization: bool = opt(
         False, "Report the longest span of each sample copied verbatim from the training data."
     )
@@ -75,6 +88,7 @@ class GenerateConfig:
         self.settings()  # checks temperature, top-k, top-p and the penalty
         if self.precision not in PRECISIONS:
             raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}")
+        check_device(self.device)
 
     def settings(self) -> Any:
         from domainlm.sampling import SamplingSettings
@@ -195,7 +209,7 @@ def generate(config: GenerateConfig, out: TextIO | None = None) -> list[Sample]:
         config.model, eos_token=config.eos_token, trust_remote_code=config.trust_remote_code
     )
     checker = MemorizationChecker.open(config, loaded) if config.check_memorization else None
-    device = pick_device()
+    device = pick_device(requested=config.device)
     precision = resolve_precision(config.precision, device)
     if device.type == "cpu":
         precision = "fp32"  # bf16 autocast on CPU is slower for one-token steps

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from domainlm.config import ENCODING_ERRORS, PRECISIONS, opt
+from domainlm.config import DEVICES, ENCODING_ERRORS, PRECISIONS, check_device, opt
 from domainlm.data import read_documents, text_files, tokenize_documents
 from domainlm.device import pick_device, resolve_precision
 from domainlm.distributed import DistContext, setup_distributed, teardown_distributed
@@ -68,6 +68,12 @@ class PerplexityConfig:
     precision: str = opt(
         "fp32", "Compute precision (NLL is summed in float64 anyway).", choices=PRECISIONS
     )
+    device: str | None = opt(
+        None,
+        "Where to compute: auto (this rank's GPU when PyTorch sees one, else the CPU), cpu, or "
+        "cuda (an error without a GPU). Default: $DOMAINLM_DEVICE or auto.",
+        choices=DEVICES,
+    )
     convention: str = opt(
         "eos",
         "eos: every line ends with EOS and all its tokens are scored; plain: the text as one "
@@ -102,6 +108,7 @@ class PerplexityConfig:
                 raise UserError(
                     f"--{name.replace('_', '-')} must be a positive number, got {value}"
                 )
+        check_device(self.device)
         if self.block_size is not None:
             check_window(self.block_size, self.stride or self.block_size - 1)
         for name, choices in (
@@ -196,10 +203,10 @@ def evaluate_perplexity(config: PerplexityConfig) -> list[PerplexityReport]:
     Everything is checked before anything is written; the per-line file (rank 0) comes last.
     """
     joined_here = not dist.is_initialized()
-    ctx = setup_distributed()
+    ctx = setup_distributed(device=config.device)
     try:
         corpus = read_corpus(config)
-        device = pick_device(ctx.local_rank if ctx.enabled else None)
+        device = pick_device(ctx.local_rank if ctx.enabled else None, config.device)
         precision = resolve_precision(config.precision, device)
         reports = [
             score_model(spec, corpus, config, ctx=ctx, device=device, precision=precision)

@@ -120,10 +120,10 @@ def train(config: TrainConfig) -> TrainResult:
 
     reuse_freed_host_memory()  # no page faults for each step's large blocks (domainlm/malloc.py)
     prefer_expandable_cuda_segments()  # before anything touches CUDA
-    ctx = setup_distributed(config.dist_timeout)
+    ctx = setup_distributed(config.dist_timeout, config.device)
     cleanup = ExitStack()  # the run lock and the signal handlers, released on every exit
     try:
-        device = pick_device(ctx.local_rank if ctx.enabled else None)
+        device = pick_device(ctx.local_rank if ctx.enabled else None, config.device)
         precision = resolve_precision(config.precision, device)
         console = Console(enabled=ctx.is_main, quiet=config.quiet)
         output_dir = Path(config.output_dir)

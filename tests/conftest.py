@@ -1,4 +1,13 @@
-"""Shared fixtures: tiny GPT-2 models built locally (no hub), small corpora, an isolated cache."""
+"""Shared fixtures: tiny GPT-2 models built locally (no hub), small corpora, an isolated cache.
+
+The tests compute on the CPU, also on a machine with GPUs: `DOMAINLM_DEVICE=cpu` is set here, before
+any test runs, and it is the default of `--device` (domainlm/device.py `device_choice`) for
+`train`, `perplexity`, `generate` and `inspect`, in this process and in every subprocess and
+torchrun rank the tests start (they inherit os.environ). One line instead of `--device cpu` in every
+command; a test that wants the GPU says `--device cuda` (tests/test_cuda.py), which overrides it.
+Without this, on a GPU machine the CPU tests' numbers would come from the GPU and their two-rank
+gloo runs would ask for two GPUs.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +18,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["DOMAINLM_DEVICE"] = (
+    "cpu"  # not setdefault: a DOMAINLM_DEVICE=cuda shell still gets CPU tests
+)
 
 
 @pytest.fixture(autouse=True)
