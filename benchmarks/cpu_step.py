@@ -18,7 +18,7 @@ the median step time, tokens/s and the process's peak RSS. Variants, cumulative:
    from 31-bit integers; eager attention while training with dropout on CPU).
 
 It also measures this CPU's bf16 matmul rate (a 2048^3 product) and reports each variant's model
-FLOP rate (6N + 12 L H Q T FLOPs per token, as benchmarks/gpu_mfu.py) as a share of it: the
+FLOP rate (6N + 12 L H Q T FLOPs per token, benchmarks/model_flops.py) as a share of it: the
 ceiling any step of this model can reach here.
 """
 
@@ -34,7 +34,7 @@ import sys
 import time
 
 from docs_section import write_section
-from gpu_mfu import flops_per_token  # one FLOP formula for both benchmarks
+from model_flops import flops_per_token  # one FLOP formula for every benchmark
 
 SECTION = "## One CPU training step, lever by lever"
 VARIANTS = {

@@ -21,8 +21,7 @@ What it runs, each as its own process (so that memory peaks are each tool's own)
 6. `pytest -m cuda` (tests/test_cuda.py).
 GPU memory is the peak of nvidia-smi's "memory.used" while the process runs, minus the idle
 figure before it starts. MFU = tokens/s x (6N + 12 L H Q T) / 989 TFLOP/s (dense bf16 of an
-H100/H200 SXM; `--peak` for others), N counting the output layer and not the input embedding
-(tied: once).
+H100/H200 SXM; `--peak` for others; benchmarks/model_flops.py).
 """
 
 from __future__ import annotations
@@ -37,8 +36,9 @@ import threading
 import time
 from pathlib import Path
 
+from model_flops import PEAK_BF16_H100_SXM, flops_per_token
+
 ROOT = Path(__file__).resolve().parent.parent
-PEAK_BF16_H100_SXM = 989e12
 TRAIN_REPEATS = 20
 LLAMA_1B = dict(
     hidden_size=2048,
@@ -102,15 +102,6 @@ def run(cmd: list[str], log: Path, env: dict[str, str] | None = None,
     return time.perf_counter() - started, memory.gib
 
 
-def flops_per_token(config: object, n_params: int, embedding_params: int, seq_len: int) -> float:
-    layers = config.num_hidden_layers
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    tied = getattr(config, "tie_word_embeddings", True)
-    n = n_params - (0 if tied else embedding_params)
-    return 6 * n + 12 * layers * heads * head_dim * seq_len
-
-
 def model_flops(folder: Path, seq_len: int) -> float:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -118,9 +109,7 @@ def model_flops(folder: Path, seq_len: int) -> float:
     config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    n_params = sum(p.numel() for p in model.parameters())
-    embedding = model.get_input_embeddings().weight.numel()
-    return flops_per_token(config, n_params, embedding, seq_len)
+    return flops_per_token(model, seq_len)
 
 
 # ----------------------------------------------------------------------------- the inputs

@@ -18,9 +18,8 @@ global-norm clipping at 1.0, fused AdamW (the Trainer's default optimizer), zero
 - liger: liger-kernel's fused linear cross-entropy on the backbone's hidden states (if installed).
 - +compile: the backbone (or for `trainer`, the whole model) compiled with torch.compile.
 
-MFU = tokens/s x FLOPs per token / peak; FLOPs per token = 6N + 12 L H Q T (PaLM, appendix B: N
-parameters with the tied embedding counted once, L layers, H heads, Q head size, T sequence
-length); peak 989 TFLOP/s (dense bf16, H100/H200 SXM; `--peak` for other GPUs).
+MFU = tokens/s x FLOPs per token / peak (benchmarks/model_flops.py: 6N + 12 L H Q T; peak 989
+TFLOP/s, dense bf16 of an H100/H200 SXM; `--peak` for other GPUs).
 """
 
 from __future__ import annotations
@@ -32,22 +31,11 @@ import time
 from collections.abc import Callable
 
 import torch
+from model_flops import PEAK_BF16_H100_SXM, flops_per_token
 
 from domainlm.fastpath import use_fast_kernels
 from domainlm.loss import CausalLMLoss
 from domainlm.models import build_scratch_model
-
-PEAK_BF16_H100_SXM = 989e12
-
-
-def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
-    """6N + 12 L H Q T; N counts a tied embedding once (model.parameters() does)."""
-    cfg = model.config
-    n_params = sum(p.numel() for p in model.parameters())
-    layers = cfg.num_hidden_layers
-    heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return 6 * n_params + 12 * layers * heads * head_dim * seq_len
 
 
 def make_loss(
