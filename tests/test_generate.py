@@ -266,3 +266,31 @@ def test_cli_memorization_check(
     no_train = ["generate", "--model", str(tiny_model_dir), "--prompt", "a", "--check-memorization"]
     assert main(no_train) == 2
     assert "--train-file" in capsys.readouterr().err
+
+
+def test_sampling_with_dropout_leaves_the_rng_and_train_mode_alone(tmp_path: Path) -> None:
+    """What samples during training rely on, with dropout on (GPT-2's 0.1): the samples are those
+    of eval mode, the model is back in train mode, and the global RNG (dropout masks) is where it
+    was. The training run itself is checked in test_report (same losses with and without samples);
+    this catches a sampler that draws from the global RNG even when training reseeds every step."""
+    from domainlm.models import save_scratch_folder
+
+    loaded = load_model(str(save_scratch_folder("tiny", tmp_path / "model", seed=0)))
+    model = loaded.model
+    assert model.config.resid_pdrop == 0.1
+
+    def run() -> list[list[int]]:
+        samples = generate_samples(
+            model, loaded.tokenizer, loaded.eos_id, ["the cat", "a dog sat"], max_new_tokens=6,
+            settings=SamplingSettings(temperature=1.0, top_k=50), seed=5,
+        )  # fmt: skip
+        return [s.tokens for s in samples]
+
+    model.eval()
+    in_eval = run()
+    model.train()
+    torch.manual_seed(11)
+    before = torch.get_rng_state()
+    assert run() == in_eval  # dropout off while sampling
+    assert model.training  # back in train mode
+    assert torch.equal(torch.get_rng_state(), before)  # the global RNG untouched
