@@ -140,22 +140,38 @@ def invalid_utf8_lines(chunk: bytes, first_line: int) -> list[int]:
 
 def chunk_documents(file: Path, first_line: int, text: str, doc_sep: str) -> list[str]:
     """The documents of one decoded chunk, with the rules of `data.read_documents`."""
+    return [doc for _, doc in chunk_numbered_documents(file, first_line, text, doc_sep)]
+
+
+def chunk_numbered_documents(
+    file: Path, first_line: int, text: str, doc_sep: str
+) -> list[tuple[int, str]]:
+    """(line number where it starts, document) for each document of one decoded chunk.
+
+    The one place the splitting rules live: training, validation and `domainlm perplexity` all
+    come here. A line end is LF or CRLF (the CR is dropped); a line of only whitespace is blank;
+    `line`: each non-blank line is a document; `blank`: runs of non-blank lines joined by LF are.
+    """
     lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
     if file.suffix == ".jsonl":
         return _jsonl_texts(file, first_line, lines)
     if doc_sep == "blank":
-        docs, paragraph = [], []
-        for line in [*lines, ""]:
+        docs: list[tuple[int, str]] = []
+        paragraph: list[str] = []
+        start = first_line
+        for number, line in enumerate([*lines, ""], start=first_line):
             if line.strip():
+                if not paragraph:
+                    start = number
                 paragraph.append(line)
             elif paragraph:
-                docs.append("\n".join(paragraph))
+                docs.append((start, "\n".join(paragraph)))
                 paragraph = []
         return docs
-    return [line for line in lines if line.strip()]
+    return [(n, line) for n, line in enumerate(lines, start=first_line) if line.strip()]
 
 
-def _jsonl_texts(file: Path, first_line: int, lines: list[str]) -> list[str]:
+def _jsonl_texts(file: Path, first_line: int, lines: list[str]) -> list[tuple[int, str]]:
     texts = []
     for number, line in enumerate(lines, start=first_line):
         if not line.strip():
@@ -167,7 +183,7 @@ def _jsonl_texts(file: Path, first_line: int, lines: list[str]) -> list[str]:
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise UserError(f'{file}:{number}: each JSON line needs a string field "text"')
         if record["text"].strip():
-            texts.append(record["text"])
+            texts.append((number, record["text"]))
     return texts
 
 
@@ -183,15 +199,45 @@ def iter_documents(
             yield len(chunk), chunk_documents(file, first_line, text, doc_sep)
 
 
+def iter_numbered_documents(
+    path: str | os.PathLike, doc_sep: str = "line", encoding_errors: str = "strict"
+) -> Iterator[tuple[Path, int, str]]:
+    """(file, line number where it starts, document) over all text files of a file or folder.
+
+    The same chunks, decoding and splitting as `iter_documents` (so the same documents, in the
+    same order), with where each came from.
+    """
+    from domainlm.data import text_files
+
+    for file in text_files(path):
+        for first_line, chunk in iter_chunks(file, doc_sep):
+            text = decode_chunk(file, first_line, chunk, encoding_errors)
+            for number, doc in chunk_numbered_documents(file, first_line, text, doc_sep):
+                yield file, number, doc
+
+
 # ----------------------------------------------------------------------------- tokenizing
 
 
 def encode_batch(tokenizer: Any, docs: list[str]) -> list[list[int]]:
-    """Token ids of each document, no special tokens; the Rust batch encoder where there is one."""
+    """Token ids of each document as plain text: the one encoder of every token stream.
+
+    No special tokens are added, and special-token text inside a document (`<|endoftext|>`,
+    `[SEP]`, ...) is encoded as the characters it is, never as the special token: a corpus that
+    quotes the string must not end its document in the middle (`lint` reports such lines).
+    The Rust batch encoder (`encode_batch_fast`, no offsets) where the tokenizer has one.
+    """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and hasattr(backend, "encode_batch_fast"):
-        return [e.ids for e in backend.encode_batch_fast(docs, add_special_tokens=False)]
-    return tokenizer(docs, add_special_tokens=False)["input_ids"]
+        # The switch is the backend's own state (transformers sets it on every call it makes),
+        # so it is set for this call and put back.
+        before = backend.encode_special_tokens
+        backend.encode_special_tokens = True
+        try:
+            return [e.ids for e in backend.encode_batch_fast(docs, add_special_tokens=False)]
+        finally:
+            backend.encode_special_tokens = before
+    return tokenizer(docs, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
 def _flatten(ids: list[list[int]], eos_id: int, dtype: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -23,7 +23,7 @@ from domainlm.errors import UserError
 
 IGNORE_INDEX = -100
 TEXT_SUFFIXES = (".txt", ".jsonl", ".text")
-CACHE_FORMAT_VERSION = "1"
+CACHE_FORMAT_VERSION = "2"  # 2: special-token text is encoded as text
 TOKENIZE_CHUNK_DOCS = 1000
 
 
@@ -94,13 +94,17 @@ class TokenStream:
 
 
 def tokenize_documents(docs: Sequence[str], tokenizer: Any, eos_id: int, dtype: Any) -> TokenStream:
-    """`[EOS] d1 EOS d2 EOS ...` with batched (fast) tokenization; no special tokens added."""
+    """`[EOS] d1 EOS d2 EOS ...`, each document encoded by `corpus.encode_batch` (as text).
+
+    The in-memory form of `load_token_stream`'s streamed path: the same encoder, the same ids.
+    """
+    from domainlm.corpus import encode_batch
+
     pieces: list[np.ndarray] = [np.array([eos_id], dtype=dtype)]
     lengths: list[int] = []
     for start in range(0, len(docs), TOKENIZE_CHUNK_DOCS):
         batch = list(docs[start : start + TOKENIZE_CHUNK_DOCS])
-        ids = tokenizer(batch, add_special_tokens=False)["input_ids"]
-        for doc_ids in ids:
+        for doc_ids in encode_batch(tokenizer, batch):
             pieces.append(np.asarray([*doc_ids, eos_id], dtype=dtype))
             lengths.append(len(doc_ids) + 1)
     starts = np.concatenate([[1], 1 + np.cumsum(np.asarray(lengths, dtype=np.int64))])

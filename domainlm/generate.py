@@ -176,8 +176,8 @@ def generate_samples(
         for start in range(0, len(rows), batch_size):
             batch = rows[start : start + batch_size]
 
-            def show(generated: list[list[int]]) -> None:
-                on_text(tokenizer.decode(generated[0]))
+            def show(generated: list[list[int]], first: list[int] = encoded[batch[0][0]]) -> None:
+                on_text(decode_continuation(tokenizer, first, generated[0]))
 
             with torch.no_grad(), autocast(device, precision):
                 results = sample_batch(
@@ -192,11 +192,29 @@ def generate_samples(
                     on_step=show if on_text else None,
                 )
             for (prompt, k), result in zip(batch, results, strict=True):
-                text = tokenizer.decode(result.tokens)
+                text = decode_continuation(tokenizer, encoded[prompt], result.tokens)
                 samples.append(Sample(prompt, k, text, result.tokens, result.stopped_at_eos))
     finally:
         model.train(was_training)
     return samples
+
+
+def decode_continuation(tokenizer: Any, prompt_ids: list[int], new_ids: list[int]) -> str:
+    """The text that `new_ids` add after the prompt, so that `prompt + text` reads right.
+
+    Decoded with the prompt's last token as context, minus that token's own text: decoded alone,
+    a continuation loses its leading space under SentencePiece tokenizers (their decoder strips
+    the space of the first "▁word"), giving "the catsat" for "the cat" + " sat". When the context
+    does not decode to a prefix (a character split across the join), the continuation alone.
+    """
+    if not prompt_ids or not new_ids:
+        return tokenizer.decode(new_ids)
+    context = [int(prompt_ids[-1])]
+    head = tokenizer.decode(context)
+    full = tokenizer.decode(context + list(new_ids))
+    if full.startswith(head):
+        return full[len(head) :]
+    return tokenizer.decode(new_ids)
 
 
 def generate(config: GenerateConfig, out: TextIO | None = None) -> list[Sample]:

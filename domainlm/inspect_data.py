@@ -24,7 +24,7 @@ from domainlm.config import DOC_SEPARATORS, PACKING_MODES
 from domainlm.data import BlockDataset, TokenStream, load_token_stream, split_documents
 from domainlm.errors import UserError
 from domainlm.lint import count_long_documents, lint_corpus
-from domainlm.models import load_model, tokenizer_fingerprint
+from domainlm.models import load_model, special_token_texts, tokenizer_fingerprint
 
 
 def opt(default: Any, help: str, **extra: Any) -> Any:
@@ -152,7 +152,12 @@ def inspect_data(config: InspectConfig) -> dict[str, Any]:
         ).stream
 
     full = load(config.train_file)
-    lint = lint_corpus(config.train_file, config.validation_file, config.cache_dir)
+    lint = lint_corpus(
+        config.train_file,
+        config.validation_file,
+        config.cache_dir,
+        special_token_texts(loaded.tokenizer),
+    )
     lint.train.long_documents = count_long_documents(full.doc_starts, block)
     if config.validation_file:
         train, valid = full, load(config.validation_file)

@@ -1,7 +1,8 @@
 """Data lint: the problems that silently spoil a run, found before training starts.
 
 Per file: empty lines, exact duplicate lines (count and the most repeated examples), control
-characters, CRLF line ends, a byte-order mark, invalid UTF-8 (line numbers), very short lines;
+characters, CRLF line ends, a byte-order mark, invalid UTF-8 (line numbers), very short lines,
+lines that contain the text of one of the tokenizer's special tokens (`<|endoftext|>`, `[SEP]`);
 for a validation file, its lines that also appear in the training data (leakage); and, from the
 token stream, documents longer than the block size (they cannot fit in one block or window).
 
@@ -16,7 +17,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import numpy as np
 from domainlm.corpus import corpus_fingerprint, iter_chunks
 from domainlm.data import default_cache_dir, text_files
 
-LINT_VERSION = "1"
+LINT_VERSION = "2"
 SHORT_LINE_CHARS = 10  # a non-empty line under this many characters is "very short"
 MAX_EXAMPLES = 3
 MAX_LINE_NUMBERS = 10
@@ -50,6 +51,9 @@ class FileLint:
     control_char_count: int = 0
     invalid_utf8_lines: list[int] = field(default_factory=list)
     invalid_utf8_count: int = 0
+    special_token_count: int = 0  # lines holding special-token text (encoded as plain text)
+    special_token_lines: list[int] = field(default_factory=list)  # first line numbers
+    special_token_texts: list[str] = field(default_factory=list)  # which ones were seen
     leaked_lines: int | None = None  # validation only: its lines also found in the train data
     leaked_examples: list[str] = field(default_factory=list)
     long_documents: int | None = None  # documents of more tokens than the block size
@@ -95,6 +99,13 @@ def file_warnings(lint: FileLint, doc_sep: str, block_size: int | None) -> list[
             f"{p}: {lint.long_documents} {what} longer than the block size of {block_size} "
             "tokens (split across blocks; their start is cut from the context of their end)"
         )
+    if lint.special_token_count:
+        seen = ", ".join(lint.special_token_texts)
+        out.append(
+            f"{p}: {lint.special_token_count} line(s) contain special-token text ({seen}), e.g. "
+            f"line(s) {_numbers(lint.special_token_lines)}; it is read as plain text, not as the "
+            "special token (documents end only where --doc-sep says)"
+        )
     if lint.control_char_count:
         out.append(
             f"{p}: {lint.control_char_count} line(s) with control characters, e.g. line(s) "
@@ -131,9 +142,20 @@ def _iter_file_lines(path: str | os.PathLike) -> Iterator[tuple[Path, int, bytes
             yield file, first, chunk
 
 
-def _scan(path: str | os.PathLike) -> tuple[FileLint, np.ndarray]:
+def _special_pattern(special_tokens: Sequence[str]) -> re.Pattern[bytes] | None:
+    """A byte pattern matching any of the special-token strings (None when there are none)."""
+    texts = sorted({t for t in special_tokens if t}, key=len, reverse=True)
+    if not texts:
+        return None
+    return re.compile(b"|".join(re.escape(t.encode("utf-8")) for t in texts))
+
+
+def _scan(
+    path: str | os.PathLike, special_tokens: Sequence[str] = ()
+) -> tuple[FileLint, np.ndarray]:
     """The lint of one input, and the hashes of its non-empty lines (CR dropped), in order."""
     lint = FileLint(str(path))
+    special = _special_pattern(special_tokens)
     hashes: list[np.ndarray] = []
     for _file, first, chunk in _iter_file_lines(path):
         if first == 1 and chunk.startswith(b"\xef\xbb\xbf"):
@@ -157,12 +179,30 @@ def _scan(path: str | os.PathLike) -> tuple[FileLint, np.ndarray]:
                 lint.control_char_count += 1
                 if len(lint.control_char_lines) < MAX_LINE_NUMBERS:
                     lint.control_char_lines.append(number)
+        if special is not None:
+            _find_special(lint, special, first, chunk)
         stripped = [line.rstrip(b"\r") for line in lines]
         kept = [line for line in stripped if line.strip()]
         lint.empty_lines += len(stripped) - len(kept)
         lint.short_lines += sum(1 for line in kept if len(line.strip()) < SHORT_LINE_CHARS)
         hashes.append(np.fromiter((hash(line) for line in kept), dtype=np.int64, count=len(kept)))
     return lint, np.concatenate([np.zeros(0, np.int64), *hashes])
+
+
+def _find_special(lint: FileLint, special: re.Pattern[bytes], first: int, chunk: bytes) -> None:
+    """Count the lines of `chunk` (first line number `first`) holding special-token text."""
+    position, number, last = 0, first, 0
+    for match in special.finditer(chunk):
+        number += chunk.count(b"\n", position, match.start())
+        position = match.start()
+        text = match.group().decode("utf-8")
+        if text not in lint.special_token_texts:
+            lint.special_token_texts.append(text)
+        if number != last:
+            last = number
+            lint.special_token_count += 1
+            if len(lint.special_token_lines) < MAX_LINE_NUMBERS:
+                lint.special_token_lines.append(number)
 
 
 def _is_utf8(line: bytes) -> bool:
@@ -203,8 +243,12 @@ def lint_corpus(
     train_file: str | os.PathLike,
     validation_file: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
+    special_tokens: Sequence[str] = (),
 ) -> LintReport:
-    """The text lint of the training (and validation) input, read from the lint cache if there."""
+    """The text lint of the training (and validation) input, read from the lint cache if there.
+
+    `special_tokens`: the tokenizer's special-token strings to look for (`special_token_texts`).
+    """
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     key_text = "|".join(
         [
@@ -213,6 +257,7 @@ def lint_corpus(
             corpus_fingerprint(validation_file) if validation_file else "-",
             str(train_file),
             str(validation_file),
+            "\0".join(special_tokens),
         ]
     )
     cached = cache / f"lint-{hashlib.sha256(key_text.encode()).hexdigest()[:24]}.json"
@@ -221,12 +266,12 @@ def lint_corpus(
             return _report_from_dict(json.loads(cached.read_text(encoding="utf-8")))
         except (ValueError, TypeError, KeyError):
             pass  # an unreadable cache entry is recomputed
-    train, train_hashes = _scan(train_file)
+    train, train_hashes = _scan(train_file, special_tokens)
     train_unique = _duplicates(train, train_file, train_hashes)
     del train_hashes
     validation = None
     if validation_file:
-        validation, valid_hashes = _scan(validation_file)
+        validation, valid_hashes = _scan(validation_file, special_tokens)
         _duplicates(validation, validation_file, valid_hashes)
         leaked = np.isin(valid_hashes, train_unique)
         validation.leaked_lines = int(leaked.sum())
@@ -268,7 +313,12 @@ def _report_from_dict(data: dict[str, Any]) -> LintReport:
 
 
 def check_training_data(
-    config: Any, block_size: int, train_stream: Any, valid_stream: Any, console: Any
+    config: Any,
+    block_size: int,
+    train_stream: Any,
+    valid_stream: Any,
+    console: Any,
+    special_tokens: Sequence[str] = (),
 ) -> list[str]:
     """Lint at the start of `train`: warnings on the console, or with --strict one UserError.
 
@@ -276,7 +326,9 @@ def check_training_data(
     """
     from domainlm.errors import UserError
 
-    report = lint_corpus(config.train_file, config.validation_file, config.cache_dir)
+    report = lint_corpus(
+        config.train_file, config.validation_file, config.cache_dir, special_tokens
+    )
     train_long = count_long_documents(train_stream.doc_starts, block_size)
     valid_long = count_long_documents(valid_stream.doc_starts, block_size)
     if report.validation is None:

@@ -254,6 +254,19 @@ def resolve_eos_id(tokenizer: Any, eos_token: str | None = None) -> int:
     raise UserError("the tokenizer has neither an EOS nor a SEP token; name one with --eos-token")
 
 
+def special_token_texts(tokenizer: Any) -> list[str]:
+    """The strings of the tokenizer's special tokens (`<|endoftext|>`, `[SEP]`, ...), sorted.
+
+    Text in a corpus that spells one of them is still encoded as text (`corpus.encode_batch`);
+    lint reports it, since it is usually a leftover document separator.
+    """
+    texts = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(token, "special", False):
+            texts.add(str(token.content))
+    return sorted(t for t in texts if t)
+
+
 def tokenizer_fingerprint(tokenizer: Any, eos_id: int) -> str:
     """A hash that changes whenever the same text would give different token ids."""
     digest = hashlib.sha256()

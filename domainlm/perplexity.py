@@ -22,8 +22,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from domainlm.config import DEVICES, ENCODING_ERRORS, PRECISIONS, check_device, opt
-from domainlm.data import read_documents, text_files, tokenize_documents
+from domainlm.config import (
+    DEVICES,
+    DOC_SEPARATORS,
+    ENCODING_ERRORS,
+    PRECISIONS,
+    check_device,
+    opt,
+)
+from domainlm.corpus import chunk_numbered_documents, iter_numbered_documents
+from domainlm.data import tokenize_documents
 from domainlm.device import pick_device, resolve_precision
 from domainlm.distributed import DistContext, setup_distributed, teardown_distributed
 from domainlm.errors import UserError
@@ -58,6 +66,11 @@ class PerplexityConfig:
         None, "Texts to score: .txt (one per line), .jsonl with 'text', or a folder."
     )
     text: str | None = opt(None, "A text to score instead of --file (each non-blank line a text).")
+    doc_sep: str = opt(
+        "line",
+        "Texts are lines (line) or paragraphs separated by empty lines (blank), as in train.",
+        choices=DOC_SEPARATORS,
+    )
     block_size: int | None = opt(
         None, "Window length L in tokens fed to the model. Default: the model's context."
     )
@@ -114,6 +127,7 @@ class PerplexityConfig:
         for name, choices in (
             ("precision", PRECISIONS),
             ("convention", CONVENTIONS),
+            ("doc_sep", DOC_SEPARATORS),
             ("encoding_errors", ENCODING_ERRORS),
         ):
             if getattr(self, name) not in choices:
@@ -221,30 +235,28 @@ def evaluate_perplexity(config: PerplexityConfig) -> list[PerplexityReport]:
 
 
 def read_corpus(config: PerplexityConfig) -> Corpus:
-    """Non-blank lines (or jsonl `text`s) of --file, or of --text, with where each came from."""
+    """The texts of --file (or --text), each with where it starts, split as training splits them.
+
+    The reader is training's (`corpus.iter_numbered_documents`: the same chunks, decoding and
+    `--doc-sep` rules), so a file scored here is the documents that training read from it.
+    """
     if config.text is not None:
-        lines = config.text.replace("\r\n", "\n").split("\n")
-        numbered = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
+        numbered = chunk_numbered_documents(Path(TEXT_SOURCE), 1, config.text, config.doc_sep)
         if not numbered:
             raise UserError("--text is empty")
         return Corpus([t for _, t in numbered], [(TEXT_SOURCE, n) for n, _ in numbered])
-    documents = read_documents(config.file, "line", config.encoding_errors)
-    origins = [(str(f), n) for f in text_files(config.file) for n in _text_line_numbers(f)]
-    if len(origins) != len(documents):  # cannot happen for well-formed input; number them then
-        origins = [(str(config.file), n) for n in range(1, len(documents) + 1)]
+    documents: list[str] = []
+    origins: list[tuple[str, int]] = []
+    for file, number, doc in iter_numbered_documents(
+        config.file, config.doc_sep, config.encoding_errors
+    ):
+        documents.append(doc)
+        origins.append((str(file), number))
+    if not documents:
+        raise UserError(
+            f"{config.file}: no text in it (the file is empty or holds only blank lines)"
+        )
     return Corpus(documents, origins)
-
-
-def _text_line_numbers(file: Path) -> list[int]:
-    """1-based numbers of the lines of `file` that `read_documents` turns into documents."""
-    lines = file.read_bytes().decode("utf-8-sig", errors="replace").split("\n")
-    if file.suffix != ".jsonl":
-        return [n for n, line in enumerate(lines, start=1) if line.strip()]
-    numbers = []
-    for n, line in enumerate(lines, start=1):
-        if line.strip() and str(json.loads(line).get("text", "")).strip():
-            numbers.append(n)
-    return numbers
 
 
 def score_model(
@@ -311,7 +323,8 @@ def score_model(
 def stream_tokens(corpus: Corpus, loaded: LoadedModel, convention: str) -> np.ndarray:
     """eos: `[EOS] d1 EOS d2 EOS ...`; plain: the tokenizer's ids of the lines joined by newlines."""
     if convention == "plain":
-        ids = loaded.tokenizer(corpus.plain_text())["input_ids"]
+        # Special tokens of the model's own convention (a BOS) are added; text stays text.
+        ids = loaded.tokenizer(corpus.plain_text(), split_special_tokens=True)["input_ids"]
         return np.asarray(ids, dtype=np.int64)
     dtype = token_dtype(len(loaded.tokenizer))
     return tokenize_documents(corpus.documents, loaded.tokenizer, loaded.eos_id, dtype).tokens
@@ -320,7 +333,7 @@ def stream_tokens(corpus: Corpus, loaded: LoadedModel, convention: str) -> np.nd
 def line_token_lists(corpus: Corpus, loaded: LoadedModel, convention: str) -> list[np.ndarray]:
     """Each line as its own stream: `[EOS] tokens(d) [EOS]`, or plain `tokens(d)`."""
     if convention == "plain":
-        ids = loaded.tokenizer(list(corpus.documents))["input_ids"]
+        ids = loaded.tokenizer(list(corpus.documents), split_special_tokens=True)["input_ids"]
         return [np.asarray(line, dtype=np.int64) for line in ids]
     dtype = token_dtype(len(loaded.tokenizer))
     stream = tokenize_documents(corpus.documents, loaded.tokenizer, loaded.eos_id, dtype)

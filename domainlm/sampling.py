@@ -44,12 +44,28 @@ def next_tokens(
     generator: torch.Generator | None,
 ) -> torch.Tensor:
     """(b,) next token ids from (b, V) float logits; `seen` (b, V) bool marks tokens for the penalty."""
+    logits = filtered_logits(logits, seen, settings)
+    if settings.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def filtered_logits(
+    logits: torch.Tensor, seen: torch.Tensor | None, settings: SamplingSettings
+) -> torch.Tensor:
+    """The (b, V) logits that `next_tokens` samples from: softmax of them is the distribution.
+
+    In order: the repetition penalty on `seen` tokens; then (temperature > 0) division by the
+    temperature, top-k (the k largest logits stay, ties with the k-th too) and top-p (the fewest
+    most likely tokens whose probabilities sum to at least top_p stay); a dropped token is -inf.
+    """
     if settings.repetition_penalty != 1.0 and seen is not None:
         # CTRL's penalty (as in HF): make already-seen tokens less likely, whatever the logit's sign.
         r = settings.repetition_penalty
         logits = torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)
     if settings.temperature == 0:
-        return logits.argmax(dim=-1)
+        return logits
     logits = logits / settings.temperature
     if settings.top_k:
         k = min(settings.top_k, logits.shape[-1])
@@ -62,8 +78,7 @@ def next_tokens(
         drop = (probs.cumsum(dim=-1) - probs) >= settings.top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return logits
 
 
 @dataclass

@@ -60,7 +60,12 @@ from domainlm.lock import LOCK_FILE, RunLock
 from domainlm.loss import CausalLMLoss
 from domainlm.malloc import reuse_freed_host_memory
 from domainlm.metrics import Console, MetricsLog
-from domainlm.models import LoadedModel, load_model, tokenizer_fingerprint
+from domainlm.models import (
+    LoadedModel,
+    load_model,
+    special_token_texts,
+    tokenizer_fingerprint,
+)
 from domainlm.packing import check_packing_support
 from domainlm.report import (
     EventLoggers,
@@ -154,7 +159,10 @@ def train(config: TrainConfig) -> TrainResult:
             config, loaded, run_identity["tokenizer"], console
         )
         # Data lint (domainlm/lint.py): warnings, or with --strict an error before any write.
-        check_training_data(config, block_size, train_stream, valid_stream, console)
+        check_training_data(
+            config, block_size, train_stream, valid_stream, console,
+            special_token_texts(loaded.tokenizer),
+        )  # fmt: skip
         if config.packing == "docs":
             check_packing_support(loaded.model)
         if ctx.is_main:  # one run per output dir; taken before decide_resume may remove anything

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -13,7 +14,13 @@ from conftest import uneven_corpus, write_lines
 from domainlm.cli import main
 from domainlm.data import load_token_stream
 from domainlm.errors import UserError
-from domainlm.generate import GenerateConfig, MemorizationChecker, generate_samples, generate_texts
+from domainlm.generate import (
+    GenerateConfig,
+    MemorizationChecker,
+    TextPrinter,
+    generate_samples,
+    generate_texts,
+)
 from domainlm.memorize import NGRAM, NgramIndex, source_line
 from domainlm.models import load_model, tokenizer_fingerprint
 from domainlm.sampling import SamplingSettings, sample_batch
@@ -266,3 +273,92 @@ def test_cli_memorization_check(
     no_train = ["generate", "--model", str(tiny_model_dir), "--prompt", "a", "--check-memorization"]
     assert main(no_train) == 2
     assert "--train-file" in capsys.readouterr().err
+
+
+def test_sampling_with_dropout_leaves_the_rng_and_train_mode_alone(tmp_path: Path) -> None:
+    """What samples during training rely on, with dropout on (GPT-2's 0.1): the samples are those
+    of eval mode, the model is back in train mode, and the global RNG (dropout masks) is where it
+    was. The training run itself is checked in test_report (same losses with and without samples);
+    this catches a sampler that draws from the global RNG even when training reseeds every step."""
+    from domainlm.models import save_scratch_folder
+
+    loaded = load_model(str(save_scratch_folder("tiny", tmp_path / "model", seed=0)))
+    model = loaded.model
+    assert model.config.resid_pdrop == 0.1
+
+    def run() -> list[list[int]]:
+        samples = generate_samples(
+            model, loaded.tokenizer, loaded.eos_id, ["the cat", "a dog sat"], max_new_tokens=6,
+            settings=SamplingSettings(temperature=1.0, top_k=50), seed=5,
+        )  # fmt: skip
+        return [s.tokens for s in samples]
+
+    model.eval()
+    in_eval = run()
+    model.train()
+    torch.manual_seed(11)
+    before = torch.get_rng_state()
+    assert run() == in_eval  # dropout off while sampling
+    assert model.training  # back in train mode
+    assert torch.equal(torch.get_rng_state(), before)  # the global RNG untouched
+
+
+def sentencepiece_llama_tokenizer(folder: Path):  # type: ignore[no-untyped-def]
+    """A real SentencePiece BPE model trained here, wrapped as transformers' LlamaTokenizer.
+
+    transformers 5 builds LlamaTokenizer from `vocab` and `merges` (its converter reads the
+    .model file through protobuf); for a SentencePiece BPE model the merges are the pairs of
+    pieces whose concatenation is a piece, in the order of that piece's id (its merge rank).
+    The wrapper is checked to encode exactly as SentencePiece itself does.
+    """
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    lines = uneven_corpus(300, seed=1)
+    corpus = write_lines(folder / "sp-corpus.txt", lines)
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(folder / "sp"), vocab_size=100, model_type="bpe",
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+    )  # fmt: skip
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "sp.model"))
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    pieces = [p for p in vocab if not sp.is_control(vocab[p]) and not sp.is_unknown(vocab[p])]
+    merges = sorted(
+        ((a, b) for a in pieces for b in pieces if a + b in vocab), key=lambda m: vocab["".join(m)]
+    )
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges)
+    for line in lines[:50]:
+        assert tokenizer(line, add_special_tokens=False)["input_ids"] == sp.encode(line)
+    return tokenizer
+
+
+def test_continuation_keeps_its_leading_space_with_sentencepiece(tmp_path: Path) -> None:
+    """Issue 12 item 10: decoded alone, "▁sat" loses its space ("the catsat")."""
+    from domainlm.models import build_scratch_model
+
+    tokenizer = sentencepiece_llama_tokenizer(tmp_path)
+    sat = tokenizer.convert_tokens_to_ids("▁sat")
+    assert tokenizer.decode([sat]) == "sat"  # the SentencePiece decoder strips a leading space
+    model = build_scratch_model(
+        "tiny", vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2
+    ).eval()
+    bias = torch.zeros(len(tokenizer))
+    bias[sat] = 1e4  # the model says " sat" every time
+    hook = model.lm_head.register_forward_hook(lambda m, i, out: out + bias)
+    streamed = io.StringIO()
+    printer = TextPrinter(streamed, "the cat")
+    try:
+        samples = generate_samples(
+            model, tokenizer, tokenizer.eos_token_id, ["the cat", "a dog"], max_new_tokens=2,
+            settings=SamplingSettings(temperature=0), seed=0,
+        )  # fmt: skip
+        (one,) = generate_samples(
+            model, tokenizer, tokenizer.eos_token_id, ["the cat"], max_new_tokens=2,
+            settings=SamplingSettings(temperature=0), seed=0, on_text=printer,
+        )  # fmt: skip
+    finally:
+        hook.remove()
+    assert [s.tokens for s in samples] == [[sat, sat], [sat, sat]]
+    assert [s.prompt + s.text for s in samples] == ["the cat sat sat", "a dog sat sat"]
+    printer.finish(one.text)
+    assert streamed.getvalue() == "the cat sat sat\n"  # what the terminal shows, as it grows

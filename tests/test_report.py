@@ -29,13 +29,20 @@ PROMPTS = ["the cat", "a dog"]
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """Two short runs, the same but for --sample-prompts (and the learning rate of a third...)."""
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two short runs, the same but for --sample-prompts (and the learning rate of a third...).
+
+    The model has dropout on (GPT-2's 0.1): a sampler that left the model in eval mode, or that
+    drew from the training's RNG, would change the losses after its first sample.
+    """
+    from domainlm.models import save_scratch_folder
+
     base = tmp_path_factory.mktemp("report-runs")
+    model_dir = save_scratch_folder("tiny", base / "model", seed=0)
     train_file = write_lines(base / "train.txt", uneven_corpus(40))
     valid_file = write_lines(base / "valid.txt", uneven_corpus(6, seed=1))
     common = dict(
-        model=str(tiny_model_dir),
+        model=str(model_dir),
         train_file=str(train_file),
         validation_file=str(valid_file),
         block_size=32,
@@ -78,7 +85,9 @@ def test_samples_while_training_leave_the_run_unchanged(runs: tuple[Path, Path])
     ]
     assert all(isinstance(r["text"], str) for r in records)
     assert not (plain / "samples.jsonl").exists()
-    # the sampler draws from its own generator inside a forked RNG: the same losses to the bit
+    # the sampler draws from its own generator inside a forked RNG and puts the model back in
+    # train mode: the same losses to the bit, with dropout on
+    assert json.loads((sampled / "config.json").read_text())["resid_pdrop"] == 0.1
     assert train_losses(sampled) == train_losses(plain)
     assert read_run(sampled).evals == read_run(plain).evals
 
