@@ -306,25 +306,32 @@ _FUSED: dict[str, Any] = {}
 
 def _fused_kernel(device: torch.device) -> Any:
     """The compiled `fused_nll_and_grad` on CUDA when `USE_FUSED_KERNEL`, else None. A compiler
-    that fails (no Triton, an unsupported GPU) is reported once and the exact path used."""
+    that fails on the first call (no Triton, an unsupported GPU) is reported once and the unfused
+    path used from then on; an out-of-memory error is the caller's (the OOM back-off)."""
     if device.type != "cuda" or not USE_FUSED_KERNEL or _FUSED.get("broken"):
         return None
     if "kernel" not in _FUSED:
         _FUSED["kernel"] = torch.compile(fused_nll_and_grad, dynamic=None)
+    if _FUSED.get("checked"):
+        return _FUSED["kernel"]
 
-    def guarded(logits: torch.Tensor, targets: torch.Tensor, vocab: int) -> Any:
+    def first_call(logits: torch.Tensor, targets: torch.Tensor, vocab: int) -> Any:
         try:
-            return _FUSED["kernel"](logits, targets, vocab)
+            result = _FUSED["kernel"](logits, targets, vocab)
+        except torch.OutOfMemoryError:
+            raise
         except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back, say so once
-            _FUSED["broken"] = True
             warnings.warn(
-                f"compiling the fused loss kernel failed ({type(exc).__name__}); using the "
-                "unfused path",
+                f"compiling the fused loss kernel failed ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); using the unfused path",
                 stacklevel=2,
             )
-            return fused_nll_and_grad(logits, targets, vocab)
+            _FUSED["broken"] = True
+            result = fused_nll_and_grad(logits, targets, vocab)  # this once, uncompiled
+        _FUSED["checked"] = True
+        return result
 
-    return guarded
+    return first_call
 
 
 def _padded_head(

@@ -265,3 +265,42 @@ def test_fused_path_equals_full_logits(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
     for name, g in expected_grads.items():
         assert_close_relative(grads(model)[name], g, name)
+
+
+def test_fused_kernel_compiler_failure_falls_back_once_and_oom_propagates(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A compiler that fails on the first call: one warning, that call's result computed anyway,
+    and the unfused path (None) from then on. An out-of-memory error is not a compiler failure:
+    it reaches the OOM back-off, and the kernel stays in use."""
+    logits = torch.randn(3, 64)
+    targets = torch.tensor([1, 2, IGNORE_INDEX])
+    cuda = torch.device("cuda", 0)  # only its type is read; nothing runs on a GPU here
+
+    def failing_compile(fn, **kwargs):  # type: ignore[no-untyped-def]
+        def run(*args):  # type: ignore[no-untyped-def]
+            raise RuntimeError("no Triton here")
+
+        return run
+
+    monkeypatch.setattr(domainlm.loss, "_FUSED", {})
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    kernel = domainlm.loss._fused_kernel(cuda)
+    with pytest.warns(UserWarning, match="no Triton here"):
+        nll, grad = kernel(logits, targets, 60)
+    expected = domainlm.loss.fused_nll_and_grad(logits, targets, 60)
+    torch.testing.assert_close(nll, expected[0])
+    torch.testing.assert_close(grad, expected[1])
+    assert domainlm.loss._fused_kernel(cuda) is None
+
+    def oom_compile(fn, **kwargs):  # type: ignore[no-untyped-def]
+        def run(*args):  # type: ignore[no-untyped-def]
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+        return run
+
+    monkeypatch.setattr(domainlm.loss, "_FUSED", {})
+    monkeypatch.setattr(torch, "compile", oom_compile)
+    with pytest.raises(torch.OutOfMemoryError):
+        domainlm.loss._fused_kernel(cuda)(logits, targets, 60)
+    assert domainlm.loss._fused_kernel(cuda) is not None
