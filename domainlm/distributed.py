@@ -23,6 +23,7 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    group_of_one: bool = False  # torchrun with one process, joined anyway (FSDP on one rank)
 
     @property
     def is_main(self) -> bool:
@@ -30,15 +31,21 @@ class DistContext:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """A process group is (to be) joined: collectives, barriers and wrappers apply."""
+        return self.world_size > 1 or self.group_of_one
 
 
 SINGLE = DistContext()
 
 
-def context_from_env() -> DistContext:
-    """Read torchrun's (or torch.distributed.launch's) environment; one process if absent."""
+def context_from_env(group_of_one: bool = False) -> DistContext:
+    """Read torchrun's (or torch.distributed.launch's) environment; one process if absent.
+
+    torchrun with one process is a single process too, unless `group_of_one` (`--strategy fsdp`:
+    FSDP's sharded path then runs on one rank, as it will on many)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 and group_of_one and "RANK" in os.environ:
+        return DistContext(local_rank=int(os.environ.get("LOCAL_RANK", "0")), group_of_one=True)
     if world <= 1:
         return SINGLE
     return DistContext(
@@ -58,7 +65,7 @@ def all_reduce_sum(values: list[float], ctx: DistContext, device: torch.device) 
 
 
 def setup_distributed(
-    timeout_s: float = DEFAULT_TIMEOUT_S, device: str | None = None
+    timeout_s: float = DEFAULT_TIMEOUT_S, device: str | None = None, strategy: str = "auto"
 ) -> DistContext:
     """Join torchrun's process group (NCCL on GPUs, gloo on CPU) when launched by it.
 
@@ -69,7 +76,7 @@ def setup_distributed(
     `timeout_s` bounds every wait on other ranks (joining, collectives, barriers): a rank that
     died or hangs ends the run with an error after at most that long instead of a silent hang.
     """
-    ctx = context_from_env()
+    ctx = context_from_env(group_of_one=strategy == "fsdp")
     if ctx.enabled and not dist.is_initialized():
         backend = distributed_backend(device)
         if backend == "nccl":

@@ -116,6 +116,7 @@ def train(config: TrainConfig) -> TrainResult:
     """Fine-tune `config.model` on `config.train_file`; write checkpoints, metrics and the model."""
     from domainlm.distributed import (
         full_model_state_dict,
+        is_sharded,
         load_optimizer_state,
         rank_lost,
         setup_distributed,
@@ -125,7 +126,7 @@ def train(config: TrainConfig) -> TrainResult:
 
     reuse_freed_host_memory()  # no page faults for each step's large blocks (domainlm/malloc.py)
     prefer_expandable_cuda_segments()  # before anything touches CUDA
-    ctx = setup_distributed(config.dist_timeout, config.device)
+    ctx = setup_distributed(config.dist_timeout, config.device, config.strategy)
     cleanup = ExitStack()  # the run lock and the signal handlers, released on every exit
     try:
         device = pick_device(ctx.local_rank if ctx.enabled else None, config.device)
@@ -214,6 +215,7 @@ def train(config: TrainConfig) -> TrainResult:
         console.info(
             f"model {config.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) "
             f"on {device.type} x{ctx.world_size}, precision {precision}"
+            + (", parameters sharded by FSDP" if is_sharded(model) else "")
         )
         console.info(
             f"train: {train_stream.num_documents} documents, {dataset.num_predicted:,} tokens, "

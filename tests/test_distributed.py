@@ -341,3 +341,19 @@ def test_lost_rank_errors_become_one_line() -> None:
     assert "more" not in str(lost)
     assert rank_lost(RuntimeError("shape mismatch"), ctx) is None
     assert rank_lost(RuntimeError("Connection closed"), DistContext()) is None
+
+
+def test_fsdp_on_one_torchrun_rank_shards_and_equals_one_process(
+    data: dict[str, Path], single_run: Path
+) -> None:
+    """torchrun with one process and --strategy fsdp joins a process group of one and shards
+    (the path many ranks take, checkable on one GPU); it trains like the plain process."""
+    out = data["root"] / "fsdp-one"
+    launcher = ["torch.distributed.run", "--standalone", "--nproc_per_node=1"]
+    log = run_ok(
+        torchrun_cmd(launcher, data, out, "--strategy", "fsdp", "--grad-accum", "2"),
+        launch_env(data["cache"]),
+    )
+    assert "on cpu x1, precision fp32, parameters sharded by FSDP" in log
+    assert_same_losses(train_losses(out), train_losses(single_run))
+    assert_same_weights(out, single_run)
