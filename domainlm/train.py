@@ -20,6 +20,7 @@ import torch
 
 from domainlm import guard
 from domainlm.checkpoint import (
+    CHECKPOINT_PREFIX,
     RUN_FILE,
     CheckpointInfo,
     best_checkpoint,
@@ -28,7 +29,9 @@ from domainlm.checkpoint import (
     checkpoint_problem,
     list_checkpoints,
     load_training_state,
+    owned_entries,
     read_run_file,
+    record_written,
     remove_owned_files,
     rotate_checkpoints,
     save_checkpoint,
@@ -153,7 +156,7 @@ def train(config: TrainConfig) -> TrainResult:
             check_packing_support(loaded.model)
         if ctx.is_main:  # one run per output dir; taken before decide_resume may remove anything
             cleanup.enter_context(RunLock(output_dir))
-        resume_from = decide_resume(config, output_dir, run_identity, console)
+        resume_from = decide_resume(config, output_dir, run_identity, console, ctx)
         dataset = BlockDataset(train_stream, block_size, config.packing)
 
         # ---- model, optimizer, state
@@ -497,9 +500,20 @@ def load_streams(
 
 
 def decide_resume(
-    config: TrainConfig, output_dir: Path, identity: dict[str, Any], console: Console
+    config: TrainConfig,
+    output_dir: Path,
+    identity: dict[str, Any],
+    console: Console,
+    ctx: DistContext | None = None,
 ) -> Path | None:
-    """The checkpoint to continue from, or None to start afresh. Refuses to clobber other runs."""
+    """The checkpoint to continue from, or None to start afresh. Refuses to clobber other runs.
+
+    Every rank calls this. With --overwrite-output-dir every rank checks the run file's names (so a
+    bad one stops all ranks alike), rank 0 alone removes them and the others wait at a barrier.
+    """
+    from domainlm.distributed import SINGLE, barrier
+
+    ctx = ctx or SINGLE
     if config.resume not in ("auto", "never"):
         path = Path(config.resume)
         problem = checkpoint_problem(path) if path.is_dir() else "no such folder"
@@ -507,14 +521,17 @@ def decide_resume(
             raise UserError(f"--resume {config.resume}: cannot resume from it: {problem}")
         check_same_run(path.parent, identity, f"checkpoint {path}")
         return path
-    if not output_dir.is_dir() or not any(p.name != LOCK_FILE for p in output_dir.iterdir()):
-        return None
     if config.overwrite_output_dir:
-        removed = remove_owned_files(output_dir)
-        if removed:
-            console.info(
-                f"--overwrite-output-dir: removed {len(removed)} entries of an earlier run"
-            )
+        owned_entries(output_dir)  # on every rank: a bad run file stops all ranks alike
+        if ctx.is_main:
+            removed = remove_owned_files(output_dir)
+            if removed:
+                console.info(
+                    f"--overwrite-output-dir: removed {len(removed)} entries of an earlier run"
+                )
+        barrier(ctx)  # nobody reads the folder while rank 0 empties it
+        return None
+    if not output_dir.is_dir() or not any(p.name != LOCK_FILE for p in output_dir.iterdir()):
         return None
     run = read_run_file(output_dir)
     if run is None:
@@ -576,6 +593,8 @@ def save_training_checkpoint(
 
     model_state, optim_state = full_state_dicts(model, optimizer, ctx)
     if ctx.is_main:
+        # Owned before it exists: --overwrite-output-dir removes it even if this save is cut short.
+        record_written(output_dir, f"{CHECKPOINT_PREFIX}{step}")
         state = {
             "step": step,
             "epoch": cursor.epoch,
