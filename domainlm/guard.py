@@ -11,6 +11,10 @@
 Fault injection (for tests; documented in docs/reliability.md), read from the environment:
 - `DOMAINLM_INJECT_NAN_STEPS=3,4`: the loss of those steps (1-based, as in metrics.jsonl) is NaN.
 - `DOMAINLM_INJECT_OOM_ABOVE=N`: any forward pass on more than N rows raises OutOfMemoryError.
+- `DOMAINLM_INJECT_OOM_AFTER_BACKWARD=N`: a training micro-batch of more than N rows raises
+  OutOfMemoryError after its forward and backward passes (its dropout masks are drawn and its
+  gradient accumulated, as when memory runs out late in a step).
+- `DOMAINLM_INJECT_OOM_RANK=R`: the two OOM injections above fire on rank R only (torchrun).
 - `DOMAINLM_INJECT_STEP_DELAY=S`: sleep S seconds after every optimizer step (slows a run down
   so that tests can signal or kill it at a chosen moment).
 """
@@ -35,6 +39,8 @@ T = TypeVar("T")
 
 NAN_STEPS_ENV = "DOMAINLM_INJECT_NAN_STEPS"
 OOM_ABOVE_ENV = "DOMAINLM_INJECT_OOM_ABOVE"
+OOM_AFTER_BACKWARD_ENV = "DOMAINLM_INJECT_OOM_AFTER_BACKWARD"
+OOM_RANK_ENV = "DOMAINLM_INJECT_OOM_RANK"
 STEP_DELAY_ENV = "DOMAINLM_INJECT_STEP_DELAY"
 
 # Exit codes: 128 + signal number for a signal stop (the shell convention), 3 for numerical faults.
@@ -199,13 +205,23 @@ def step_delay() -> None:
 # ----------------------------------------------------------------------------- out of memory
 
 
+def _inject_oom(variable: str, rows: int) -> None:
+    limit = os.environ.get(variable)
+    rank = os.environ.get(OOM_RANK_ENV)
+    if rank and rank != os.environ.get("RANK", "0"):
+        return
+    if limit and rows > int(limit):
+        raise torch.OutOfMemoryError(f"injected by {variable}={limit}: micro-batch of {rows} rows")
+
+
 def maybe_inject_oom(rows: int) -> None:
     """Fault injection: raise OutOfMemoryError for a forward pass on more rows than allowed."""
-    limit = os.environ.get(OOM_ABOVE_ENV)
-    if limit and rows > int(limit):
-        raise torch.OutOfMemoryError(
-            f"injected by {OOM_ABOVE_ENV}={limit}: micro-batch of {rows} rows"
-        )
+    _inject_oom(OOM_ABOVE_ENV, rows)
+
+
+def maybe_inject_oom_after_backward(rows: int) -> None:
+    """Fault injection: raise OutOfMemoryError once a micro-batch's backward pass is done."""
+    _inject_oom(OOM_AFTER_BACKWARD_ENV, rows)
 
 
 @dataclass

@@ -459,6 +459,7 @@ def accumulate_gradients(
             nll = row_nll.sum()
             # DDP/FSDP average gradients over ranks; scale so the result is sum / tokens.
             scaler.scale(nll * (ctx.world_size / step_targets)).backward()
+            guard.maybe_inject_oom_after_backward(batch.input_ids.shape[0])
         step_nll += nll.detach().double()
     return step_nll, step_targets
 
