@@ -1,8 +1,8 @@
 """Checkpoints and the output folder: save, find, load, rotate; atomic writes; what we own.
 
 A checkpoint is `checkpoint-<step>/`: the model in Hugging Face format (safetensors), the tokenizer,
-`training_state.pt` (optimizer, step, data position, RNG) and `checkpoint.json`, the completion
-marker with a SHA-256 of every file. It is written under a temporary name and renamed when
+`training_state.pt` (optimizer, step, data position, the open loss window; no RNG state: every
+step re-seeds it) and `checkpoint.json`, the completion marker with a SHA-256 of every file. It is written under a temporary name and renamed when
 complete, so a folder named `checkpoint-<step>` without a valid marker is never resumed from.
 """
 
@@ -100,7 +100,7 @@ def save_checkpoint(
     return final
 
 
-def checkpoint_problem(path: Path, verify_checksums: bool = True) -> str | None:
+def checkpoint_problem(path: Path) -> str | None:
     """None if the checkpoint is complete and intact, else what is wrong with it."""
     marker = path / MARKER
     if not marker.is_file():
@@ -114,7 +114,7 @@ def checkpoint_problem(path: Path, verify_checksums: bool = True) -> str | None:
         f = path / name
         if not f.is_file():
             return f"{name} is missing"
-        if verify_checksums and _sha256(f) != digest:
+        if _sha256(f) != digest:
             return f"{name} does not match its checksum"
     return None
 

@@ -453,9 +453,7 @@ def accumulate_gradients(
         )
         with sync:
             with autocast(device, precision):
-                row_nll = train_module(
-                    batch.input_ids, batch.targets, batch.position_ids, batch.attention_mask
-                )
+                row_nll = train_module(batch.input_ids, batch.targets, batch.position_ids)
             nll = row_nll.sum()
             # DDP/FSDP average gradients over ranks; scale so the result is sum / tokens.
             scaler.scale(nll * (ctx.world_size / step_targets)).backward()
@@ -602,7 +600,6 @@ def save_training_checkpoint(
             "offset": cursor.offset,
             "optimizer": optim_state,
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "rng_torch": torch.get_rng_state(),
             "world_size": ctx.world_size,
         }
         save_checkpoint(
