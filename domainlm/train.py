@@ -161,7 +161,11 @@ def train(config: TrainConfig) -> TrainResult:
 
         # ---- model, optimizer, state
         if resume_from is not None:
-            resumed = load_model(str(resume_from), eos_token=config.eos_token)
+            resumed = load_model(
+                str(resume_from),
+                eos_token=config.eos_token,
+                trust_remote_code=config.trust_remote_code,
+            )
             loaded.model = resumed.model
         # from_pretrained returns a model in eval mode: dropout must be on while training, in a
         # fresh run from a folder as in a resumed one (else resume is not exact).
@@ -178,12 +182,14 @@ def train(config: TrainConfig) -> TrainResult:
         steps_per_epoch = math.ceil(len(dataset) / global_batch)
         total_steps = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
         cursor, start_step = DataCursor(), 0
+        resumed_window: dict[str, float] = {}  # the loss window open at the checkpoint
         if resume_from is not None:
             state = load_training_state(resume_from)
             load_optimizer_state(model, optimizer, state["optimizer"])
             scaler.load_state_dict(state["scaler"]) if state.get("scaler") else None
             cursor = DataCursor(int(state["epoch"]), int(state["offset"]))
             start_step = int(state["step"])
+            resumed_window = state.get("loss_window") or {}
             console.info(f"resuming from {resume_from} at step {start_step}")
 
         if ctx.is_main:
@@ -242,8 +248,15 @@ def train(config: TrainConfig) -> TrainResult:
         # ---- the step loop
         started = time.perf_counter()
         bar = console.progress(total_steps, start_step)
+        # The loss window: NLL sum (this rank's) and target tokens (all ranks') since the last
+        # logged step. A resumed run reopens the checkpoint's window, so its next logged loss
+        # covers the same steps as without the interruption (rank 0 holds the all-ranks sum).
         window_nll = torch.zeros((), dtype=torch.float64, device=device)
         window_tokens, window_start, tokens_seen = 0, time.perf_counter(), 0
+        if resumed_window:
+            window_nll += float(resumed_window["nll"]) if ctx.is_main else 0.0
+            window_tokens = int(resumed_window["tokens"])
+            window_start -= float(resumed_window["seconds"])  # tokens/s over the whole window
         last_eval: tuple[int, NLLSum] | None = None
         split = guard.MicroBatching(config.batch_size, config.grad_accum)  # halved on OOM
         bad_steps = guard.BadStepGuard(config.max_bad_steps)
@@ -327,8 +340,19 @@ def train(config: TrainConfig) -> TrainResult:
             if done % config.save_steps == 0 or final_step:
                 # The final step is saved too, so a finished run can be extended with --max-steps.
                 ppl = last_eval[1].perplexity if last_eval and last_eval[0] == done else None
+                window = (window_nll, window_tokens, paused_at - window_start)
                 save_training_checkpoint(
-                    output_dir, done, loaded, model, optimizer, scaler, cursor, ctx, ppl, config
+                    output_dir,
+                    done,
+                    loaded,
+                    model,
+                    optimizer,
+                    scaler,
+                    cursor,
+                    ctx,
+                    ppl,
+                    config,
+                    window,
                 )
                 last_saved = output_dir / f"checkpoint-{done}"
             if sampler is not None:  # samples.jsonl + console; RNG forked, model back in train mode
@@ -348,6 +372,7 @@ def train(config: TrainConfig) -> TrainResult:
                         ctx,
                         None,
                         config,
+                        (window_nll, window_tokens, time.perf_counter() - window_start),
                     )
                 console.close(bar)
                 raise guard.stopped_by_signal(stop, done, output_dir)
@@ -586,11 +611,18 @@ def save_training_checkpoint(
     ctx: DistContext,
     eval_perplexity: float | None,
     config: TrainConfig,
+    window: tuple[torch.Tensor, int, float],
 ) -> CheckpointInfo | None:
-    """Write checkpoint-<step> on rank 0, then rotate; other ranks wait at a barrier."""
+    """Write checkpoint-<step> on rank 0, then rotate; other ranks wait at a barrier.
+
+    Every rank calls this. `window` is the open loss window (this rank's NLL sum, the target
+    tokens, the training seconds so far); its NLL is summed over the ranks and saved with them.
+    """
     from domainlm.distributed import barrier, full_state_dicts
 
     model_state, optim_state = full_state_dicts(model, optimizer, ctx)
+    window_nll, window_tokens, window_seconds = window
+    (nll_sum,) = all_reduce_sum([float(window_nll)], ctx, window_nll.device)
     if ctx.is_main:
         # Owned before it exists: --overwrite-output-dir removes it even if this save is cut short.
         record_written(output_dir, f"{CHECKPOINT_PREFIX}{step}")
@@ -601,6 +633,7 @@ def save_training_checkpoint(
             "optimizer": optim_state,
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "world_size": ctx.world_size,
+            "loss_window": {"nll": nll_sum, "tokens": window_tokens, "seconds": window_seconds},
         }
         save_checkpoint(
             output_dir, step, model, loaded.tokenizer, state, eval_perplexity, model_state
