@@ -249,7 +249,8 @@ def remove_owned_files(output_dir: Path) -> list[str]:
     """--overwrite-output-dir: remove what an earlier domainlm run wrote here, nothing else.
 
     Removes exactly the entries listed in run_config.json (`owned_entries`; each checkpoint is
-    listed before it is written), the temporary folders of those checkpoints, and the run file.
+    listed before it is written), the temporary folders of those checkpoints, and the run file
+    (with its temporary copy).
     Never follows a symbolic link: a listed name that is a link is left alone, so nothing outside
     the folder is touched. A `checkpoint-*` folder not listed (another tool's) stays.
     Call on one process (rank 0). Returns the names removed.
@@ -272,6 +273,9 @@ def remove_owned_files(output_dir: Path) -> list[str]:
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path)
     if isinstance(read_run_file(output_dir), dict):
+        leftover = output_dir / f".{RUN_FILE}.tmp"  # write_json_atomic cut short
+        if leftover.is_file() and not leftover.is_symlink():
+            leftover.unlink()
         (output_dir / RUN_FILE).unlink()
     return removed
 

@@ -6,7 +6,8 @@
   and counted; after `max_bad_steps` consecutive bad steps the run stops.
 - `with_oom_backoff` / `eval_with_oom_backoff`: on `torch.OutOfMemoryError` the micro-batch is
   halved and the accumulation doubled (same global batch, same blocks, same loss normalisation),
-  the RNG restored and the step retried.
+  the RNG restored and the step retried. Under torchrun the ranks agree (`agree_on_oom`): an
+  error on one rank makes every rank back off together, so no rank waits alone in a collective.
 
 Fault injection (for tests; documented in docs/reliability.md), read from the environment:
 - `DOMAINLM_INJECT_NAN_STEPS=3,4`: the loss of those steps (1-based, as in metrics.jsonl) is NaN.
@@ -222,6 +223,45 @@ def maybe_inject_oom(rows: int) -> None:
 def maybe_inject_oom_after_backward(rows: int) -> None:
     """Fault injection: raise OutOfMemoryError once a micro-batch's backward pass is done."""
     _inject_oom(OOM_AFTER_BACKWARD_ENV, rows)
+
+
+def agree_on_oom(
+    failed: torch.OutOfMemoryError | None, ctx: Any, device: torch.device, sharded: bool
+) -> None:
+    """After a micro-batch's attempt: raise OutOfMemoryError on every rank if any rank had one.
+
+    Every rank calls this at the same point of the step (before any gradient all-reduce), so an
+    error on one rank becomes a back-off of all ranks in step. Under FSDP the forward and
+    backward passes hold collectives themselves: a rank out of memory is already out of step, so
+    it stops at once with one line (the others then lose contact and stop too).
+    """
+    if not ctx.enabled:
+        if failed is not None:
+            raise failed
+        return
+    if sharded:
+        if failed is not None:
+            raise TrainingAborted(
+                f"out of memory on rank {ctx.rank} under --strategy fsdp, which cannot re-split a "
+                f"batch on all ranks in step ({failed}); lower --batch-size and raise --grad-accum"
+            ) from failed
+        return
+    from domainlm.distributed import all_reduce_sum
+
+    (count,) = all_reduce_sum([float(failed is not None)], ctx, device)
+    if failed is not None:
+        raise failed
+    if count > 0:
+        raise torch.OutOfMemoryError(f"{int(count)} other rank(s) ran out of memory")
+
+
+def oom_in_gradient_sync(exc: torch.OutOfMemoryError, ctx: Any) -> TrainingAborted:
+    """The stop for an OOM in the backward pass that all-reduces gradients (DDP's last
+    micro-batch): the other ranks are inside that all-reduce, so it cannot be retried in step."""
+    return TrainingAborted(
+        f"out of memory on rank {ctx.rank} while its gradients were being all-reduced ({exc}); "
+        "the ranks cannot retry that in step: lower --batch-size and raise --grad-accum"
+    )
 
 
 @dataclass

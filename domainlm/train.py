@@ -288,6 +288,7 @@ def train(config: TrainConfig) -> TrainResult:
                     device,
                     precision,
                     scaler,
+                    sharded=config.strategy == "fsdp",
                 ),
                 split,
                 reset=lambda: optimizer.zero_grad(set_to_none=True),
@@ -457,32 +458,55 @@ def accumulate_gradients(
     device: torch.device,
     precision: str,
     scaler: Any,
+    sharded: bool = False,
 ) -> tuple[torch.Tensor, int]:
     """Forward and backward over this rank's micro-batches of one global batch.
 
     The gradient left in the parameters is that of (summed NLL / target tokens of the whole global
     batch), whatever the split into ranks and micro-batches. Returns this rank's NLL sum (a device
     tensor: no host sync) and the global batch's target-token count.
+
+    Out of memory under torchrun: after each micro-batch's attempt the ranks agree
+    (`guard.agree_on_oom`), so all raise OutOfMemoryError and back off together. The backward pass
+    that all-reduces gradients (DDP's last micro-batch) therefore runs after that agreement; an
+    OOM inside it stops the run with one line (`sharded`: FSDP, whose passes hold collectives).
     """
     step_targets = sum(dataset.targets_in(int(b)) for b in blocks)
     step_nll = torch.zeros((), dtype=torch.float64, device=device)
+
+    def backward(nll: torch.Tensor, rows: int) -> None:
+        # DDP/FSDP average gradients over ranks; scale so the result is sum / tokens.
+        scaler.scale(nll * (ctx.world_size / step_targets)).backward()
+        guard.maybe_inject_oom_after_backward(rows)
+
     for micro in range(grad_accum):
         batch = dataset.batch(
             micro_batch_indices(blocks, micro, ctx.rank, ctx.world_size, batch_size)
         ).to(device)
+        rows = batch.input_ids.shape[0]
         last = micro == grad_accum - 1
         sync = (
             nullcontext()
             if last or not hasattr(train_module, "no_sync")
             else train_module.no_sync()
         )
+        deferred = last and ctx.enabled and not sharded  # DDP's gradient all-reduce: after agreeing
+        failed: torch.OutOfMemoryError | None = None
         with sync:
-            with autocast(device, precision):
-                row_nll = train_module(batch.input_ids, batch.targets, batch.position_ids)
-            nll = row_nll.sum()
-            # DDP/FSDP average gradients over ranks; scale so the result is sum / tokens.
-            scaler.scale(nll * (ctx.world_size / step_targets)).backward()
-            guard.maybe_inject_oom_after_backward(batch.input_ids.shape[0])
+            try:
+                with autocast(device, precision):
+                    row_nll = train_module(batch.input_ids, batch.targets, batch.position_ids)
+                nll = row_nll.sum()
+                if not deferred:
+                    backward(nll, rows)
+            except torch.OutOfMemoryError as exc:
+                failed = exc
+            guard.agree_on_oom(failed, ctx, device, sharded)
+            if deferred:
+                try:
+                    backward(nll, rows)
+                except torch.OutOfMemoryError as exc:
+                    raise guard.oom_in_gradient_sync(exc, ctx) from exc
         step_nll += nll.detach().double()
     return step_nll, step_targets
 

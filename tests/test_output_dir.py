@@ -67,6 +67,7 @@ def test_overwrite_keeps_a_foreign_trainer_run_and_removes_our_earlier_run(
     ckpt.record_written(out, "checkpoint-6")  # as save_training_checkpoint does before a save
     (out / ".checkpoint-6.tmp").mkdir()
     (out / ".checkpoint-6.tmp" / "model.safetensors").write_text("cut short")
+    (out / f".{ckpt.RUN_FILE}.tmp").write_text("{")  # a run-file update cut short
     capsys.readouterr()
 
     # The seed's command again, another length: our earlier run goes, the Trainer's stays.
@@ -76,6 +77,7 @@ def test_overwrite_keeps_a_foreign_trainer_run_and_removes_our_earlier_run(
     for name, text in foreign.items():
         assert (out / name).read_text() == text, name
     assert not (out / "checkpoint-3").exists() and not (out / ".checkpoint-6.tmp").exists()
+    assert not (out / f".{ckpt.RUN_FILE}.tmp").exists()
     assert (out / "checkpoint-2" / ckpt.MARKER).is_file()
     assert "checkpoint-500" not in ckpt.read_run_file(out)["written"]
 
