@@ -2,8 +2,10 @@
 
 A checkpoint is `checkpoint-<step>/`: the model in Hugging Face format (safetensors), the tokenizer,
 `training_state.pt` (optimizer, step, data position, the open loss window; no RNG state: every
-step re-seeds it) and `checkpoint.json`, the completion marker with a SHA-256 of every file. It is written under a temporary name and renamed when
-complete, so a folder named `checkpoint-<step>` without a valid marker is never resumed from.
+step re-seeds it) and `checkpoint.json`, the completion marker with a SHA-256 of every file. It
+is written under a temporary name and renamed when complete, so a folder named
+`checkpoint-<step>` without a valid marker is never resumed from. `run_config.json` lists what a
+run wrote here, checkpoints included: all that --overwrite-output-dir may remove.
 """
 
 from __future__ import annotations
@@ -250,8 +252,7 @@ def remove_owned_files(output_dir: Path) -> list[str]:
 
     Removes exactly the entries listed in run_config.json (`owned_entries`; each checkpoint is
     listed before it is written), the temporary folders of those checkpoints, and the run file
-    (with its temporary copy).
-    Never follows a symbolic link: a listed name that is a link is left alone, so nothing outside
+    (with its temporary copy). Never follows a symbolic link: a listed name that is a link is left alone, so nothing outside
     the folder is touched. A `checkpoint-*` folder not listed (another tool's) stays.
     Call on one process (rank 0). Returns the names removed.
     """
