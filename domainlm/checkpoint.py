@@ -252,9 +252,9 @@ def remove_owned_files(output_dir: Path) -> list[str]:
 
     Removes exactly the entries listed in run_config.json (`owned_entries`; each checkpoint is
     listed before it is written), the temporary folders of those checkpoints, and the run file
-    (with its temporary copy). Never follows a symbolic link: a listed name that is a link is left alone, so nothing outside
-    the folder is touched. A `checkpoint-*` folder not listed (another tool's) stays.
-    Call on one process (rank 0). Returns the names removed.
+    (with its temporary copy). Never follows a symbolic link: a listed name that is a link is
+    left alone, so nothing outside the folder is touched. A `checkpoint-*` folder not listed
+    (another tool's) stays. Call on one process (rank 0). Returns the names removed.
     """
     owned = owned_entries(output_dir)
     removed = []
