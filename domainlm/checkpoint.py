@@ -1,9 +1,11 @@
 """Checkpoints and the output folder: save, find, load, rotate; atomic writes; what we own.
 
 A checkpoint is `checkpoint-<step>/`: the model in Hugging Face format (safetensors), the tokenizer,
-`training_state.pt` (optimizer, step, data position, RNG) and `checkpoint.json`, the completion
-marker with a SHA-256 of every file. It is written under a temporary name and renamed when
-complete, so a folder named `checkpoint-<step>` without a valid marker is never resumed from.
+`training_state.pt` (optimizer, step, data position, the open loss window; no RNG state: every
+step re-seeds it) and `checkpoint.json`, the completion marker with a SHA-256 of every file. It
+is written under a temporary name and renamed when complete, so a folder named
+`checkpoint-<step>` without a valid marker is never resumed from. `run_config.json` lists what a
+run wrote here, checkpoints included: all that --overwrite-output-dir may remove.
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ def save_checkpoint(
     return final
 
 
-def checkpoint_problem(path: Path, verify_checksums: bool = True) -> str | None:
+def checkpoint_problem(path: Path) -> str | None:
     """None if the checkpoint is complete and intact, else what is wrong with it."""
     marker = path / MARKER
     if not marker.is_file():
@@ -114,7 +116,7 @@ def checkpoint_problem(path: Path, verify_checksums: bool = True) -> str | None:
         f = path / name
         if not f.is_file():
             return f"{name} is missing"
-        if verify_checksums and _sha256(f) != digest:
+        if _sha256(f) != digest:
             return f"{name} does not match its checksum"
     return None
 
@@ -218,21 +220,72 @@ def _existing_parent(path: Path) -> Path:
     return path
 
 
+def is_plain_name(name: object) -> bool:
+    """True when `name` names an entry directly inside a folder: no separator, not '.' or '..'."""
+    if not isinstance(name, str) or name in ("", ".", ".."):
+        return False
+    separators = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    return not any(sep in name for sep in separators) and "\0" not in name
+
+
+def owned_entries(output_dir: Path) -> list[str]:
+    """The entries domainlm's run file says an earlier run wrote here (checkpoints included).
+
+    Every name must be a plain name inside the folder; one that is not (`../x`, `/abs`, `a/b`)
+    raises UserError before anything is removed. Empty without a readable run file.
+    """
+    run = read_run_file(output_dir)
+    if not isinstance(run, dict):
+        return []
+    names = run.get("written", [])
+    bad = [n for n in (names if isinstance(names, list) else [names]) if not is_plain_name(n)]
+    if bad or not isinstance(names, list):
+        raise UserError(
+            f"{output_dir / RUN_FILE} lists {bad[0] if bad else names!r} as written by domainlm, "
+            "which is not a name inside the folder; nothing was removed. Fix or delete that file"
+        )
+    return list(names)
+
+
 def remove_owned_files(output_dir: Path) -> list[str]:
-    """--overwrite-output-dir: remove what an earlier domainlm run wrote here, nothing else."""
-    run = read_run_file(output_dir) or {}
+    """--overwrite-output-dir: remove what an earlier domainlm run wrote here, nothing else.
+
+    Removes exactly the entries listed in run_config.json (`owned_entries`; each checkpoint is
+    listed before it is written), the temporary folders of those checkpoints, and the run file
+    (with its temporary copy). Never follows a symbolic link: a listed name that is a link is
+    left alone, so nothing outside the folder is touched. A `checkpoint-*` folder not listed
+    (another tool's) stays. Call on one process (rank 0). Returns the names removed.
+    """
+    owned = owned_entries(output_dir)
     removed = []
-    for name in [*run.get("written", []), *(p.name for p in all_checkpoint_dirs(output_dir))]:
+    for name in owned:
         target = output_dir / name
+        if target.is_symlink() or not target.exists():
+            continue  # we never write links; a link may point anywhere
         if target.is_dir():
             shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
         else:
-            continue
+            target.unlink()
         removed.append(name)
-    for leftover in output_dir.glob(f".{CHECKPOINT_PREFIX}*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    if (output_dir / RUN_FILE).exists():
+    for name in owned:  # a checkpoint's save or replacement cut short (save_checkpoint)
+        if name.startswith(CHECKPOINT_PREFIX):
+            for leftover in (f".{name}.tmp", f".{name}.old"):
+                path = output_dir / leftover
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+    if isinstance(read_run_file(output_dir), dict):
+        leftover = output_dir / f".{RUN_FILE}.tmp"  # write_json_atomic cut short
+        if leftover.is_file() and not leftover.is_symlink():
+            leftover.unlink()
         (output_dir / RUN_FILE).unlink()
     return removed
+
+
+def record_written(output_dir: Path, name: str) -> None:
+    """Add `name` to the run file's `written` list (before writing it: a crash mid-write still
+    leaves it owned, so --overwrite-output-dir removes it)."""
+    run = read_run_file(output_dir)
+    run = run if isinstance(run, dict) else {}
+    written = run.get("written", [])
+    if name not in written:
+        write_json_atomic(output_dir / RUN_FILE, {**run, "written": sorted([*written, name])})

@@ -160,13 +160,6 @@ def load_token_stream(
     return CachedStream(stream, False, key)
 
 
-def _atomic_save(target: Path, array: np.ndarray) -> None:
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        np.save(handle, array)
-    os.replace(tmp, target)
-
-
 def split_documents(num_documents: int, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded random (not contiguous) train / held-out document indices, each sorted."""
     if num_documents < 2:
@@ -188,8 +181,8 @@ class Batch:
 
     input_ids: torch.Tensor  # (b, T)
     targets: torch.Tensor  # (b, T)
-    position_ids: torch.Tensor | None = None  # (b, T), document-aware packing only
-    attention_mask: torch.Tensor | None = None  # (b, 1, T, T) bool, document-aware packing only
+    # (b, T), document-aware packing only; attention reads document boundaries from it (no mask)
+    position_ids: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> Batch:
         non_blocking = device.type == "cuda"
@@ -197,16 +190,7 @@ class Batch:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, non_blocking=non_blocking)
 
-        return Batch(
-            move(self.input_ids),
-            move(self.targets),
-            move(self.position_ids),
-            move(self.attention_mask),
-        )
-
-    @property
-    def num_targets(self) -> int:
-        return int((self.targets != IGNORE_INDEX).sum())
+        return Batch(move(self.input_ids), move(self.targets), move(self.position_ids))
 
 
 class BlockDataset:
@@ -241,11 +225,9 @@ class BlockDataset:
             targets[row, :n] = tokens[start + 1 : start + 1 + n]
         batch = Batch(torch.from_numpy(inputs), torch.from_numpy(targets))
         if self.packing == "docs":
-            from domainlm.packing import document_mask_and_positions
+            from domainlm.packing import document_positions
 
-            batch.position_ids, batch.attention_mask = document_mask_and_positions(
-                batch.input_ids, self.stream, indices, size
-            )
+            batch.position_ids = document_positions(batch.input_ids, self.stream, indices, size)
         return batch
 
 

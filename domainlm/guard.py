@@ -6,11 +6,16 @@
   and counted; after `max_bad_steps` consecutive bad steps the run stops.
 - `with_oom_backoff` / `eval_with_oom_backoff`: on `torch.OutOfMemoryError` the micro-batch is
   halved and the accumulation doubled (same global batch, same blocks, same loss normalisation),
-  the RNG restored and the step retried.
+  the RNG restored and the step retried. Under torchrun the ranks agree (`agree_on_oom`): an
+  error on one rank makes every rank back off together, so no rank waits alone in a collective.
 
 Fault injection (for tests; documented in docs/reliability.md), read from the environment:
 - `DOMAINLM_INJECT_NAN_STEPS=3,4`: the loss of those steps (1-based, as in metrics.jsonl) is NaN.
 - `DOMAINLM_INJECT_OOM_ABOVE=N`: any forward pass on more than N rows raises OutOfMemoryError.
+- `DOMAINLM_INJECT_OOM_AFTER_BACKWARD=N`: a training micro-batch of more than N rows raises
+  OutOfMemoryError after its forward and backward passes (its dropout masks are drawn and its
+  gradient accumulated, as when memory runs out late in a step).
+- `DOMAINLM_INJECT_OOM_RANK=R`: the two OOM injections above fire on rank R only (torchrun).
 - `DOMAINLM_INJECT_STEP_DELAY=S`: sleep S seconds after every optimizer step (slows a run down
   so that tests can signal or kill it at a chosen moment).
 """
@@ -35,6 +40,8 @@ T = TypeVar("T")
 
 NAN_STEPS_ENV = "DOMAINLM_INJECT_NAN_STEPS"
 OOM_ABOVE_ENV = "DOMAINLM_INJECT_OOM_ABOVE"
+OOM_AFTER_BACKWARD_ENV = "DOMAINLM_INJECT_OOM_AFTER_BACKWARD"
+OOM_RANK_ENV = "DOMAINLM_INJECT_OOM_RANK"
 STEP_DELAY_ENV = "DOMAINLM_INJECT_STEP_DELAY"
 
 # Exit codes: 128 + signal number for a signal stop (the shell convention), 3 for numerical faults.
@@ -199,13 +206,62 @@ def step_delay() -> None:
 # ----------------------------------------------------------------------------- out of memory
 
 
+def _inject_oom(variable: str, rows: int) -> None:
+    limit = os.environ.get(variable)
+    rank = os.environ.get(OOM_RANK_ENV)
+    if rank and rank != os.environ.get("RANK", "0"):
+        return
+    if limit and rows > int(limit):
+        raise torch.OutOfMemoryError(f"injected by {variable}={limit}: micro-batch of {rows} rows")
+
+
 def maybe_inject_oom(rows: int) -> None:
     """Fault injection: raise OutOfMemoryError for a forward pass on more rows than allowed."""
-    limit = os.environ.get(OOM_ABOVE_ENV)
-    if limit and rows > int(limit):
-        raise torch.OutOfMemoryError(
-            f"injected by {OOM_ABOVE_ENV}={limit}: micro-batch of {rows} rows"
-        )
+    _inject_oom(OOM_ABOVE_ENV, rows)
+
+
+def maybe_inject_oom_after_backward(rows: int) -> None:
+    """Fault injection: raise OutOfMemoryError once a micro-batch's backward pass is done."""
+    _inject_oom(OOM_AFTER_BACKWARD_ENV, rows)
+
+
+def agree_on_oom(
+    failed: torch.OutOfMemoryError | None, ctx: Any, device: torch.device, sharded: bool
+) -> None:
+    """After a micro-batch's attempt: raise OutOfMemoryError on every rank if any rank had one.
+
+    Every rank calls this at the same point of the step (before any gradient all-reduce), so an
+    error on one rank becomes a back-off of all ranks in step. Under FSDP the forward and
+    backward passes hold collectives themselves: a rank out of memory is already out of step, so
+    it stops at once with one line (the others then lose contact and stop too).
+    """
+    if not ctx.enabled:
+        if failed is not None:
+            raise failed
+        return
+    if sharded:
+        if failed is not None:
+            raise TrainingAborted(
+                f"out of memory on rank {ctx.rank} under --strategy fsdp, which cannot re-split a "
+                f"batch on all ranks in step ({failed}); lower --batch-size and raise --grad-accum"
+            ) from failed
+        return
+    from domainlm.distributed import all_reduce_sum
+
+    (count,) = all_reduce_sum([float(failed is not None)], ctx, device)
+    if failed is not None:
+        raise failed
+    if count > 0:
+        raise torch.OutOfMemoryError(f"{int(count)} other rank(s) ran out of memory")
+
+
+def oom_in_gradient_sync(exc: torch.OutOfMemoryError, ctx: Any) -> TrainingAborted:
+    """The stop for an OOM in the backward pass that all-reduces gradients (DDP's last
+    micro-batch): the other ranks are inside that all-reduce, so it cannot be retried in step."""
+    return TrainingAborted(
+        f"out of memory on rank {ctx.rank} while its gradients were being all-reduced ({exc}); "
+        "the ranks cannot retry that in step: lower --batch-size and raise --grad-accum"
+    )
 
 
 @dataclass

@@ -75,14 +75,11 @@ class CausalLMLoss(torch.nn.Module):
         input_ids: torch.Tensor,
         targets: torch.Tensor,
         position_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         maybe_inject_oom(input_ids.shape[0])  # fault injection for tests (domainlm/guard.py)
         extra = {}
         if position_ids is not None:
             extra["position_ids"] = position_ids
-        if attention_mask is not None:
-            extra["attention_mask"] = attention_mask
         head = linear_head(self.model) if self.chunk_tokens is not None else None
         if head is None:
             logits = self.model(input_ids=input_ids, use_cache=False, **extra).logits  # (b, T, V)

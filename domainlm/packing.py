@@ -13,7 +13,7 @@ attention mask is given and no cache is used, and builds the block-diagonal caus
 model's attention implementation itself (sdpa, eager, flex; flash-attention uses variable-length
 kernels from the same position ids). A hand-made 4D boolean mask would be right for sdpa only:
 eager attention *adds* the mask to its scores, so a boolean mask silently changes the result.
-So the attention mask returned here is None, and `check_packing_support` proves once per run that
+So no attention mask is made here, and `check_packing_support` proves once per run that
 the loaded model really isolates documents (a model with its own masking code may not).
 """
 
@@ -42,12 +42,12 @@ def segment_positions(doc_starts: np.ndarray, start: int, length: int) -> np.nda
     return positions - segment_start
 
 
-def document_mask_and_positions(
+def document_positions(
     input_ids: torch.Tensor, stream: Any, indices: Sequence[int], block_size: int
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(position_ids (b, T), attention_mask) for blocks `indices` of `stream` under `docs` packing.
+) -> torch.Tensor:
+    """Position ids (b, T) for blocks `indices` of `stream` under `docs` packing.
 
-    The mask is None on purpose: restarting position ids are how transformers 5 builds the
+    No attention mask on purpose: restarting position ids are how transformers 5 builds the
     block-diagonal causal mask for every attention implementation (see the module docstring).
     An index of -1 (an empty, fully masked block) gets plain positions.
     """
@@ -56,7 +56,7 @@ def document_mask_and_positions(
     for row, index in enumerate(indices):
         if index >= 0:
             positions[row] = segment_positions(stream.doc_starts, int(index) * block_size, t)
-    return torch.from_numpy(positions), None
+    return torch.from_numpy(positions)
 
 
 def check_packing_support(model: torch.nn.Module, device: torch.device | None = None) -> None:

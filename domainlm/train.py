@@ -20,6 +20,7 @@ import torch
 
 from domainlm import guard
 from domainlm.checkpoint import (
+    CHECKPOINT_PREFIX,
     RUN_FILE,
     CheckpointInfo,
     best_checkpoint,
@@ -28,7 +29,9 @@ from domainlm.checkpoint import (
     checkpoint_problem,
     list_checkpoints,
     load_training_state,
+    owned_entries,
     read_run_file,
+    record_written,
     remove_owned_files,
     rotate_checkpoints,
     save_checkpoint,
@@ -168,12 +171,16 @@ def train(config: TrainConfig) -> TrainResult:
             check_packing_support(loaded.model)
         if ctx.is_main:  # one run per output dir; taken before decide_resume may remove anything
             cleanup.enter_context(RunLock(output_dir))
-        resume_from = decide_resume(config, output_dir, run_identity, console)
+        resume_from = decide_resume(config, output_dir, run_identity, console, ctx)
         dataset = BlockDataset(train_stream, block_size, config.packing)
 
         # ---- model, optimizer, state
         if resume_from is not None:
-            resumed = load_model(str(resume_from), eos_token=config.eos_token)
+            resumed = load_model(
+                str(resume_from),
+                eos_token=config.eos_token,
+                trust_remote_code=config.trust_remote_code,
+            )
             loaded.model = resumed.model
         # from_pretrained returns a model in eval mode: dropout must be on while training, in a
         # fresh run from a folder as in a resumed one (else resume is not exact).
@@ -192,12 +199,14 @@ def train(config: TrainConfig) -> TrainResult:
         steps_per_epoch = math.ceil(len(dataset) / global_batch)
         total_steps = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
         cursor, start_step = DataCursor(), 0
+        resumed_window: dict[str, float] = {}  # the loss window open at the checkpoint
         if resume_from is not None:
             state = load_training_state(resume_from)
             load_optimizer_state(model, optimizer, state["optimizer"])
             scaler.load_state_dict(state["scaler"]) if state.get("scaler") else None
             cursor = DataCursor(int(state["epoch"]), int(state["offset"]))
             start_step = int(state["step"])
+            resumed_window = state.get("loss_window") or {}
             console.info(f"resuming from {resume_from} at step {start_step}")
 
         if ctx.is_main:
@@ -261,8 +270,15 @@ def train(config: TrainConfig) -> TrainResult:
         # ---- the step loop
         started = time.perf_counter()
         bar = console.progress(total_steps, start_step)
+        # The loss window: NLL sum (this rank's) and target tokens (all ranks') since the last
+        # logged step. A resumed run reopens the checkpoint's window, so its next logged loss
+        # covers the same steps as without the interruption (rank 0 holds the all-ranks sum).
         window_nll = torch.zeros((), dtype=torch.float64, device=device)
         window_tokens, window_start, tokens_seen = 0, time.perf_counter(), 0
+        if resumed_window:
+            window_nll += float(resumed_window["nll"]) if ctx.is_main else 0.0
+            window_tokens = int(resumed_window["tokens"])
+            window_start -= float(resumed_window["seconds"])  # tokens/s over the whole window
         last_eval: tuple[int, NLLSum] | None = None
         split = guard.MicroBatching(config.batch_size, config.grad_accum)  # halved on OOM
         bad_steps = guard.BadStepGuard(config.max_bad_steps)
@@ -295,6 +311,7 @@ def train(config: TrainConfig) -> TrainResult:
                     precision,
                     scaler,
                     fixed_rows=config.compile,
+                    sharded=config.strategy == "fsdp",
                 ),
                 split,
                 reset=lambda: optimizer.zero_grad(set_to_none=True),
@@ -347,8 +364,19 @@ def train(config: TrainConfig) -> TrainResult:
             if done % config.save_steps == 0 or final_step:
                 # The final step is saved too, so a finished run can be extended with --max-steps.
                 ppl = last_eval[1].perplexity if last_eval and last_eval[0] == done else None
+                window = (window_nll, window_tokens, paused_at - window_start)
                 save_training_checkpoint(
-                    output_dir, done, loaded, model, optimizer, scaler, cursor, ctx, ppl, config
+                    output_dir,
+                    done,
+                    loaded,
+                    model,
+                    optimizer,
+                    scaler,
+                    cursor,
+                    ctx,
+                    ppl,
+                    config,
+                    window,
                 )
                 last_saved = output_dir / f"checkpoint-{done}"
             if sampler is not None:  # samples.jsonl + console; RNG forked, model back in train mode
@@ -368,6 +396,7 @@ def train(config: TrainConfig) -> TrainResult:
                         ctx,
                         None,
                         config,
+                        (window_nll, window_tokens, time.perf_counter() - window_start),
                     )
                 console.close(bar)
                 raise guard.stopped_by_signal(stop, done, output_dir)
@@ -471,6 +500,7 @@ def accumulate_gradients(
     precision: str,
     scaler: Any,
     fixed_rows: bool = False,
+    sharded: bool = False,
 ) -> tuple[torch.Tensor, int]:
     """Forward and backward over this rank's micro-batches of one global batch (each padded to
     `batch_size` rows with empty blocks when `fixed_rows`).
@@ -478,28 +508,49 @@ def accumulate_gradients(
     The gradient left in the parameters is that of (summed NLL / target tokens of the whole global
     batch), whatever the split into ranks and micro-batches. Returns this rank's NLL sum (a device
     tensor: no host sync) and the global batch's target-token count.
+
+    Out of memory under torchrun: after each micro-batch's attempt the ranks agree
+    (`guard.agree_on_oom`), so all raise OutOfMemoryError and back off together. The backward pass
+    that all-reduces gradients (DDP's last micro-batch) therefore runs after that agreement; an
+    OOM inside it stops the run with one line (`sharded`: FSDP, whose passes hold collectives).
     """
     step_targets = sum(dataset.targets_in(int(b)) for b in blocks)
     step_nll = torch.zeros((), dtype=torch.float64, device=device)
+
+    def backward(nll: torch.Tensor, rows: int) -> None:
+        # DDP/FSDP average gradients over ranks; scale so the result is sum / tokens.
+        scaler.scale(nll * (ctx.world_size / step_targets)).backward()
+        guard.maybe_inject_oom_after_backward(rows)
+
     for micro in range(grad_accum):
         indices = micro_batch_indices(blocks, micro, ctx.rank, ctx.world_size, batch_size)
         if fixed_rows:  # a compiled model: one shape, no recompilation at an epoch's short end
             indices += [-1] * (batch_size - len(indices))
         batch = dataset.batch(indices).to(device)
+        rows = batch.input_ids.shape[0]
         last = micro == grad_accum - 1
         sync = (
             nullcontext()
             if last or not hasattr(train_module, "no_sync")
             else train_module.no_sync()
         )
+        deferred = last and ctx.enabled and not sharded  # DDP's gradient all-reduce: after agreeing
+        failed: torch.OutOfMemoryError | None = None
         with sync:
-            with autocast(device, precision):
-                row_nll = train_module(
-                    batch.input_ids, batch.targets, batch.position_ids, batch.attention_mask
-                )
-            nll = row_nll.sum()
-            # DDP/FSDP average gradients over ranks; scale so the result is sum / tokens.
-            scaler.scale(nll * (ctx.world_size / step_targets)).backward()
+            try:
+                with autocast(device, precision):
+                    row_nll = train_module(batch.input_ids, batch.targets, batch.position_ids)
+                nll = row_nll.sum()
+                if not deferred:
+                    backward(nll, rows)
+            except torch.OutOfMemoryError as exc:
+                failed = exc
+            guard.agree_on_oom(failed, ctx, device, sharded)
+            if deferred:
+                try:
+                    backward(nll, rows)
+                except torch.OutOfMemoryError as exc:
+                    raise guard.oom_in_gradient_sync(exc, ctx) from exc
         step_nll += nll.detach().double()
     return step_nll, step_targets
 
@@ -541,9 +592,20 @@ def load_streams(
 
 
 def decide_resume(
-    config: TrainConfig, output_dir: Path, identity: dict[str, Any], console: Console
+    config: TrainConfig,
+    output_dir: Path,
+    identity: dict[str, Any],
+    console: Console,
+    ctx: DistContext | None = None,
 ) -> Path | None:
-    """The checkpoint to continue from, or None to start afresh. Refuses to clobber other runs."""
+    """The checkpoint to continue from, or None to start afresh. Refuses to clobber other runs.
+
+    Every rank calls this. With --overwrite-output-dir every rank checks the run file's names (so a
+    bad one stops all ranks alike), rank 0 alone removes them and the others wait at a barrier.
+    """
+    from domainlm.distributed import SINGLE, barrier
+
+    ctx = ctx or SINGLE
     if config.resume not in ("auto", "never"):
         path = Path(config.resume)
         problem = checkpoint_problem(path) if path.is_dir() else "no such folder"
@@ -551,14 +613,17 @@ def decide_resume(
             raise UserError(f"--resume {config.resume}: cannot resume from it: {problem}")
         check_same_run(path.parent, identity, f"checkpoint {path}")
         return path
-    if not output_dir.is_dir() or not any(p.name != LOCK_FILE for p in output_dir.iterdir()):
-        return None
     if config.overwrite_output_dir:
-        removed = remove_owned_files(output_dir)
-        if removed:
-            console.info(
-                f"--overwrite-output-dir: removed {len(removed)} entries of an earlier run"
-            )
+        owned_entries(output_dir)  # on every rank: a bad run file stops all ranks alike
+        if ctx.is_main:
+            removed = remove_owned_files(output_dir)
+            if removed:
+                console.info(
+                    f"--overwrite-output-dir: removed {len(removed)} entries of an earlier run"
+                )
+        barrier(ctx)  # nobody reads the folder while rank 0 empties it
+        return None
+    if not output_dir.is_dir() or not any(p.name != LOCK_FILE for p in output_dir.iterdir()):
         return None
     run = read_run_file(output_dir)
     if run is None:
@@ -614,20 +679,29 @@ def save_training_checkpoint(
     ctx: DistContext,
     eval_perplexity: float | None,
     config: TrainConfig,
+    window: tuple[torch.Tensor, int, float],
 ) -> CheckpointInfo | None:
-    """Write checkpoint-<step> on rank 0, then rotate; other ranks wait at a barrier."""
+    """Write checkpoint-<step> on rank 0, then rotate; other ranks wait at a barrier.
+
+    Every rank calls this. `window` is the open loss window (this rank's NLL sum, the target
+    tokens, the training seconds so far); its NLL is summed over the ranks and saved with them.
+    """
     from domainlm.distributed import barrier, full_state_dicts
 
     model_state, optim_state = full_state_dicts(model, optimizer, ctx)
+    window_nll, window_tokens, window_seconds = window
+    (nll_sum,) = all_reduce_sum([float(window_nll)], ctx, window_nll.device)
     if ctx.is_main:
+        # Owned before it exists: --overwrite-output-dir removes it even if this save is cut short.
+        record_written(output_dir, f"{CHECKPOINT_PREFIX}{step}")
         state = {
             "step": step,
             "epoch": cursor.epoch,
             "offset": cursor.offset,
             "optimizer": optim_state,
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "rng_torch": torch.get_rng_state(),
             "world_size": ctx.world_size,
+            "loss_window": {"nll": nll_sum, "tokens": window_tokens, "seconds": window_seconds},
         }
         save_checkpoint(
             output_dir, step, model, loaded.tokenizer, state, eval_perplexity, model_state

@@ -355,6 +355,36 @@ def test_oom_halves_micro_batch_and_matches_smaller_batch_run(
     assert [e["eval_ppl"] for e in ea] == pytest.approx([e["eval_ppl"] for e in eb], rel=1e-6)
 
 
+def test_oom_after_dropout_and_gradients_retries_the_step_exactly(
+    corpus: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The error comes after the first micro-batch's forward (dropout drawn, scratch:tiny has
+    dropout 0.1) and backward (gradient accumulated): the retry must restore the RNG and clear the
+    gradient to match a run at the smaller split. Without either, the weights differ."""
+    common = ["--max-steps", "3", "--save-steps", "100", "--eval-steps", "100"]
+
+    def run(out: Path, *extra: str) -> None:
+        args = small_run(Path("scratch:tiny"), corpus, out, *common, *extra)
+        assert cli_main(args) == 0
+
+    run(tmp_path / "small", "--batch-size", "1", "--grad-accum", "4")
+    capsys.readouterr()
+    monkeypatch.setenv("DOMAINLM_INJECT_OOM_AFTER_BACKWARD", "1")
+    run(tmp_path / "oom", "--batch-size", "2", "--grad-accum", "2")
+    err = capsys.readouterr().err
+    assert err.count("out of memory at micro-batch 2 x accumulation 2; retrying the step") == 1
+    wa = load_file(tmp_path / "oom" / "model.safetensors")
+    wb = load_file(tmp_path / "small" / "model.safetensors")
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-6)
+    la = [e["loss"] for e in metric_events(tmp_path / "oom") if "loss" in e]
+    lb = [e["loss"] for e in metric_events(tmp_path / "small") if "loss" in e]
+    assert len(la) == 3 and la == pytest.approx(lb, rel=1e-6)
+
+
 def test_oom_at_micro_batch_one_is_a_clear_stop(
     tiny_model_dir: Path,
     corpus: Path,
