@@ -114,7 +114,11 @@ def chunked_nll_sums(
     if flat_targets.shape[0] == 0:
         # An all-padding micro-batch (the short end of an epoch): zero loss, still in the graph
         # so that its backward() runs like any other (and DDP's gradient sync stays in step).
-        return torch.zeros(b, dtype=torch.float64, device=hidden.device) + 0.0 * hidden.sum()
+        # Every parameter must be in it: an untied head is not reached through `hidden`.
+        touched = hidden.sum() + head.weight.sum()
+        if head.bias is not None:
+            touched = touched + head.bias.sum()
+        return torch.zeros(b, dtype=torch.float64, device=hidden.device) + 0.0 * touched
     compute_dtype = (
         torch.get_autocast_dtype(hidden.device.type)
         if torch.is_autocast_enabled(hidden.device.type)

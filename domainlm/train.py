@@ -248,7 +248,6 @@ def train(config: TrainConfig) -> TrainResult:
         last_saved = resume_from
         stop = cleanup.enter_context(guard.StopSignals(console.info))
         for step in range(start_step, total_steps):
-            torch.manual_seed(config.seed * 1_000_003 + step * 1009 + ctx.rank)
             lr = learning_rate(
                 step,
                 peak=config.lr,
@@ -262,7 +261,7 @@ def train(config: TrainConfig) -> TrainResult:
             blocks = cursor.next_global_batch(dataset, global_batch, config.seed)
             done = step + 1
             (step_nll, step_targets), split = guard.with_oom_backoff(
-                lambda s, blocks=blocks: accumulate_gradients(
+                lambda s, blocks=blocks, step=step: accumulate_gradients(
                     train_module,
                     dataset,
                     blocks,
@@ -272,6 +271,8 @@ def train(config: TrainConfig) -> TrainResult:
                     device,
                     precision,
                     scaler,
+                    seed=config.seed,
+                    step=step,
                 ),
                 split,
                 reset=lambda: optimizer.zero_grad(set_to_none=True),
@@ -429,12 +430,19 @@ def accumulate_gradients(
     device: torch.device,
     precision: str,
     scaler: Any,
+    *,
+    seed: int = 0,
+    step: int = 0,
 ) -> tuple[torch.Tensor, int]:
     """Forward and backward over this rank's micro-batches of one global batch.
 
     The gradient left in the parameters is that of (summed NLL / target tokens of the whole global
-    batch), whatever the split into ranks and micro-batches. Returns this rank's NLL sum (a device
-    tensor: no host sync) and the global batch's target-token count.
+    batch), whatever the split into ranks and micro-batches. Dropout masks too: each micro-batch
+    draws them from a seed of (seed, step, its slot in the global batch), so the same blocks get
+    the same masks whichever rank or accumulation round computes them (2 ranks x 1 == 1 rank x
+    2 accumulation), and a retried step (guard.with_oom_backoff) redraws them from the start.
+    Returns this rank's NLL sum (a device tensor: no host sync) and the global batch's
+    target-token count.
     """
     step_targets = sum(dataset.targets_in(int(b)) for b in blocks)
     step_nll = torch.zeros((), dtype=torch.float64, device=device)
@@ -442,6 +450,8 @@ def accumulate_gradients(
         batch = dataset.batch(
             micro_batch_indices(blocks, micro, ctx.rank, ctx.world_size, batch_size)
         ).to(device)
+        # the slot micro_batch_indices deals these blocks from
+        torch.manual_seed(micro_batch_seed(seed, step, micro * ctx.world_size + ctx.rank))
         last = micro == grad_accum - 1
         sync = (
             nullcontext()
@@ -458,6 +468,13 @@ def accumulate_gradients(
             scaler.scale(nll * (ctx.world_size / step_targets)).backward()
         step_nll += nll.detach().double()
     return step_nll, step_targets
+
+
+def micro_batch_seed(seed: int, step: int, slot: int) -> int:
+    """The RNG seed of micro-batch `slot` (its place in the global batch) of optimizer step `step`:
+    a function of these three numbers only (not of the rank), distinct for distinct triples."""
+    state = np.random.SeedSequence([seed % 2**64, step, slot]).generate_state(2, np.uint32)
+    return int(state[0]) << 31 | int(state[1]) >> 1  # 62 bits: within torch.manual_seed's range
 
 
 def load_streams(
