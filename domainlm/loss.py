@@ -8,7 +8,8 @@ the full logits are 206 MB in float32, plus their log-softmax and its gradient, 
 models whose head is a plain linear layer over the backbone's last hidden state (GPT-2, Llama,
 Mistral, Qwen, GPT-NeoX...), `CausalLMLoss` instead runs the backbone, keeps only the positions
 that have a target, and computes head + cross-entropy chunk by chunk; the gradients of the head
-are formed during that pass (softmax - onehot, kept in bf16 for up to 2,048 positions, then
+are formed during that pass (softmax - onehot, kept in bf16 (float32 under fp16, whose range
+would flush small probabilities to zero) for up to 2,048 positions, then
 multiplied into them), so no float32 logits outlive their chunk and none is recomputed. The
 result is the same summed NLL (tests/test_loss.py compares it, and its gradients, with
 full-logits cross-entropy). Other architectures fall back to the full logits.
@@ -157,9 +158,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         w = weight.to(compute_dtype)
         b = None if bias is None else bias.to(compute_dtype)
         x = hidden.to(compute_dtype)
+        # The gradients wait for backward's loss scale: fp16 would flush probabilities below its
+        # smallest subnormal (6e-8; most of a 50k-vocab softmax) to zero, so they stay float32.
+        grad_dtype = _grad_dtype(compute_dtype)
+        gw, gx = (w, x) if grad_dtype == compute_dtype else (weight.float(), hidden.float())
         n = targets.shape[0]
         nll = torch.empty(n, dtype=torch.float64, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if needs[0] else None
+        grad_hidden = (
+            torch.empty_like(hidden, dtype=torch.promote_types(hidden.dtype, grad_dtype))
+            if needs[0]
+            else None
+        )
         grad_weight = grad_bias = None
         group_tokens = max(chunk_tokens, GRAD_GROUP_TOKENS)
         for group_start in range(0, n, group_tokens):
@@ -167,7 +176,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # d nll / d logits of the group's positions, filled chunk by chunk
             grad_logits = (
                 torch.empty(
-                    group_end - group_start, w.shape[0], dtype=compute_dtype, device=hidden.device
+                    group_end - group_start, w.shape[0], dtype=grad_dtype, device=hidden.device
                 )  # fmt: skip
                 if want_grads
                 else None
@@ -182,11 +191,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 continue
             rows = slice(group_start, group_end)
             if grad_hidden is not None:
-                grad_hidden[rows] = (grad_logits @ w).to(hidden.dtype)
+                grad_hidden[rows] = grad_logits @ gw
             if needs[1]:
                 # one group (a CPU batch): kept in the compute dtype, made float32 by backward's
                 # scaling; several: summed in float32
-                part = grad_logits.t() @ x[rows]
+                part = grad_logits.t() @ gx[rows]
                 grad_weight = part if grad_weight is None else grad_weight.float().add_(part)
             if needs[2]:
                 part = grad_logits.sum(0, dtype=torch.float32)
@@ -208,14 +217,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
             )  # fmt: skip
             scale = torch.ones_like(scale)
         if grad_hidden is not None:
-            grad_hidden = grad_hidden * (
-                scale if uniform else grad_nll.unsqueeze(1).to(hidden.dtype)
-            )
+            grad_hidden = (
+                grad_hidden * (scale if uniform else grad_nll.unsqueeze(1).to(grad_hidden.dtype))
+            ).to(hidden.dtype)
         if grad_weight is not None:  # scale is a float32 (1,) tensor: a bf16 product is float32
             grad_weight = (grad_weight * scale).to(weight.dtype)
         if grad_bias is not None:
             grad_bias = (grad_bias * scale).to(bias.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def _grad_dtype(compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype d nll / d logits is kept in: the compute dtype, except float32 for fp16."""
+    return torch.float32 if compute_dtype == torch.float16 else compute_dtype
 
 
 def _nll_and_softmax(
@@ -262,8 +276,10 @@ def _weighted_head_grads(hidden, weight, bias, targets, weights, chunk_tokens, c
         logits = torch.softmax(logits, dim=1)
         logits.scatter_add_(1, safe, -torch.ones_like(safe, dtype=logits.dtype))
         logits.mul_(((tgt != IGNORE_INDEX) * weights[start:end]).unsqueeze(1))
-        if grad_weight is not None:
-            grad_weight.add_(logits.to(compute_dtype).t() @ x[start:end])
+        if grad_weight is not None:  # float32 under fp16, as in forward
+            grad_dtype = _grad_dtype(compute_dtype)
+            rows = x[start:end] if grad_dtype == compute_dtype else hidden[start:end].float()
+            grad_weight.add_(logits.to(grad_dtype).t() @ rows)
         if grad_bias is not None:
             grad_bias.add_(logits.sum(0))
     return grad_weight, grad_bias
