@@ -472,9 +472,10 @@ def accumulate_gradients(
 
 def micro_batch_seed(seed: int, step: int, slot: int) -> int:
     """The RNG seed of micro-batch `slot` (its place in the global batch) of optimizer step `step`:
-    a function of these three numbers only (not of the rank), distinct for distinct triples."""
+    a function of these three numbers only (not of the rank); a hash, so that different triples
+    give unrelated seeds (no arithmetic overlap between steps and slots)."""
     state = np.random.SeedSequence([seed % 2**64, step, slot]).generate_state(2, np.uint32)
-    return int(state[0]) << 31 | int(state[1]) >> 1  # 62 bits: within torch.manual_seed's range
+    return (int(state[0]) << 32 | int(state[1])) >> 1  # 63 bits: within torch.manual_seed's range
 
 
 def load_streams(
