@@ -90,16 +90,19 @@ class GPUMemoryPeak:
 
 
 def run(cmd: list[str], log: Path, env: dict[str, str] | None = None,
-        timeout: float | None = None) -> tuple[float, float]:  # fmt: skip
-    """Run a command, its output to `log`; returns (seconds, GPU memory peak GiB)."""
+        timeout: float | None = None) -> tuple[float, float, bool]:  # fmt: skip
+    """Run a command, its output to `log`; returns (seconds, GPU memory peak GiB, timed out)."""
     started = time.perf_counter()
     with GPUMemoryPeak() as memory, log.open("w") as handle:
-        done = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                              timeout=timeout)  # fmt: skip
+        try:
+            done = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env,
+                                  cwd=ROOT, timeout=timeout)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return time.perf_counter() - started, memory.gib, True
     if done.returncode != 0:
         tail = log.read_text(errors="replace").splitlines()[-15:]
         raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)}\n" + "\n".join(tail))
-    return time.perf_counter() - started, memory.gib
+    return time.perf_counter() - started, memory.gib, False
 
 
 def model_flops(folder: Path, seq_len: int) -> float:
@@ -115,12 +118,10 @@ def model_flops(folder: Path, seq_len: int) -> float:
 # ----------------------------------------------------------------------------- the inputs
 
 
-def make_inputs(work: Path, with_1b: bool) -> dict[str, Path]:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def make_inputs(work: Path) -> dict[str, Path]:
+    """The corpus and the GPT-2 124M folder."""
     from domainlm.demo import stdlib_docstrings
-    from domainlm.models import gpt2_tokenizer, save_scratch_folder
+    from domainlm.models import save_scratch_folder
 
     docs = stdlib_docstrings()
     train, valid = work / "train.txt", work / "valid.txt"
@@ -130,41 +131,50 @@ def make_inputs(work: Path, with_1b: bool) -> dict[str, Path]:
     paths = {"train": train, "valid": valid, "gpt2": work / "gpt2-124m"}
     if not (paths["gpt2"] / "config.json").exists():
         save_scratch_folder("gpt2", paths["gpt2"], seed=0)
-    if with_1b:
-        paths["llama"] = work / "llama-1b"
-        if not (paths["llama"] / "config.json").exists():
-            tokenizer = gpt2_tokenizer()
-            config = LlamaConfig(
-                vocab_size=len(tokenizer),
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                **LLAMA_1B,
-            )
-            torch.manual_seed(0)
-            with torch.device("cuda"):  # initialising 1B parameters on the CPU takes a while
-                model = LlamaForCausalLM(config)
-            model.save_pretrained(paths["llama"])
-            tokenizer.save_pretrained(paths["llama"])
-            del model
-            torch.cuda.empty_cache()
     return paths
+
+
+def make_llama_1b(work: Path) -> Path:
+    """A random-init 1B-class Llama folder with GPT-2's tokenizer (seed 0)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from domainlm.models import gpt2_tokenizer
+
+    folder = work / "llama-1b"
+    if not (folder / "config.json").exists():
+        tokenizer = gpt2_tokenizer()
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **LLAMA_1B,
+        )
+        torch.manual_seed(0)
+        with torch.device("cuda"):  # initialising 1B parameters on the CPU takes a while
+            model = LlamaForCausalLM(config)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        del model
+        torch.cuda.empty_cache()
+    return folder
 
 
 # ----------------------------------------------------------------------------- the two tools
 
 
 def steady_tokens_per_s(metrics: Path) -> float:
-    """Median tokens/s of the logging windows after the first two (compilation, warm-up)."""
-    rates = [
-        e["tokens_per_s"]
-        for e in map(json.loads, metrics.read_text().splitlines())
-        if "tokens_per_s" in e
-    ]
+    """Median tokens/s of the logging windows after the first two (compilation, warm-up); NaN
+    when the run logged none."""
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    rates = [e["tokens_per_s"] for e in map(json.loads, lines) if "tokens_per_s" in e]
+    if not rates:
+        return float("nan")
     return statistics.median(rates[2:] if len(rates) > 3 else rates)
 
 
 def domainlm_train(model: Path, paths: dict[str, Path], out: Path, block: int, batch: int,
-                   steps: int, compile_: bool, log: Path) -> dict:  # fmt: skip
+                   steps: int, compile_: bool, log: Path, timeout: float = 240) -> dict:  # fmt: skip
     cmd = [
         sys.executable, "-m", "domainlm", "train", "--model", str(model),
         "--train-file", str(paths["train"]), "--validation-file", str(paths["valid"]),
@@ -175,11 +185,14 @@ def domainlm_train(model: Path, paths: dict[str, Path], out: Path, block: int, b
     ]  # fmt: skip
     if compile_:
         cmd.append("--compile")
-    seconds, memory = run(cmd, log, timeout=240)
+    seconds, memory, timed_out = run(cmd, log, timeout=timeout)
+    # stopped by the time budget after its training windows were logged (e.g. while saving): the
+    # windows still say how fast it trained
     return {
         "tokens_per_s": steady_tokens_per_s(out / "metrics.jsonl"),
         "memory_gib": memory,
         "seconds": seconds,
+        "stopped_at_budget": timed_out,
     }
 
 
@@ -188,7 +201,7 @@ def trainer_train(model: Path, paths: dict[str, Path], out: Path, block: int, ba
     cmd = [sys.executable, __file__, "--as-trainer", json.dumps(
         {"model": str(model), "train": str(paths["train"]), "out": str(out), "block": block,
          "batch": batch, "steps": steps})]  # fmt: skip
-    seconds, memory = run(cmd, log)
+    seconds, memory, _ = run(cmd, log)
     result = json.loads((out / "gpu_check_trainer.json").read_text())
     return {"tokens_per_s": result["tokens_per_s"], "memory_gib": memory, "seconds": seconds}
 
@@ -276,7 +289,7 @@ def read_perplexity(log: Path) -> float:
 
 def perplexity(model: Path, valid: Path, precision: str, log: Path) -> float:
     """`domainlm perplexity` on the GPU."""
-    run(perplexity_command(model, valid, precision), log)
+    run(perplexity_command(model, valid, precision), log, timeout=120)
     return read_perplexity(log)
 
 
@@ -318,6 +331,8 @@ def main() -> None:
     parser.add_argument("--skip-1b", action="store_true")
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--skip-trainer-1b", action="store_true")
+    parser.add_argument("--time-budget", type=float, default=330,
+                        help="seconds for the whole script; the 1B shape gets what is left")  # fmt: skip
     parser.add_argument("--peak", type=float, default=PEAK_BF16_H100_SXM, help="peak FLOP/s")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--as-trainer", help=argparse.SUPPRESS)
@@ -335,8 +350,7 @@ def main() -> None:
     logs.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name()
     print(f"{gpu}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}", flush=True)
-    paths = make_inputs(work, not args.skip_1b)
-    torch.cuda.empty_cache()
+    paths = make_inputs(work)
     rows: list[tuple[str, ...]] = []
     results: dict[str, object] = {"gpu": gpu, "torch": torch.__version__}
 
@@ -345,21 +359,23 @@ def main() -> None:
         print("| " + " | ".join(cells) + " |", flush=True)
 
     def compare(label: str, model: Path, block: int, batch: int, steps: int, compile_: bool,
-                with_trainer: bool = True) -> None:  # fmt: skip
+                with_trainer: bool = True, timeout: float = 240) -> None:  # fmt: skip
         flops = model_flops(model, block)
         slug = label.replace(" ", "-")
         ours = domainlm_train(model, paths, work / f"out-{slug}", block, batch, steps, compile_,
-                              logs / f"domainlm-{slug}.log")  # fmt: skip
+                              logs / f"domainlm-{slug}.log", timeout)  # fmt: skip
         print(f"domainlm {label}: {ours}", flush=True)
+        results[label] = {"domainlm": ours, "flops_per_token": flops}
         if not with_trainer:
-            row(f"{label}, block {block}, batch {batch}: tokens/s, MFU, GiB",
+            stopped = " (stopped at the time budget)" if ours["stopped_at_budget"] else ""
+            row(f"{label}, block {block}, batch {batch}: tokens/s, MFU, GiB{stopped}",
                 f"{ours['tokens_per_s']:,.0f}, {ours['tokens_per_s'] * flops / args.peak:.1%}, "
                 f"{ours['memory_gib']:.1f}", "not run", "", "reported")  # fmt: skip
             return
         theirs = trainer_train(model, paths, work / f"trainer-{slug}", block, batch, steps,
                                logs / f"trainer-{slug}.log")  # fmt: skip
         print(f"trainer {label}: {theirs}", flush=True)
-        results[label] = {"domainlm": ours, "trainer": theirs, "flops_per_token": flops}
+        results[label]["trainer"] = theirs
         shape = f"{label}, block {block}, batch {batch}"
         row(f"{shape}: tokens/s", f"{ours['tokens_per_s']:,.0f}", f"{theirs['tokens_per_s']:,.0f}",
             f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x", ">= 1.5x")  # fmt: skip
@@ -373,21 +389,28 @@ def main() -> None:
     trained = work / "out-GPT-2-124M"
     # the CPU's perplexity runs beside the GPU work that follows (it uses the CPU's cores)
     cpu_job = perplexity_process(trained, paths["valid"], logs / "ppl-cpu.log")
-    if not args.skip_1b:
-        compare("Llama 1B", paths["llama"], 2048, 8, max(30, args.steps // 3), True,
-                not args.skip_trainer_1b)  # fmt: skip
-    cpu = perplexity_result(cpu_job, logs / "ppl-cpu.log")
     gpu32 = perplexity(trained, paths["valid"], "fp32", logs / "ppl-gpu-fp32.log")
     gpu16 = perplexity(trained, paths["valid"], "bf16", logs / "ppl-gpu-bf16.log")
+    if not args.skip_tests:
+        summary = cuda_tests(logs / "pytest-cuda.log")
+        results["cuda_tests"] = summary
+        row("pytest -m cuda", summary, "", "", "all pass")
+    cpu = perplexity_result(cpu_job, logs / "ppl-cpu.log")
     results["perplexity"] = {"cpu_fp32": cpu, "gpu_fp32": gpu32, "gpu_bf16": gpu16}
     row("perplexity, GPU fp32 vs CPU fp32", f"{gpu32:.6f}", f"CPU {cpu:.6f}",
         f"{abs(gpu32 / cpu - 1):.1e} rel.", "<= 1e-4")  # fmt: skip
     row("perplexity, GPU bf16 vs CPU fp32", f"{gpu16:.6f}", f"CPU {cpu:.6f}",
         f"{abs(gpu16 / cpu - 1):.1e} rel.", "stated")  # fmt: skip
-    if not args.skip_tests:
-        summary = cuda_tests(logs / "pytest-cuda.log")
-        results["cuda_tests"] = summary
-        row("pytest -m cuda", summary, "", "", "all pass")
+    # The 1B shape last, in the time that is left of --time-budget (it is the longest part).
+    left = args.time_budget - (time.perf_counter() - started)
+    if args.skip_1b or left < 90:
+        row("Llama 1B", "not run" if args.skip_1b else f"skipped: {left:.0f} s of the budget left",
+            "", "", "")  # fmt: skip
+    else:
+        paths["llama"] = make_llama_1b(work)
+        left = args.time_budget - (time.perf_counter() - started)
+        compare("Llama 1B", paths["llama"], 2048, 8, max(30, args.steps // 3), True,
+                not args.skip_trainer_1b, timeout=left)  # fmt: skip
     results["seconds"] = round(time.perf_counter() - started)
 
     print(f"\n{gpu}, torch {torch.__version__}; bf16; {args.steps} steps; "

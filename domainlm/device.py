@@ -90,17 +90,31 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     """`auto` -> bf16 where the hardware has it (recent GPUs, CPUs with AVX512-BF16/AMX), else fp16 on
     older GPUs, else fp32. An explicit request the device cannot honour is an error."""
     if device.type == "cuda":
-        bf16_ok = torch.cuda.is_bf16_supported()
+        bf16_ok = gpu_has_native_bf16(device)
         if precision == "auto":
             return "bf16" if bf16_ok else "fp16"
         if precision == "bf16" and not bf16_ok:
-            raise UserError("this GPU does not support bf16; use --precision fp16 or fp32")
+            major, minor = torch.cuda.get_device_capability(device)
+            raise UserError(
+                f"--precision bf16: this GPU (compute capability {major}.{minor}) has no native "
+                "bf16 (PyTorch would emulate it, slowly); use --precision fp16 or fp32"
+            )
         return precision
     if precision == "fp16":
         raise UserError("fp16 needs a GPU; on the CPU use --precision bf16 or fp32")
     if precision == "auto":
         return "bf16" if cpu_has_fast_bf16() else "fp32"
     return precision
+
+
+def gpu_has_native_bf16(device: torch.device) -> bool:
+    """bf16 in hardware: NVIDIA compute capability 8.0 (Ampere) or newer, or a ROCm GPU.
+
+    Not `torch.cuda.is_bf16_supported()`: by default it also counts bf16 emulated on older GPUs
+    (a T4, a V100), which trains far slower than their native fp16."""
+    if torch.version.hip:
+        return True  # as torch.cuda.is_bf16_supported says for every ROCm GPU
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def cpu_has_fast_bf16() -> bool:

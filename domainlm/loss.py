@@ -8,7 +8,8 @@ the full logits are 206 MB in float32, plus their log-softmax and its gradient, 
 models whose head is a plain linear layer over the backbone's last hidden state (GPT-2, Llama,
 Mistral, Qwen, GPT-NeoX...), `CausalLMLoss` instead runs the backbone, keeps only the positions
 that have a target, and computes head + cross-entropy chunk by chunk; the gradients of the head
-are formed during that pass (softmax - onehot, kept in bf16 for up to 2,048 positions, then
+are formed during that pass (softmax - onehot, kept in bf16 (float32 under fp16, whose range
+would flush small probabilities to zero) for up to 2,048 positions, then
 multiplied into them), so no float32 logits outlive their chunk and none is recomputed. The
 result is the same summed NLL (tests/test_loss.py compares it, and its gradients, with
 full-logits cross-entropy). Other architectures fall back to the full logits.
@@ -148,7 +149,11 @@ def chunked_nll_sums(
     if flat_targets.shape[0] == 0:
         # An all-padding micro-batch (the short end of an epoch): zero loss, still in the graph
         # so that its backward() runs like any other (and DDP's gradient sync stays in step).
-        return torch.zeros(b, dtype=torch.float64, device=hidden.device) + 0.0 * hidden.sum()
+        # Every parameter must be in it: an untied head is not reached through `hidden`.
+        touched = hidden.sum() + head.weight.sum()
+        if head.bias is not None:
+            touched = touched + head.bias.sum()
+        return torch.zeros(b, dtype=torch.float64, device=hidden.device) + 0.0 * touched
     compute_dtype = (
         torch.get_autocast_dtype(hidden.device.type)
         if torch.is_autocast_enabled(hidden.device.type)
@@ -189,9 +194,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
         vocab = weight.shape[0]
         w, b = _padded_head(weight, bias, compute_dtype, vocab_multiple)
         x = hidden.to(compute_dtype)
+        # The gradients wait for backward's loss scale: fp16 would flush probabilities below its
+        # smallest subnormal (6e-8; most of a 50k-vocab softmax) to zero, so they stay float32.
+        grad_dtype = _grad_dtype(compute_dtype)
+        gw, gx = (w, x)
+        if grad_dtype != compute_dtype:
+            gw, gx = _padded_head(weight, None, grad_dtype, vocab_multiple)[0], hidden.float()
         n = targets.shape[0]
         nll = torch.empty(n, dtype=torch.float64, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if needs[0] else None
+        grad_hidden = (
+            torch.empty_like(hidden, dtype=torch.promote_types(hidden.dtype, grad_dtype))
+            if needs[0]
+            else None
+        )
         grad_weight = grad_bias = None
         # On a GPU while training, one compiled kernel per chunk (fused_nll_and_grad); each chunk
         # is then a group of its own, its gradient used as it comes out.
@@ -206,17 +221,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
             else:
                 grad_logits = _nll_and_grad_chunks(
                     x, w, b, targets, nll, vocab, group_start, group_end, chunk_tokens,
-                    want_grads,
+                    grad_dtype if want_grads else None,
                 )  # fmt: skip
             if grad_logits is None:
                 continue
             rows = slice(group_start, group_end)
             if grad_hidden is not None:
-                grad_hidden[rows] = (grad_logits @ w).to(hidden.dtype)
+                grad_hidden[rows] = grad_logits @ gw
             if needs[1]:
                 # one group (a CPU batch): kept in the compute dtype, made float32 by backward's
                 # scaling; several: summed in float32
-                part = grad_logits.t() @ x[rows]
+                part = grad_logits.t() @ gx[rows]
                 grad_weight = part if grad_weight is None else grad_weight.float().add_(part)
             if needs[2]:
                 part = grad_logits.sum(0, dtype=torch.float32)
@@ -242,9 +257,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             )  # fmt: skip
             scale = torch.ones_like(scale)
         if grad_hidden is not None:
-            grad_hidden = grad_hidden * (
-                scale if uniform else grad_nll.unsqueeze(1).to(hidden.dtype)
-            )
+            grad_hidden = (
+                grad_hidden * (scale if uniform else grad_nll.unsqueeze(1).to(grad_hidden.dtype))
+            ).to(hidden.dtype)
         if grad_weight is not None:  # scale is a float32 (1,) tensor: a bf16 product is float32
             grad_weight = (grad_weight * scale).to(weight.dtype)
         if grad_bias is not None:
@@ -253,12 +268,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def _nll_and_grad_chunks(x, w, b, targets, nll, vocab, group_start, group_end, chunk_tokens,
-                         want_grads):  # type: ignore[no-untyped-def]  # fmt: skip
+                         grad_dtype):  # type: ignore[no-untyped-def]  # fmt: skip
     """One group of positions, chunk by chunk: fills `nll` (float64, exact); returns the group's
-    d nll / d logits in the compute dtype, or None without gradients."""
+    d nll / d logits in `grad_dtype`, or None when that is None (no gradients wanted)."""
     grad_logits = (
-        torch.empty(group_end - group_start, w.shape[0], dtype=w.dtype, device=x.device)
-        if want_grads
+        torch.empty(group_end - group_start, w.shape[0], dtype=grad_dtype, device=x.device)
+        if grad_dtype is not None
         else None
     )
     for start in range(group_start, group_end, chunk_tokens):
@@ -349,6 +364,11 @@ def _padded_head(
     return w, b
 
 
+def _grad_dtype(compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype d nll / d logits is kept in: the compute dtype, except float32 for fp16."""
+    return torch.float32 if compute_dtype == torch.float16 else compute_dtype
+
+
 def _nll_and_softmax(
     logits: torch.Tensor, targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -393,8 +413,10 @@ def _weighted_head_grads(hidden, weight, bias, targets, weights, chunk_tokens, c
         logits = torch.softmax(logits, dim=1)
         logits.scatter_add_(1, safe, -torch.ones_like(safe, dtype=logits.dtype))
         logits.mul_(((tgt != IGNORE_INDEX) * weights[start:end]).unsqueeze(1))
-        if grad_weight is not None:
-            grad_weight.add_(logits.to(compute_dtype).t() @ x[start:end])
+        if grad_weight is not None:  # float32 under fp16, as in forward
+            grad_dtype = _grad_dtype(compute_dtype)
+            rows = x[start:end] if grad_dtype == compute_dtype else hidden[start:end].float()
+            grad_weight.add_(logits.to(grad_dtype).t() @ rows)
         if grad_bias is not None:
             grad_bias.add_(logits.sum(0))
     return grad_weight, grad_bias

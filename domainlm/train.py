@@ -286,7 +286,6 @@ def train(config: TrainConfig) -> TrainResult:
         last_saved = resume_from
         stop = cleanup.enter_context(guard.StopSignals(console.info))
         for step in range(start_step, total_steps):
-            torch.manual_seed(config.seed * 1_000_003 + step * 1009 + ctx.rank)
             lr = learning_rate(
                 step,
                 peak=config.lr,
@@ -300,7 +299,7 @@ def train(config: TrainConfig) -> TrainResult:
             blocks = cursor.next_global_batch(dataset, global_batch, config.seed)
             done = step + 1
             (step_nll, step_targets), split = guard.with_oom_backoff(
-                lambda s, blocks=blocks: accumulate_gradients(
+                lambda s, blocks=blocks, step=step: accumulate_gradients(
                     train_module,
                     dataset,
                     blocks,
@@ -310,6 +309,8 @@ def train(config: TrainConfig) -> TrainResult:
                     device,
                     precision,
                     scaler,
+                    seed=config.seed,
+                    step=step,
                     fixed_rows=config.compile,
                     sharded=config.strategy == "fsdp",
                 ),
@@ -499,6 +500,9 @@ def accumulate_gradients(
     device: torch.device,
     precision: str,
     scaler: Any,
+    *,
+    seed: int = 0,
+    step: int = 0,
     fixed_rows: bool = False,
     sharded: bool = False,
 ) -> tuple[torch.Tensor, int]:
@@ -506,8 +510,12 @@ def accumulate_gradients(
     `batch_size` rows with empty blocks when `fixed_rows`).
 
     The gradient left in the parameters is that of (summed NLL / target tokens of the whole global
-    batch), whatever the split into ranks and micro-batches. Returns this rank's NLL sum (a device
-    tensor: no host sync) and the global batch's target-token count.
+    batch), whatever the split into ranks and micro-batches. Dropout masks too: each micro-batch
+    draws them from a seed of (seed, step, its slot in the global batch), so the same blocks get
+    the same masks whichever rank or accumulation round computes them (2 ranks x 1 == 1 rank x
+    2 accumulation), and a retried step (guard.with_oom_backoff) redraws them from the start.
+    Returns this rank's NLL sum (a device tensor: no host sync) and the global batch's
+    target-token count.
 
     Out of memory under torchrun: after each micro-batch's attempt the ranks agree
     (`guard.agree_on_oom`), so all raise OutOfMemoryError and back off together. The backward pass
@@ -528,6 +536,8 @@ def accumulate_gradients(
             indices += [-1] * (batch_size - len(indices))
         batch = dataset.batch(indices).to(device)
         rows = batch.input_ids.shape[0]
+        # the slot micro_batch_indices deals these blocks from
+        torch.manual_seed(micro_batch_seed(seed, step, micro * ctx.world_size + ctx.rank))
         last = micro == grad_accum - 1
         sync = (
             nullcontext()
@@ -553,6 +563,14 @@ def accumulate_gradients(
                     raise guard.oom_in_gradient_sync(exc, ctx) from exc
         step_nll += nll.detach().double()
     return step_nll, step_targets
+
+
+def micro_batch_seed(seed: int, step: int, slot: int) -> int:
+    """The RNG seed of micro-batch `slot` (its place in the global batch) of optimizer step `step`:
+    a function of these three numbers only (not of the rank); a hash, so that different triples
+    give unrelated seeds (no arithmetic overlap between steps and slots)."""
+    state = np.random.SeedSequence([seed % 2**64, step, slot]).generate_state(2, np.uint32)
+    return (int(state[0]) << 32 | int(state[1])) >> 1  # 63 bits: within torch.manual_seed's range
 
 
 def load_streams(

@@ -3,7 +3,9 @@
 Every run trains the same tiny dropout-free model for 4 steps of 4 blocks in fp32, so the runs
 must agree with each other: 2 ranks == 1 rank with 2 accumulated micro-batches == 2 "nodes" ==
 FSDP, and a 2-rank run resumed by 1 rank == the uninterrupted run. The expensive launches are
-module fixtures shared by several tests.
+module fixtures shared by several tests. One step's gradients (with and without dropout) are
+compared before the optimizer by tests/step_gradients.py; an untied-head model runs an epoch
+whose last batch leaves a rank empty.
 
 Weights are compared as a relative L2 distance over the whole model (1e-5) and a max-abs
 difference relative to the largest weight (1e-4, a tenth of one Adam step at lr 1e-3): per
@@ -25,15 +27,26 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import uneven_corpus, write_lines
 from safetensors.torch import load_file
+from step_gradients import step_gradients
 
 from domainlm.config import TrainConfig
+from domainlm.data import (
+    IGNORE_INDEX,
+    BlockDataset,
+    epoch_order,
+    read_documents,
+    tokenize_documents,
+)
 from domainlm.distributed import DistContext, rank_lost, setup_distributed
 from domainlm.errors import TrainingAborted
 from domainlm.metrics import read_events
+from domainlm.models import gpt2_tokenizer, save_scratch_folder
 from domainlm.train import train
 
 STEPS = 4
@@ -172,6 +185,107 @@ def test_two_ranks_equal_one_rank_with_accumulation(
     moved = load_file(ddp_out / "model.safetensors")["transformer.h.0.mlp.c_fc.weight"]
     assert not torch.equal(moved, load_file(ddp_out / "checkpoint-2" / "model.safetensors")[
         "transformer.h.0.mlp.c_fc.weight"])  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def dropout_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """scratch:tiny with GPT-2's own dropout (0.1 on embeddings, attention, residuals)."""
+    return save_scratch_folder("tiny", tmp_path_factory.mktemp("tiny-dropout"), seed=0)
+
+
+def full_batch_gradients(model_dir: Path, train_file: Path) -> dict[str, torch.Tensor]:
+    """The obvious reference for step_gradients: one forward over all 4 blocks in eval mode
+    (no dropout), full logits, float64 cross-entropy summed over every target / their count."""
+    import step_gradients as sg
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    stream = tokenize_documents(read_documents(train_file), gpt2_tokenizer(), 50256, np.int64)
+    dataset = BlockDataset(stream, sg.BLOCK_SIZE)
+    batch = dataset.batch(epoch_order(len(dataset), 0, sg.SEED)[: sg.GLOBAL_BLOCKS].tolist())
+    logits = model(input_ids=batch.input_ids).logits.double()
+    nll = F.cross_entropy(logits.transpose(1, 2), batch.targets, ignore_index=IGNORE_INDEX,
+                          reduction="sum")  # fmt: skip
+    (nll / (batch.targets != IGNORE_INDEX).sum()).backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """Max elementwise error relative to the largest entry of `expected`."""
+    return ((got - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.mark.parametrize("dropout", [False, True], ids=["no-dropout", "dropout"])
+def test_two_ranks_give_the_gradients_of_one_rank_with_accumulation(
+    dropout: bool, data: dict[str, Path], dropout_model_dir: Path, tmp_path: Path
+) -> None:
+    """One step's summed gradients, before clipping and AdamW (which would hide a wrong scale):
+    2 DDP ranks x 1 micro-batch == 1 rank x 2 micro-batches of the same blocks, to float
+    rounding (1e-5 of the largest entry; a wrong rank average is off by 2x). With dropout on,
+    each micro-batch draws its masks from its slot in the global batch, not from its rank, so
+    the two splits agree there too (docs/distributed.md)."""
+    model_dir = dropout_model_dir if dropout else data["model"]
+    out = tmp_path / "grads.pt"
+    worker = Path(__file__).parent / "step_gradients.py"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        f"--master-port={free_port()}", str(worker), str(model_dir), str(data["train"]), str(out),
+        "1",
+    ]  # fmt: skip
+    run_ok(cmd, launch_env(data["cache"]))
+    two_ranks = torch.load(out, weights_only=True)
+    one_rank = step_gradients(str(model_dir), str(data["train"]), grad_accum=2)
+    reference = full_batch_gradients(model_dir, data["train"])
+    assert two_ranks.keys() == one_rank.keys() == reference.keys()
+    for name, g in one_rank.items():
+        assert relative_error(two_ranks[name], g) < 1e-5, name
+    # Without dropout both equal the full-batch reference; with it, the masks really matter.
+    worst = max(relative_error(one_rank[n], reference[n]) for n in reference)
+    assert worst < 1e-5 if not dropout else worst > 1e-2
+
+
+@pytest.fixture(scope="module")
+def untied_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama-shape model whose output layer is its own weight (tie_word_embeddings off)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    config = LlamaConfig(
+        vocab_size=50257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=False, bos_token_id=50256, eos_token_id=50256,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    model.save_pretrained(folder)
+    gpt2_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_untied_head_trains_when_a_rank_gets_no_block(
+    untied_model_dir: Path, data: dict[str, Path], tmp_path: Path
+) -> None:
+    """21 blocks in global batches of 4: the last step gives rank 1 an empty micro-batch. Its
+    zero loss must still reach every parameter, the untied head included, or DDP's gradient sync
+    goes out of step (gloo: a collective mismatch that kills the run). The run must also equal
+    one rank with 2 accumulated micro-batches (which scores the empty slot the same way)."""
+    train_file = write_lines(tmp_path / "train.txt", uneven_corpus(30, seed=1))
+    out, single = tmp_path / "ddp", tmp_path / "single"
+    launcher = ["torch.distributed.run", "--nproc_per_node=2", f"--master-port={free_port()}"]
+    cmd = torchrun_cmd(launcher, {**data, "model": untied_model_dir, "train": train_file}, out)
+    at = cmd.index("--max-steps")
+    cmd[at : at + 2] = ["--epochs", "1"]  # the whole epoch, to its short last batch
+    log = run_ok(cmd, launch_env(data["cache"]))
+    assert "21 blocks of 32; global batch 2 x 1 accum x 2 ranks = 4 blocks; 6 steps/epoch" in log
+    assert sorted(train_losses(out)) == list(range(1, 7))
+    os.environ["DOMAINLM_CACHE"] = str(data["cache"])
+    config = one_process_config({**data, "model": untied_model_dir, "train": train_file}, single)
+    config.max_steps, config.epochs = None, 1.0
+    train(config)
+    assert train_losses(out) == pytest.approx(train_losses(single), rel=1e-5)
+    assert_same_weights(out, single)
 
 
 def test_validation_perplexity_does_not_depend_on_world_size(

@@ -148,3 +148,56 @@ def test_training_runs_under_docs_packing(tmp_path, tiny_model_dir):
     assert result.steps == 2 and result.final_perplexity is not None
     run = json.loads((tmp_path / "run" / "run_config.json").read_text())
     assert run["identity"]["packing"] == "docs"
+
+
+def test_training_forward_with_dropout_on_cpu_isolates_packed_documents(monkeypatch):
+    """The CPU training path: a GPT-2 with dropout in train mode attends through fastpath's eager
+    formula (`sdpa_unless_cpu_dropout`, with the packed block-diagonal mask). With the dropout
+    itself made the identity, each packed document's loss, computed with gradients as training
+    does, must equal the document scored alone in evaluation mode (plain sdpa, no dropout)."""
+    from domainlm import fastpath
+    from domainlm.data import IGNORE_INDEX
+    from domainlm.fastpath import use_fast_kernels
+    from domainlm.models import build_scratch_model
+
+    model = build_scratch_model("tiny", seed=0)  # GPT-2's dropout: 0.1 everywhere
+    assert model.config.attn_pdrop == 0.1
+    use_fast_kernels(model)
+    attention_draws = []
+
+    def identity(x: torch.Tensor, p: float) -> torch.Tensor:
+        if x.dim() == 4 and x.shape[-1] == x.shape[-2] == BLOCK:  # attention weights
+            attention_draws.append(p)
+        return x
+
+    monkeypatch.setattr(fastpath, "cpu_dropout", identity)
+    stream = _stream()
+    dataset = BlockDataset(stream, BLOCK, packing="docs")
+    starts = stream.doc_starts
+    loss = CausalLMLoss(model)
+    checked = 0
+    for index in range(len(dataset) - 1):
+        lo, hi = index * BLOCK, (index + 1) * BLOCK
+        inside = [
+            d
+            for d in range(stream.num_documents)
+            if starts[d] - 1 >= lo and starts[d + 1] - 1 <= hi
+        ]
+        if len(inside) < 2:
+            continue
+        batch = dataset.batch([index])
+        for d in inside[1:]:  # documents after the first: there is something to leak from
+            a, b = starts[d] - 1 - lo, starts[d + 1] - 1 - lo
+            targets = torch.full_like(batch.targets, IGNORE_INDEX)
+            targets[:, a:b] = batch.targets[:, a:b]
+            model.train()
+            draws = len(attention_draws)
+            packed = float(loss(batch.input_ids, targets, batch.position_ids)[0].detach())
+            assert len(attention_draws) - draws == model.config.n_layer  # the eager path ran
+            model.eval()
+            alone = _alone_nll(model, np.asarray(stream.tokens[starts[d] : starts[d + 1] - 1]))
+            assert packed == pytest.approx(alone, abs=1e-5 * max(1.0, abs(alone)))
+        checked += 1
+        if checked == 3:
+            break
+    assert checked == 3
