@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -306,16 +307,29 @@ def perplexity_result(process: subprocess.Popen, log: Path) -> float:
     return read_perplexity(log)
 
 
-def cuda_tests(log: Path) -> str:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
+def cuda_tests(log: Path, timeout: float) -> str:
+    """`pytest -m cuda`, each test's outcome printed as it comes (a run stopped by the time
+    budget still says which tests passed); returns pytest's summary line."""
+    cmd = [sys.executable, "-m", "pytest", "-v", "-m", "cuda", "-p", "no:cacheprovider",
            "tests/test_cuda.py"]  # fmt: skip
+    outcome = re.compile(r"(PASSED|FAILED|ERROR|SKIPPED)")
+    lines: list[str] = []
     with log.open("w") as handle:
-        try:
-            subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT, timeout=150)
-        except subprocess.TimeoutExpired:
-            return "timed out after 150 s"
-    lines = [line for line in log.read_text().splitlines() if line.strip()]
-    return lines[-1].strip("= ") if lines else "no output"
+        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True, cwd=ROOT)  # fmt: skip
+        timer = threading.Timer(timeout, process.kill)
+        timer.start()
+        for line in process.stdout or []:
+            handle.write(line)
+            lines.append(line.strip())
+            if "::" in line and outcome.search(line):
+                print("  " + line.strip(), flush=True)
+        process.wait()
+        timer.cancel()
+    if process.returncode == -9:
+        done = sum(1 for line in lines if "::" in line and outcome.search(line))
+        return f"stopped at {timeout:.0f} s after {done} tests"
+    return next((ln.strip("= ") for ln in reversed(lines) if ln.strip()), "no output")
 
 
 # ----------------------------------------------------------------------------- the table
@@ -331,6 +345,7 @@ def main() -> None:
     parser.add_argument("--skip-1b", action="store_true")
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--skip-trainer-1b", action="store_true")
+    parser.add_argument("--tests-timeout", type=float, default=240, help="seconds for pytest")
     parser.add_argument("--time-budget", type=float, default=330,
                         help="seconds for the whole script; the 1B shape gets what is left")  # fmt: skip
     parser.add_argument("--peak", type=float, default=PEAK_BF16_H100_SXM, help="peak FLOP/s")
@@ -392,7 +407,7 @@ def main() -> None:
     gpu32 = perplexity(trained, paths["valid"], "fp32", logs / "ppl-gpu-fp32.log")
     gpu16 = perplexity(trained, paths["valid"], "bf16", logs / "ppl-gpu-bf16.log")
     if not args.skip_tests:
-        summary = cuda_tests(logs / "pytest-cuda.log")
+        summary = cuda_tests(logs / "pytest-cuda.log", args.tests_timeout)
         results["cuda_tests"] = summary
         row("pytest -m cuda", summary, "", "", "all pass")
     cpu = perplexity_result(cpu_job, logs / "ppl-cpu.log")

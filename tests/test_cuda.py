@@ -9,7 +9,8 @@ tiny GPT-2 whose byte-level BPE tokenizer is trained here on the test corpus, so
 - Perplexity: GPU fp32 == CPU fp32 within 1e-4 relative; bf16 printed with its difference.
 - Resume: SIGTERM mid-run, then the same command, gives the uninterrupted run's metrics.jsonl.
 - Generation: greedy token ids on the GPU == on the CPU (fp32, a trained model).
-- `--strategy fsdp` under `torchrun --nproc_per_node=1`: finishes; its saved model loads.
+- `--strategy fsdp` under `torchrun --nproc_per_node=1`: shards over a process group of one (NCCL),
+  finishes; its saved model loads.
 - A real CUDA out-of-memory error (the allocator capped by `set_per_process_memory_fraction`):
   the micro-batch is halved until it fits, and the run equals one started at that micro-batch.
 - Two torchrun processes on a one-GPU machine: each stops with one line naming both counts.
@@ -302,6 +303,7 @@ def test_fsdp_with_one_rank_finishes_and_saves_a_loadable_model(
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "on cuda x1" in done.stderr
+    assert "parameters sharded by FSDP" in done.stderr  # a process group of one, sharded
     assert len(losses(out)) == 6 and all(math.isfinite(x) for x in losses(out))
     loaded = load_model(str(out))
     saved = load_file(out / "model.safetensors")
