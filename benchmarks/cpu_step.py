@@ -10,11 +10,11 @@ the median step time, tokens/s and the process's peak RSS. Variants, cumulative:
 
 1. `trainer`: the Trainer's step: `model(input_ids, labels=...)` (full logits, transformers'
    ForCausalLMLoss), SDPA attention, glibc's malloc defaults.
-2. `+ chunked loss`: `domainlm.loss.CausalLMLoss` instead (no full logits; fused softmax; grouped
+2. `+ chunked loss`: `domainlm.model.loss.CausalLMLoss` instead (no full logits; fused softmax; grouped
    gradient matmuls).
-3. `+ malloc reuse`: `domainlm.malloc.reuse_freed_host_memory()` (freed blocks kept, no page
+3. `+ malloc reuse`: `domainlm.model.malloc.reuse_freed_host_memory()` (freed blocks kept, no page
    faults for each step's large tensors).
-4. `+ fast kernels` = domainlm: `domainlm.fastpath.use_fast_kernels` (fused GELU; dropout masks
+4. `+ fast kernels` = domainlm: `domainlm.model.fastpath.use_fast_kernels` (fused GELU; dropout masks
    from 31-bit integers; eager attention while training with dropout on CPU).
 
 It also measures this CPU's bf16 matmul rate (a 2048^3 product) and reports each variant's model
@@ -49,14 +49,14 @@ def child(args: argparse.Namespace) -> None:
     """One variant in this process; prints one JSON line."""
     variant = VARIANTS[args.variant]
     if variant["malloc"]:
-        from domainlm.malloc import reuse_freed_host_memory
+        from domainlm.model.malloc import reuse_freed_host_memory
 
         reuse_freed_host_memory()
     import torch
 
-    from domainlm.fastpath import use_fast_kernels
-    from domainlm.loss import CausalLMLoss
-    from domainlm.models import build_scratch_model
+    from domainlm.model.fastpath import use_fast_kernels
+    from domainlm.model.loading import build_scratch_model
+    from domainlm.model.loss import CausalLMLoss
 
     torch.manual_seed(0)
     overrides = {} if args.n_layer is None else {"n_layer": args.n_layer}

@@ -122,7 +122,7 @@ def model_flops(folder: Path, seq_len: int) -> float:
 def make_inputs(work: Path) -> dict[str, Path]:
     """The corpus and the GPT-2 124M folder."""
     from domainlm.demo import stdlib_docstrings
-    from domainlm.models import save_scratch_folder
+    from domainlm.model.loading import save_scratch_folder
 
     docs = stdlib_docstrings()
     train, valid = work / "train.txt", work / "valid.txt"
@@ -140,7 +140,7 @@ def make_llama_1b(work: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from domainlm.models import gpt2_tokenizer
+    from domainlm.model.loading import gpt2_tokenizer
 
     folder = work / "llama-1b"
     if not (folder / "config.json").exists():

@@ -11,10 +11,10 @@ global-norm clipping at 1.0, fused AdamW (the Trainer's default optimizer), zero
   transformers' ForCausalLMLoss).
 - chunked-v1: domainlm's loss as it was on the CPU: 256-position chunks, 50,257-row head.
 - chunked-unfused: domainlm's loss with the vocabulary padded to 50,304 rows inside the loss and
-  chunks of ~2^27 logits (domainlm/loss.py CUDA_VOCAB_MULTIPLE, CUDA_CHUNK_LOGITS), each chunk's
+  chunks of ~2^27 logits (domainlm/model/loss.py CUDA_VOCAB_MULTIPLE, CUDA_CHUNK_LOGITS), each chunk's
   softmax, NLL and gradient in separate kernels (the float64-exact evaluation path).
 - chunked: domainlm's loss on a GPU: the same with one compiled kernel per chunk for the softmax,
-  NLL and gradient (domainlm/loss.py fused_nll_and_grad).
+  NLL and gradient (domainlm/model/loss.py fused_nll_and_grad).
 - liger: liger-kernel's fused linear cross-entropy on the backbone's hidden states (if installed).
 - +compile: the backbone (or for `trainer`, the whole model) compiled with torch.compile.
 
@@ -33,9 +33,9 @@ from collections.abc import Callable
 import torch
 from model_flops import PEAK_BF16_H100_SXM, flops_per_token
 
-from domainlm.fastpath import use_fast_kernels
-from domainlm.loss import CausalLMLoss
-from domainlm.models import build_scratch_model
+from domainlm.model.fastpath import use_fast_kernels
+from domainlm.model.loading import build_scratch_model
+from domainlm.model.loss import CausalLMLoss
 
 
 def make_loss(
@@ -55,9 +55,9 @@ def make_loss(
             return fused(model.lm_head.weight, h, targets.reshape(-1))
 
         return liger
-    import domainlm.loss
+    import domainlm.model.loss
 
-    domainlm.loss.USE_FUSED_KERNEL = kind != "chunked-unfused"
+    domainlm.model.loss.USE_FUSED_KERNEL = kind != "chunked-unfused"
     if kind == "chunked-v1":
         loss = CausalLMLoss(model, chunk_tokens=256, vocab_multiple=1)
     else:

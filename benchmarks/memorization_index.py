@@ -1,4 +1,4 @@
-"""Time the memorization index (domainlm/memorize.py) on a corpus of a given size.
+"""Time the memorization index (domainlm/text/memorize.py) on a corpus of a given size.
 
     python benchmarks/memorization_index.py --megabytes 100 --workdir /tmp/mem-bench
 
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from domainlm.data import load_token_stream
+from domainlm.data.tokens import load_token_stream
 from domainlm.demo import stdlib_docstrings
-from domainlm.memorize import NgramIndex
-from domainlm.models import gpt2_tokenizer, resolve_eos_id, tokenizer_fingerprint
+from domainlm.model.loading import gpt2_tokenizer, resolve_eos_id, tokenizer_fingerprint
+from domainlm.text.memorize import NgramIndex
 
 
 def write_corpus(path: Path, megabytes: float, seed: int = 0) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from domainlm.config import TrainConfig
 from domainlm.demo import word_documents
-from domainlm.train import train
+from domainlm.run.train import train
 
 
 def corpus(n: int, seed: int) -> list[str]:
@@ -31,9 +31,10 @@ def step_speed(model_name: str, block: int, batch: int, repeats: int = 6) -> dic
 
     import numpy as np
 
-    from domainlm.data import BlockDataset, tokenize_documents
-    from domainlm.loss import CausalLMLoss
-    from domainlm.models import load_model
+    from domainlm.data.blocks import BlockDataset
+    from domainlm.data.tokens import tokenize_documents
+    from domainlm.model.loading import load_model
+    from domainlm.model.loss import CausalLMLoss
 
     loaded = load_model(model_name)
     stream = tokenize_documents(corpus(2000, 0), loaded.tokenizer, loaded.eos_id, np.uint16)

@@ -31,9 +31,9 @@ from pathlib import Path
 CHILD = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
-from domainlm.data import load_token_stream
-from domainlm.lint import lint_corpus
-from domainlm.models import gpt2_tokenizer, tokenizer_fingerprint
+from domainlm.data.tokens import load_token_stream
+from domainlm.data.lint import lint_corpus
+from domainlm.model.loading import gpt2_tokenizer, tokenizer_fingerprint
 tok = gpt2_tokenizer()
 t1 = time.perf_counter()
 cached = load_token_stream(sys.argv[1], tok, 50256, tokenizer_fingerprint(tok, 50256), sys.argv[2])
@@ -90,8 +90,8 @@ def run_child(corpus: Path, cache: Path) -> dict:
 
 
 def ours(corpus: Path) -> float:
-    from domainlm.corpus import tokenize_to_files
-    from domainlm.models import gpt2_tokenizer
+    from domainlm.data.corpus import tokenize_to_files
+    from domainlm.model.loading import gpt2_tokenizer
 
     tok = gpt2_tokenizer()
     with tempfile.TemporaryDirectory() as tmp:
@@ -103,7 +103,7 @@ def ours(corpus: Path) -> float:
 def hf_datasets(corpus: Path) -> float:
     from datasets import load_dataset
 
-    from domainlm.models import gpt2_tokenizer
+    from domainlm.model.loading import gpt2_tokenizer
 
     tok = gpt2_tokenizer()
     with tempfile.TemporaryDirectory() as tmp:

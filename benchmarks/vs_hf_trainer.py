@@ -252,12 +252,12 @@ def run_domainlm_eval(args: argparse.Namespace) -> None:
     """Evaluation only, from the init model: times domainlm's windowed stream_nll."""
     import torch
 
-    from domainlm.data import load_token_stream
-    from domainlm.evaluate import stream_nll
-    from domainlm.fastpath import use_fast_kernels
-    from domainlm.loss import CausalLMLoss
-    from domainlm.malloc import reuse_freed_host_memory
-    from domainlm.models import load_model, tokenizer_fingerprint
+    from domainlm.data.tokens import load_token_stream
+    from domainlm.evaluation.windows import stream_nll
+    from domainlm.model.fastpath import use_fast_kernels
+    from domainlm.model.loading import load_model, tokenizer_fingerprint
+    from domainlm.model.loss import CausalLMLoss
+    from domainlm.model.malloc import reuse_freed_host_memory
 
     reuse_freed_host_memory()  # as the domainlm command does
     out = Path(args.output_dir)
@@ -374,7 +374,7 @@ def one_run(args: argparse.Namespace, tool: str, precision: str, index: int) -> 
 
 def prepare(args: argparse.Namespace) -> None:
     from domainlm.demo import stdlib_docstrings
-    from domainlm.models import save_scratch_folder
+    from domainlm.model.loading import save_scratch_folder
 
     args.work_dir.mkdir(parents=True, exist_ok=True)
     overrides = {} if args.n_layer is None else {"n_layer": args.n_layer}

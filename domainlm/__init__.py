@@ -8,9 +8,9 @@ The command line is a thin layer over these functions:
 
 from domainlm.config import TrainConfig
 from domainlm.errors import UserError
-from domainlm.models import load_model
-from domainlm.perplexity import PerplexityConfig, PerplexityReport, evaluate_perplexity
-from domainlm.train import TrainResult, train
+from domainlm.evaluation.perplexity import PerplexityConfig, PerplexityReport, evaluate_perplexity
+from domainlm.model.loading import load_model
+from domainlm.run.train import TrainResult, train
 
 __all__ = [
     "PerplexityConfig",

@@ -18,7 +18,7 @@ from typing import Any
 
 from domainlm.config import TrainConfig
 from domainlm.errors import TrainingAborted, UserError
-from domainlm.malloc import reuse_freed_host_memory
+from domainlm.model.malloc import reuse_freed_host_memory
 
 # run_clm.py / HF TrainingArguments spelling -> TrainConfig field.
 SEED_ALIASES: dict[str, str] = {
@@ -151,7 +151,7 @@ def load_yaml_options(path: Path) -> dict[str, Any]:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from domainlm.train import train
+    from domainlm.run.train import train
 
     local_rank = getattr(args, "local_rank", None)
     if local_rank is None:
@@ -180,7 +180,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 def _add_perplexity_parser(sub: Any) -> None:
     """`domainlm perplexity`: flags from PerplexityConfig's fields; --model is repeatable."""
-    from domainlm.perplexity import PerplexityConfig
+    from domainlm.evaluation.perplexity import PerplexityConfig
 
     p = sub.add_parser(
         "perplexity",
@@ -195,8 +195,8 @@ def _add_perplexity_parser(sub: Any) -> None:
 
 
 def _run_perplexity(args: argparse.Namespace) -> int:
-    from domainlm.distributed import context_from_env
-    from domainlm.perplexity import PerplexityConfig, evaluate_perplexity, render
+    from domainlm.evaluation.perplexity import PerplexityConfig, evaluate_perplexity, render
+    from domainlm.model.distributed import context_from_env
 
     names = {f.name for f in dataclasses.fields(PerplexityConfig)}
     config = PerplexityConfig(**{k: v for k, v in vars(args).items() if k in names})
@@ -208,7 +208,7 @@ def _run_perplexity(args: argparse.Namespace) -> int:
 
 def _add_generate_parser(sub: Any) -> None:
     """`domainlm generate`: flags from GenerateConfig's fields, plus a repeatable --prompt."""
-    from domainlm.generate import GenerateConfig
+    from domainlm.text.generate import GenerateConfig
 
     p = sub.add_parser(
         "generate",
@@ -225,7 +225,7 @@ def _add_generate_parser(sub: Any) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    from domainlm.generate import GenerateConfig, run_generate
+    from domainlm.text.generate import GenerateConfig, run_generate
 
     names = {f.name for f in dataclasses.fields(GenerateConfig)}
     run_generate(GenerateConfig(**{k: v for k, v in vars(args).items() if k in names}))
@@ -247,7 +247,7 @@ def _add_report_parser(sub: Any) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from domainlm.report import run_report
+    from domainlm.run.report import run_report
 
     run_report([Path(r) for r in args.runs], Path(args.output) if args.output else None)
     return 0
@@ -303,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, dispatch, and turn user errors into one line and exit code 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    reuse_freed_host_memory()  # fewer page faults per step (domainlm/malloc.py)
+    reuse_freed_host_memory()  # fewer page faults per step (domainlm/model/malloc.py)
     try:
         return int(args.handler(args) or 0)
     except UserError as exc:

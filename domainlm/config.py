@@ -27,7 +27,7 @@ def opt(default: Any, help: str, **extra: Any) -> Any:
 
 @dataclass
 class TrainConfig:
-    """Everything `domainlm train` needs. `domainlm.train(TrainConfig(...))` runs it."""
+    """Everything `domainlm train` needs. `domainlm.run.train(TrainConfig(...))` runs it."""
 
     model: str = opt(
         None,

@@ -70,7 +70,7 @@ def write_demo_corpus(folder: Path, seed: int = 0) -> tuple[Path, Path]:
 
 
 def run_demo(output_dir: Path, max_steps: int | None = None, model: str = "scratch:mini") -> None:
-    from domainlm.train import train
+    from domainlm.run.train import train
 
     train_file, valid_file = write_demo_corpus(output_dir / "data")
     print(f"demo corpus: Python standard library docstrings -> {train_file}, {valid_file}")
@@ -100,7 +100,7 @@ def run_demo(output_dir: Path, max_steps: int | None = None, model: str = "scrat
         f"{result.final_perplexity:.1f} after {result.steps} steps"
     )
     try:
-        from domainlm.generate import GenerateConfig, generate_texts
+        from domainlm.text.generate import GenerateConfig, generate_texts
 
         prompt = "Return the number of"
         sample = generate_texts(

@@ -1,7 +1,7 @@
 """`domainlm inspect`: what a training run would see, before it runs.
 
 Counts (documents, characters, tokens, tokens per document, blocks, steps, padding), the data
-lint (domainlm/lint.py), a time estimate from timing a few real optimizer steps of the chosen
+lint (domainlm/data/lint.py), a time estimate from timing a few real optimizer steps of the chosen
 model on this machine, and a peak-memory estimate by rule:
 
     weights 4 B/param (fp32) + gradients 4 B/param + AdamW moments 8 B/param
@@ -21,10 +21,11 @@ from typing import Any
 import numpy as np
 
 from domainlm.config import DOC_SEPARATORS, PACKING_MODES
-from domainlm.data import BlockDataset, TokenStream, load_token_stream, split_documents
+from domainlm.data.blocks import BlockDataset, split_documents
+from domainlm.data.lint import count_long_documents, lint_corpus
+from domainlm.data.tokens import TokenStream, load_token_stream
 from domainlm.errors import UserError
-from domainlm.lint import count_long_documents, lint_corpus
-from domainlm.models import load_model, special_token_texts, tokenizer_fingerprint
+from domainlm.model.loading import load_model, special_token_texts, tokenizer_fingerprint
 
 
 def opt(default: Any, help: str, **extra: Any) -> Any:
@@ -113,8 +114,8 @@ def time_steps(model: Any, batch: int, block: int, steps: int) -> float:
     """Median seconds of one micro-batch forward+backward+AdamW step (random tokens, on CPU/GPU)."""
     import torch
 
-    from domainlm.device import pick_device
-    from domainlm.loss import CausalLMLoss
+    from domainlm.model.device import pick_device
+    from domainlm.model.loss import CausalLMLoss
 
     device = pick_device(None)
     model = model.to(device).train()

@@ -1,7 +1,7 @@
 """Shared fixtures: tiny GPT-2 models built locally (no hub), small corpora, an isolated cache.
 
 The tests compute on the CPU, also on a machine with GPUs: `DOMAINLM_DEVICE=cpu` is set here, before
-any test runs, and it is the default of `--device` (domainlm/device.py `device_choice`) for
+any test runs, and it is the default of `--device` (domainlm/model/device.py `device_choice`) for
 `train`, `perplexity`, `generate` and `inspect`, in this process and in every subprocess and
 torchrun rank the tests start (they inherit os.environ). One line instead of `--device cpu` in every
 command; a test that wants the GPU says `--device cuda` (tests/test_cuda.py), which overrides it.
@@ -34,7 +34,7 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """scratch:tiny saved as a Hugging Face folder, dropout off (deterministic forward passes)."""
-    from domainlm.models import save_scratch_folder
+    from domainlm.model.loading import save_scratch_folder
 
     folder = tmp_path_factory.mktemp("tiny-model")
     return save_scratch_folder(

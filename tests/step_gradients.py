@@ -14,17 +14,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from domainlm.data import BlockDataset, epoch_order, read_documents, tokenize_documents
-from domainlm.distributed import (
+from domainlm.data.blocks import BlockDataset, epoch_order
+from domainlm.data.tokens import read_documents, tokenize_documents
+from domainlm.model.distributed import (
     context_from_env,
     setup_distributed,
     teardown_distributed,
     wrap_model,
 )
-from domainlm.fastpath import use_fast_kernels
-from domainlm.loss import CausalLMLoss
-from domainlm.models import load_model
-from domainlm.train import accumulate_gradients
+from domainlm.model.fastpath import use_fast_kernels
+from domainlm.model.loading import load_model
+from domainlm.model.loss import CausalLMLoss
+from domainlm.run.train import accumulate_gradients
 
 BLOCK_SIZE, BATCH_SIZE, GLOBAL_BLOCKS, SEED, STEP = 32, 2, 4, 42, 3
 

@@ -87,7 +87,7 @@ def test_binary_file(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
 def test_invalid_utf8_names_lines_and_replace_goes_on(
     tiny_model_dir: Path, tmp_path: Path, capsys
 ) -> None:
-    from domainlm.data import read_documents
+    from domainlm.data.tokens import read_documents
 
     train = tmp_path / "train.txt"
     train.write_bytes(b"fine line\nbad \xff\xfe line\nok\nalso bad \xc3\n")
@@ -189,8 +189,9 @@ def test_ten_megabyte_single_line(tiny_model_dir: Path, tmp_path: Path) -> None:
 
 
 def check_long_line(tiny_model_dir: Path, tmp_path: Path, size: int) -> None:
-    from domainlm.data import BlockDataset, load_token_stream
-    from domainlm.models import load_model, tokenizer_fingerprint
+    from domainlm.data.blocks import BlockDataset
+    from domainlm.data.tokens import load_token_stream
+    from domainlm.model.loading import load_model, tokenizer_fingerprint
 
     words = np.random.default_rng(0).choice(["alpha", "beta", "gamma", "delta"], size // 5)
     train = tmp_path / "long.txt"
@@ -208,9 +209,9 @@ def test_same_train_and_validation_file_warns_of_leakage(
     tiny_model_dir: Path, corpus: Path, tmp_path: Path, capsys
 ) -> None:
     from domainlm.config import TrainConfig
-    from domainlm.metrics import Console
-    from domainlm.models import load_model, tokenizer_fingerprint
-    from domainlm.train import load_streams
+    from domainlm.model.loading import load_model, tokenizer_fingerprint
+    from domainlm.run.metrics import Console
+    from domainlm.run.train import load_streams
 
     train = str(corpus / "train.txt")
     config = TrainConfig(

@@ -1,4 +1,4 @@
-"""Streamed tokenization (domainlm/corpus.py): same tokens as the in-memory path, any chunk size."""
+"""Streamed tokenization (domainlm/data/corpus.py): same tokens as the in-memory path, any chunk size."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from conftest import uneven_corpus
 
-from domainlm.corpus import corpus_fingerprint
-from domainlm.data import load_token_stream, read_documents, tokenize_documents
+from domainlm.data.corpus import corpus_fingerprint
+from domainlm.data.tokens import load_token_stream, read_documents, tokenize_documents
 from domainlm.errors import UserError
-from domainlm.models import gpt2_tokenizer, tokenizer_fingerprint
+from domainlm.model.loading import gpt2_tokenizer, tokenizer_fingerprint
 
 EOS = 50256
 
@@ -52,7 +52,7 @@ def slow_reference(path, doc_sep: str) -> tuple[list[int], list[int]]:
 @pytest.mark.parametrize("doc_sep", ["line", "blank"])
 @pytest.mark.parametrize("chunk", [37, 1 << 20])
 def test_streamed_tokens_equal_a_slow_reference(tmp_path, monkeypatch, doc_sep, chunk):
-    monkeypatch.setattr("domainlm.corpus.CHUNK_BYTES", chunk)
+    monkeypatch.setattr("domainlm.data.corpus.CHUNK_BYTES", chunk)
     lines = uneven_corpus(80, seed=6)
     lines[5:7] = ["", "   "]  # blank lines: separators under --doc-sep blank
     lines[20] = "é 日本語 \t tabs"
@@ -73,7 +73,7 @@ def test_streamed_tokens_equal_a_slow_reference(tmp_path, monkeypatch, doc_sep, 
 
 
 def test_errors_name_the_right_line_in_a_later_chunk(tmp_path, monkeypatch):
-    monkeypatch.setattr("domainlm.corpus.CHUNK_BYTES", 50)
+    monkeypatch.setattr("domainlm.data.corpus.CHUNK_BYTES", 50)
     rows = [json.dumps({"text": t}) for t in uneven_corpus(30)]
     rows[24] = "{not json"
     path = tmp_path / "t.jsonl"
@@ -89,7 +89,7 @@ def test_errors_name_the_right_line_in_a_later_chunk(tmp_path, monkeypatch):
 
 
 def test_sampled_fingerprint_of_large_files_sees_size_and_mtime(tmp_path, monkeypatch):
-    monkeypatch.setattr("domainlm.corpus.FULL_HASH_BYTES", 100)
+    monkeypatch.setattr("domainlm.data.corpus.FULL_HASH_BYTES", 100)
     path = tmp_path / "big.txt"
     path.write_text("\n".join(uneven_corpus(200)) + "\n")
     first = corpus_fingerprint(path)

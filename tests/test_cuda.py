@@ -34,7 +34,7 @@ from conftest import uneven_corpus, write_lines
 from safetensors.torch import load_file
 
 from domainlm.cli import main as cli_main
-from domainlm.metrics import read_events
+from domainlm.run.metrics import read_events
 
 pytestmark = [
     pytest.mark.cuda,
@@ -164,7 +164,7 @@ def test_mixed_precision_training_on_the_gpu_learns(
 
 
 def test_gpu_perplexity_equals_cpu_fp32(trained_dir: Path, corpus: Path) -> None:
-    from domainlm.perplexity import PerplexityConfig, evaluate_perplexity
+    from domainlm.evaluation.perplexity import PerplexityConfig, evaluate_perplexity
 
     def ppl(device: str, precision: str) -> float:
         config = PerplexityConfig(
@@ -262,7 +262,7 @@ def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float =
 
 
 def test_greedy_generation_on_the_gpu_equals_the_cpu(trained_dir: Path) -> None:
-    from domainlm.generate import GenerateConfig, generate
+    from domainlm.text.generate import GenerateConfig, generate
 
     def tokens(device: str) -> list[list[int]]:
         config = GenerateConfig(
@@ -293,7 +293,7 @@ def torchrun(nproc: int, *args: str) -> list[str]:
 def test_fsdp_with_one_rank_finishes_and_saves_a_loadable_model(
     model_dir: Path, corpus: Path, tmp_path: Path
 ) -> None:
-    from domainlm.models import load_model
+    from domainlm.model.loading import load_model
 
     out = tmp_path / "out"
     args = train_args(model_dir, corpus, out, "--device", "cuda", "--strategy", "fsdp")

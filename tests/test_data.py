@@ -8,18 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from domainlm.data import (
+from domainlm.data.blocks import (
     IGNORE_INDEX,
     BlockDataset,
     epoch_order,
-    load_token_stream,
     micro_batch_indices,
-    read_documents,
     split_documents,
-    tokenize_documents,
 )
+from domainlm.data.tokens import load_token_stream, read_documents, tokenize_documents
 from domainlm.errors import UserError
-from domainlm.models import gpt2_tokenizer, resolve_eos_id, tokenizer_fingerprint
+from domainlm.model.loading import gpt2_tokenizer, resolve_eos_id, tokenizer_fingerprint
 
 EOS = 50256
 
@@ -67,7 +65,7 @@ def test_stream_puts_eos_in_front_and_after_every_document(tokenizer) -> None:
 
 def test_exact_blocks_nothing_dropped_remainder_masked(tokenizer) -> None:
     tokens = np.array([EOS, 10, 11, 12, EOS, 20, 21, EOS], dtype=np.uint16)
-    from domainlm.data import TokenStream
+    from domainlm.data.tokens import TokenStream
 
     stream = TokenStream(tokens, np.array([1, 5, 8]))
     dataset = BlockDataset(stream, block_size=3)

@@ -13,12 +13,12 @@ import torch
 import torch.distributed as dist
 from conftest import uneven_corpus, write_lines
 
-from domainlm import device as device_mod
-from domainlm import distributed
 from domainlm.cli import main as cli_main
 from domainlm.config import TrainConfig
-from domainlm.device import DEVICE_ENV, distributed_backend, pick_device
 from domainlm.errors import UserError
+from domainlm.model import device as device_mod
+from domainlm.model import distributed
+from domainlm.model.device import DEVICE_ENV, distributed_backend, pick_device
 
 
 class FakeCuda:

@@ -36,18 +36,13 @@ from safetensors.torch import load_file
 from step_gradients import step_gradients
 
 from domainlm.config import TrainConfig
-from domainlm.data import (
-    IGNORE_INDEX,
-    BlockDataset,
-    epoch_order,
-    read_documents,
-    tokenize_documents,
-)
-from domainlm.distributed import DistContext, rank_lost, setup_distributed
+from domainlm.data.blocks import IGNORE_INDEX, BlockDataset, epoch_order
+from domainlm.data.tokens import read_documents, tokenize_documents
 from domainlm.errors import TrainingAborted
-from domainlm.metrics import read_events
-from domainlm.models import gpt2_tokenizer, save_scratch_folder
-from domainlm.train import train
+from domainlm.model.distributed import DistContext, rank_lost, setup_distributed
+from domainlm.model.loading import gpt2_tokenizer, save_scratch_folder
+from domainlm.run.metrics import read_events
+from domainlm.run.train import train
 
 STEPS = 4
 RUN_FLAGS = [

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-import domainlm.fastpath as fastpath
-from domainlm.fastpath import (
+import domainlm.model.fastpath as fastpath
+from domainlm.model.fastpath import (
     ATTENTION_NAME,
     FastDropout,
     TanhGELU,
@@ -19,7 +19,7 @@ from domainlm.fastpath import (
     sdpa_unless_cpu_dropout,
     use_fast_kernels,
 )
-from domainlm.models import build_scratch_model
+from domainlm.model.loading import build_scratch_model
 
 
 def tiny_gpt2(**dropouts: float) -> torch.nn.Module:

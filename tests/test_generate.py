@@ -12,18 +12,18 @@ import torch
 from conftest import uneven_corpus, write_lines
 
 from domainlm.cli import main
-from domainlm.data import load_token_stream
+from domainlm.data.tokens import load_token_stream
 from domainlm.errors import UserError
-from domainlm.generate import (
+from domainlm.model.loading import load_model, tokenizer_fingerprint
+from domainlm.text.generate import (
     GenerateConfig,
     MemorizationChecker,
     TextPrinter,
     generate_samples,
     generate_texts,
 )
-from domainlm.memorize import NGRAM, NgramIndex, source_line
-from domainlm.models import load_model, tokenizer_fingerprint
-from domainlm.sampling import SamplingSettings, sample_batch
+from domainlm.text.memorize import NGRAM, NgramIndex, source_line
+from domainlm.text.sampling import SamplingSettings, sample_batch
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +218,7 @@ def test_memorization_finds_a_planted_span(tiny, tmp_path: Path, isolated_cache:
 
 def test_memorization_index_matches_a_brute_force_search() -> None:
     """Longest common substring by brute force on a small random stream with repeats."""
-    from domainlm.data import TokenStream
+    from domainlm.data.tokens import TokenStream
 
     rng = np.random.default_rng(1)
     tokens = rng.integers(0, 6, size=3000).astype(np.uint16)  # small alphabet: many repeats
@@ -280,7 +280,7 @@ def test_sampling_with_dropout_leaves_the_rng_and_train_mode_alone(tmp_path: Pat
     of eval mode, the model is back in train mode, and the global RNG (dropout masks) is where it
     was. The training run itself is checked in test_report (same losses with and without samples);
     this catches a sampler that draws from the global RNG even when training reseeds every step."""
-    from domainlm.models import save_scratch_folder
+    from domainlm.model.loading import save_scratch_folder
 
     loaded = load_model(str(save_scratch_folder("tiny", tmp_path / "model", seed=0)))
     model = loaded.model
@@ -334,7 +334,7 @@ def sentencepiece_llama_tokenizer(folder: Path):  # type: ignore[no-untyped-def]
 
 def test_continuation_keeps_its_leading_space_with_sentencepiece(tmp_path: Path) -> None:
     """Issue 12 item 10: decoded alone, "▁sat" loses its space ("the catsat")."""
-    from domainlm.models import build_scratch_model
+    from domainlm.model.loading import build_scratch_model
 
     tokenizer = sentencepiece_llama_tokenizer(tmp_path)
     sat = tokenizer.convert_tokens_to_ids("▁sat")

@@ -11,7 +11,7 @@ from conftest import uneven_corpus, write_lines
 from domainlm.cli import main
 from domainlm.errors import UserError
 from domainlm.inspect_data import InspectConfig, inspect_data
-from domainlm.models import gpt2_tokenizer, load_model
+from domainlm.model.loading import gpt2_tokenizer, load_model
 
 BLOCK = 32
 

@@ -9,9 +9,9 @@ import pytest
 from conftest import uneven_corpus, write_lines
 
 from domainlm.config import TrainConfig
+from domainlm.data.lint import check_training_data, count_long_documents, lint_corpus
 from domainlm.errors import UserError
-from domainlm.lint import check_training_data, count_long_documents, lint_corpus
-from domainlm.metrics import Console
+from domainlm.run.metrics import Console
 
 
 def _messy(tmp_path: Path) -> Path:
@@ -84,13 +84,13 @@ def test_chunked_scan_matches_one_chunk(tmp_path, monkeypatch):
     """Line numbers and counts do not depend on where the reader cuts its chunks."""
     path = _messy(tmp_path)
     whole = lint_corpus(path, cache_dir=tmp_path / "a").train
-    monkeypatch.setattr("domainlm.corpus.CHUNK_BYTES", 64)
+    monkeypatch.setattr("domainlm.data.corpus.CHUNK_BYTES", 64)
     chunked = lint_corpus(path, cache_dir=tmp_path / "b").train
     assert chunked == whole
 
 
 def test_strict_training_refuses_before_writing(tmp_path):
-    from domainlm.data import TokenStream
+    from domainlm.data.tokens import TokenStream
 
     train = _messy(tmp_path)
     out = tmp_path / "run"

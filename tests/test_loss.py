@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import domainlm.loss
-from domainlm.data import IGNORE_INDEX
-from domainlm.loss import CausalLMLoss, _nll_and_softmax, chunked_nll_sums, linear_head
-from domainlm.models import build_scratch_model
+import domainlm.model.loss
+from domainlm.data.blocks import IGNORE_INDEX
+from domainlm.model.loading import build_scratch_model
+from domainlm.model.loss import CausalLMLoss, _nll_and_softmax, chunked_nll_sums, linear_head
 
 
 def reference_row_sums(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor):
@@ -83,7 +83,7 @@ def test_gradients_formed_over_several_groups_equal_full_logits(
 ) -> None:
     """The head's gradients are built one group of positions at a time (GRAD_GROUP_TOKENS, 2,048
     normally); groups of 10 with chunks of 7 inside them must give the same gradients."""
-    monkeypatch.setattr(domainlm.loss, "GRAD_GROUP_TOKENS", 10)
+    monkeypatch.setattr(domainlm.model.loss, "GRAD_GROUP_TOKENS", 10)
     model = tiny_gpt2()
     inputs, targets = batch(seed=5)
     reference_row_sums(model, inputs, targets).sum().backward()
@@ -178,7 +178,7 @@ def test_padded_vocabulary_equals_full_logits(
     reference's values and gradients: the padding logits are -inf, and the gradient of the
     model's own 50,257-row weight keeps its shape."""
     if groups:
-        monkeypatch.setattr(domainlm.loss, "GRAD_GROUP_TOKENS", 10)
+        monkeypatch.setattr(domainlm.model.loss, "GRAD_GROUP_TOKENS", 10)
     model = tiny_gpt2()
     inputs, targets = batch(seed=7)
     expected = reference_row_sums(model, inputs, targets)
@@ -220,10 +220,10 @@ def test_padded_vocabulary_with_bias_matches_linear_reference() -> None:
 
 def test_chunk_size_by_device() -> None:
     """256 positions per chunk on the CPU; on a GPU about 2^27 logits a chunk, whole 256s."""
-    assert domainlm.loss.chunk_tokens_for(torch.device("cpu"), 50257) == 256
-    gpu = domainlm.loss.chunk_tokens_for(torch.device("cuda", 0), 50304)
+    assert domainlm.model.loss.chunk_tokens_for(torch.device("cpu"), 50257) == 256
+    gpu = domainlm.model.loss.chunk_tokens_for(torch.device("cuda", 0), 50304)
     assert gpu == 2560 and gpu * 50304 <= 2**27
-    assert domainlm.loss.chunk_tokens_for(torch.device("cuda", 0), 10**9) == 256
+    assert domainlm.model.loss.chunk_tokens_for(torch.device("cuda", 0), 10**9) == 256
 
 
 def test_fused_kernel_math_equals_float64_reference() -> None:
@@ -235,7 +235,7 @@ def test_fused_kernel_math_equals_float64_reference() -> None:
     logits[:, vocab:] = 7.0  # padding columns hold anything; they must not count
     targets = torch.randint(0, vocab, (6,), generator=g)
     targets[4] = IGNORE_INDEX
-    nll, grad = domainlm.loss.fused_nll_and_grad(logits, targets, vocab)
+    nll, grad = domainlm.model.loss.fused_nll_and_grad(logits, targets, vocab)
     log_probs = torch.log_softmax(logits[:, :vocab].double(), dim=1)
     expected = -log_probs.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
     expected[4] = 0.0
@@ -252,7 +252,7 @@ def test_fused_path_equals_full_logits(monkeypatch: pytest.MonkeyPatch) -> None:
     """The training path a GPU takes (fused kernel, padded head, one group per chunk), run on
     the CPU with the kernel uncompiled: values and gradients equal the reference."""
     monkeypatch.setattr(
-        domainlm.loss, "_fused_kernel", lambda device: domainlm.loss.fused_nll_and_grad
+        domainlm.model.loss, "_fused_kernel", lambda device: domainlm.model.loss.fused_nll_and_grad
     )
     model = tiny_gpt2()
     inputs, targets = batch(seed=10)
@@ -283,15 +283,15 @@ def test_fused_kernel_compiler_failure_falls_back_once_and_oom_propagates(
 
         return run
 
-    monkeypatch.setattr(domainlm.loss, "_FUSED", {})
+    monkeypatch.setattr(domainlm.model.loss, "_FUSED", {})
     monkeypatch.setattr(torch, "compile", failing_compile)
-    kernel = domainlm.loss._fused_kernel(cuda)
+    kernel = domainlm.model.loss._fused_kernel(cuda)
     with pytest.warns(UserWarning, match="no Triton here"):
         nll, grad = kernel(logits, targets, 60)
-    expected = domainlm.loss.fused_nll_and_grad(logits, targets, 60)
+    expected = domainlm.model.loss.fused_nll_and_grad(logits, targets, 60)
     torch.testing.assert_close(nll, expected[0])
     torch.testing.assert_close(grad, expected[1])
-    assert domainlm.loss._fused_kernel(cuda) is None
+    assert domainlm.model.loss._fused_kernel(cuda) is None
 
     def oom_compile(fn, **kwargs):  # type: ignore[no-untyped-def]
         def run(*args):  # type: ignore[no-untyped-def]
@@ -299,11 +299,11 @@ def test_fused_kernel_compiler_failure_falls_back_once_and_oom_propagates(
 
         return run
 
-    monkeypatch.setattr(domainlm.loss, "_FUSED", {})
+    monkeypatch.setattr(domainlm.model.loss, "_FUSED", {})
     monkeypatch.setattr(torch, "compile", oom_compile)
     with pytest.raises(torch.OutOfMemoryError):
-        domainlm.loss._fused_kernel(cuda)(logits, targets, 60)
-    assert domainlm.loss._fused_kernel(cuda) is not None
+        domainlm.model.loss._fused_kernel(cuda)(logits, targets, 60)
+    assert domainlm.model.loss._fused_kernel(cuda) is not None
 
 
 def wide_head_case(seed: int = 7) -> tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]:
@@ -337,7 +337,7 @@ def head_case_gradients(
     hidden = hidden.clone().requires_grad_(True)
     scale = 2.0**16 / int((targets != IGNORE_INDEX).sum())
     if dtype is None:
-        nll = domainlm.loss.token_nll_sums(head(hidden), targets)
+        nll = domainlm.model.loss.token_nll_sums(head(hidden), targets)
     else:
         with torch.autocast("cpu", dtype=dtype):
             nll = chunked_nll_sums(hidden, head, targets, 8, vocab_multiple)

@@ -12,7 +12,7 @@ import pytest
 SNIPPET = """
 import json, resource, sys
 import torch
-from domainlm.malloc import reuse_freed_host_memory
+from domainlm.model.malloc import reuse_freed_host_memory
 applied = reuse_freed_host_memory()
 def faults_for_a_fresh_block():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from conftest import uneven_corpus, write_lines
 
-from domainlm import checkpoint as ckpt
 from domainlm.cli import main as cli_main
 from domainlm.errors import UserError
+from domainlm.run import checkpoint as ckpt
 
 
 @pytest.fixture
@@ -127,10 +127,10 @@ def test_a_listed_symlink_is_not_followed(tmp_path: Path) -> None:
 def test_only_rank_zero_removes_and_every_rank_waits(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from domainlm import distributed
     from domainlm.config import TrainConfig
-    from domainlm.metrics import Console
-    from domainlm.train import decide_resume
+    from domainlm.model import distributed
+    from domainlm.run.metrics import Console
+    from domainlm.run.train import decide_resume
 
     out = tmp_path / "model"
     out.mkdir()

@@ -9,11 +9,12 @@ import pytest
 import torch
 from conftest import uneven_corpus
 
-from domainlm.data import BlockDataset, TokenStream, tokenize_documents
+from domainlm.data.blocks import BlockDataset
+from domainlm.data.packing import check_packing_support, segment_positions
+from domainlm.data.tokens import TokenStream, tokenize_documents
 from domainlm.errors import UserError
-from domainlm.loss import CausalLMLoss
-from domainlm.models import gpt2_tokenizer, load_model
-from domainlm.packing import check_packing_support, segment_positions
+from domainlm.model.loading import gpt2_tokenizer, load_model
+from domainlm.model.loss import CausalLMLoss
 
 EOS = 50256
 BLOCK = 64
@@ -129,7 +130,7 @@ def test_training_runs_under_docs_packing(tmp_path, tiny_model_dir):
     from conftest import write_lines
 
     from domainlm.config import TrainConfig
-    from domainlm.train import train
+    from domainlm.run.train import train
 
     docs = uneven_corpus(40, seed=8)
     result = train(
@@ -155,10 +156,10 @@ def test_training_forward_with_dropout_on_cpu_isolates_packed_documents(monkeypa
     formula (`sdpa_unless_cpu_dropout`, with the packed block-diagonal mask). With the dropout
     itself made the identity, each packed document's loss, computed with gradients as training
     does, must equal the document scored alone in evaluation mode (plain sdpa, no dropout)."""
-    from domainlm import fastpath
-    from domainlm.data import IGNORE_INDEX
-    from domainlm.fastpath import use_fast_kernels
-    from domainlm.models import build_scratch_model
+    from domainlm.data.blocks import IGNORE_INDEX
+    from domainlm.model import fastpath
+    from domainlm.model.fastpath import use_fast_kernels
+    from domainlm.model.loading import build_scratch_model
 
     model = build_scratch_model("tiny", seed=0)  # GPT-2's dropout: 0.1 everywhere
     assert model.config.attn_pdrop == 0.1

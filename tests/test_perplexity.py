@@ -21,7 +21,7 @@ import torch
 from conftest import uneven_corpus, write_lines
 
 from domainlm.cli import main
-from domainlm.perplexity import PerplexityConfig, evaluate_perplexity
+from domainlm.evaluation.perplexity import PerplexityConfig, evaluate_perplexity
 
 L = 32  # window length used by most tests (the tiny model's context is 256)
 
@@ -190,7 +190,7 @@ def test_bits_per_byte_and_per_char(tiny_model_dir, hf):
 
 @pytest.fixture(scope="module")
 def second_model_dir(tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
-    from domainlm.models import save_scratch_folder
+    from domainlm.model.loading import save_scratch_folder
 
     folder = tmp_path_factory.mktemp("tiny-model-2")
     return save_scratch_folder(

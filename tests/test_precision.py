@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from domainlm.device import resolve_precision
 from domainlm.errors import UserError
+from domainlm.model.device import resolve_precision
 
 GPU = torch.device("cuda", 0)
 

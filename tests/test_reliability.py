@@ -23,10 +23,10 @@ import torch
 from conftest import uneven_corpus, write_lines
 from safetensors.torch import load_file
 
-from domainlm import checkpoint as ckpt
 from domainlm.cli import main as cli_main
-from domainlm.lock import LOCK_FILE, RunLock, pid_alive
-from domainlm.metrics import read_events
+from domainlm.run import checkpoint as ckpt
+from domainlm.run.lock import LOCK_FILE, RunLock, pid_alive
+from domainlm.run.metrics import read_events
 
 MAX_STEPS = 9  # 8 steps per epoch: the runs cross an epoch boundary
 
@@ -426,7 +426,7 @@ def test_corrupted_or_unmarked_checkpoint_is_skipped_for_the_previous(
 def test_rotation_deletes_only_after_the_new_checkpoint_is_complete(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from domainlm.models import load_model
+    from domainlm.model.loading import load_model
 
     loaded = load_model(str(tiny_model_dir))
     out = tmp_path / "out"

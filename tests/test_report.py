@@ -13,17 +13,10 @@ import yaml
 from conftest import uneven_corpus, write_lines
 
 from domainlm import TrainConfig, train
-from domainlm.checkpoint import read_run_file, remove_owned_files
 from domainlm.cli import main
 from domainlm.errors import UserError
-from domainlm.report import (
-    CARD_MARKER,
-    PLOTS,
-    EventLoggers,
-    plot_runs,
-    read_run,
-    run_report,
-)
+from domainlm.run.checkpoint import read_run_file, remove_owned_files
+from domainlm.run.report import CARD_MARKER, PLOTS, EventLoggers, plot_runs, read_run, run_report
 
 PROMPTS = ["the cat", "a dog"]
 
@@ -35,7 +28,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     The model has dropout on (GPT-2's 0.1): a sampler that left the model in eval mode, or that
     drew from the training's RNG, would change the losses after its first sample.
     """
-    from domainlm.models import save_scratch_folder
+    from domainlm.model.loading import save_scratch_folder
 
     base = tmp_path_factory.mktemp("report-runs")
     model_dir = save_scratch_folder("tiny", base / "model", seed=0)

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from conftest import uneven_corpus, write_lines
 
-from domainlm import TrainConfig, guard, train
+from domainlm import TrainConfig, train
 from domainlm.errors import TrainingAborted
-from domainlm.metrics import read_events
+from domainlm.run import guard
+from domainlm.run.metrics import read_events
 
 
 @pytest.fixture
@@ -95,7 +96,7 @@ def test_resume_loads_the_checkpoint_with_trust_remote_code(
 ) -> None:
     out = tmp_path / "run"
     train(config(tiny_model_dir, corpus, out, max_steps=2, save_steps=2))
-    train_module = sys.modules["domainlm.train"]  # the module (domainlm.train is the function)
+    train_module = sys.modules["domainlm.run.train"]  # the module (domainlm.train: the function)
     calls: list[tuple[str, dict]] = []
     real_load = train_module.load_model
 

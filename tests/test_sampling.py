@@ -1,4 +1,4 @@
-"""top-k, top-p and the repetition penalty (domainlm/sampling.py) against plain-Python references.
+"""top-k, top-p and the repetition penalty (domainlm/text/sampling.py) against plain-Python references.
 
 Issue 12: "top-k, top-p and the repetition penalty are not tested at all". The references below
 work on Python lists of floats with `math.exp`, one token at a time, and share no code with the
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from domainlm.models import load_model
-from domainlm.sampling import SamplingSettings, filtered_logits, next_tokens, sample_batch
+from domainlm.model.loading import load_model
+from domainlm.text.sampling import SamplingSettings, filtered_logits, next_tokens, sample_batch
 
 
 def reference_probs(

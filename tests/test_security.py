@@ -79,7 +79,7 @@ def test_from_pretrained_models_use_safetensors_only() -> None:
 
 def test_pickled_weights_are_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
     """A folder whose weights are only a pickle (pytorch_model.bin) is not loaded."""
-    from domainlm.models import load_model
+    from domainlm.model.loading import load_model
 
     folder = tmp_path / "pickled"
     shutil.copytree(tiny_model_dir, folder)
@@ -93,8 +93,8 @@ def test_pickled_weights_are_refused(tiny_model_dir: Path, tmp_path: Path) -> No
 
 
 def test_checkpoint_files_are_safetensors_and_a_weights_only_state(tmp_path: Path) -> None:
-    from domainlm.checkpoint import STATE_FILE, load_training_state, save_checkpoint
-    from domainlm.models import build_scratch_model, gpt2_tokenizer
+    from domainlm.model.loading import build_scratch_model, gpt2_tokenizer
+    from domainlm.run.checkpoint import STATE_FILE, load_training_state, save_checkpoint
 
     model = build_scratch_model("tiny")
     path = save_checkpoint(tmp_path, 1, model, gpt2_tokenizer(), {"step": 1, "rng": torch.ones(2)})

@@ -17,13 +17,18 @@ import pytest
 from conftest import uneven_corpus, write_lines
 
 from domainlm.config import TrainConfig
-from domainlm.data import load_token_stream
+from domainlm.data.lint import lint_corpus
+from domainlm.data.tokens import load_token_stream
 from domainlm.errors import UserError
+from domainlm.evaluation.perplexity import PerplexityConfig, evaluate_perplexity
 from domainlm.inspect_data import InspectConfig, inspect_data
-from domainlm.lint import lint_corpus
-from domainlm.metrics import Console
-from domainlm.models import gpt2_tokenizer, load_model, special_token_texts, tokenizer_fingerprint
-from domainlm.perplexity import PerplexityConfig, evaluate_perplexity
+from domainlm.model.loading import (
+    gpt2_tokenizer,
+    load_model,
+    special_token_texts,
+    tokenizer_fingerprint,
+)
+from domainlm.run.metrics import Console
 
 EOS = 50256
 SPECIAL = "<|endoftext|>"
@@ -54,7 +59,7 @@ def documents_of(tokens: np.ndarray, starts: np.ndarray) -> list[list[int]]:
 
 def capture_scored_tokens(monkeypatch: pytest.MonkeyPatch) -> list[np.ndarray]:
     """Record the token array that `domainlm perplexity` hands to the scorer."""
-    import domainlm.perplexity as perplexity
+    import domainlm.evaluation.perplexity as perplexity
 
     seen: list[np.ndarray] = []
     real = perplexity.stream_nll
@@ -71,7 +76,7 @@ def capture_scored_tokens(monkeypatch: pytest.MonkeyPatch) -> list[np.ndarray]:
 
 
 def test_special_token_text_is_encoded_as_text_in_training_and_validation(tmp_path):
-    from domainlm.train import load_streams
+    from domainlm.run.train import load_streams
 
     lines = special_lines()
     train = write_lines(tmp_path / "train.txt", lines)
@@ -136,7 +141,7 @@ def test_bert_style_sep_and_cls_text_stays_text():
     """BERT-style tokenizers end documents with SEP: the text `[SEP]` must not do so."""
     from transformers import BertTokenizer
 
-    from domainlm.data import tokenize_documents
+    from domainlm.data.tokens import tokenize_documents
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "我", "爱", "你", "[", "]", "sep", "cls"]
     bert = BertTokenizer(vocab={token: i for i, token in enumerate(vocab)})
@@ -170,7 +175,7 @@ def test_lint_reports_special_token_text_with_count_and_line(tmp_path, tiny_mode
                       time_steps=0)
     )  # fmt: skip
     assert any("special-token" in w and "line(s) 3, 6, 9" in w for w in found["warnings"])
-    from domainlm.train import train as run_train
+    from domainlm.run.train import train as run_train
 
     out = tmp_path / "run"
     config = TrainConfig(
@@ -219,7 +224,7 @@ def reference_documents(lines: list[str], doc_sep: str) -> list[tuple[int, str]]
 def test_perplexity_scores_exactly_the_training_stream(
     tmp_path, tiny_model_dir, monkeypatch, doc_sep
 ):
-    monkeypatch.setattr("domainlm.corpus.CHUNK_BYTES", 97)  # several chunks
+    monkeypatch.setattr("domainlm.data.corpus.CHUNK_BYTES", 97)  # several chunks
     path = tmp_path / "tricky.txt"
     lines = tricky_file(path)
     expected_docs = reference_documents(lines, doc_sep)

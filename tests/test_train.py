@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from domainlm import TrainConfig, train
 from domainlm.errors import UserError
-from domainlm.metrics import read_events
-from domainlm.schedule import learning_rate
+from domainlm.run.metrics import read_events
+from domainlm.run.schedule import learning_rate
 
 
 def reference_perplexity(model, tokens: np.ndarray, block: int, stride: int) -> tuple[float, int]:
@@ -81,7 +81,7 @@ def test_end_to_end_files_limit_loss_and_reload(
             tiny_model_dir, train_file, out, validation_file=str(valid_file), save_total_limit=2
         )
     )
-    from domainlm.report import PLOTS, tensorboard_enabled
+    from domainlm.run.report import PLOTS, tensorboard_enabled
 
     names = {p.name for p in out.iterdir()}
     expected = {
@@ -156,11 +156,12 @@ def test_grad_accumulation_gives_the_same_gradient(tiny_model_dir: Path, tmp_pat
     tokens of the whole window, not per micro-batch."""
     from transformers import AutoModelForCausalLM
 
-    from domainlm.data import BlockDataset, tokenize_documents
-    from domainlm.distributed import SINGLE
-    from domainlm.loss import CausalLMLoss
-    from domainlm.models import gpt2_tokenizer
-    from domainlm.train import accumulate_gradients
+    from domainlm.data.blocks import BlockDataset
+    from domainlm.data.tokens import tokenize_documents
+    from domainlm.model.distributed import SINGLE
+    from domainlm.model.loading import gpt2_tokenizer
+    from domainlm.model.loss import CausalLMLoss
+    from domainlm.run.train import accumulate_gradients
 
     stream = tokenize_documents(uneven_corpus(12, seed=5), gpt2_tokenizer(), 50256, np.uint16)
     dataset = BlockDataset(stream, block_size=16)

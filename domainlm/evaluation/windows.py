@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from domainlm.data import IGNORE_INDEX
-from domainlm.device import autocast
-from domainlm.distributed import SINGLE, DistContext, all_reduce_sum
+from domainlm.data.blocks import IGNORE_INDEX
 from domainlm.errors import UserError
+from domainlm.model.device import autocast
+from domainlm.model.distributed import SINGLE, DistContext, all_reduce_sum
 
 
 @dataclass(frozen=True)

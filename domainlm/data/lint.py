@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from domainlm.corpus import corpus_fingerprint, iter_chunks
-from domainlm.data import default_cache_dir, text_files
+from domainlm.data.corpus import corpus_fingerprint, iter_chunks, text_files
+from domainlm.data.tokens import default_cache_dir
 
 LINT_VERSION = "2"
 SHORT_LINE_CHARS = 10  # a non-empty line under this many characters is "very short"

@@ -9,7 +9,8 @@
   the RNG restored and the step retried. Under torchrun the ranks agree (`agree_on_oom`): an
   error on one rank makes every rank back off together, so no rank waits alone in a collective.
 
-Fault injection (for tests; documented in docs/reliability.md), read from the environment:
+Fault injection (for tests; documented in docs/reliability.md; the OOM ones live in
+model/faults.py, which the loss calls), read from the environment:
 - `DOMAINLM_INJECT_NAN_STEPS=3,4`: the loss of those steps (1-based, as in metrics.jsonl) is NaN.
 - `DOMAINLM_INJECT_OOM_ABOVE=N`: any forward pass on more than N rows raises OutOfMemoryError.
 - `DOMAINLM_INJECT_OOM_AFTER_BACKWARD=N`: a training micro-batch of more than N rows raises
@@ -39,9 +40,6 @@ from domainlm.errors import TrainingAborted
 T = TypeVar("T")
 
 NAN_STEPS_ENV = "DOMAINLM_INJECT_NAN_STEPS"
-OOM_ABOVE_ENV = "DOMAINLM_INJECT_OOM_ABOVE"
-OOM_AFTER_BACKWARD_ENV = "DOMAINLM_INJECT_OOM_AFTER_BACKWARD"
-OOM_RANK_ENV = "DOMAINLM_INJECT_OOM_RANK"
 STEP_DELAY_ENV = "DOMAINLM_INJECT_STEP_DELAY"
 
 # Exit codes: 128 + signal number for a signal stop (the shell convention), 3 for numerical faults.
@@ -96,7 +94,7 @@ def stop_agreed(stop: StopSignals, ctx: Any, device: torch.device) -> bool:
     """True when a stop was requested on any rank (all ranks then stop after the same step)."""
     if not ctx.enabled:
         return stop.requested
-    from domainlm.distributed import all_reduce_sum
+    from domainlm.model.distributed import all_reduce_sum
 
     (count,) = all_reduce_sum([float(stop.requested)], ctx, device)
     return count > 0
@@ -206,25 +204,6 @@ def step_delay() -> None:
 # ----------------------------------------------------------------------------- out of memory
 
 
-def _inject_oom(variable: str, rows: int) -> None:
-    limit = os.environ.get(variable)
-    rank = os.environ.get(OOM_RANK_ENV)
-    if rank and rank != os.environ.get("RANK", "0"):
-        return
-    if limit and rows > int(limit):
-        raise torch.OutOfMemoryError(f"injected by {variable}={limit}: micro-batch of {rows} rows")
-
-
-def maybe_inject_oom(rows: int) -> None:
-    """Fault injection: raise OutOfMemoryError for a forward pass on more rows than allowed."""
-    _inject_oom(OOM_ABOVE_ENV, rows)
-
-
-def maybe_inject_oom_after_backward(rows: int) -> None:
-    """Fault injection: raise OutOfMemoryError once a micro-batch's backward pass is done."""
-    _inject_oom(OOM_AFTER_BACKWARD_ENV, rows)
-
-
 def agree_on_oom(
     failed: torch.OutOfMemoryError | None, ctx: Any, device: torch.device, sharded: bool
 ) -> None:
@@ -246,7 +225,7 @@ def agree_on_oom(
                 f"batch on all ranks in step ({failed}); lower --batch-size and raise --grad-accum"
             ) from failed
         return
-    from domainlm.distributed import all_reduce_sum
+    from domainlm.model.distributed import all_reduce_sum
 
     (count,) = all_reduce_sum([float(failed is not None)], ctx, device)
     if failed is not None:

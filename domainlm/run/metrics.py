@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from domainlm.evaluate import NLLSum
+from domainlm.evaluation.windows import NLLSum
 
 
 class MetricsLog:

@@ -91,7 +91,7 @@ class GenerateConfig:
         check_device(self.device)
 
     def settings(self) -> Any:
-        from domainlm.sampling import SamplingSettings
+        from domainlm.text.sampling import SamplingSettings
 
         return SamplingSettings(
             temperature=self.temperature,
@@ -161,8 +161,8 @@ def generate_samples(
     """
     import torch
 
-    from domainlm.device import autocast
-    from domainlm.sampling import make_generator, sample_batch
+    from domainlm.model.device import autocast
+    from domainlm.text.sampling import make_generator, sample_batch
 
     device = next(model.parameters()).device
     rows = [(p, k) for p in prompts for k in range(num_samples)]
@@ -219,8 +219,8 @@ def decode_continuation(tokenizer: Any, prompt_ids: list[int], new_ids: list[int
 
 def generate(config: GenerateConfig, out: TextIO | None = None) -> list[Sample]:
     """Load the model, generate, optionally check memorization; print to `out` when given."""
-    from domainlm.device import pick_device, resolve_precision
-    from domainlm.models import load_model
+    from domainlm.model.device import pick_device, resolve_precision
+    from domainlm.model.loading import load_model
 
     prompts = read_prompts(config)
     loaded = load_model(
@@ -320,9 +320,10 @@ class MemorizationChecker:
     @classmethod
     def open(cls, config: GenerateConfig, loaded: Any) -> MemorizationChecker:
         """Tokenize (or read the cached tokens of) the training data; build or load its index."""
-        from domainlm.data import default_cache_dir, load_token_stream, text_files
-        from domainlm.memorize import NgramIndex
-        from domainlm.models import tokenizer_fingerprint
+        from domainlm.data.corpus import text_files
+        from domainlm.data.tokens import default_cache_dir, load_token_stream
+        from domainlm.model.loading import tokenizer_fingerprint
+        from domainlm.text.memorize import NgramIndex
 
         train_file, cache_dir = config.train_file, config.cache_dir
         doc_sep, errors = config.doc_sep, config.encoding_errors
@@ -361,7 +362,7 @@ class MemorizationChecker:
         span = self.index.longest_copy(tokens)
         if span is None:
             return {"copied_tokens": 0, "over_threshold": False}
-        from domainlm.memorize import source_line
+        from domainlm.text.memorize import source_line
 
         line_tokens = self.index.document_tokens(span.document)
         return {
@@ -378,7 +379,7 @@ class MemorizationChecker:
 
     def describe(self, result: dict[str, Any] | None) -> str:
         if not result or not result["copied_tokens"]:
-            from domainlm.memorize import NGRAM
+            from domainlm.text.memorize import NGRAM
 
             return f"memorization: no span of {NGRAM}+ tokens copied from the training data"
         where = self._where(result)
@@ -484,7 +485,7 @@ class TrainingSampler:
             return []
         import torch
 
-        from domainlm.sampling import SamplingSettings
+        from domainlm.text.sampling import SamplingSettings
 
         device = next(self.model.parameters()).device
         devices = [device.index or 0] if device.type == "cuda" else []

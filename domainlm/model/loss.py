@@ -23,8 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from domainlm.data import IGNORE_INDEX
-from domainlm.guard import maybe_inject_oom
+from domainlm.data.blocks import IGNORE_INDEX
+from domainlm.model.faults import maybe_inject_oom
 
 # Architectures whose logits are exactly `get_output_embeddings()(base_model(...)[0])`: no logit
 # scaling or soft-capping, no final projection outside the base model.
@@ -77,7 +77,7 @@ class CausalLMLoss(torch.nn.Module):
         targets: torch.Tensor,
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        maybe_inject_oom(input_ids.shape[0])  # fault injection for tests (domainlm/guard.py)
+        maybe_inject_oom(input_ids.shape[0])  # fault injection for tests (domainlm/model/faults.py)
         extra = {}
         if position_ids is not None:
             extra["position_ids"] = position_ids

@@ -9,8 +9,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from domainlm.device import check_local_ranks, distributed_backend
 from domainlm.errors import TrainingAborted
+from domainlm.model.device import check_local_ranks, distributed_backend
 
 # How long a rank waits for the others (joining, each collective) before the run stops.
 DEFAULT_TIMEOUT_S = 1800.0

@@ -38,6 +38,23 @@ FULL_HASH_BYTES = 64 << 20
 SAMPLES = 64
 SAMPLE_BYTES = 64 << 10
 PROGRESS_MIN_BYTES = 32 << 20
+TEXT_SUFFIXES = (".txt", ".jsonl", ".text")
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def text_files(path: str | os.PathLike) -> list[Path]:
+    """The files behind a --train-file/--validation-file argument: the file, or a folder's texts."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{path}: no such file or folder")
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
+        if not files:
+            raise UserError(f"{path}: the folder holds no .txt or .jsonl files")
+        return files
+    return [p]
 
 
 # ----------------------------------------------------------------------------- cache key
@@ -45,8 +62,6 @@ PROGRESS_MIN_BYTES = 32 << 20
 
 def corpus_fingerprint(path: str | os.PathLike) -> str:
     """A hash of a file or folder's text files that is fast for gigabytes (see module docstring)."""
-    from domainlm.data import text_files
-
     full = os.environ.get("DOMAINLM_FULL_HASH", "") not in ("", "0")
     digest = hashlib.sha256()
     for file in text_files(path):
@@ -191,8 +206,6 @@ def iter_documents(
     path: str | os.PathLike, doc_sep: str = "line", encoding_errors: str = "strict"
 ) -> Iterator[tuple[int, list[str]]]:
     """(bytes read, documents) per chunk over all text files of a file or folder."""
-    from domainlm.data import text_files
-
     for file in text_files(path):
         for first_line, chunk in iter_chunks(file, doc_sep):
             text = decode_chunk(file, first_line, chunk, encoding_errors)
@@ -207,8 +220,6 @@ def iter_numbered_documents(
     The same chunks, decoding and splitting as `iter_documents` (so the same documents, in the
     same order), with where each came from.
     """
-    from domainlm.data import text_files
-
     for file in text_files(path):
         for first_line, chunk in iter_chunks(file, doc_sep):
             text = decode_chunk(file, first_line, chunk, encoding_errors)
@@ -262,8 +273,6 @@ def tokenize_to_files(
 
     Returns the number of documents. Both files appear atomically, only when all went well.
     """
-    from domainlm.data import text_files
-
     total_bytes = sum(f.stat().st_size for f in text_files(path))
     show = total_bytes >= PROGRESS_MIN_BYTES if progress is None else progress
     tokens_file.parent.mkdir(parents=True, exist_ok=True)

@@ -279,9 +279,3 @@ def tokenizer_fingerprint(tokenizer: Any, eos_id: int) -> str:
             digest.update(f"{token}\t{index}\n".encode())
     digest.update(f"eos={eos_id}".encode())
     return digest.hexdigest()[:16]
-
-
-def token_dtype(vocab_size: int) -> Any:
-    import numpy as np
-
-    return np.uint16 if vocab_size <= 65535 else np.uint32

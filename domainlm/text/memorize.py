@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from domainlm.data import TokenStream
+from domainlm.data.tokens import TokenStream
 
 NGRAM = 8
 MAX_CANDIDATES = 1000

@@ -18,8 +18,38 @@ from typing import Any
 import numpy as np
 import torch
 
-from domainlm import guard
-from domainlm.checkpoint import (
+from domainlm.config import TrainConfig
+from domainlm.data.blocks import (
+    BlockDataset,
+    epoch_order,
+    micro_batch_indices,
+    split_documents,
+)
+from domainlm.data.corpus import text_files
+from domainlm.data.lint import check_training_data
+from domainlm.data.packing import check_packing_support
+from domainlm.data.tokens import TokenStream, load_token_stream
+from domainlm.errors import UserError
+from domainlm.evaluation.windows import NLLSum, check_window, stream_nll
+from domainlm.model.device import (
+    autocast,
+    pick_device,
+    prefer_expandable_cuda_segments,
+    resolve_precision,
+)
+from domainlm.model.distributed import DistContext, all_reduce_sum
+from domainlm.model.fastpath import use_fast_kernels
+from domainlm.model.faults import maybe_inject_oom_after_backward
+from domainlm.model.loading import (
+    LoadedModel,
+    load_model,
+    special_token_texts,
+    tokenizer_fingerprint,
+)
+from domainlm.model.loss import CausalLMLoss
+from domainlm.model.malloc import reuse_freed_host_memory
+from domainlm.run import guard
+from domainlm.run.checkpoint import (
     CHECKPOINT_PREFIX,
     RUN_FILE,
     CheckpointInfo,
@@ -37,47 +67,17 @@ from domainlm.checkpoint import (
     save_checkpoint,
     write_json_atomic,
 )
-from domainlm.config import TrainConfig
-from domainlm.data import (
-    BlockDataset,
-    TokenStream,
-    epoch_order,
-    load_token_stream,
-    micro_batch_indices,
-    split_documents,
-    text_files,
-)
-from domainlm.device import (
-    autocast,
-    pick_device,
-    prefer_expandable_cuda_segments,
-    resolve_precision,
-)
-from domainlm.distributed import DistContext, all_reduce_sum
-from domainlm.errors import UserError
-from domainlm.evaluate import NLLSum, check_window, stream_nll
-from domainlm.fastpath import use_fast_kernels
-from domainlm.generate import TrainingSampler
-from domainlm.lint import check_training_data
-from domainlm.lock import LOCK_FILE, RunLock
-from domainlm.loss import CausalLMLoss
-from domainlm.malloc import reuse_freed_host_memory
-from domainlm.metrics import Console, MetricsLog
-from domainlm.models import (
-    LoadedModel,
-    load_model,
-    special_token_texts,
-    tokenizer_fingerprint,
-)
-from domainlm.packing import check_packing_support
-from domainlm.report import (
+from domainlm.run.lock import LOCK_FILE, RunLock
+from domainlm.run.metrics import Console, MetricsLog
+from domainlm.run.report import (
     EventLoggers,
     check_report_to,
     data_summary,
     owned_outputs,
     write_run_report,
 )
-from domainlm.schedule import learning_rate
+from domainlm.run.schedule import learning_rate
+from domainlm.text.generate import TrainingSampler
 
 # What makes a checkpoint resumable by a run: the same model, tokenizer and block layout.
 RESUME_KEYS = ("model", "tokenizer", "block_size", "packing")
@@ -117,7 +117,7 @@ class DataCursor:
 
 def train(config: TrainConfig) -> TrainResult:
     """Fine-tune `config.model` on `config.train_file`; write checkpoints, metrics and the model."""
-    from domainlm.distributed import (
+    from domainlm.model.distributed import (
         full_model_state_dict,
         is_sharded,
         load_optimizer_state,
@@ -127,7 +127,7 @@ def train(config: TrainConfig) -> TrainResult:
         wrap_model,
     )
 
-    reuse_freed_host_memory()  # no page faults for each step's large blocks (domainlm/malloc.py)
+    reuse_freed_host_memory()  # no page faults for each step's large blocks (domainlm/model/malloc.py)
     prefer_expandable_cuda_segments()  # before anything touches CUDA
     ctx = setup_distributed(config.dist_timeout, config.device, config.strategy)
     cleanup = ExitStack()  # the run lock and the signal handlers, released on every exit
@@ -162,7 +162,7 @@ def train(config: TrainConfig) -> TrainResult:
         train_stream, valid_stream = load_streams(
             config, loaded, run_identity["tokenizer"], console
         )
-        # Data lint (domainlm/lint.py): warnings, or with --strict an error before any write.
+        # Data lint (domainlm/data/lint.py): warnings, or with --strict an error before any write.
         check_training_data(
             config, block_size, train_stream, valid_stream, console,
             special_token_texts(loaded.tokenizer),
@@ -187,7 +187,7 @@ def train(config: TrainConfig) -> TrainResult:
         model = loaded.model.to(device).train()
         if config.packing == "concat":
             model.config.use_cache = False
-        use_fast_kernels(model)  # same function, fused kernels (domainlm/fastpath.py)
+        use_fast_kernels(model)  # same function, fused kernels (domainlm/model/fastpath.py)
         loss_module = CausalLMLoss(model)
         if config.compile:
             compile_model(loss_module)
@@ -455,7 +455,7 @@ def compile_model(loss_module: CausalLMLoss) -> None:
     """torch.compile, in place, the part of the model the loss calls: the backbone when the head
     is chunked (the head and cross-entropy are the loss's own kernels), else the whole model.
     In place (`Module.compile`), so parameter names and the saved folder stay as they are."""
-    from domainlm.loss import linear_head
+    from domainlm.model.loss import linear_head
 
     model = loss_module.model
     (model.base_model if linear_head(model) is not None else model).compile()
@@ -528,7 +528,7 @@ def accumulate_gradients(
     def backward(nll: torch.Tensor, rows: int) -> None:
         # DDP/FSDP average gradients over ranks; scale so the result is sum / tokens.
         scaler.scale(nll * (ctx.world_size / step_targets)).backward()
-        guard.maybe_inject_oom_after_backward(rows)
+        maybe_inject_oom_after_backward(rows)
 
     for micro in range(grad_accum):
         indices = micro_batch_indices(blocks, micro, ctx.rank, ctx.world_size, batch_size)
@@ -621,7 +621,7 @@ def decide_resume(
     Every rank calls this. With --overwrite-output-dir every rank checks the run file's names (so a
     bad one stops all ranks alike), rank 0 alone removes them and the others wait at a barrier.
     """
-    from domainlm.distributed import SINGLE, barrier
+    from domainlm.model.distributed import SINGLE, barrier
 
     ctx = ctx or SINGLE
     if config.resume not in ("auto", "never"):
@@ -704,7 +704,7 @@ def save_training_checkpoint(
     Every rank calls this. `window` is the open loss window (this rank's NLL sum, the target
     tokens, the training seconds so far); its NLL is summed over the ranks and saved with them.
     """
-    from domainlm.distributed import barrier, full_state_dicts
+    from domainlm.model.distributed import barrier, full_state_dicts
 
     model_state, optim_state = full_state_dicts(model, optimizer, ctx)
     window_nll, window_tokens, window_seconds = window

@@ -1,6 +1,6 @@
 """`domainlm perplexity`: one number per model, defined in docs/perplexity.md, computed exactly.
 
-The scoring itself is `evaluate.py`'s (the same windows that validation during training uses);
+The scoring itself is `windows.py`'s (the same windows that validation during training uses);
 this module builds the token streams, adds the tokenizer-independent figures (bits per byte and
 per character), scores each line on its own when asked, and formats the side-by-side table.
 """
@@ -30,12 +30,10 @@ from domainlm.config import (
     check_device,
     opt,
 )
-from domainlm.corpus import chunk_numbered_documents, iter_numbered_documents
-from domainlm.data import tokenize_documents
-from domainlm.device import pick_device, resolve_precision
-from domainlm.distributed import DistContext, setup_distributed, teardown_distributed
+from domainlm.data.corpus import chunk_numbered_documents, iter_numbered_documents
+from domainlm.data.tokens import token_dtype, tokenize_documents
 from domainlm.errors import UserError
-from domainlm.evaluate import (
+from domainlm.evaluation.windows import (
     NLLSum,
     Window,
     all_window_sums,
@@ -44,8 +42,10 @@ from domainlm.evaluate import (
     score_windows,
     stream_nll,
 )
-from domainlm.loss import CausalLMLoss
-from domainlm.models import LoadedModel, load_model, token_dtype
+from domainlm.model.device import pick_device, resolve_precision
+from domainlm.model.distributed import DistContext, setup_distributed, teardown_distributed
+from domainlm.model.loading import LoadedModel, load_model
+from domainlm.model.loss import CausalLMLoss
 
 CONVENTIONS = ("eos", "plain")
 PER_LINE_SUFFIXES = (".jsonl", ".csv")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from domainlm.errors import UserError
-from domainlm.metrics import read_events
+from domainlm.run.metrics import read_events
 
 PLOTS = {
     "training_loss.png": ("loss", "training loss (nats/token)", False),
@@ -84,7 +84,7 @@ def read_run(path: Path) -> RunData:
 
 def plot_runs(runs: list[RunData], output_dir: Path) -> list[Path]:
     """One PNG per curve (training loss, validation perplexity, learning rate), runs overlaid."""
-    from domainlm.data import default_cache_dir
+    from domainlm.data.tokens import default_cache_dir
 
     # matplotlib's font cache goes beside the token cache, not into the user's home
     os.environ.setdefault("MPLCONFIGDIR", str(default_cache_dir() / "matplotlib"))
@@ -370,7 +370,7 @@ def tensorboard_enabled(names: list[str] | None) -> bool:
 
 def owned_outputs(config: Any) -> list[str]:
     """Names in the output folder written by sampling and loggers (run_config.json `written`)."""
-    from domainlm.generate import SAMPLES_FILE
+    from domainlm.text.generate import SAMPLES_FILE
 
     names = [SAMPLES_FILE] if config.sample_prompts else []
     if tensorboard_enabled(config.report_to):
