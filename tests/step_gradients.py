@@ -25,7 +25,7 @@ from domainlm.model.distributed import (
 from domainlm.model.fastpath import use_fast_kernels
 from domainlm.model.loading import load_model
 from domainlm.model.loss import CausalLMLoss
-from domainlm.run.train import accumulate_gradients
+from domainlm.run.step import accumulate_gradients
 
 BLOCK_SIZE, BATCH_SIZE, GLOBAL_BLOCKS, SEED, STEP = 32, 2, 4, 42, 3
 

@@ -1,5 +1,5 @@
-"""The package's shape, read from its source with `ast`: layers import only downwards, and no module
-imports itself back through others.
+"""The package's shape, read from its source with `ast`: layers import only downwards, no module
+imports itself back through others, and no function is longer than a page.
 
 Layers, lowest first (docs/design.md, "Map of the package"): errors and config; data/; model/;
 evaluation/; text/; run/; the commands on top (cli, demo, inspect_data, the package itself). A
@@ -24,6 +24,7 @@ LAYERS = {
     "domainlm.run": 5,
 }
 TOP = 6  # cli, demo, inspect_data, __init__, __main__
+MAX_FUNCTION_LINES = 80  # a function reads on one screen, its docstring included
 
 
 def module_name(path: Path, root: Path = PACKAGE) -> str:
@@ -127,3 +128,28 @@ def test_a_planted_upward_import_and_a_planted_circle_are_caught(tmp_path: Path)
     graph = import_graph(pkg)
     assert layer_violations(graph) == ["domainlm.data.a (layer 1) imports domainlm.run.b (layer 5)"]
     assert import_cycles(graph) == [["domainlm.data.a", "domainlm.run.b"]]
+
+
+def long_functions(root: Path = PACKAGE, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """'module.function (N lines)' for every function or method over `limit` lines."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > limit:
+                    found.append(f"{module_name(path, root)}.{node.name} ({lines} lines)")
+    return found
+
+
+def test_no_function_is_longer_than_a_page() -> None:
+    assert long_functions() == []
+
+
+def test_a_planted_long_function_is_caught(tmp_path: Path) -> None:
+    pkg = tmp_path / "domainlm"
+    pkg.mkdir()
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))  # 1 + 80 lines
+    (pkg / "long.py").write_text(f"class A:\n    def f(self):\n{body.replace('    ', '        ')}")
+    (pkg / "short.py").write_text(f"def g():\n{''.join(body.splitlines(True)[:-1])}")
+    assert long_functions(pkg) == ["domainlm.long.f (81 lines)"]

@@ -161,7 +161,7 @@ def test_grad_accumulation_gives_the_same_gradient(tiny_model_dir: Path, tmp_pat
     from domainlm.model.distributed import SINGLE
     from domainlm.model.loading import gpt2_tokenizer
     from domainlm.model.loss import CausalLMLoss
-    from domainlm.run.train import accumulate_gradients
+    from domainlm.run.step import accumulate_gradients
 
     stream = tokenize_documents(uneven_corpus(12, seed=5), gpt2_tokenizer(), 50256, np.uint16)
     dataset = BlockDataset(stream, block_size=16)

@@ -180,10 +180,32 @@ def model_card(run: RunData, data: dict[str, Any] | None = None) -> str:
     """README.md of a model folder (Hugging Face convention: YAML front matter, then Markdown)."""
     import yaml
 
-    config = run.config
-    base = str(config.get("model", "unknown"))
+    base = str(run.config.get("model", "unknown"))
+    meta = card_front_matter(run, base, data)
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", CARD_MARKER, ""]
+    lines += [f"# {run.name}", ""]
+    lines += [f"A causal language model fine-tuned from `{base}` with domainlm.", ""]
+    lines += card_data_section(run, data)
+    lines += card_training_section(run.config)
+    lines += card_results_section(run)
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```",
+        f'domainlm generate --model {run.path} --prompt "..."',
+        "# does it recite its training data?",
+        f'domainlm generate --model {run.path} --prompt "..." --check-memorization',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def card_front_matter(run: RunData, base: str, data: dict[str, Any] | None) -> dict[str, Any]:
+    """The card's YAML metadata: tags, the hub base model, the perplexity as a model-index."""
+    config, after = run.config, run.final_perplexity()
     hub_base = not base.startswith(("scratch:", "/", ".", "~")) and not Path(base).exists()
-    before, after = run.initial_perplexity(), run.final_perplexity()
     meta: dict[str, Any] = {
         "library_name": "transformers",
         "pipeline_tag": "text-generation",
@@ -192,21 +214,14 @@ def model_card(run: RunData, data: dict[str, Any] | None = None) -> str:
     if hub_base:
         meta["base_model"] = base
     if after is not None:
+        dataset = Path(str(config.get("validation_file") or config.get("train_file", "data")))
         meta["model-index"] = [
             {
                 "name": run.name,
                 "results": [
                     {
                         "task": {"type": "text-generation", "name": "Causal language modeling"},
-                        "dataset": {
-                            "name": Path(
-                                str(
-                                    config.get("validation_file")
-                                    or config.get("train_file", "data")
-                                )
-                            ).name,
-                            "type": "text",
-                        },
+                        "dataset": {"name": dataset.name, "type": "text"},
                         "metrics": [
                             {
                                 "type": "perplexity",
@@ -220,10 +235,12 @@ def model_card(run: RunData, data: dict[str, Any] | None = None) -> str:
         ]
     if data:
         meta["domainlm_data"] = data
-    lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", CARD_MARKER, ""]
-    lines += [f"# {run.name}", ""]
-    lines += [f"A causal language model fine-tuned from `{base}` with domainlm.", ""]
-    lines += ["## Data", ""]
+    return meta
+
+
+def card_data_section(run: RunData, data: dict[str, Any] | None) -> list[str]:
+    config = run.config
+    lines = ["## Data", ""]
     lines.append(f"- training file: `{config.get('train_file', '?')}`")
     if config.get("validation_file"):
         lines.append(f"- validation file: `{config['validation_file']}`")
@@ -238,26 +255,36 @@ def model_card(run: RunData, data: dict[str, Any] | None = None) -> str:
         )
     if "train_tokens" in run.results:
         lines.append(f"- tokens trained on (all epochs): {run.results['train_tokens']:,}")
-    lines += ["", "## Training hyperparameters", "", "| setting | value |", "|---|---|"]
-    for key in (
-        "block_size",
-        "batch_size",
-        "grad_accum",
-        "epochs",
-        "max_steps",
-        "lr",
-        "scheduler",
-        "warmup_steps",
-        "min_lr_ratio",
-        "weight_decay",
-        "max_grad_norm",
-        "precision",
-        "packing",
-        "seed",
-    ):
-        if key in config:
-            lines.append(f"| {key} | {config[key]} |")
-    lines += ["", "## Results", ""]
+    return lines
+
+
+CARD_SETTINGS = (
+    "block_size",
+    "batch_size",
+    "grad_accum",
+    "epochs",
+    "max_steps",
+    "lr",
+    "scheduler",
+    "warmup_steps",
+    "min_lr_ratio",
+    "weight_decay",
+    "max_grad_norm",
+    "precision",
+    "packing",
+    "seed",
+)
+
+
+def card_training_section(config: dict[str, Any]) -> list[str]:
+    lines = ["", "## Training hyperparameters", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {key} | {config[key]} |" for key in CARD_SETTINGS if key in config]
+    return lines
+
+
+def card_results_section(run: RunData) -> list[str]:
+    before, after = run.initial_perplexity(), run.final_perplexity()
+    lines = ["", "## Results", ""]
     if after is not None:
         change = f"{before:.3f} before training, {after:.3f} after" if before else f"{after:.3f}"
         tokens = run.results.get("eval_tokens")
@@ -269,18 +296,7 @@ def model_card(run: RunData, data: dict[str, Any] | None = None) -> str:
     for filename in PLOTS:
         if (run.path / filename).is_file():
             lines.append(f"![{filename[:-4].replace('_', ' ')}]({filename})")
-    lines += [
-        "",
-        "## Use",
-        "",
-        "```",
-        f'domainlm generate --model {run.path} --prompt "..."',
-        "# does it recite its training data?",
-        f'domainlm generate --model {run.path} --prompt "..." --check-memorization',
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
+    return lines
 
 
 def card_data(folder: Path) -> dict[str, Any] | None:

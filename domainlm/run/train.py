@@ -1,8 +1,10 @@
-"""The training loop: data order, gradient accumulation, loss reduction, schedule, eval and save points.
+"""The training run: `train()` sets the run up, runs its step loop, and finishes it.
 
-Read `train()` top to bottom: set-up, the step loop, the end. Everything else here is a helper the
-loop calls. Gradients are scaled so that one optimizer step minimises the mean NLL over all
-target tokens of the global batch (every micro-batch on every rank), never a mean of means.
+Read top to bottom: `train` (processes and cleanup), `set_up` (check the inputs and load the data
+before anything is written, build the model, restore the state), `fit` (the step loop: one
+optimizer step, step.py, then the parts that act at step boundaries, boundaries.py), `finish`
+(the model folder and the results). A new kind of model (an adapter) changes `build_model`; a new
+kind of step changes step.py; neither touches the loop.
 """
 
 from __future__ import annotations
@@ -10,36 +12,24 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from domainlm.config import TrainConfig
-from domainlm.data.blocks import (
-    BlockDataset,
-    epoch_order,
-    micro_batch_indices,
-    split_documents,
-)
+from domainlm.data.blocks import BlockDataset, split_documents
 from domainlm.data.corpus import text_files
 from domainlm.data.lint import check_training_data
 from domainlm.data.packing import check_packing_support
 from domainlm.data.tokens import TokenStream, load_token_stream
 from domainlm.errors import UserError
-from domainlm.evaluation.windows import NLLSum, check_window, stream_nll
-from domainlm.model.device import (
-    autocast,
-    pick_device,
-    prefer_expandable_cuda_segments,
-    resolve_precision,
-)
-from domainlm.model.distributed import DistContext, all_reduce_sum
+from domainlm.evaluation.windows import NLLSum, check_window
+from domainlm.model.device import pick_device, prefer_expandable_cuda_segments, resolve_precision
+from domainlm.model.distributed import DistContext
 from domainlm.model.fastpath import use_fast_kernels
-from domainlm.model.faults import maybe_inject_oom_after_backward
 from domainlm.model.loading import (
     LoadedModel,
     load_model,
@@ -49,10 +39,9 @@ from domainlm.model.loading import (
 from domainlm.model.loss import CausalLMLoss
 from domainlm.model.malloc import reuse_freed_host_memory
 from domainlm.run import guard
+from domainlm.run.boundaries import Checkpoints, Evaluation, Progress, Sampling, StopGuard
 from domainlm.run.checkpoint import (
-    CHECKPOINT_PREFIX,
     RUN_FILE,
-    CheckpointInfo,
     best_checkpoint,
     check_output_dir,
     checkpoint_dirs_by_step,
@@ -61,10 +50,7 @@ from domainlm.run.checkpoint import (
     load_training_state,
     owned_entries,
     read_run_file,
-    record_written,
     remove_owned_files,
-    rotate_checkpoints,
-    save_checkpoint,
     write_json_atomic,
 )
 from domainlm.run.lock import LOCK_FILE, RunLock
@@ -76,7 +62,8 @@ from domainlm.run.report import (
     owned_outputs,
     write_run_report,
 )
-from domainlm.run.schedule import learning_rate
+from domainlm.run.state import DataCursor, Run, RunData, RunModel
+from domainlm.run.step import TrainStep
 from domainlm.text.generate import TrainingSampler
 
 # What makes a checkpoint resumable by a run: the same model, tokenizer and block layout.
@@ -99,345 +86,17 @@ class TrainResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class DataCursor:
-    """Position in the data: epoch and the number of blocks of its order already consumed."""
-
-    epoch: int = 0
-    offset: int = 0
-
-    def next_global_batch(self, dataset: BlockDataset, size: int, seed: int) -> np.ndarray:
-        if self.offset >= len(dataset):
-            self.epoch, self.offset = self.epoch + 1, 0
-        order = epoch_order(len(dataset), self.epoch, seed)
-        blocks = order[self.offset : self.offset + size]
-        self.offset += len(blocks)
-        return blocks
-
-
 def train(config: TrainConfig) -> TrainResult:
     """Fine-tune `config.model` on `config.train_file`; write checkpoints, metrics and the model."""
-    from domainlm.model.distributed import (
-        full_model_state_dict,
-        is_sharded,
-        load_optimizer_state,
-        rank_lost,
-        setup_distributed,
-        teardown_distributed,
-        wrap_model,
-    )
+    from domainlm.model.distributed import rank_lost, setup_distributed, teardown_distributed
 
-    reuse_freed_host_memory()  # no page faults for each step's large blocks (domainlm/model/malloc.py)
+    reuse_freed_host_memory()  # no page faults for each step's large blocks (model/malloc.py)
     prefer_expandable_cuda_segments()  # before anything touches CUDA
     ctx = setup_distributed(config.dist_timeout, config.device, config.strategy)
     cleanup = ExitStack()  # the run lock and the signal handlers, released on every exit
     try:
-        device = pick_device(ctx.local_rank if ctx.enabled else None, config.device)
-        precision = resolve_precision(config.precision, device)
-        console = Console(enabled=ctx.is_main, quiet=config.quiet)
-        output_dir = Path(config.output_dir)
-
-        # ---- check everything before anything is written
-        text_files(config.train_file)
-        if config.validation_file:
-            text_files(config.validation_file)
-        check_output_dir(output_dir)
-        check_report_to(config.report_to)  # --report-to names installed loggers
-        loaded = load_model(
-            config.model,
-            seed=config.seed,
-            eos_token=config.eos_token,
-            trust_remote_code=config.trust_remote_code,
-        )
-        block_size = loaded.block_size(config.block_size, default_cap=1024)
-        eval_stride = config.eval_stride or block_size - 1
-        check_window(block_size, eval_stride)
-        run_identity = {
-            "model": config.model,
-            "tokenizer": tokenizer_fingerprint(loaded.tokenizer, loaded.eos_id),
-            "block_size": block_size,
-            "packing": config.packing,
-        }
-        # Data errors (empty, binary, invalid UTF-8) come before anything in output_dir is touched.
-        train_stream, valid_stream = load_streams(
-            config, loaded, run_identity["tokenizer"], console
-        )
-        # Data lint (domainlm/data/lint.py): warnings, or with --strict an error before any write.
-        check_training_data(
-            config, block_size, train_stream, valid_stream, console,
-            special_token_texts(loaded.tokenizer),
-        )  # fmt: skip
-        if config.packing == "docs":
-            check_packing_support(loaded.model)
-        if ctx.is_main:  # one run per output dir; taken before decide_resume may remove anything
-            cleanup.enter_context(RunLock(output_dir))
-        resume_from = decide_resume(config, output_dir, run_identity, console, ctx)
-        dataset = BlockDataset(train_stream, block_size, config.packing)
-
-        # ---- model, optimizer, state
-        if resume_from is not None:
-            resumed = load_model(
-                str(resume_from),
-                eos_token=config.eos_token,
-                trust_remote_code=config.trust_remote_code,
-            )
-            loaded.model = resumed.model
-        # from_pretrained returns a model in eval mode: dropout must be on while training, in a
-        # fresh run from a folder as in a resumed one (else resume is not exact).
-        model = loaded.model.to(device).train()
-        if config.packing == "concat":
-            model.config.use_cache = False
-        use_fast_kernels(model)  # same function, fused kernels (domainlm/model/fastpath.py)
-        loss_module = CausalLMLoss(model)
-        if config.compile:
-            compile_model(loss_module)
-        train_module = wrap_model(loss_module, ctx, device, config.strategy)
-        optimizer = make_optimizer(model, config, device)
-        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-        global_batch = config.batch_size * config.grad_accum * ctx.world_size
-        steps_per_epoch = math.ceil(len(dataset) / global_batch)
-        total_steps = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
-        cursor, start_step = DataCursor(), 0
-        resumed_window: dict[str, float] = {}  # the loss window open at the checkpoint
-        if resume_from is not None:
-            state = load_training_state(resume_from)
-            load_optimizer_state(model, optimizer, state["optimizer"])
-            scaler.load_state_dict(state["scaler"]) if state.get("scaler") else None
-            cursor = DataCursor(int(state["epoch"]), int(state["offset"]))
-            start_step = int(state["step"])
-            resumed_window = state.get("loss_window") or {}
-            console.info(f"resuming from {resume_from} at step {start_step}")
-
-        if ctx.is_main:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            write_run_file(output_dir, config, run_identity, written=owned_outputs(config))
-        metrics = MetricsLog(
-            output_dir / "metrics.jsonl", enabled=ctx.is_main, resume_step=start_step
-        )
-        loggers = EventLoggers(config.report_to, output_dir, config.to_dict(), start_step)
-        metrics.listeners.append(loggers.log)
-        sampler = TrainingSampler.create(
-            config, loaded, model, output_dir, console, ctx, precision, start_step
-        )
-
-        console.info(
-            f"model {config.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) "
-            f"on {device.type} x{ctx.world_size}, precision {precision}"
-            + (", parameters sharded by FSDP" if is_sharded(model) else "")
-        )
-        console.info(
-            f"train: {train_stream.num_documents} documents, {dataset.num_predicted:,} tokens, "
-            f"{len(dataset)} blocks of {block_size}; global batch {config.batch_size} x "
-            f"{config.grad_accum} accum x {ctx.world_size} ranks = {global_batch} blocks; "
-            f"{steps_per_epoch} steps/epoch, {total_steps} steps"
-        )
-
-        eval_batch = config.eval_batch_size or config.batch_size
-
-        def evaluate(limit: int | None) -> NLLSum:
-            with eager_evaluation(config.compile):
-                return evaluate_once(limit)
-
-        def evaluate_once(limit: int | None) -> NLLSum:
-            nonlocal eval_batch  # halved for good after an out-of-memory error
-            result, eval_batch = guard.eval_with_oom_backoff(
-                lambda batch_size: stream_nll(
-                    loss_module,
-                    valid_stream.tokens,
-                    block_size=block_size,
-                    stride=eval_stride,
-                    batch_size=batch_size,
-                    device=device,
-                    precision=precision,
-                    ctx=ctx,
-                    max_tokens=limit,
-                ),
-                eval_batch,
-                console.warn,
-            )
-            return result
-
-        initial = None
-        if start_step == 0:
-            initial = evaluate(config.max_eval_tokens)
-            metrics.log_eval(0, 0.0, initial)
-            console.info(
-                f"validation perplexity before training: {initial.perplexity:.3f} "
-                f"({initial.tokens:,} tokens)"
-            )
-
-        # ---- the step loop
-        started = time.perf_counter()
-        bar = console.progress(total_steps, start_step)
-        # The loss window: NLL sum (this rank's) and target tokens (all ranks') since the last
-        # logged step. A resumed run reopens the checkpoint's window, so its next logged loss
-        # covers the same steps as without the interruption (rank 0 holds the all-ranks sum).
-        window_nll = torch.zeros((), dtype=torch.float64, device=device)
-        window_tokens, window_start, tokens_seen = 0, time.perf_counter(), 0
-        if resumed_window:
-            window_nll += float(resumed_window["nll"]) if ctx.is_main else 0.0
-            window_tokens = int(resumed_window["tokens"])
-            window_start -= float(resumed_window["seconds"])  # tokens/s over the whole window
-        last_eval: tuple[int, NLLSum] | None = None
-        split = guard.MicroBatching(config.batch_size, config.grad_accum)  # halved on OOM
-        bad_steps = guard.BadStepGuard(config.max_bad_steps)
-        nan_steps = guard.injected_nan_steps()
-        last_saved = resume_from
-        stop = cleanup.enter_context(guard.StopSignals(console.info))
-        for step in range(start_step, total_steps):
-            lr = learning_rate(
-                step,
-                peak=config.lr,
-                warmup_steps=config.warmup_steps,
-                total_steps=total_steps,
-                kind=config.scheduler,
-                min_ratio=config.min_lr_ratio,
-            )
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            blocks = cursor.next_global_batch(dataset, global_batch, config.seed)
-            done = step + 1
-            (step_nll, step_targets), split = guard.with_oom_backoff(
-                lambda s, blocks=blocks, step=step: accumulate_gradients(
-                    train_module,
-                    dataset,
-                    blocks,
-                    s.batch_size,
-                    s.grad_accum,
-                    ctx,
-                    device,
-                    precision,
-                    scaler,
-                    seed=config.seed,
-                    step=step,
-                    fixed_rows=config.compile,
-                    sharded=config.strategy == "fsdp",
-                ),
-                split,
-                reset=lambda: optimizer.zero_grad(set_to_none=True),
-                report=console.warn,
-            )
-            step_nll = guard.inject_nan(model, step_nll, done, nan_steps)
-            scaler.unscale_(optimizer)  # a no-op without fp16
-            if config.max_grad_norm > 0:
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            else:
-                norm = guard.grad_norm(list(model.parameters()))
-            # fp16's scaler skips inf gradients by itself (that is how it finds its scale).
-            checked_norm = 0.0 if scaler.is_enabled() else float(norm)
-            if bad_steps.check(done, float(step_nll), checked_norm, last_saved):
-                scaler.step(optimizer)
-                window_nll += step_nll
-                window_tokens += step_targets
-            else:  # skipped: no update; the data of this step is consumed
-                console.warn(
-                    f"step {done}: NaN/Inf loss or gradient norm, step skipped "
-                    f"({bad_steps.consecutive} in a row, {bad_steps.total} in all)"
-                )
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            tokens_seen += step_targets
-            epoch_float = cursor.epoch + cursor.offset / len(dataset)
-
-            if done % config.logging_steps == 0 or done == total_steps:
-                (nll_sum,) = all_reduce_sum([float(window_nll)], ctx, device)
-                elapsed = time.perf_counter() - window_start
-                # input tokens per second over all ranks, padding excluded
-                speed = window_tokens / elapsed if elapsed > 0 else 0.0
-                # NaN when every step of the window was skipped as bad (guard.BadStepGuard)
-                loss = nll_sum / window_tokens if window_tokens else float("nan")
-                metrics.log_train(done, epoch_float, loss, lr, speed)
-                console.step(bar, done, loss, lr, speed)
-                window_nll.zero_()
-                window_tokens, window_start = 0, time.perf_counter()
-            else:
-                console.advance(bar, done)
-
-            final_step = done == total_steps
-            paused_at = time.perf_counter()  # evaluation, saving and sampling are not training time
-            if done % config.eval_steps == 0 or final_step:
-                # The last evaluation scores the whole validation set, whatever --max-eval-tokens.
-                result = evaluate(None if final_step else config.max_eval_tokens)
-                metrics.log_eval(done, epoch_float, result)
-                console.info(f"step {done}: validation perplexity {result.perplexity:.3f}")
-                last_eval = (done, result)
-            if done % config.save_steps == 0 or final_step:
-                # The final step is saved too, so a finished run can be extended with --max-steps.
-                ppl = last_eval[1].perplexity if last_eval and last_eval[0] == done else None
-                window = (window_nll, window_tokens, paused_at - window_start)
-                save_training_checkpoint(
-                    output_dir,
-                    done,
-                    loaded,
-                    model,
-                    optimizer,
-                    scaler,
-                    cursor,
-                    ctx,
-                    ppl,
-                    config,
-                    window,
-                )
-                last_saved = output_dir / f"checkpoint-{done}"
-            if sampler is not None:  # samples.jsonl + console; RNG forked, model back in train mode
-                sampler.maybe_sample(done, final_step)
-            window_start += time.perf_counter() - paused_at
-            guard.step_delay()
-            if not final_step and guard.stop_agreed(stop, ctx, device):
-                if last_saved != output_dir / f"checkpoint-{done}":
-                    save_training_checkpoint(
-                        output_dir,
-                        done,
-                        loaded,
-                        model,
-                        optimizer,
-                        scaler,
-                        cursor,
-                        ctx,
-                        None,
-                        config,
-                        (window_nll, window_tokens, time.perf_counter() - window_start),
-                    )
-                console.close(bar)
-                raise guard.stopped_by_signal(stop, done, output_dir)
-        console.close(bar)
-        runtime = time.perf_counter() - started
-
-        # ---- the end: the model folder and the results
-        if last_eval is not None and last_eval[0] == total_steps:
-            final = last_eval[1]
-        else:  # nothing left to train (a finished run started again)
-            final = evaluate(None)
-            if not any("eval_ppl" in e and e["step"] == total_steps for e in metrics.events):
-                metrics.log_eval(total_steps, cursor.epoch + cursor.offset / len(dataset), final)
-        best = None
-        final_state = full_model_state_dict(model, ctx)  # FSDP: gathered by all ranks; else None
-        if ctx.is_main:
-            guard.refuse_nonfinite_weights(model, last_saved)  # never save NaN weights as final
-            before = set(p.name for p in output_dir.iterdir())
-            model.save_pretrained(output_dir, state_dict=final_state)
-            loaded.tokenizer.save_pretrained(output_dir)
-            if final.tokens:
-                save_eval_results(output_dir, final, initial, metrics, runtime, tokens_seen)
-            loggers.close()
-            write_run_report(output_dir, data_summary(train_stream, valid_stream))  # plots, card
-            written = sorted(set(p.name for p in output_dir.iterdir()) - before)
-            write_run_file(output_dir, config, run_identity, written=written)
-            best = best_checkpoint(list_checkpoints(output_dir))
-        result = TrainResult(
-            output_dir=output_dir,
-            steps=total_steps,
-            initial_perplexity=initial.perplexity if initial else metrics.initial_perplexity(),
-            final_perplexity=final.perplexity,
-            eval_tokens=final.tokens,
-            train_tokens=tokens_seen,
-            train_runtime=runtime,
-            best_checkpoint=best.path if best else None,
-            resumed_from=resume_from,
-        )
-        console.summary(result)
-        return result
+        run = set_up(config, ctx, cleanup)
+        return fit(run, cleanup)
     except (RuntimeError, torch.distributed.DistError) as exc:
         lost = rank_lost(exc, ctx)  # another rank died or timed out: one clear line, not a trace
         if lost is None:
@@ -446,6 +105,237 @@ def train(config: TrainConfig) -> TrainResult:
     finally:
         cleanup.close()
         teardown_distributed(ctx)
+
+
+def fit(run: Run, cleanup: ExitStack) -> TrainResult:
+    """The step loop: one optimizer step, then each part that acts at a step boundary."""
+    evaluation = Evaluation(run)
+    initial = evaluation.initial()
+    started = time.perf_counter()
+    progress = Progress(run)  # the loss window, metrics.jsonl, the progress bar
+    checkpoints = Checkpoints(run, progress, evaluation)
+    step = TrainStep(run, last_saved=lambda: checkpoints.last_saved)
+    stop = StopGuard(run, cleanup, checkpoints, progress)  # handlers installed from here on
+    paused = [evaluation, checkpoints, Sampling(run.sampler)]  # their time is not training time
+    for index in range(run.start_step, run.total_steps):
+        outcome = step(index)
+        progress.after_step(outcome)
+        with progress.paused():
+            for part in paused:
+                part.after_step(outcome)
+        guard.step_delay()  # fault injection: tests slow a run down to signal it mid-way
+        stop.after_step(outcome)
+    progress.close()
+    runtime = time.perf_counter() - started
+    final = evaluation.final()
+    return finish(run, final, initial, checkpoints.last_saved, runtime, progress.tokens_seen)
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def set_up(config: TrainConfig, ctx: DistContext, cleanup: ExitStack) -> Run:
+    """Check the inputs and load the data (nothing written yet), build the model, restore state."""
+    device = pick_device(ctx.local_rank if ctx.enabled else None, config.device)
+    precision = resolve_precision(config.precision, device)
+    console = Console(enabled=ctx.is_main, quiet=config.quiet)
+    data = check_inputs(config, ctx, console, cleanup)
+    net = build_model(config, data, ctx, device, precision)
+    return start_state(config, ctx, device, precision, console, data, net)
+
+
+def check_inputs(
+    config: TrainConfig, ctx: DistContext, console: Console, cleanup: ExitStack
+) -> RunData:
+    """Every input checked and the data loaded before anything in output_dir is written; takes
+    the run lock and decides the checkpoint to resume from."""
+    output_dir = Path(config.output_dir)
+    text_files(config.train_file)
+    if config.validation_file:
+        text_files(config.validation_file)
+    check_output_dir(output_dir)
+    check_report_to(config.report_to)  # --report-to names installed loggers
+    loaded = load_model(
+        config.model,
+        seed=config.seed,
+        eos_token=config.eos_token,
+        trust_remote_code=config.trust_remote_code,
+    )
+    block_size = loaded.block_size(config.block_size, default_cap=1024)
+    eval_stride = config.eval_stride or block_size - 1
+    check_window(block_size, eval_stride)
+    identity = {
+        "model": config.model,
+        "tokenizer": tokenizer_fingerprint(loaded.tokenizer, loaded.eos_id),
+        "block_size": block_size,
+        "packing": config.packing,
+    }
+    # Data errors (empty, binary, invalid UTF-8) come before anything in output_dir is touched.
+    train_stream, valid_stream = load_streams(config, loaded, identity["tokenizer"], console)
+    # Data lint (domainlm/data/lint.py): warnings, or with --strict an error before any write.
+    check_training_data(
+        config, block_size, train_stream, valid_stream, console,
+        special_token_texts(loaded.tokenizer),
+    )  # fmt: skip
+    if config.packing == "docs":
+        check_packing_support(loaded.model)
+    if ctx.is_main:  # one run per output dir; taken before decide_resume may remove anything
+        cleanup.enter_context(RunLock(output_dir))
+    resume_from = decide_resume(config, output_dir, identity, console, ctx)
+    dataset = BlockDataset(train_stream, block_size, config.packing)
+    return RunData(
+        loaded, identity, block_size, eval_stride, train_stream, valid_stream, dataset, resume_from
+    )
+
+
+def build_model(
+    config: TrainConfig, data: RunData, ctx: DistContext, device: torch.device, precision: str
+) -> RunModel:
+    """The model (the checkpoint's weights on resume) on its device in train mode, with fast
+    kernels, the loss around it, compiled if asked, wrapped for DDP/FSDP, and its optimizer."""
+    from domainlm.model.distributed import wrap_model
+
+    loaded = data.loaded
+    if data.resume_from is not None:
+        resumed = load_model(
+            str(data.resume_from),
+            eos_token=config.eos_token,
+            trust_remote_code=config.trust_remote_code,
+        )
+        loaded.model = resumed.model
+    # from_pretrained returns a model in eval mode: dropout must be on while training, in a
+    # fresh run from a folder as in a resumed one (else resume is not exact).
+    model = loaded.model.to(device).train()
+    if config.packing == "concat":
+        model.config.use_cache = False
+    use_fast_kernels(model)  # same function, fused kernels (domainlm/model/fastpath.py)
+    loss_module = CausalLMLoss(model)
+    if config.compile:
+        compile_model(loss_module)
+    train_module = wrap_model(loss_module, ctx, device, config.strategy)
+    optimizer = make_optimizer(model, config, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    return RunModel(model, loss_module, train_module, optimizer, scaler)
+
+
+def start_state(
+    config: TrainConfig,
+    ctx: DistContext,
+    device: torch.device,
+    precision: str,
+    console: Console,
+    data: RunData,
+    net: RunModel,
+) -> Run:
+    """The step count, the data position and optimizer state (a checkpoint's on resume), and the
+    run's outputs opened: the run file, metrics.jsonl, the loggers, the sampler."""
+    from domainlm.model.distributed import load_optimizer_state
+
+    global_batch = config.batch_size * config.grad_accum * ctx.world_size
+    steps_per_epoch = math.ceil(len(data.dataset) / global_batch)
+    total_steps = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
+    cursor, start_step = DataCursor(), 0
+    resumed_window: dict[str, float] = {}  # the loss window open at the checkpoint
+    if data.resume_from is not None:
+        state = load_training_state(data.resume_from)
+        load_optimizer_state(net.model, net.optimizer, state["optimizer"])
+        net.scaler.load_state_dict(state["scaler"]) if state.get("scaler") else None
+        cursor = DataCursor(int(state["epoch"]), int(state["offset"]))
+        start_step = int(state["step"])
+        resumed_window = state.get("loss_window") or {}
+        console.info(f"resuming from {data.resume_from} at step {start_step}")
+    output_dir = Path(config.output_dir)
+    if ctx.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_run_file(output_dir, config, data.identity, written=owned_outputs(config))
+    metrics = MetricsLog(output_dir / "metrics.jsonl", enabled=ctx.is_main, resume_step=start_step)
+    loggers = EventLoggers(config.report_to, output_dir, config.to_dict(), start_step)
+    metrics.listeners.append(loggers.log)
+    sampler = TrainingSampler.create(
+        config, data.loaded, net.model, output_dir, console, ctx, precision, start_step
+    )
+    run = Run(
+        config, ctx, device, precision, console, output_dir, data, net,
+        cursor, start_step, total_steps, resumed_window, metrics, loggers, sampler,
+    )  # fmt: skip
+    announce(run, global_batch, steps_per_epoch)
+    return run
+
+
+def announce(run: Run, global_batch: int, steps_per_epoch: int) -> None:
+    """The two start lines: the model and where it runs; the data and the batch arithmetic."""
+    from domainlm.model.distributed import is_sharded
+
+    config, model, dataset = run.config, run.net.model, run.data.dataset
+    run.console.info(
+        f"model {config.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) "
+        f"on {run.device.type} x{run.ctx.world_size}, precision {run.precision}"
+        + (", parameters sharded by FSDP" if is_sharded(model) else "")
+    )
+    run.console.info(
+        f"train: {run.data.train_stream.num_documents} documents, {dataset.num_predicted:,} "
+        f"tokens, {len(dataset)} blocks of {run.data.block_size}; global batch "
+        f"{config.batch_size} x {config.grad_accum} accum x {run.ctx.world_size} ranks = "
+        f"{global_batch} blocks; {steps_per_epoch} steps/epoch, {run.total_steps} steps"
+    )
+
+
+# ----------------------------------------------------------------------------- the end
+
+
+def finish(
+    run: Run,
+    final: NLLSum,
+    initial: NLLSum | None,
+    last_saved: Path | None,
+    runtime: float,
+    tokens_seen: int,
+) -> TrainResult:
+    """Save the model folder (rank 0; every rank gathers FSDP shards) and report the results."""
+    from domainlm.model.distributed import full_model_state_dict
+
+    best = None
+    final_state = full_model_state_dict(run.net.model, run.ctx)  # FSDP: gathered; else None
+    if run.ctx.is_main:
+        save_model_folder(run, final, initial, last_saved, runtime, tokens_seen, final_state)
+        best = best_checkpoint(list_checkpoints(run.output_dir))
+    result = TrainResult(
+        output_dir=run.output_dir,
+        steps=run.total_steps,
+        initial_perplexity=initial.perplexity if initial else run.metrics.initial_perplexity(),
+        final_perplexity=final.perplexity,
+        eval_tokens=final.tokens,
+        train_tokens=tokens_seen,
+        train_runtime=runtime,
+        best_checkpoint=best.path if best else None,
+        resumed_from=run.data.resume_from,
+    )
+    run.console.summary(result)
+    return result
+
+
+def save_model_folder(
+    run: Run,
+    final: NLLSum,
+    initial: NLLSum | None,
+    last_saved: Path | None,
+    runtime: float,
+    tokens_seen: int,
+    final_state: dict[str, Any] | None,
+) -> None:
+    """The trained model and tokenizer, eval_results.json, the run report; all recorded as owned."""
+    model, output_dir = run.net.model, run.output_dir
+    guard.refuse_nonfinite_weights(model, last_saved)  # never save NaN weights as final
+    before = set(p.name for p in output_dir.iterdir())
+    model.save_pretrained(output_dir, state_dict=final_state)
+    run.data.loaded.tokenizer.save_pretrained(output_dir)
+    if final.tokens:
+        save_eval_results(output_dir, final, initial, run.metrics, runtime, tokens_seen)
+    run.loggers.close()
+    summary = data_summary(run.data.train_stream, run.data.valid_stream)
+    write_run_report(output_dir, summary)  # plots, model card
+    written = sorted(set(p.name for p in output_dir.iterdir()) - before)
+    write_run_file(output_dir, run.config, run.data.identity, written=written)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -459,14 +349,6 @@ def compile_model(loss_module: CausalLMLoss) -> None:
 
     model = loss_module.model
     (model.base_model if linear_head(model) is not None else model).compile()
-
-
-def eager_evaluation(compiled: bool) -> Any:
-    """Evaluation runs the compiled model eagerly: compiling the no-grad graph and each window
-    shape costs more than the few evaluation passes of a run gain from it."""
-    if compiled and hasattr(torch.compiler, "set_stance"):  # torch >= 2.6
-        return torch.compiler.set_stance("force_eager")
-    return nullcontext()
 
 
 def make_optimizer(
@@ -488,89 +370,6 @@ def make_optimizer(
         betas=(config.adam_beta1, config.adam_beta2),
         fused=device.type in ("cuda", "cpu"),
     )
-
-
-def accumulate_gradients(
-    train_module: torch.nn.Module,
-    dataset: BlockDataset,
-    blocks: np.ndarray,
-    batch_size: int,
-    grad_accum: int,
-    ctx: DistContext,
-    device: torch.device,
-    precision: str,
-    scaler: Any,
-    *,
-    seed: int = 0,
-    step: int = 0,
-    fixed_rows: bool = False,
-    sharded: bool = False,
-) -> tuple[torch.Tensor, int]:
-    """Forward and backward over this rank's micro-batches of one global batch (each padded to
-    `batch_size` rows with empty blocks when `fixed_rows`).
-
-    The gradient left in the parameters is that of (summed NLL / target tokens of the whole global
-    batch), whatever the split into ranks and micro-batches. Dropout masks too: each micro-batch
-    draws them from a seed of (seed, step, its slot in the global batch), so the same blocks get
-    the same masks whichever rank or accumulation round computes them (2 ranks x 1 == 1 rank x
-    2 accumulation), and a retried step (guard.with_oom_backoff) redraws them from the start.
-    Returns this rank's NLL sum (a device tensor: no host sync) and the global batch's
-    target-token count.
-
-    Out of memory under torchrun: after each micro-batch's attempt the ranks agree
-    (`guard.agree_on_oom`), so all raise OutOfMemoryError and back off together. The backward pass
-    that all-reduces gradients (DDP's last micro-batch) therefore runs after that agreement; an
-    OOM inside it stops the run with one line (`sharded`: FSDP, whose passes hold collectives).
-    """
-    step_targets = sum(dataset.targets_in(int(b)) for b in blocks)
-    step_nll = torch.zeros((), dtype=torch.float64, device=device)
-
-    def backward(nll: torch.Tensor, rows: int) -> None:
-        # DDP/FSDP average gradients over ranks; scale so the result is sum / tokens.
-        scaler.scale(nll * (ctx.world_size / step_targets)).backward()
-        maybe_inject_oom_after_backward(rows)
-
-    for micro in range(grad_accum):
-        indices = micro_batch_indices(blocks, micro, ctx.rank, ctx.world_size, batch_size)
-        if fixed_rows:  # a compiled model: one shape, no recompilation at an epoch's short end
-            indices += [-1] * (batch_size - len(indices))
-        batch = dataset.batch(indices).to(device)
-        rows = batch.input_ids.shape[0]
-        # the slot micro_batch_indices deals these blocks from
-        torch.manual_seed(micro_batch_seed(seed, step, micro * ctx.world_size + ctx.rank))
-        last = micro == grad_accum - 1
-        sync = (
-            nullcontext()
-            if last or not hasattr(train_module, "no_sync")
-            else train_module.no_sync()
-        )
-        deferred = last and ctx.enabled and not sharded  # DDP's gradient all-reduce: after agreeing
-        failed: torch.OutOfMemoryError | None = None
-        with sync:
-            try:
-                with autocast(device, precision):
-                    row_nll = train_module(batch.input_ids, batch.targets, batch.position_ids)
-                nll = row_nll.sum()
-                if not deferred:
-                    backward(nll, rows)
-            except torch.OutOfMemoryError as exc:
-                failed = exc
-            guard.agree_on_oom(failed, ctx, device, sharded)
-            if deferred:
-                try:
-                    backward(nll, rows)
-                except torch.OutOfMemoryError as exc:
-                    raise guard.oom_in_gradient_sync(exc, ctx) from exc
-        step_nll += nll.detach().double()
-    return step_nll, step_targets
-
-
-def micro_batch_seed(seed: int, step: int, slot: int) -> int:
-    """The RNG seed of micro-batch `slot` (its place in the global batch) of optimizer step `step`:
-    a function of these three numbers only (not of the rank); a hash, so that different triples
-    give unrelated seeds (no arithmetic overlap between steps and slots)."""
-    state = np.random.SeedSequence([seed % 2**64, step, slot]).generate_state(2, np.uint32)
-    return (int(state[0]) << 32 | int(state[1])) >> 1  # 63 bits: within torch.manual_seed's range
 
 
 def load_streams(
@@ -684,49 +483,6 @@ def write_run_file(
     write_json_atomic(
         output_dir / RUN_FILE, {"identity": identity, "config": config.to_dict(), "written": owned}
     )
-
-
-def save_training_checkpoint(
-    output_dir: Path,
-    step: int,
-    loaded: LoadedModel,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: Any,
-    cursor: DataCursor,
-    ctx: DistContext,
-    eval_perplexity: float | None,
-    config: TrainConfig,
-    window: tuple[torch.Tensor, int, float],
-) -> CheckpointInfo | None:
-    """Write checkpoint-<step> on rank 0, then rotate; other ranks wait at a barrier.
-
-    Every rank calls this. `window` is the open loss window (this rank's NLL sum, the target
-    tokens, the training seconds so far); its NLL is summed over the ranks and saved with them.
-    """
-    from domainlm.model.distributed import barrier, full_state_dicts
-
-    model_state, optim_state = full_state_dicts(model, optimizer, ctx)
-    window_nll, window_tokens, window_seconds = window
-    (nll_sum,) = all_reduce_sum([float(window_nll)], ctx, window_nll.device)
-    if ctx.is_main:
-        # Owned before it exists: --overwrite-output-dir removes it even if this save is cut short.
-        record_written(output_dir, f"{CHECKPOINT_PREFIX}{step}")
-        state = {
-            "step": step,
-            "epoch": cursor.epoch,
-            "offset": cursor.offset,
-            "optimizer": optim_state,
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "world_size": ctx.world_size,
-            "loss_window": {"nll": nll_sum, "tokens": window_tokens, "seconds": window_seconds},
-        }
-        save_checkpoint(
-            output_dir, step, model, loaded.tokenizer, state, eval_perplexity, model_state
-        )
-        rotate_checkpoints(output_dir, config.save_total_limit)
-    barrier(ctx)
-    return None
 
 
 def save_eval_results(

@@ -1,0 +1,256 @@
+"""What happens at a step boundary, one object per concern, each owning its state.
+
+- `Progress`: the loss window (NLL and tokens since the last logged step, and its tokens/s),
+  metrics.jsonl and the progress bar. The window is saved in checkpoints for an exact resume.
+- `Evaluation`: validation perplexity before training, at --eval-steps and at the end; the last
+  result goes with the checkpoint of its step (which the best checkpoint is chosen by).
+- `Checkpoints`: checkpoint-<step> at --save-steps and at the final step, rotated.
+- `Sampling`: samples from --sample-prompts (text.generate.TrainingSampler).
+- `StopGuard`: a SIGINT/SIGTERM stops the run after the step, with a checkpoint.
+The bad-step and out-of-memory guards belong to the step itself (step.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from domainlm.evaluation.windows import NLLSum, stream_nll
+from domainlm.model.distributed import all_reduce_sum
+from domainlm.run import guard
+from domainlm.run.checkpoint import (
+    CHECKPOINT_PREFIX,
+    CheckpointInfo,
+    record_written,
+    rotate_checkpoints,
+    save_checkpoint,
+)
+from domainlm.run.state import Run
+from domainlm.run.step import StepOutcome
+
+
+class Progress:
+    """The loss window, metrics.jsonl's training events and the progress bar.
+
+    The window holds the NLL sum (this rank's) and target tokens (all ranks') since the last
+    logged step. A resumed run reopens the checkpoint's window, so its next logged loss covers the
+    same steps as without the interruption (rank 0 holds the all-ranks sum). Its tokens/s counts
+    training time only: time spent `paused()` (evaluation, saving, sampling) is left out.
+    """
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.bar = run.console.progress(run.total_steps, run.start_step)
+        self.nll = torch.zeros((), dtype=torch.float64, device=run.device)
+        self.tokens, self.start, self.tokens_seen = 0, time.perf_counter(), 0
+        self.paused_at: float | None = None
+        resumed = run.resumed_window
+        if resumed:
+            self.nll += float(resumed["nll"]) if run.ctx.is_main else 0.0
+            self.tokens = int(resumed["tokens"])
+            self.start -= float(resumed["seconds"])  # tokens/s over the whole window
+
+    def after_step(self, step: StepOutcome) -> None:
+        """Add a good step to the window; log and reset it every --logging-steps and at the end."""
+        if step.good:  # a skipped step's loss is not in the logged loss (its tokens are seen)
+            self.nll += step.nll
+            self.tokens += step.targets
+        self.tokens_seen += step.targets
+        if step.done % self.run.config.logging_steps == 0 or step.final:
+            self.log(step)
+        else:
+            self.run.console.advance(self.bar, step.done)
+
+    def log(self, step: StepOutcome) -> None:
+        run = self.run
+        (nll_sum,) = all_reduce_sum([float(self.nll)], run.ctx, run.device)
+        elapsed = time.perf_counter() - self.start
+        # input tokens per second over all ranks, padding excluded
+        speed = self.tokens / elapsed if elapsed > 0 else 0.0
+        # NaN when every step of the window was skipped as bad (guard.BadStepGuard)
+        loss = nll_sum / self.tokens if self.tokens else float("nan")
+        run.metrics.log_train(step.done, step.epoch, loss, step.lr, speed)
+        run.console.step(self.bar, step.done, loss, step.lr, speed)
+        self.nll.zero_()
+        self.tokens, self.start = 0, time.perf_counter()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time inside is not training time: the window's clock stops."""
+        self.paused_at = time.perf_counter()
+        yield
+        self.start += time.perf_counter() - self.paused_at
+        self.paused_at = None
+
+    def window(self) -> tuple[torch.Tensor, int, float]:
+        """The open window as a checkpoint saves it: NLL, target tokens, training seconds."""
+        now = self.paused_at if self.paused_at is not None else time.perf_counter()
+        return self.nll, self.tokens, now - self.start
+
+    def close(self) -> None:
+        self.run.console.close(self.bar)
+
+
+class Evaluation:
+    """Validation perplexity: before training, every --eval-steps, and over the whole validation
+    set at the final step. The evaluation batch is halved for good after an out-of-memory error."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.batch_size = run.config.eval_batch_size or run.config.batch_size
+        self.last: tuple[int, NLLSum] | None = None  # (step, result) of the latest evaluation
+
+    def __call__(self, limit: int | None) -> NLLSum:
+        """The validation NLL over at most `limit` tokens (None: all)."""
+        run, data = self.run, self.run.data
+        with eager_evaluation(run.config.compile):
+            result, self.batch_size = guard.eval_with_oom_backoff(
+                lambda batch_size: stream_nll(
+                    run.net.loss_module,
+                    data.valid_stream.tokens,
+                    block_size=data.block_size,
+                    stride=data.eval_stride,
+                    batch_size=batch_size,
+                    device=run.device,
+                    precision=run.precision,
+                    ctx=run.ctx,
+                    max_tokens=limit,
+                ),
+                self.batch_size,
+                run.console.warn,
+            )
+        return result
+
+    def initial(self) -> NLLSum | None:
+        """The perplexity before training (step 0); None for a resumed run (it has it logged)."""
+        if self.run.start_step != 0:
+            return None
+        initial = self(self.run.config.max_eval_tokens)
+        self.run.metrics.log_eval(0, 0.0, initial)
+        self.run.console.info(
+            f"validation perplexity before training: {initial.perplexity:.3f} "
+            f"({initial.tokens:,} tokens)"
+        )
+        return initial
+
+    def after_step(self, step: StepOutcome) -> None:
+        if step.done % self.run.config.eval_steps == 0 or step.final:
+            # The last evaluation scores the whole validation set, whatever --max-eval-tokens.
+            result = self(None if step.final else self.run.config.max_eval_tokens)
+            self.run.metrics.log_eval(step.done, step.epoch, result)
+            self.run.console.info(
+                f"step {step.done}: validation perplexity {result.perplexity:.3f}"
+            )
+            self.last = (step.done, result)
+
+    def perplexity_at(self, done: int) -> float | None:
+        """The perplexity evaluated at step `done`, if there was an evaluation then."""
+        return self.last[1].perplexity if self.last and self.last[0] == done else None
+
+    def final(self) -> NLLSum:
+        """The final step's full evaluation; a run with nothing left to train evaluates now."""
+        run = self.run
+        if self.last is not None and self.last[0] == run.total_steps:
+            return self.last[1]
+        final = self(None)  # nothing left to train (a finished run started again)
+        if not any("eval_ppl" in e and e["step"] == run.total_steps for e in run.metrics.events):
+            run.metrics.log_eval(run.total_steps, run.cursor.epoch_float(run.data.dataset), final)
+        return final
+
+
+def eager_evaluation(compiled: bool) -> Any:
+    """Evaluation runs the compiled model eagerly: compiling the no-grad graph and each window
+    shape costs more than the few evaluation passes of a run gain from it."""
+    if compiled and hasattr(torch.compiler, "set_stance"):  # torch >= 2.6
+        return torch.compiler.set_stance("force_eager")
+    return nullcontext()
+
+
+class Checkpoints:
+    """checkpoint-<step> every --save-steps and at the final step (so a finished run can be
+    extended with --max-steps), with the evaluation of that step and the open loss window."""
+
+    def __init__(self, run: Run, progress: Progress, evaluation: Evaluation) -> None:
+        self.run, self.progress, self.evaluation = run, progress, evaluation
+        self.last_saved: Path | None = run.data.resume_from
+
+    def after_step(self, step: StepOutcome) -> None:
+        if step.done % self.run.config.save_steps == 0 or step.final:
+            self.save(step.done, self.evaluation.perplexity_at(step.done))
+            self.last_saved = self.run.output_dir / f"checkpoint-{step.done}"
+
+    def save(self, done: int, perplexity: float | None) -> None:
+        save_training_checkpoint(self.run, done, perplexity, self.progress.window())
+
+    def save_unless_saved(self, done: int) -> None:
+        """Save step `done` unless this step's checkpoint was just written (a stop's save)."""
+        if self.last_saved != self.run.output_dir / f"checkpoint-{done}":
+            self.save(done, None)
+
+
+def save_training_checkpoint(
+    run: Run,
+    step: int,
+    eval_perplexity: float | None,
+    window: tuple[torch.Tensor, int, float],
+) -> CheckpointInfo | None:
+    """Write checkpoint-<step> on rank 0, then rotate; other ranks wait at a barrier.
+
+    Every rank calls this. `window` is the open loss window (this rank's NLL sum, the target
+    tokens, the training seconds so far); its NLL is summed over the ranks and saved with them.
+    """
+    from domainlm.model.distributed import barrier, full_state_dicts
+
+    ctx, net, output_dir = run.ctx, run.net, run.output_dir
+    model_state, optim_state = full_state_dicts(net.model, net.optimizer, ctx)
+    window_nll, window_tokens, window_seconds = window
+    (nll_sum,) = all_reduce_sum([float(window_nll)], ctx, window_nll.device)
+    if ctx.is_main:
+        # Owned before it exists: --overwrite-output-dir removes it even if this save is cut short.
+        record_written(output_dir, f"{CHECKPOINT_PREFIX}{step}")
+        state = {
+            "step": step,
+            "epoch": run.cursor.epoch,
+            "offset": run.cursor.offset,
+            "optimizer": optim_state,
+            "scaler": net.scaler.state_dict() if net.scaler.is_enabled() else None,
+            "world_size": ctx.world_size,
+            "loss_window": {"nll": nll_sum, "tokens": window_tokens, "seconds": window_seconds},
+        }
+        tokenizer = run.data.loaded.tokenizer
+        save_checkpoint(output_dir, step, net.model, tokenizer, state, eval_perplexity, model_state)
+        rotate_checkpoints(output_dir, run.config.save_total_limit)
+    barrier(ctx)
+    return None
+
+
+class Sampling:
+    """Samples from --sample-prompts every N steps (rank 0; RNG forked, model back in train mode)."""
+
+    def __init__(self, sampler: Any) -> None:
+        self.sampler = sampler  # text.generate.TrainingSampler, or None without prompts
+
+    def after_step(self, step: StepOutcome) -> None:
+        if self.sampler is not None:
+            self.sampler.maybe_sample(step.done, step.final)
+
+
+class StopGuard:
+    """The first SIGINT/SIGTERM asks the run to stop: after the step (all ranks agree), the step
+    is saved unless it just was, and the run ends with TrainingAborted (exit 130/143)."""
+
+    def __init__(self, run: Run, cleanup: ExitStack, checkpoints: Checkpoints, progress: Progress):
+        self.run, self.checkpoints, self.progress = run, checkpoints, progress
+        self.signals = cleanup.enter_context(guard.StopSignals(run.console.info))
+
+    def after_step(self, step: StepOutcome) -> None:
+        if step.final or not guard.stop_agreed(self.signals, self.run.ctx, self.run.device):
+            return
+        self.checkpoints.save_unless_saved(step.done)
+        self.progress.close()
+        raise guard.stopped_by_signal(self.signals, step.done, self.run.output_dir)
