@@ -163,7 +163,7 @@ def train(config: TrainConfig) -> TrainResult:
             config, loaded, run_identity["tokenizer"], console
         )
         # Data lint (domainlm/lint.py): warnings, or with --strict an error before any write.
-        check_training_data(
+        lint_warnings = check_training_data(
             config, block_size, train_stream, valid_stream, console,
             special_token_texts(loaded.tokenizer),
         )  # fmt: skip
@@ -421,7 +421,8 @@ def train(config: TrainConfig) -> TrainResult:
             if final.tokens:
                 save_eval_results(output_dir, final, initial, metrics, runtime, tokens_seen)
             loggers.close()
-            write_run_report(output_dir, data_summary(train_stream, valid_stream))  # plots, card
+            # plots, card, report.html
+            write_run_report(output_dir, data_summary(train_stream, valid_stream), lint_warnings)
             written = sorted(set(p.name for p in output_dir.iterdir()) - before)
             write_run_file(output_dir, config, run_identity, written=written)
             best = best_checkpoint(list_checkpoints(output_dir))
