@@ -1,10 +1,10 @@
 """Run reports: plots of loss, perplexity and learning rate; a summary table; the model card;
-TensorBoard / MLflow / W&B loggers.
+report.html; TensorBoard / MLflow / W&B loggers.
 
 Everything is read back from what a run writes (metrics.jsonl, eval_results.json,
-run_config.json), so `domainlm report RUN_DIR ...` gives the same report later, for several runs
-overlaid. matplotlib, tensorboard, mlflow and wandb are optional: without them that part is
-skipped with a one-line note.
+run_config.json, samples.jsonl, the model card's front matter), so `domainlm report RUN_DIR ...`
+gives the same report later, for several runs overlaid on one page. matplotlib is a dependency;
+tensorboard, mlflow and wandb are optional: without them that part is skipped with a note.
 """
 
 from __future__ import annotations

@@ -239,6 +239,8 @@ def test_report_compares_runs(run_dirs, tmp_path, capsys) -> None:
         assert f"Run {run_dir.name} " in words
         assert f"{run_dir.name} " in words and f" {final:.3f} " in words
     assert len(page.find("img")) == len(PLOTS)
+    # each run's lint warning, read back from its model card's front matter
+    assert words.count("1 exact duplicate line(s), e.g. 'a dup line here' x2") == 2
     # the settings side by side, the differing rows marked
     differing = text_of_rows(out / REPORT_FILE, "differs")
     first, second = (json.loads((r / "run_config.json").read_text())["config"] for r in run_dirs)
