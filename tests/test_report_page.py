@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -334,7 +335,14 @@ def render(page: Path, tmp_path: Path, height: int = 2600) -> tuple[np.ndarray, 
         f"--screenshot={shot}",
         page.resolve().as_uri(),
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    home = {
+        "HOME": str(tmp_path),
+        "XDG_CONFIG_HOME": str(tmp_path),
+        "XDG_CACHE_HOME": str(tmp_path),
+    }
+    done = subprocess.run(  # its profile, cache and NSS files in tmp_path, not the user's home
+        command, capture_output=True, text=True, timeout=120, check=False, env=os.environ | home
+    )
     assert done.returncode == 0 and shot.is_file(), done.stderr[-2000:]
     from matplotlib.image import imread
 
