@@ -235,13 +235,16 @@ def _run_generate(args: argparse.Namespace) -> int:
 def _add_report_parser(sub: Any) -> None:
     p = sub.add_parser(
         "report",
-        help="plots of loss, perplexity and learning rate, a summary table and the model card",
-        description="Report on one or more training runs (several runs are overlaid).",
+        help="report.html, plots of loss, perplexity and learning rate, a summary table, the card",
+        description="Report on one or more training runs: one self-contained report.html "
+        "(several runs compared on one page, their curves overlaid), the plots and summary.md.",
         allow_abbrev=False,
     )
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output folders of training runs")
     p.add_argument(
-        "--output", help="folder for the plots and summary (default: the run's folder, or ./report)"
+        "--output",
+        help="folder for report.html, the plots and summary.md (default: the run's folder, "
+        "or ./report)",
     )
     p.set_defaults(handler=_run_report)
 

@@ -124,11 +124,12 @@ def test_report_files_are_owned_by_the_run(runs: tuple[Path, Path], tmp_path: Pa
     copy = tmp_path / "run"
     shutil.copytree(runs[0], copy)
     written = set(read_run_file(copy)["written"])
-    assert {"README.md", "samples.jsonl", *PLOTS} <= written
+    assert {"README.md", "samples.jsonl", "report.html", *PLOTS} <= written
     (copy / "notes.txt").write_text("mine")
     remove_owned_files(copy)  # what --overwrite-output-dir does
     left = {p.name for p in copy.iterdir()}
-    assert not left & {"README.md", "samples.jsonl", *PLOTS} and "notes.txt" in left
+    assert not left & {"README.md", "samples.jsonl", "report.html", *PLOTS}
+    assert "notes.txt" in left
 
 
 def test_report_over_two_runs(
@@ -138,7 +139,7 @@ def test_report_over_two_runs(
     assert main(["report", str(runs[0]), str(runs[1]), "--output", str(out)]) == 0
     table = capsys.readouterr().out
     assert "| sampled |" in table and "| plain |" in table
-    assert sorted(p.name for p in out.iterdir()) == sorted([*PLOTS, "summary.md"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([*PLOTS, "summary.md", "report.html"])
     assert [line[:2] for line in (out / "summary.md").read_text().splitlines()].count("| ") == 3
     # two curves overlaid: matplotlib's first two colours (blue, orange) are both drawn
     rgb = decode_png(out / "training_loss.png")[..., :3].reshape(-1, 3)
@@ -165,7 +166,7 @@ def test_a_foreign_readme_is_kept(runs: tuple[Path, Path], tmp_path: Path) -> No
 def test_without_matplotlib_plots_are_skipped(runs, tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
     assert plot_runs([read_run(runs[0])], tmp_path) == []
-    assert "matplotlib is not installed" in capsys.readouterr().err
+    assert "matplotlib cannot be imported" in capsys.readouterr().err
 
 
 def test_tensorboard_events(tmp_path: Path) -> None:

@@ -96,6 +96,7 @@ def test_end_to_end_files_limit_loss_and_reload(
         "metrics.jsonl",
         "run_config.json",
         "README.md",
+        "report.html",
         *PLOTS,
     }
     if tensorboard_enabled(None):  # event files whenever tensorboard is installed

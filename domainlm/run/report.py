@@ -1,14 +1,16 @@
 """Run reports: plots of loss, perplexity and learning rate; a summary table; the model card;
-TensorBoard / MLflow / W&B loggers.
+report.html; TensorBoard / MLflow / W&B loggers.
 
 Everything is read back from what a run writes (metrics.jsonl, eval_results.json,
-run_config.json), so `domainlm report RUN_DIR ...` gives the same report later, for several runs
-overlaid. matplotlib, tensorboard, mlflow and wandb are optional: without them that part is
-skipped with a one-line note.
+run_config.json, samples.jsonl, the model card's front matter), so `domainlm report RUN_DIR ...`
+gives the same report later, for several runs overlaid on one page. matplotlib is a dependency;
+tensorboard, mlflow and wandb are optional: without them that part is skipped with a note.
 """
 
 from __future__ import annotations
 
+import base64
+import html
 import json
 import math
 import os
@@ -20,10 +22,11 @@ from typing import Any
 from domainlm.errors import UserError
 from domainlm.run.metrics import read_events
 
+# file -> what it shows (the model card and report.html list them in this order)
 PLOTS = {
-    "training_loss.png": ("loss", "training loss (nats/token)", False),
-    "validation_perplexity.png": ("eval_ppl", "validation perplexity", True),
-    "learning_rate.png": ("lr", "learning rate", False),
+    "training_loss.png": "training and validation loss",
+    "validation_perplexity.png": "validation perplexity",
+    "learning_rate.png": "learning rate",
 }
 PLOT_SIZE_IN, PLOT_DPI = (8.0, 5.0), 100  # 800 x 500 pixels
 CARD_FILE, SUMMARY_FILE = "README.md", "summary.md"
@@ -83,7 +86,8 @@ def read_run(path: Path) -> RunData:
 
 
 def plot_runs(runs: list[RunData], output_dir: Path) -> list[Path]:
-    """One PNG per curve (training loss, validation perplexity, learning rate), runs overlaid."""
+    """One PNG per entry of PLOTS (see plot_figure), runs overlaid; [] with a note when
+    matplotlib cannot be imported."""
     from domainlm.data.tokens import default_cache_dir
 
     # matplotlib's font cache goes beside the token cache, not into the user's home
@@ -93,31 +97,16 @@ def plot_runs(runs: list[RunData], output_dir: Path) -> list[Path]:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
+    except ImportError:  # a dependency since issue 16; only a broken install gets here
         print(
-            "note: matplotlib is not installed, no plots (pip install 'domainlm[plots]')",
+            "note: matplotlib cannot be imported, no plots (pip install matplotlib)",
             file=sys.stderr,
         )
         return []
     written = []
     output_dir.mkdir(parents=True, exist_ok=True)
-    for filename, (key, label, log_scale) in PLOTS.items():
-        fig, ax = plt.subplots(figsize=PLOT_SIZE_IN, dpi=PLOT_DPI)
-        for run in runs:
-            events = run.evals if key == "eval_ppl" else run.train
-            points = [(e["step"], e[key]) for e in events if _finite(e.get(key))]
-            if points:
-                steps, values = zip(*points, strict=True)
-                ax.plot(steps, values, marker="o" if len(points) < 30 else None, label=run.name)
-        ax.set_xlabel("step")
-        ax.set_ylabel(label)
-        ax.set_title(label + " by step")
-        if log_scale:
-            ax.set_yscale("log")
-        ax.grid(True, alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:  # a run whose values are all NaN draws nothing
-            ax.legend()
-        fig.tight_layout()
+    for filename in PLOTS:
+        fig = plot_figure(filename, runs)
         target = output_dir / filename
         fig.savefig(target, dpi=PLOT_DPI)
         plt.close(fig)
@@ -125,37 +114,149 @@ def plot_runs(runs: list[RunData], output_dir: Path) -> list[Path]:
     return written
 
 
+def plot_figure(filename: str, runs: list[RunData]) -> Any:
+    """The matplotlib Figure of one entry of PLOTS, runs overlaid (one colour per run, in order).
+
+    Loss in nats/token with the validation points marked (dots); validation perplexity, dots
+    joined, on a log scale when it spans more than a decade; the learning rate. x is the
+    optimizer step; for a single run whose token count is known, a top axis gives the training
+    tokens (mean per step x step). A legend only when two or more curves are drawn (runs, or
+    training and validation); a plot with nothing to draw says so instead.
+    """
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=PLOT_SIZE_IN, dpi=PLOT_DPI)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    drew = 0
+    for index, run in enumerate(runs):
+        colour = colours[index % len(colours)]
+        prefix = f"{run.name}: " if len(runs) > 1 else ""
+        if filename == "training_loss.png":
+            drew += _line(ax, run.train, "loss", colour, prefix + "training")
+            drew += _points(ax, run.evals, "eval_loss", colour, prefix + "validation")
+        elif filename == "validation_perplexity.png":
+            drew += _points(ax, run.evals, "eval_ppl", colour, run.name, joined=True)
+        else:
+            drew += _line(ax, run.train, "lr", colour, run.name)
+    ylabel = {
+        "training_loss.png": "loss (nats/token)",
+        "validation_perplexity.png": "perplexity",
+        "learning_rate.png": "learning rate",
+    }[filename]
+    ax.set_title(PLOTS[filename].capitalize() + (f" ({runs[0].name})" if len(runs) == 1 else ""))
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    if filename == "validation_perplexity.png" and _spans_decades(runs):
+        ax.set_yscale("log")
+        ax.set_ylabel("perplexity (log scale)")
+    if not drew:
+        ax.text(0.5, 0.5, "nothing logged", ha="center", va="center", transform=ax.transAxes)
+    elif len(ax.get_legend_handles_labels()[0]) > 1:  # a legend only to tell curves apart
+        ax.legend(loc="best")
+    if len(runs) == 1 and drew:
+        _tokens_axis(ax, runs[0])
+    fig.tight_layout()
+    return fig
+
+
+def _line(ax: Any, events: list[dict[str, Any]], key: str, colour: str, label: str) -> int:
+    """A line of the finite `key` values by step; 1 if anything was drawn."""
+    points = [(e["step"], e[key]) for e in events if _finite(e.get(key))]
+    if not points:
+        return 0
+    steps, values = zip(*points, strict=True)
+    ax.plot(steps, values, color=colour, marker="." if len(points) < 30 else None, label=label)
+    return 1
+
+
+def _points(
+    ax: Any, events: list[dict[str, Any]], key: str, colour: str, label: str, joined: bool = False
+) -> int:
+    """Validation points, marked (white-edged dots), optionally joined by a thin line."""
+    points = [(e["step"], e[key]) for e in events if _finite(e.get(key))]
+    if not points:
+        return 0
+    steps, values = zip(*points, strict=True)
+    ax.plot(
+        steps,
+        values,
+        color=colour,
+        linestyle="-" if joined else "none",
+        linewidth=1.2,
+        marker="o",
+        markersize=7,
+        markeredgecolor="white",
+        label=label,
+        zorder=3,
+    )
+    return 1
+
+
+def _spans_decades(runs: list[RunData]) -> bool:
+    """Whether the validation perplexities span more than a factor of 10 (then: log scale)."""
+    values = [e["eval_ppl"] for run in runs for e in run.evals if _finite(e.get("eval_ppl"))]
+    values = [v for v in values if v > 0]
+    return bool(values) and max(values) > 10 * min(values)
+
+
+def _tokens_axis(ax: Any, run: RunData) -> None:
+    """A top axis in training tokens: the run's token count spread evenly over its steps."""
+    tokens, steps = run.results.get("train_tokens"), run.train[-1]["step"] if run.train else 0
+    if not (isinstance(tokens, int | float) and tokens > 0 and steps > 0):
+        return
+    from matplotlib.ticker import EngFormatter
+
+    per_step = tokens / steps
+    top = ax.secondary_xaxis("top", functions=(lambda s: s * per_step, lambda t: t / per_step))
+    top.set_xlabel("training tokens (mean per step \u00d7 step)")
+    top.xaxis.set_major_formatter(EngFormatter(sep=""))  # 7k, 1.2M: not 1e8 offsets
+    ax.set_title(ax.get_title(), pad=12)  # above the top axis's label, not on it
+
+
 def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
 
-def summary_table(runs: list[RunData]) -> str:
-    """A Markdown table: one row per run."""
-    head = (
-        "| run | model | steps | train tokens | last loss | perplexity before | perplexity after "
-        "| best perplexity (step) | runtime |"
-    )
-    rows = [head, "|" + "---|" * 9]
+SUMMARY_COLUMNS = [
+    "run",
+    "model",
+    "steps",
+    "train tokens",
+    "last loss",
+    "perplexity before",
+    "perplexity after",
+    "best perplexity (step)",
+    "runtime",
+]
+
+
+def summary_rows(runs: list[RunData]) -> list[list[str]]:
+    """One row of SUMMARY_COLUMNS per run, as text ("?" where the run does not say)."""
+    rows = []
     for run in runs:
         best = min(run.evals, key=lambda e: e["eval_ppl"], default=None)
         runtime = run.results.get("train_runtime")
         rows.append(
-            "| "
-            + " | ".join(
-                [
-                    run.name,
-                    str(run.config.get("model", "?")),
-                    str(run.train[-1]["step"] if run.train else 0),
-                    f"{run.results['train_tokens']:,}" if "train_tokens" in run.results else "?",
-                    f"{run.train[-1]['loss']:.4f}" if run.train else "?",
-                    _fmt(run.initial_perplexity()),
-                    _fmt(run.final_perplexity()),
-                    f"{best['eval_ppl']:.3f} ({best['step']})" if best else "?",
-                    f"{runtime:.0f}s" if runtime is not None else "?",
-                ]
-            )
-            + " |"
+            [
+                run.name,
+                str(run.config.get("model", "?")),
+                str(run.train[-1]["step"] if run.train else 0),
+                f"{run.results['train_tokens']:,}" if "train_tokens" in run.results else "?",
+                f"{run.train[-1]['loss']:.4f}" if run.train else "?",
+                _fmt(run.initial_perplexity()),
+                _fmt(run.final_perplexity()),
+                f"{best['eval_ppl']:.3f} ({best['step']})" if best else "?",
+                f"{runtime:.0f}s" if runtime is not None else "?",
+            ]
         )
+    return rows
+
+
+def summary_table(runs: list[RunData]) -> str:
+    """A Markdown table: one row per run."""
+    rows = ["| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
+    rows += ["| " + " | ".join(row) + " |" for row in summary_rows(runs)]
     return "\n".join(rows) + "\n"
 
 
@@ -329,32 +430,244 @@ def write_model_card(run: RunData, data: dict[str, Any] | None = None) -> Path |
     return target
 
 
+# ----------------------------------------------------------------------------- report.html
+
+REPORT_FILE = "report.html"
+MAX_SAMPLES_SHOWN = 200  # samples.jsonl rows on the page (the file keeps them all)
+# No scripts, no fetches: only inline styles and data: images may load. The page is
+# self-contained, and text that slipped past escaping still could not run.
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+STYLE = """
+body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: #222;
+       max-width: 1100px; margin: 1.5em auto; padding: 0 1em; }
+h1 { font-size: 1.6em; margin-bottom: .2em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: .5em 0; } td, th { border: 1px solid #ccc;
+        padding: .25em .6em; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr.differs td { background: #fff6d5; }
+.plots img { width: 100%; max-width: 800px; display: block; margin: .6em 0; border: 1px solid #eee; }
+.big { font-size: 1.25em; } .warn li { color: #8a4b00; } .muted { color: #777; }
+pre { white-space: pre-wrap; word-break: break-word; margin: 0; font-size: .92em; }
+"""
+
+
+def _e(value: Any) -> str:
+    """Any value as HTML-escaped text (quotes too): every user string on the page goes here."""
+    return html.escape(str(value), quote=True)
+
+
+def _table(
+    head: list[str] | None, rows: list[list[str]], row_classes: list[str] | None = None
+) -> str:
+    """An HTML table of plain-text cells (escaped here); no header row when `head` is None."""
+    out = ["<table>"]
+    if head:
+        out.append("<tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>")
+    for index, row in enumerate(rows):
+        cls = f' class="{row_classes[index]}"' if row_classes and row_classes[index] else ""
+        cells = "".join(f"<td><pre>{_e(cell)}</pre></td>" for cell in row)
+        out.append(f"<tr{cls}>{cells}</tr>")
+    return "\n".join(out + ["</table>"])
+
+
+def _plot_images(plots: list[Path]) -> str:
+    """The PNGs inline as data: URLs (the page needs no other file)."""
+    parts = ['<div class="plots">']
+    for path in plots:
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        alt = PLOTS.get(path.name, path.stem)
+        parts.append(f'<img alt="{_e(alt)}" src="data:image/png;base64,{data}">')
+    if len(parts) == 1:
+        parts.append('<p class="muted">No plots (matplotlib could not be imported).</p>')
+    return "\n".join(parts + ["</div>"])
+
+
+def read_samples(run: RunData) -> list[dict[str, Any]]:
+    """The run's samples.jsonl records ({step, prompt, text}); [] when it has none."""
+    from domainlm.text.generate import SAMPLES_FILE
+
+    path = run.path / SAMPLES_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by a crash
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _run_details(
+    run: RunData, data: dict[str, Any] | None, heading: str, plots: str = "", settings: bool = True
+) -> str:
+    """A run's sections: results, best checkpoint, `plots` (HTML), data, lint warnings,
+    samples, settings."""
+    from domainlm.run.checkpoint import best_checkpoint, list_checkpoints
+
+    out = [heading]
+    before, after = run.initial_perplexity(), run.final_perplexity()
+    tokens = run.results.get("eval_tokens")
+    out.append(
+        f'<p class="big">Validation perplexity: <b>{_e(_fmt(before))}</b> before training '
+        f"&rarr; <b>{_e(_fmt(after))}</b> after"
+        + (f" ({_e(f'{tokens:,}')} tokens, every token scored once)" if tokens else "")
+        + "</p>"
+    )
+    best = best_checkpoint(list_checkpoints(run.path))
+    out.append(
+        f"<p>Best checkpoint: <code>{_e(best.path.name)}</code> (step {best.step}, validation "
+        f"perplexity {_e(_fmt(best.eval_perplexity))})</p>"
+        if best
+        else '<p class="muted">Best checkpoint: none kept with a validation perplexity.</p>'
+    )
+    out.append(plots)
+    out.append("<h3>Data</h3>")
+    rows = [["training file", str(run.config.get("train_file", "?"))]]
+    if run.config.get("validation_file"):
+        rows.append(["validation file", str(run.config["validation_file"])])
+    elif run.config:
+        share = run.config.get("validation_split", 0.05)
+        rows.append(["validation", f"{share:.0%} of the training documents held out (seeded)"])
+    for key in ("train_documents", "train_tokens", "validation_documents", "validation_tokens"):
+        if data and isinstance(data.get(key), int):
+            rows.append([key.replace("_", " "), f"{data[key]:,}"])
+    if "train_tokens" in run.results:
+        rows.append(["tokens trained on (all epochs)", f"{run.results['train_tokens']:,}"])
+    out.append(_table(None, rows))
+    warnings = (data or {}).get("lint_warnings")
+    out.append("<h3>Data lint warnings</h3>")
+    if warnings is None:
+        out.append('<p class="muted">Not recorded for this run.</p>')
+    elif warnings:
+        out.append('<ul class="warn">' + "".join(f"<li>{_e(w)}</li>" for w in warnings) + "</ul>")
+    else:
+        out.append("<p>None.</p>")
+    samples = read_samples(run)
+    if samples:
+        out.append(f"<h3>Samples while training ({len(samples)})</h3>")
+        shown = samples[-MAX_SAMPLES_SHOWN:]
+        if len(shown) < len(samples):
+            out.append(f'<p class="muted">The last {len(shown)}; all in samples.jsonl.</p>')
+        rows = [
+            [str(r.get("step", "?")), str(r.get("prompt", "")), str(r.get("text", ""))]
+            for r in shown
+        ]
+        out.append(_table(["step", "prompt", "text"], rows))
+    if not settings:  # several runs: their settings are in one table, side by side
+        return "\n".join(out)
+    out.append("<h3>Settings (run_config.json)</h3>")
+    if run.config:
+        out.append(_table(["setting", "value"], [[k, _setting(v)] for k, v in run.config.items()]))
+    else:
+        out.append('<p class="muted">No run_config.json.</p>')
+    return "\n".join(out)
+
+
+def _setting(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _settings_compared(runs: list[RunData]) -> str:
+    """One row per setting, one column per run; rows whose values differ are highlighted."""
+    keys = list(dict.fromkeys(k for run in runs for k in run.config))
+    rows, classes = [], []
+    for key in keys:
+        values = [_setting(run.config[key]) if key in run.config else "" for run in runs]
+        rows.append([key, *values])
+        classes.append("differs" if len(set(values)) > 1 else "")
+    return _table(["setting", *[run.name for run in runs]], rows, classes)
+
+
+def html_report(
+    runs: list[RunData], plots: list[Path], data: list[dict[str, Any] | None] | None = None
+) -> str:
+    """report.html: one self-contained page (inline CSS, PNGs as data: URLs, no scripts).
+
+    One run: its results, plots, data summary, lint warnings, samples and settings. Several:
+    a summary table, the overlaid plots, the settings side by side, then each run's details.
+    `data[i]` is run i's data summary (data_summary() plus "lint_warnings"), or None.
+    """
+    data = data or [None] * len(runs)
+    title = runs[0].name if len(runs) == 1 else f"{len(runs)} runs compared"
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{_e(title)} \N{EN DASH} domainlm report</title>",
+        f"<style>{STYLE}</style>",
+        "</head><body>",
+        f"<h1>{_e(title)}</h1>",
+        f'<p class="muted">domainlm report of {", ".join(_e(run.path) for run in runs)}</p>',
+    ]
+    if len(runs) == 1:
+        out.append(_run_details(runs[0], data[0], "", _plot_images(plots)))
+        out += ["<h2>Summary</h2>", _table(SUMMARY_COLUMNS, summary_rows(runs))]
+    else:
+        out += ["<h2>Summary</h2>", _table(SUMMARY_COLUMNS, summary_rows(runs))]
+        out += ["<h2>Curves</h2>", _plot_images(plots)]
+        out += ["<h2>Settings compared</h2>", _settings_compared(runs)]
+        for run, summary in zip(runs, data, strict=True):
+            heading = f"<h2>Run {_e(run.name)}</h2>"
+            out.append(_run_details(run, summary, heading, settings=False))
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def write_html_report(
+    runs: list[RunData],
+    plots: list[Path],
+    output_dir: Path,
+    data: list[dict[str, Any] | None] | None = None,
+) -> Path:
+    """Write report.html into output_dir (replacing it atomically) and return its path."""
+    target = output_dir / REPORT_FILE
+    tmp = target.with_name(f".{REPORT_FILE}.tmp")
+    tmp.write_text(html_report(runs, plots, data), encoding="utf-8")
+    os.replace(tmp, target)
+    return target
+
+
 # ----------------------------------------------------------------------------- entry points
 
 
-def write_run_report(output_dir: Path, data: dict[str, Any] | None = None) -> list[Path]:
-    """End of training (rank 0): the plots and the model card in the run folder."""
+def write_run_report(
+    output_dir: Path, data: dict[str, Any] | None = None, lint_warnings: list[str] | None = None
+) -> list[Path]:
+    """End of training (rank 0): the plots, the model card and report.html in the run folder.
+
+    The lint warnings go into the data summary, which the model card's front matter keeps, so
+    a later `domainlm report` of this run shows them too.
+    """
     run = read_run(output_dir)
-    written = plot_runs([run], output_dir)
+    if data is not None and lint_warnings is not None:
+        data = {**data, "lint_warnings": list(lint_warnings)}
+    plots = plot_runs([run], output_dir)
     card = write_model_card(run, data)
-    return written + ([card] if card else [])
+    page = write_html_report([run], plots, output_dir, [data or card_data(run.path)])
+    return plots + ([card] if card else []) + [page]
 
 
 def run_report(run_dirs: list[Path], output: Path | None = None) -> list[Path]:
-    """`domainlm report`: plots and summary of one or more runs; a single run's card refreshed."""
+    """`domainlm report`: plots, summary.md and report.html of one or more runs (one page
+    comparing them); a single run's card refreshed when the output is its own folder."""
     runs = [read_run(path) for path in run_dirs]  # all checked before anything is written
     if output is None:
         output = run_dirs[0] if len(run_dirs) == 1 else Path("report")
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} is a file; give a folder")
     output.mkdir(parents=True, exist_ok=True)
-    written = plot_runs(runs, output)
+    plots = plot_runs(runs, output)
     table = summary_table(runs)
     (output / SUMMARY_FILE).write_text("# Runs\n\n" + table, encoding="utf-8")
-    written.append(output / SUMMARY_FILE)
+    written = [*plots, output / SUMMARY_FILE]
     if len(runs) == 1 and output.resolve() == runs[0].path.resolve():
         card = write_model_card(runs[0])
         written += [card] if card else []
+    written.append(write_html_report(runs, plots, output, [card_data(run.path) for run in runs]))
     print(table, end="")
     for path in written:
         print(f"wrote {path}", file=sys.stderr)

@@ -6,7 +6,7 @@ optimizer (RunModel), then the run's state and outputs (Run). Nothing here does 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ class RunData:
     valid_stream: TokenStream
     dataset: BlockDataset
     resume_from: Path | None  # the checkpoint to continue from
+    lint_warnings: list[str] = field(default_factory=list)  # shown again in report.html
 
 
 @dataclass

@@ -173,7 +173,7 @@ def check_inputs(
     # Data errors (empty, binary, invalid UTF-8) come before anything in output_dir is touched.
     train_stream, valid_stream = load_streams(config, loaded, identity["tokenizer"], console)
     # Data lint (domainlm/data/lint.py): warnings, or with --strict an error before any write.
-    check_training_data(
+    lint_warnings = check_training_data(
         config, block_size, train_stream, valid_stream, console,
         special_token_texts(loaded.tokenizer),
     )  # fmt: skip
@@ -184,8 +184,9 @@ def check_inputs(
     resume_from = decide_resume(config, output_dir, identity, console, ctx)
     dataset = BlockDataset(train_stream, block_size, config.packing)
     return RunData(
-        loaded, identity, block_size, eval_stride, train_stream, valid_stream, dataset, resume_from
-    )
+        loaded, identity, block_size, eval_stride, train_stream, valid_stream, dataset, resume_from,
+        lint_warnings,
+    )  # fmt: skip
 
 
 def build_model(
@@ -333,7 +334,7 @@ def save_model_folder(
         save_eval_results(output_dir, final, initial, run.metrics, runtime, tokens_seen)
     run.loggers.close()
     summary = data_summary(run.data.train_stream, run.data.valid_stream)
-    write_run_report(output_dir, summary)  # plots, model card
+    write_run_report(output_dir, summary, run.data.lint_warnings)  # plots, card, report.html
     written = sorted(set(p.name for p in output_dir.iterdir()) - before)
     write_run_file(output_dir, run.config, run.data.identity, written=written)
 
