@@ -18,6 +18,9 @@ STRATEGIES = ("auto", "ddp", "fsdp")
 PACKING_MODES = ("concat", "docs")
 DOC_SEPARATORS = ("line", "blank")
 ENCODING_ERRORS = ("strict", "replace")
+TEXT_COLUMN_HELP = (
+    "Column of .parquet/.csv/dataset-folder rows (and field of .jsonl lines) that holds the text."
+)
 
 
 def opt(default: Any, help: str, **extra: Any) -> Any:
@@ -36,7 +39,10 @@ class TrainConfig:
         required=True,
     )
     train_file: str = opt(
-        None, "Training texts: .txt (one per line), .jsonl with 'text', or a folder.", required=True
+        None,
+        "Training texts: .txt (one per line), .jsonl, .parquet or .csv (one per row, the "
+        "--text-column), a datasets.save_to_disk folder, or a folder of files.",
+        required=True,
     )
     output_dir: str = opt(
         None, "Folder for checkpoints, metrics and the final model.", required=True
@@ -47,6 +53,7 @@ class TrainConfig:
     validation_split: float = opt(
         0.05, "Share of training documents held out when no validation file is given."
     )
+    text_column: str = opt("text", TEXT_COLUMN_HELP)
     block_size: int | None = opt(
         None, "Tokens per training block. Default: the model's context, at most 1024."
     )
@@ -140,7 +147,7 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("model", "train_file", "output_dir"):
+        for name in ("model", "train_file", "output_dir", "text_column"):
             if not getattr(self, name):
                 raise UserError(f"--{name.replace('_', '-')} is required")
         positive = ["batch_size", "grad_accum", "save_steps", "logging_steps", "max_bad_steps"]

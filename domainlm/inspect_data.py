@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from domainlm.config import DOC_SEPARATORS, PACKING_MODES
+from domainlm.config import DOC_SEPARATORS, PACKING_MODES, TEXT_COLUMN_HELP
 from domainlm.data.blocks import BlockDataset, split_documents
 from domainlm.data.lint import count_long_documents, lint_corpus
 from domainlm.data.tokens import TokenStream, load_token_stream
@@ -36,7 +36,10 @@ def opt(default: Any, help: str, **extra: Any) -> Any:
 class InspectConfig:
     """Everything `domainlm inspect` needs; the same meaning as the `train` flags of that name."""
 
-    train_file: str = opt(None, "Training texts: .txt, .jsonl or a folder.", required=True)
+    train_file: str = opt(
+        None, "Training texts: .txt, .jsonl, .parquet, .csv, a dataset folder or a folder.",
+        required=True,
+    )  # fmt: skip
     validation_file: str | None = opt(None, "Validation texts (checked for leakage from train).")
     model: str = opt(
         "scratch:gpt2", "Model whose tokenizer, shape and speed to use (hub id, folder, scratch:)."
@@ -54,6 +57,7 @@ class InspectConfig:
     )
     packing: str = opt("concat", "Packing mode of the run to estimate.", choices=PACKING_MODES)
     encoding_errors: str = opt("strict", "strict or replace.", choices=("strict", "replace"))
+    text_column: str = opt("text", TEXT_COLUMN_HELP)
     cache_dir: str | None = opt(None, "Token cache folder (shared with train).")
     time_steps: int = opt(2, "Optimizer steps to time for the estimate (0: no timing).")
     json: bool = opt(False, "Print one JSON object instead of text.")
@@ -150,6 +154,7 @@ def inspect_data(config: InspectConfig) -> dict[str, Any]:
             config.cache_dir,
             config.doc_sep,
             config.encoding_errors,
+            config.text_column,
         ).stream
 
     full = load(config.train_file)
@@ -158,6 +163,7 @@ def inspect_data(config: InspectConfig) -> dict[str, Any]:
         config.validation_file,
         config.cache_dir,
         special_token_texts(loaded.tokenizer),
+        config.text_column,
     )
     lint.train.long_documents = count_long_documents(full.doc_starts, block)
     if config.validation_file:

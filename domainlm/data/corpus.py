@@ -15,6 +15,10 @@ file starts in well under a second instead of re-reading it. An edit changes the
 modification time; only an edit that keeps both and misses every sample would go unseen, so
 `DOMAINLM_FULL_HASH=1` restores the full-content hash for those who rewrite files in place and
 reset their timestamps.
+
+Tables (`.parquet`, `.csv`, a `datasets.save_to_disk` folder; `formats.py`) are read in batches of
+rows of their `--text-column`, each row a document, and keyed on the same fingerprint of their
+files' bytes; the text column is part of the token cache's key (`tokens.load_token_stream`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,13 @@ from typing import Any
 
 import numpy as np
 
+from domainlm.data.formats import (
+    DEFAULT_TEXT_COLUMN,
+    check_table,
+    dataset_folder_files,
+    is_table,
+    iter_text_batches,
+)
 from domainlm.errors import UserError
 
 CHUNK_BYTES = 4 << 20
@@ -39,22 +50,37 @@ SAMPLES = 64
 SAMPLE_BYTES = 64 << 10
 PROGRESS_MIN_BYTES = 32 << 20
 TEXT_SUFFIXES = (".txt", ".jsonl", ".text")
+FOLDER_SUFFIXES = (*TEXT_SUFFIXES, ".parquet", ".csv")
 
 
 # ----------------------------------------------------------------------------- files
 
 
 def text_files(path: str | os.PathLike) -> list[Path]:
-    """The files behind a --train-file/--validation-file argument: the file, or a folder's texts."""
+    """The files behind a --train-file/--validation-file argument: the file, the .arrow files of a
+    `datasets.save_to_disk` folder, or a folder's .txt/.jsonl/.parquet/.csv files (sorted)."""
     p = Path(path)
     if not p.exists():
         raise UserError(f"{path}: no such file or folder")
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
+        dataset = dataset_folder_files(p)
+        if dataset is not None:
+            return dataset
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in FOLDER_SUFFIXES)
         if not files:
-            raise UserError(f"{path}: the folder holds no .txt or .jsonl files")
+            raise UserError(f"{path}: the folder holds no .txt, .jsonl, .parquet or .csv files")
         return files
     return [p]
+
+
+def check_input(path: str | os.PathLike, text_column: str = DEFAULT_TEXT_COLUMN) -> list[Path]:
+    """`text_files`, and each table's column checked (its first batch read): bad input fails here,
+    before anything is written."""
+    files = text_files(path)
+    for file in files:
+        if is_table(file):
+            check_table(file, text_column)
+    return files
 
 
 # ----------------------------------------------------------------------------- cache key
@@ -153,23 +179,27 @@ def invalid_utf8_lines(chunk: bytes, first_line: int) -> list[int]:
     return bad
 
 
-def chunk_documents(file: Path, first_line: int, text: str, doc_sep: str) -> list[str]:
+def chunk_documents(
+    file: Path, first_line: int, text: str, doc_sep: str, text_column: str = DEFAULT_TEXT_COLUMN
+) -> list[str]:
     """The documents of one decoded chunk, with the rules of `data.read_documents`."""
-    return [doc for _, doc in chunk_numbered_documents(file, first_line, text, doc_sep)]
+    numbered = chunk_numbered_documents(file, first_line, text, doc_sep, text_column)
+    return [doc for _, doc in numbered]
 
 
 def chunk_numbered_documents(
-    file: Path, first_line: int, text: str, doc_sep: str
+    file: Path, first_line: int, text: str, doc_sep: str, text_column: str = DEFAULT_TEXT_COLUMN
 ) -> list[tuple[int, str]]:
     """(line number where it starts, document) for each document of one decoded chunk.
 
     The one place the splitting rules live: training, validation and `domainlm perplexity` all
     come here. A line end is LF or CRLF (the CR is dropped); a line of only whitespace is blank;
     `line`: each non-blank line is a document; `blank`: runs of non-blank lines joined by LF are.
+    A .jsonl line gives its `text_column` field.
     """
     lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
     if file.suffix == ".jsonl":
-        return _jsonl_texts(file, first_line, lines)
+        return _jsonl_texts(file, first_line, lines, text_column)
     if doc_sep == "blank":
         docs: list[tuple[int, str]] = []
         paragraph: list[str] = []
@@ -186,7 +216,9 @@ def chunk_numbered_documents(
     return [(n, line) for n, line in enumerate(lines, start=first_line) if line.strip()]
 
 
-def _jsonl_texts(file: Path, first_line: int, lines: list[str]) -> list[tuple[int, str]]:
+def _jsonl_texts(
+    file: Path, first_line: int, lines: list[str], text_column: str
+) -> list[tuple[int, str]]:
     texts = []
     for number, line in enumerate(lines, start=first_line):
         if not line.strip():
@@ -195,36 +227,68 @@ def _jsonl_texts(file: Path, first_line: int, lines: list[str]) -> list[tuple[in
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise UserError(f"{file}:{number}: not valid JSON ({exc.msg})") from exc
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise UserError(f'{file}:{number}: each JSON line needs a string field "text"')
-        if record["text"].strip():
-            texts.append((number, record["text"]))
+        if not isinstance(record, dict) or not isinstance(record.get(text_column), str):
+            raise UserError(f'{file}:{number}: each JSON line needs a string field "{text_column}"')
+        if record[text_column].strip():
+            texts.append((number, record[text_column]))
     return texts
 
 
+def table_numbered_documents(
+    file: Path, text_column: str, encoding_errors: str
+) -> Iterator[tuple[int, list[tuple[int, str]]]]:
+    """(bytes the batch stands for, [(row number, document)]) per batch of a table file.
+
+    A row is a document; null, empty and whitespace-only texts are skipped (as blank lines are).
+    """
+    for batch in iter_text_batches(file, text_column, encoding_errors):
+        numbered = [
+            (row, text)
+            for row, text in enumerate(batch.texts, start=batch.first_row)
+            if text is not None and text.strip()
+        ]
+        yield batch.progress, numbered
+
+
 def iter_documents(
-    path: str | os.PathLike, doc_sep: str = "line", encoding_errors: str = "strict"
+    path: str | os.PathLike,
+    doc_sep: str = "line",
+    encoding_errors: str = "strict",
+    text_column: str = DEFAULT_TEXT_COLUMN,
 ) -> Iterator[tuple[int, list[str]]]:
-    """(bytes read, documents) per chunk over all text files of a file or folder."""
-    for file in text_files(path):
-        for first_line, chunk in iter_chunks(file, doc_sep):
-            text = decode_chunk(file, first_line, chunk, encoding_errors)
-            yield len(chunk), chunk_documents(file, first_line, text, doc_sep)
+    """(bytes read, documents) per chunk (or batch of table rows) over all files of an input."""
+    for size, numbered in _iter_numbered_chunks(path, doc_sep, encoding_errors, text_column):
+        yield size, [doc for _, _, doc in numbered]
 
 
 def iter_numbered_documents(
-    path: str | os.PathLike, doc_sep: str = "line", encoding_errors: str = "strict"
+    path: str | os.PathLike,
+    doc_sep: str = "line",
+    encoding_errors: str = "strict",
+    text_column: str = DEFAULT_TEXT_COLUMN,
 ) -> Iterator[tuple[Path, int, str]]:
-    """(file, line number where it starts, document) over all text files of a file or folder.
+    """(file, line (table: row) number where it starts, document) over all files of an input.
 
     The same chunks, decoding and splitting as `iter_documents` (so the same documents, in the
     same order), with where each came from.
     """
+    for _, numbered in _iter_numbered_chunks(path, doc_sep, encoding_errors, text_column):
+        yield from numbered
+
+
+def _iter_numbered_chunks(
+    path: str | os.PathLike, doc_sep: str, encoding_errors: str, text_column: str
+) -> Iterator[tuple[int, list[tuple[Path, int, str]]]]:
+    """The one reader: (bytes read, [(file, line or row number, document)]) per chunk or batch."""
     for file in text_files(path):
+        if is_table(file):
+            for size, rows in table_numbered_documents(file, text_column, encoding_errors):
+                yield size, [(file, number, doc) for number, doc in rows]
+            continue
         for first_line, chunk in iter_chunks(file, doc_sep):
             text = decode_chunk(file, first_line, chunk, encoding_errors)
-            for number, doc in chunk_numbered_documents(file, first_line, text, doc_sep):
-                yield file, number, doc
+            docs = chunk_numbered_documents(file, first_line, text, doc_sep, text_column)
+            yield len(chunk), [(file, number, doc) for number, doc in docs]
 
 
 # ----------------------------------------------------------------------------- tokenizing
@@ -268,12 +332,13 @@ def tokenize_to_files(
     doc_sep: str = "line",
     encoding_errors: str = "strict",
     progress: bool | None = None,
+    text_column: str = DEFAULT_TEXT_COLUMN,
 ) -> int:
     """Stream a corpus into `tokens_file` / `starts_file` (.npy, as `data.TokenStream` holds them).
 
     Returns the number of documents. Both files appear atomically, only when all went well.
     """
-    total_bytes = sum(f.stat().st_size for f in text_files(path))
+    total_bytes = sum(f.stat().st_size for f in check_input(path, text_column))
     show = total_bytes >= PROGRESS_MIN_BYTES if progress is None else progress
     tokens_file.parent.mkdir(parents=True, exist_ok=True)
     raw = tokens_file.with_name(f".{tokens_file.name}.{os.getpid()}.raw")
@@ -285,7 +350,7 @@ def tokenize_to_files(
             np.array([eos_id], dtype=dtype).tofile(out)
             pending = None  # encode chunk k in the pool while chunk k+1 is read and split
             for size, docs in itertools.chain(
-                iter_documents(path, doc_sep, encoding_errors), [(0, None)]
+                iter_documents(path, doc_sep, encoding_errors, text_column), [(0, None)]
             ):
                 if pending is not None:
                     done_size, future = pending

@@ -9,6 +9,10 @@ token stream, documents longer than the block size (they cannot fit in one block
 The text pass reads each file in chunks (`corpus.iter_chunks`), so it runs in bounded memory:
 each line costs one 8-byte hash. Its results are cached beside the token cache, keyed on the
 corpus fingerprints, so a second run over a 1 GB file does not pay for it again.
+
+A table (.parquet, .csv, a save_to_disk folder) is linted row by row, streaming, on its text
+column: a row is a line (its row number the line number), a null or blank row an empty line; the
+checks that are about bytes on disk (CRLF, byte-order mark, invalid UTF-8) do not apply.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from domainlm.data.corpus import corpus_fingerprint, iter_chunks, text_files
+from domainlm.data.formats import DEFAULT_TEXT_COLUMN, is_table, iter_text_batches
 from domainlm.data.tokens import default_cache_dir
 
 LINT_VERSION = "2"
@@ -136,10 +141,21 @@ def _short(text: str, limit: int = 60) -> str:
 
 
 def _iter_file_lines(path: str | os.PathLike) -> Iterator[tuple[Path, int, bytes]]:
-    """(file, first line number, chunk) over all text files of a file or folder."""
+    """(file, first line number, chunk) over all text (not table) files of a file or folder."""
     for file in text_files(path):
-        for first, chunk in iter_chunks(file):
-            yield file, first, chunk
+        if not is_table(file):
+            for first, chunk in iter_chunks(file):
+                yield file, first, chunk
+
+
+def _iter_table_rows(
+    path: str | os.PathLike, text_column: str
+) -> Iterator[tuple[int, list[str | None]]]:
+    """(first row number, texts) per batch over all table files of a file or folder."""
+    for file in text_files(path):
+        if is_table(file):
+            for batch in iter_text_batches(file, text_column, "replace"):
+                yield batch.first_row, batch.texts
 
 
 def _special_pattern(special_tokens: Sequence[str]) -> re.Pattern[bytes] | None:
@@ -151,12 +167,16 @@ def _special_pattern(special_tokens: Sequence[str]) -> re.Pattern[bytes] | None:
 
 
 def _scan(
-    path: str | os.PathLike, special_tokens: Sequence[str] = ()
+    path: str | os.PathLike,
+    special_tokens: Sequence[str] = (),
+    text_column: str = DEFAULT_TEXT_COLUMN,
 ) -> tuple[FileLint, np.ndarray]:
     """The lint of one input, and the hashes of its non-empty lines (CR dropped), in order."""
     lint = FileLint(str(path))
     special = _special_pattern(special_tokens)
     hashes: list[np.ndarray] = []
+    for first, texts in _iter_table_rows(path, text_column):
+        hashes.append(_scan_rows(lint, special, first, texts))
     for _file, first, chunk in _iter_file_lines(path):
         if first == 1 and chunk.startswith(b"\xef\xbb\xbf"):
             lint.bom = True
@@ -189,6 +209,33 @@ def _scan(
     return lint, np.concatenate([np.zeros(0, np.int64), *hashes])
 
 
+def _scan_rows(
+    lint: FileLint, special: re.Pattern[bytes] | None, first: int, texts: list[str | None]
+) -> np.ndarray:
+    """Lint one batch of table rows (row = line); the hashes of its non-empty rows' UTF-8."""
+    lint.lines += len(texts)
+    kept: list[bytes] = []
+    for number, text in enumerate(texts, start=first):
+        if text is None or not text.strip():
+            lint.empty_lines += 1
+            continue
+        data = text.encode("utf-8")
+        kept.append(data)
+        lint.characters += len(text)
+        lint.short_lines += len(text.strip()) < SHORT_LINE_CHARS
+        if CONTROL_CHARS.search(data):
+            lint.control_char_count += 1
+            if len(lint.control_char_lines) < MAX_LINE_NUMBERS:
+                lint.control_char_lines.append(number)
+        seen = {m.group().decode("utf-8") for m in special.finditer(data)} if special else set()
+        if seen:
+            lint.special_token_count += 1
+            if len(lint.special_token_lines) < MAX_LINE_NUMBERS:
+                lint.special_token_lines.append(number)
+            lint.special_token_texts += sorted(seen - set(lint.special_token_texts))
+    return np.fromiter((hash(data) for data in kept), dtype=np.int64, count=len(kept))
+
+
 def _find_special(lint: FileLint, special: re.Pattern[bytes], first: int, chunk: bytes) -> None:
     """Count the lines of `chunk` (first line number `first`) holding special-token text."""
     position, number, last = 0, first, 0
@@ -213,9 +260,17 @@ def _is_utf8(line: bytes) -> bool:
         return False
 
 
-def _texts_of(path: str | os.PathLike, wanted: set[int], limit: int) -> dict[int, str]:
+def _texts_of(
+    path: str | os.PathLike, wanted: set[int], limit: int, text_column: str = DEFAULT_TEXT_COLUMN
+) -> dict[int, str]:
     """The first line text of each wanted hash (stops reading once all are found)."""
     found: dict[int, str] = {}
+    for _, texts in _iter_table_rows(path, text_column):
+        for text in texts:
+            if text is not None and hash(data := text.encode("utf-8")) in wanted:
+                found.setdefault(hash(data), text.strip())
+                if len(found) >= min(limit, len(wanted)):
+                    return found
     for _, _, chunk in _iter_file_lines(path):
         for line in chunk.split(b"\n"):
             line = line.rstrip(b"\r")
@@ -227,14 +282,16 @@ def _texts_of(path: str | os.PathLike, wanted: set[int], limit: int) -> dict[int
     return found
 
 
-def _duplicates(lint: FileLint, path: str | os.PathLike, hashes: np.ndarray) -> np.ndarray:
+def _duplicates(
+    lint: FileLint, path: str | os.PathLike, hashes: np.ndarray, text_column: str
+) -> np.ndarray:
     """Fill the duplicate counts and examples; returns the unique hashes."""
     unique, counts = np.unique(hashes, return_counts=True)
     lint.duplicate_lines = int(len(hashes) - len(unique))
     if lint.duplicate_lines:
         top = np.argsort(-counts, kind="stable")[:MAX_EXAMPLES]
         top = [i for i in top if counts[i] > 1]
-        texts = _texts_of(path, {int(unique[i]) for i in top}, MAX_EXAMPLES)
+        texts = _texts_of(path, {int(unique[i]) for i in top}, MAX_EXAMPLES, text_column)
         lint.duplicate_examples = [(texts.get(int(unique[i]), "?"), int(counts[i])) for i in top]
     return unique
 
@@ -244,10 +301,12 @@ def lint_corpus(
     validation_file: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
     special_tokens: Sequence[str] = (),
+    text_column: str = DEFAULT_TEXT_COLUMN,
 ) -> LintReport:
     """The text lint of the training (and validation) input, read from the lint cache if there.
 
-    `special_tokens`: the tokenizer's special-token strings to look for (`special_token_texts`).
+    `special_tokens`: the tokenizer's special-token strings to look for (`special_token_texts`);
+    `text_column`: the column (or .jsonl field) of tables that holds the text.
     """
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     key_text = "|".join(
@@ -258,6 +317,7 @@ def lint_corpus(
             str(train_file),
             str(validation_file),
             "\0".join(special_tokens),
+            text_column,
         ]
     )
     cached = cache / f"lint-{hashlib.sha256(key_text.encode()).hexdigest()[:24]}.json"
@@ -266,19 +326,19 @@ def lint_corpus(
             return _report_from_dict(json.loads(cached.read_text(encoding="utf-8")))
         except (ValueError, TypeError, KeyError):
             pass  # an unreadable cache entry is recomputed
-    train, train_hashes = _scan(train_file, special_tokens)
-    train_unique = _duplicates(train, train_file, train_hashes)
+    train, train_hashes = _scan(train_file, special_tokens, text_column)
+    train_unique = _duplicates(train, train_file, train_hashes, text_column)
     del train_hashes
     validation = None
     if validation_file:
-        validation, valid_hashes = _scan(validation_file, special_tokens)
-        _duplicates(validation, validation_file, valid_hashes)
+        validation, valid_hashes = _scan(validation_file, special_tokens, text_column)
+        _duplicates(validation, validation_file, valid_hashes, text_column)
         leaked = np.isin(valid_hashes, train_unique)
         validation.leaked_lines = int(leaked.sum())
         if validation.leaked_lines:
             wanted = {int(h) for h in valid_hashes[leaked][:MAX_EXAMPLES]}
             validation.leaked_examples = list(
-                _texts_of(validation_file, wanted, MAX_EXAMPLES).values()
+                _texts_of(validation_file, wanted, MAX_EXAMPLES, text_column).values()
             )
     report = LintReport(train, validation)
     cache.mkdir(parents=True, exist_ok=True)
@@ -327,7 +387,11 @@ def check_training_data(
     from domainlm.errors import UserError
 
     report = lint_corpus(
-        config.train_file, config.validation_file, config.cache_dir, special_tokens
+        config.train_file,
+        config.validation_file,
+        config.cache_dir,
+        special_tokens,
+        getattr(config, "text_column", DEFAULT_TEXT_COLUMN),
     )
     train_long = count_long_documents(train_stream.doc_starts, block_size)
     valid_long = count_long_documents(valid_stream.doc_starts, block_size)

@@ -28,17 +28,22 @@ TOKENIZE_CHUNK_DOCS = 1000
 
 
 def read_documents(
-    path: str | os.PathLike, doc_sep: str = "line", encoding_errors: str = "strict"
+    path: str | os.PathLike,
+    doc_sep: str = "line",
+    encoding_errors: str = "strict",
+    text_column: str = "text",
 ) -> list[str]:
     """Documents of a file or folder: non-blank lines (or blank-line separated paragraphs).
 
-    CRLF line ends and a UTF-8 byte-order mark are handled; `.jsonl` files give their `text` field.
+    CRLF line ends and a UTF-8 byte-order mark are handled; `.jsonl` files give their `text` field,
+    tables (.parquet, .csv, a save_to_disk folder) their `text_column`, one document per row.
     The rules live in `corpus.py`, which reads large files in bounded chunks; this is its
     all-in-memory form for small inputs.
     """
     from domainlm.data.corpus import iter_documents
 
-    docs = [doc for _, chunk in iter_documents(path, doc_sep, encoding_errors) for doc in chunk]
+    chunks = iter_documents(path, doc_sep, encoding_errors, text_column)
+    docs = [doc for _, chunk in chunks for doc in chunk]
     if not docs:
         raise UserError(f"{path}: no text in it (the file is empty or holds only blank lines)")
     return docs
@@ -114,8 +119,13 @@ def load_token_stream(
     cache_dir: str | os.PathLike | None = None,
     doc_sep: str = "line",
     encoding_errors: str = "strict",
+    text_column: str = "text",
 ) -> CachedStream:
-    """Tokenize a corpus once; later calls with the same content and tokenizer read the cache."""
+    """Tokenize a corpus once; later calls with the same content and tokenizer read the cache.
+
+    The key: the files' fingerprint (names, sizes, content), the tokenizer, EOS, the reading
+    options and the text column (.jsonl field or table column).
+    """
     from domainlm.data.corpus import corpus_fingerprint, tokenize_to_files
 
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -127,6 +137,7 @@ def load_token_stream(
             str(eos_id),
             doc_sep,
             encoding_errors,
+            text_column,
         ]
     )
     key = hashlib.sha256(key_text.encode()).hexdigest()[:24]
@@ -137,8 +148,9 @@ def load_token_stream(
     # Streamed in bounded memory, on all cores (domainlm/data/corpus.py), straight into the cache.
     dtype = token_dtype(len(tokenizer))
     tokenize_to_files(
-        path, tokenizer, eos_id, dtype, tokens_file, starts_file, doc_sep, encoding_errors
-    )
+        path, tokenizer, eos_id, dtype, tokens_file, starts_file, doc_sep, encoding_errors,
+        text_column=text_column,
+    )  # fmt: skip
     stream = TokenStream(np.load(tokens_file, mmap_mode="r"), np.load(starts_file))
     return CachedStream(stream, False, key)
 

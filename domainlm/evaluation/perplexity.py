@@ -27,6 +27,7 @@ from domainlm.config import (
     DOC_SEPARATORS,
     ENCODING_ERRORS,
     PRECISIONS,
+    TEXT_COLUMN_HELP,
     check_device,
     opt,
 )
@@ -63,8 +64,11 @@ class PerplexityConfig:
         repeatable=True,
     )
     file: str | None = opt(
-        None, "Texts to score: .txt (one per line), .jsonl with 'text', or a folder."
+        None,
+        "Texts to score: .txt (one per line), .jsonl, .parquet or .csv (one per row, the "
+        "--text-column), a datasets.save_to_disk folder, or a folder of files.",
     )
+    text_column: str = opt("text", TEXT_COLUMN_HELP)
     text: str | None = opt(None, "A text to score instead of --file (each non-blank line a text).")
     doc_sep: str = opt(
         "line",
@@ -248,7 +252,7 @@ def read_corpus(config: PerplexityConfig) -> Corpus:
     documents: list[str] = []
     origins: list[tuple[str, int]] = []
     for file, number, doc in iter_numbered_documents(
-        config.file, config.doc_sep, config.encoding_errors
+        config.file, config.doc_sep, config.encoding_errors, config.text_column
     ):
         documents.append(doc)
         origins.append((str(file), number))

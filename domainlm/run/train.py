@@ -21,7 +21,7 @@ import torch
 
 from domainlm.config import TrainConfig
 from domainlm.data.blocks import BlockDataset, split_documents
-from domainlm.data.corpus import text_files
+from domainlm.data.corpus import check_input
 from domainlm.data.lint import check_training_data
 from domainlm.data.packing import check_packing_support
 from domainlm.data.tokens import TokenStream, load_token_stream
@@ -150,9 +150,9 @@ def check_inputs(
     """Every input checked and the data loaded before anything in output_dir is written; takes
     the run lock and decides the checkpoint to resume from."""
     output_dir = Path(config.output_dir)
-    text_files(config.train_file)
+    check_input(config.train_file, config.text_column)
     if config.validation_file:
-        text_files(config.validation_file)
+        check_input(config.validation_file, config.text_column)
     check_output_dir(output_dir)
     check_report_to(config.report_to)  # --report-to names installed loggers
     loaded = load_model(
@@ -387,6 +387,7 @@ def load_streams(
             config.cache_dir,
             config.doc_sep,
             config.encoding_errors,
+            config.text_column,
         )
         console.info(f"{path}: {'token cache hit' if cached.cache_hit else 'tokenized and cached'}")
         return cached.stream

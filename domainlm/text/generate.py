@@ -76,6 +76,7 @@ class GenerateConfig:
     encoding_errors: str = opt(
         "strict", "Invalid UTF-8 in the training file.", choices=ENCODING_ERRORS
     )
+    text_column: str = opt("text", "The training file's text column (.parquet, .csv, .jsonl).")
     eos_token: str | None = opt(None, "End-of-text token, when the tokenizer has none.")
     trust_remote_code: bool = opt(False, "Allow model code from the hub (only if you trust it).")
 
@@ -326,7 +327,7 @@ class MemorizationChecker:
         from domainlm.text.memorize import NgramIndex
 
         train_file, cache_dir = config.train_file, config.cache_dir
-        doc_sep, errors = config.doc_sep, config.encoding_errors
+        doc_sep, errors, column = config.doc_sep, config.encoding_errors, config.text_column
         if train_file is None:
             run = run_config_of(config.model)
             if run is None:
@@ -337,6 +338,7 @@ class MemorizationChecker:
             cache_dir = cache_dir or run.get("cache_dir")
             doc_sep = run.get("doc_sep", doc_sep)
             errors = run.get("encoding_errors", errors)
+            column = run.get("text_column", column)
         text_files(train_file)
         cached = load_token_stream(
             train_file,
@@ -346,6 +348,7 @@ class MemorizationChecker:
             cache_dir,
             doc_sep,
             errors,
+            column,
         )
         folder = Path(cache_dir) if cache_dir else default_cache_dir()
         index, hit, seconds = NgramIndex.load_or_build(cached.stream, folder, cached.key)

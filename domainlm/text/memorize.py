@@ -154,7 +154,7 @@ class NgramIndex:
 def source_line(path: str | os.PathLike, document: int, doc_sep: str = "line") -> int | None:
     """1-based line number of document `document` in a single .txt training file (else None)."""
     p = Path(path)
-    if not p.is_file() or p.suffix == ".jsonl":
+    if not p.is_file() or p.suffix in (".jsonl", ".parquet", ".csv", ".arrow"):
         return None
     seen = -1
     previous_blank = True
