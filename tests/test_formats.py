@@ -110,11 +110,15 @@ def test_text_column_picks_another_column_and_is_in_the_cache_key(tmp_path) -> N
     paths = write_formats(tmp_path / "body", DOCS, column="body")
     tokenizer = gpt2_tokenizer()
     for name in ("jsonl", "parquet", "csv", "dataset"):
-        body = load_token_stream(paths[name], tokenizer, EOS, "gpt2", tmp_path / "c", text_column="body")
+        body = load_token_stream(
+            paths[name], tokenizer, EOS, "gpt2", tmp_path / "c", text_column="body"
+        )
         np.testing.assert_array_equal(np.asarray(body.stream.tokens), reference_stream(DOCS))
         if name == "jsonl":
             continue
-        other = load_token_stream(paths[name], tokenizer, EOS, "gpt2", tmp_path / "c", text_column="other")
+        other = load_token_stream(
+            paths[name], tokenizer, EOS, "gpt2", tmp_path / "c", text_column="other"
+        )
         assert not other.cache_hit and other.key != body.key
         expected = [f"other {i}" for i in range(len(DOCS) + 2)]
         np.testing.assert_array_equal(np.asarray(other.stream.tokens), reference_stream(expected))
@@ -130,19 +134,30 @@ def test_the_cache_key_follows_the_files_content(tmp_path) -> None:
     assert not second.cache_hit and second.key != first.key
 
 
-def test_perplexity_and_per_line_scores_are_identical_across_formats(files, tiny_model_dir, tmp_path) -> None:
+def test_perplexity_and_per_line_scores_are_identical_across_formats(
+    files, tiny_model_dir, tmp_path
+) -> None:
     results = {}
     for name in FORMATS:
         out = tmp_path / f"{name}.jsonl"
         (report,) = evaluate_perplexity(
-            PerplexityConfig(model=[str(tiny_model_dir)], file=str(files[name]), per_line=str(out),
-                             block_size=16, quiet=True)  # fmt: skip
+            PerplexityConfig(
+                model=[str(tiny_model_dir)],
+                file=str(files[name]),
+                per_line=str(out),
+                block_size=16,
+                quiet=True,
+            )  # fmt: skip
         )
         lines = [json.loads(line) for line in out.read_text().splitlines()]
         results[name] = (report, lines)
     base, base_lines = results["txt"]
     for name, (report, lines) in results.items():
-        assert (report.nll, report.tokens, report.perplexity) == (base.nll, base.tokens, base.perplexity), name
+        assert (report.nll, report.tokens, report.perplexity) == (
+            base.nll,
+            base.tokens,
+            base.perplexity,
+        ), name
         assert [r["nll"] for r in lines] == [r["nll"] for r in base_lines], name
     # where each line came from: the .txt line, the .jsonl line, the table's 1-based row
     assert [r["line"] for r in base_lines] == list(range(1, len(DOCS) + 1))
@@ -219,7 +234,9 @@ def test_parquet_is_read_lazily_batch_by_batch(tmp_path, monkeypatch) -> None:
     """A Parquet file of 64 row groups: the first documents come after reading a small part of
     the file; the rest is read only as the documents are consumed."""
     rng = np.random.default_rng(0)
-    rows = ["".join(map(chr, rng.integers(97, 123, 400))) for _ in range(64 * 50)]  # random: no compression
+    rows = [
+        "".join(map(chr, rng.integers(97, 123, 400))) for _ in range(64 * 50)
+    ]  # random: no compression
     path = tmp_path / "big.parquet"
     pq.write_table(pa.table({"text": rows}), path, row_group_size=50)
     monkeypatch.setattr(formats, "BATCH_BYTES", 20_000)  # ~50 rows a batch
@@ -270,11 +287,13 @@ def bad_inputs(folder: Path) -> dict[str, tuple[Path, list[str], str]]:
     """name -> (input, extra flags, what the one-line error must say)."""
     folder.mkdir()
     good = folder / "good.parquet"
-    pq.write_table(pa.table({"text": ["a text"] * 50, "n": list(range(50))}), good, row_group_size=10)
+    pq.write_table(
+        pa.table({"text": ["a text"] * 50, "n": list(range(50))}), good, row_group_size=10
+    )
     truncated = folder / "truncated.parquet"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    csv_file = folder / "unterminated.csv"
-    csv_file.write_text('text\nfine\n"never closed\nmore\n', encoding="utf-8")
+    csv_file = folder / "ragged.csv"
+    csv_file.write_text("text,n\nfine,1\nbroken,2,3\n", encoding="utf-8")  # 3 fields, not 2
     from datasets import Dataset, DatasetDict
 
     split = Dataset.from_dict({"text": ["a"] * 5})
@@ -283,10 +302,14 @@ def bad_inputs(folder: Path) -> dict[str, tuple[Path, list[str], str]]:
     arrow = next((folder / "broken").glob("*.arrow"))
     arrow.write_bytes(arrow.read_bytes()[:40])
     return {
-        "missing column": (good, ["--text-column", "body"], "no column 'body' (its columns: text, n)"),
+        "missing column": (
+            good,
+            ["--text-column", "body"],
+            "no column 'body' (its columns: text, n)",
+        ),
         "not a text column": (good, ["--text-column", "n"], "column 'n' holds int64, not text"),
         "truncated parquet": (truncated, [], "not a readable Parquet file"),
-        "unterminated csv": (csv_file, [], "CSV file cannot be read"),
+        "ragged csv": (csv_file, [], "CSV file cannot be read"),
         "dataset dict": (folder / "dict", [], "splits train, validation; pass one split's folder"),
         "truncated arrow": (folder / "broken", [], "Arrow data file cannot be read"),
     }
@@ -296,7 +319,7 @@ COMMANDS = {
     "missing column": "train",
     "not a text column": "perplexity",
     "truncated parquet": "train",
-    "unterminated csv": "inspect",
+    "ragged csv": "inspect",
     "dataset dict": "train",
     "truncated arrow": "perplexity",
 }
@@ -308,14 +331,31 @@ def test_bad_tables_are_one_line_exit_2_and_nothing_written(case, tmp_path, tiny
     out, cache = tmp_path / "out", tmp_path / "cache"
     command = COMMANDS[case]
     if command == "train":
-        args = ["--model", str(tiny_model_dir), "--train-file", str(source), "--output-dir", str(out)]
+        args = [
+            "--model",
+            str(tiny_model_dir),
+            "--train-file",
+            str(source),
+            "--output-dir",
+            str(out),
+        ]
     elif command == "perplexity":
-        args = ["--model", str(tiny_model_dir), "--file", str(source), "--per-line", str(out) + ".jsonl"]
+        args = [
+            "--model",
+            str(tiny_model_dir),
+            "--file",
+            str(source),
+            "--per-line",
+            str(out) + ".jsonl",
+        ]
     else:
         args = ["--model", str(tiny_model_dir), "--train-file", str(source), "--time-steps", "0"]
     args += [*flags, "--cache-dir", str(cache)] if command != "perplexity" else flags
     result = subprocess.run(
-        [sys.executable, "-m", "domainlm", command, *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "domainlm", command, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr

@@ -128,7 +128,9 @@ def _check_column(file: Path, schema: Any, text_column: str) -> None:
     kind = schema.field(text_column).type
     is_text = pa.types.is_string(kind) or pa.types.is_large_string(kind)
     if not (is_text or getattr(pa.types, "is_string_view", lambda _: False)(kind)):
-        texts = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+        texts = [
+            f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
+        ]
         hint = f" (text columns: {', '.join(texts)})" if texts else " (it has no text column)"
         raise UserError(
             f"{file}: column {text_column!r} holds {kind}, not text; pick a text column with "
@@ -140,7 +142,10 @@ def _to_texts(column: Any, encoding_errors: str) -> list[str | None]:
     import pyarrow as pa
 
     if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
-        return [None if b is None else b.decode("utf-8", errors=encoding_errors) for b in column.to_pylist()]
+        return [
+            None if b is None else b.decode("utf-8", errors=encoding_errors)
+            for b in column.to_pylist()
+        ]
     return column.to_pylist()
 
 
@@ -188,12 +193,16 @@ def _csv_batches(file: Path, text_column: str, encoding_errors: str) -> Iterator
     parse = pcsv.ParseOptions(newlines_in_values=True)
     with _open_binary(file) as handle:
         header = pcsv.open_csv(handle, read_options=read, parse_options=parse)
-        _check_column(file, pa.schema([pa.field(n, pa.string()) for n in header.schema.names]), text_column)
+        _check_column(
+            file, pa.schema([pa.field(n, pa.string()) for n in header.schema.names]), text_column
+        )
     convert = pcsv.ConvertOptions(
         column_types={text_column: kind}, include_columns=[text_column], strings_can_be_null=False
     )
     with _open_binary(file) as handle:
-        reader = pcsv.open_csv(handle, read_options=read, parse_options=parse, convert_options=convert)
+        reader = pcsv.open_csv(
+            handle, read_options=read, parse_options=parse, convert_options=convert
+        )
         row, done = 1, 0
         for batch in reader:
             texts = _to_texts(batch.column(0), encoding_errors)
