@@ -96,7 +96,10 @@ def iter_text_batches(
         except StopIteration:
             return
         except (pa.ArrowException, OSError, UnicodeDecodeError, ValueError) as exc:
-            raise UserError(f"{file}: {_what(file)} cannot be read: {_one_line(exc)}") from exc
+            hint = "; fix it or pass --encoding-errors replace" if "UTF8" in str(exc) else ""
+            raise UserError(
+                f"{file}: {_what(file)} cannot be read: {_one_line(exc)}{hint}"
+            ) from exc
         yield batch
 
 
