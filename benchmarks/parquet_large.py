@@ -4,7 +4,9 @@
 
 1. Writes --size-mb MB of text (shuffled standard-library docstring lines, as
    benchmarks/tokenize_large.py) as a .txt file, then the same lines as rows of a `text` column
-   of a Parquet file (row groups of 64k rows, snappy), without holding either in memory.
+   of a Parquet file (row groups of 64k rows), without holding either in memory. The lines repeat,
+   so by default the Parquet file is written without dictionary encoding or compression, as a
+   ~1 GB file (`--compression snappy --dictionary`: pyarrow's defaults, a far smaller file).
 2. In a fresh process each: `load_token_stream` of the Parquet file, then of the .txt file
    (cold caches), GPT-2 tokenizer; wall time, MB/s of text and the process's peak RSS
    (`ru_maxrss`), and whether the two token streams are identical.
@@ -40,13 +42,20 @@ print(json.dumps({"hit": cached.cache_hit, "tokens": int(cached.stream.num_predi
 """
 
 
-def write_parquet(text_file: Path, target: Path, rows_per_group: int = 65536) -> None:
+def write_parquet(
+    text_file: Path, target: Path, compression: str, dictionary: bool, rows_per_group: int = 65536
+) -> None:
     """The non-blank lines of `text_file` as a `text` column, written group by group."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     schema = pa.schema([("text", pa.string())])
-    with open(text_file, encoding="utf-8") as lines, pq.ParquetWriter(target, schema) as writer:
+    with (
+        open(text_file, encoding="utf-8") as lines,
+        pq.ParquetWriter(
+            target, schema, compression=compression, use_dictionary=dictionary
+        ) as writer,
+    ):
         batch: list[str] = []
         for line in lines:
             line = line.rstrip("\n")
@@ -74,15 +83,17 @@ def main() -> None:
     parser.add_argument("--size-mb", type=int, default=1024)
     parser.add_argument("--workdir", default="/tmp/domainlm-parquet-bench")
     parser.add_argument("--skip-txt", action="store_true", help="Only the Parquet file.")
+    parser.add_argument("--compression", default="none", help="Parquet codec (none, snappy, ...).")
+    parser.add_argument("--dictionary", action="store_true", help="Dictionary-encode the column.")
     args = parser.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     text = work / f"corpus-{args.size_mb}mb.txt"
-    table = work / f"corpus-{args.size_mb}mb.parquet"
+    table = work / f"corpus-{args.size_mb}mb-{args.compression}{'-dict' * args.dictionary}.parquet"
     if not text.is_file():
         make_corpus(text, args.size_mb)
     if not table.is_file():
-        write_parquet(text, table)
+        write_parquet(text, table, args.compression, args.dictionary)
     size_mb = text.stat().st_size / 2**20
     results: dict = {"cpus": os.cpu_count(), "text_mb": round(size_mb, 1),
                      "parquet_mb": round(table.stat().st_size / 2**20, 1)}  # fmt: skip
