@@ -39,7 +39,7 @@ DOCS = [
     "tab\tseparated; semi;colons",
     "the quick brown fox, jumps over the lazy dog",
     "x",
-] + [f"document number {i} with some words in it" for i in range(40)]
+] + [f"document number {i} with some words in it" for i in range(16)]
 
 
 def table_rows(docs: list[str]) -> list[str | None]:
@@ -53,8 +53,9 @@ def table_rows(docs: list[str]) -> list[str | None]:
 def write_formats(folder: Path, docs: list[str], column: str = "text") -> dict[str, Path]:
     """The documents as .txt, .jsonl, .parquet (many row groups), .csv and a save_to_disk folder;
     the tables also get an `other` column of different text and an integer column `n`."""
-    from datasets import Dataset
+    from datasets import Dataset, disable_progress_bars
 
+    disable_progress_bars()
     folder.mkdir(parents=True, exist_ok=True)
     rows = table_rows(docs)
     other = [f"other {i}" for i in range(len(rows))]
@@ -294,8 +295,9 @@ def bad_inputs(folder: Path) -> dict[str, tuple[Path, list[str], str]]:
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     csv_file = folder / "ragged.csv"
     csv_file.write_text("text,n\nfine,1\nbroken,2,3\n", encoding="utf-8")  # 3 fields, not 2
-    from datasets import Dataset, DatasetDict
+    from datasets import Dataset, DatasetDict, disable_progress_bars
 
+    disable_progress_bars()
     split = Dataset.from_dict({"text": ["a"] * 5})
     DatasetDict(train=split, validation=split).save_to_disk(str(folder / "dict"))
     split.save_to_disk(str(folder / "broken"))
@@ -325,41 +327,50 @@ COMMANDS = {
 }
 
 
-@pytest.mark.parametrize("case", list(COMMANDS))
-def test_bad_tables_are_one_line_exit_2_and_nothing_written(case, tmp_path, tiny_model_dir) -> None:
-    source, flags, message = bad_inputs(tmp_path / "in")[case]
-    out, cache = tmp_path / "out", tmp_path / "cache"
-    command = COMMANDS[case]
+def cli_args(case: str, folder: Path, model: Path) -> tuple[list[str], str, Path]:
+    """(argv for domainlm, the expected message, the input) of one bad-input case."""
+    source, flags, message = bad_inputs(folder / "in")[case]
+    out, command = folder / "out", COMMANDS[case]
     if command == "train":
-        args = [
-            "--model",
-            str(tiny_model_dir),
-            "--train-file",
-            str(source),
-            "--output-dir",
-            str(out),
-        ]
+        args = ["--train-file", str(source), "--output-dir", str(out)]
     elif command == "perplexity":
-        args = [
-            "--model",
-            str(tiny_model_dir),
-            "--file",
-            str(source),
-            "--per-line",
-            str(out) + ".jsonl",
-        ]
+        args = ["--file", str(source), "--per-line", str(out) + ".jsonl"]
     else:
-        args = ["--model", str(tiny_model_dir), "--train-file", str(source), "--time-steps", "0"]
-    args += [*flags, "--cache-dir", str(cache)] if command != "perplexity" else flags
-    result = subprocess.run(
-        [sys.executable, "-m", "domainlm", command, *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    assert result.stderr.strip().count("\n") == 0, result.stderr
-    assert message in result.stderr and str(source.name) in result.stderr, result.stderr
+        args = ["--train-file", str(source), "--time-steps", "0"]
+    return [command, "--model", str(model), *args, *flags], message, source
+
+
+def assert_nothing_written(folder: Path, cache: Path) -> None:
+    out = folder / "out"
     assert not out.exists() and not Path(str(out) + ".jsonl").exists()
     assert not cache.exists() or not [p for p in cache.rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize("case", list(COMMANDS))
+def test_bad_tables_are_one_line_exit_2_and_nothing_written(
+    case, tmp_path, tiny_model_dir, isolated_cache, capsys
+) -> None:
+    """Through the command line's entry point (`cli.main`, as `domainlm` runs it): exit code 2,
+    one line naming the file, no output folder, no per-line file, no cache file."""
+    from domainlm.cli import main
+
+    argv, message, source = cli_args(case, tmp_path, tiny_model_dir)
+    capsys.readouterr()  # what writing the inputs printed
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and message in err and source.name in err, err
+    assert_nothing_written(tmp_path, isolated_cache)
+
+
+@pytest.mark.parametrize("case", ["missing column", "truncated parquet"])
+def test_bad_tables_in_a_subprocess_exit_2_with_no_traceback(
+    case, tmp_path, tiny_model_dir, isolated_cache
+) -> None:
+    argv, message, source = cli_args(case, tmp_path, tiny_model_dir)
+    result = subprocess.run(
+        [sys.executable, "-m", "domainlm", *argv], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert message in result.stderr and source.name in result.stderr, result.stderr
+    assert_nothing_written(tmp_path, isolated_cache)
