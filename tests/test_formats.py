@@ -135,6 +135,21 @@ def test_the_cache_key_follows_the_files_content(tmp_path) -> None:
     assert not second.cache_hit and second.key != first.key
 
 
+def test_invalid_utf8_in_a_csv_is_refused_unless_replace(tmp_path) -> None:
+    from domainlm.errors import UserError
+
+    path = tmp_path / "bad.csv"
+    path.write_bytes(b"text\nok text\nbad \xff byte\n")
+    tokenizer = gpt2_tokenizer()
+    with pytest.raises(UserError, match="invalid UTF8.*--encoding-errors replace"):
+        load_token_stream(path, tokenizer, EOS, "gpt2", tmp_path / "c")
+    replaced = load_token_stream(
+        path, tokenizer, EOS, "gpt2", tmp_path / "c", encoding_errors="replace"
+    )
+    expected = reference_stream(["ok text", "bad \ufffd byte"])
+    np.testing.assert_array_equal(np.asarray(replaced.stream.tokens), expected)
+
+
 def test_perplexity_and_per_line_scores_are_identical_across_formats(
     files, tiny_model_dir, tmp_path
 ) -> None:

@@ -104,8 +104,9 @@ def iter_text_batches(
 
 
 def check_table(file: Path, text_column: str = DEFAULT_TEXT_COLUMN) -> None:
-    """Open a table and read its first batch: a UserError now for a bad column or file."""
-    for _ in iter_text_batches(file, text_column):
+    """Open a table and read its first batch: a UserError now for a bad column or file (invalid
+    UTF-8 is left to the read itself, which knows --encoding-errors)."""
+    for _ in iter_text_batches(file, text_column, "replace"):
         break
 
 
