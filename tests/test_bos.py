@@ -377,6 +377,7 @@ def test_training_validates_and_samples_with_bos(llama_dir, tmp_path, monkeypatc
 
 
 def test_memorization_index_and_inspect_leave_the_bos_out(llama_dir):
+    from domainlm.data.lint import count_long_documents
     from domainlm.inspect_data import stream_stats
     from domainlm.text.memorize import NgramIndex
 
@@ -393,3 +394,7 @@ def test_memorization_index_and_inspect_leave_the_bos_out(llama_dir):
     assert stats["tokens"] == sum(lengths) + len(DOCS)
     assert stats["tokens_per_document"]["max"] == max(lengths)
     assert stats["tokens_per_document"]["min"] == min(lengths)
+    # Too long for a block: BOS + tokens (the inputs that predict the document) exceed it.
+    for block in (8, 12, 20):
+        expected = sum(1 + n > block for n in lengths)
+        assert count_long_documents(stream.doc_starts, block, stream.prefix_length) == expected
