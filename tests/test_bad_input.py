@@ -66,7 +66,8 @@ def test_folder_without_text_files(tiny_model_dir: Path, tmp_path: Path, capsys)
     folder.mkdir()
     (folder / "notes.pdf").write_bytes(b"%PDF")
     out = tmp_path / "out"
-    refused(capsys, args_for(tiny_model_dir, folder, out), out, str(folder), "no .txt, .jsonl, .parquet or .csv")
+    message = "no .txt, .jsonl, .parquet or .csv"
+    refused(capsys, args_for(tiny_model_dir, folder, out), out, str(folder), message)
 
 
 @pytest.mark.parametrize("content", [b"", b"\n\n  \n\t\n"], ids=["empty", "blank-lines"])
