@@ -148,16 +148,9 @@ def inspect_data(config: InspectConfig) -> dict[str, Any]:
 
     def load(path: str) -> TokenStream:
         return load_token_stream(
-            path,
-            loaded.tokenizer,
-            loaded.eos_id,
-            fingerprint,
-            config.cache_dir,
-            config.doc_sep,
-            config.encoding_errors,
-            config.text_column,
-            prefix=loaded.document_prefix,
-        ).stream
+            path, loaded.tokenizer, loaded.eos_id, fingerprint, config.cache_dir, config.doc_sep,
+            config.encoding_errors, config.text_column, prefix=loaded.document_prefix,
+        ).stream  # fmt: skip
 
     full = load(config.train_file)
     lint = lint_corpus(
