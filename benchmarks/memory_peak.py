@@ -66,7 +66,9 @@ class LiveTensorBytes:
     """A dispatch mode that follows every new CPU storage to its release; `peak` is the most
     bytes alive at once (plus `base`, the bytes alive when it started)."""
 
-    def __init__(self, base: int) -> None:
+    def __init__(self, base: int, known: set[int]) -> None:
+        """`known`: the storages alive at the start (parameters, AdamW state), counted in `base`;
+        a view of one (a transposed weight) is not a new allocation."""
         from torch.utils._python_dispatch import TorchDispatchMode
 
         tracker = self
@@ -77,7 +79,7 @@ class LiveTensorBytes:
                 tracker.seen(out)
                 return out
 
-        self.mode, self.live, self.seen_keys = Mode(), base, set()
+        self.mode, self.live, self.seen_keys, self.known = Mode(), base, set(), known
         self.peak = base
 
     def seen(self, out) -> None:  # type: ignore[no-untyped-def]
@@ -89,7 +91,7 @@ class LiveTensorBytes:
                 continue
             storage = t.untyped_storage()
             key = storage.data_ptr()
-            if key in self.seen_keys or storage.nbytes() == 0:
+            if key in self.seen_keys or key in self.known or storage.nbytes() == 0:
                 continue
             self.seen_keys.add(key)
             self.live += storage.nbytes()
@@ -140,10 +142,11 @@ def child(spec: dict) -> dict:
     for _ in range(2):
         step()
     rss_peak = (rss_kib("VmHWM") - baseline) * 1024
-    base = sum(p.untyped_storage().nbytes() for p in model.parameters())
-    base += sum(v.untyped_storage().nbytes() for s in optim.state.values() for v in s.values()
-                if isinstance(v, torch.Tensor) and v.dim() > 0)  # fmt: skip
-    tracker = LiveTensorBytes(base)
+    alive = [p.untyped_storage() for p in model.parameters()]
+    alive += [v.untyped_storage() for s in optim.state.values() for v in s.values()
+              if isinstance(v, torch.Tensor)]  # fmt: skip
+    known = {s.data_ptr(): s.nbytes() for s in alive}
+    tracker = LiveTensorBytes(sum(known.values()), set(known))
     with tracker.mode:
         step()
     name = "full+ckpt" if spec["ckpt"] else "full"

@@ -303,9 +303,9 @@ def loss_terms(
         return kept, cast + min(n, chunk) * v * (2 * c + 8)
     group = min(n, max(chunk, 2048)) * v * grad_bytes
     # a chunk's logits (c), their float32 softmax (4; under autocast also the float32 copy of
-    # the logits it is computed from, 4), and the float64 copy that `sum(dtype=float64)` makes
-    # on the CPU (8)
-    chunk_bytes = c + 4 + (4 if c != 4 else 0) + 8
+    # the logits it is computed from, 4), and the previous chunk's softmax, still referenced
+    # while the next one is computed (4)
+    chunk_bytes = c + 4 + (4 if c != 4 else 0) + (4 if n > chunk else 0)
     return kept, cast + group + min(n, chunk) * v * chunk_bytes
 
 
@@ -414,3 +414,55 @@ def available_bytes(device: str) -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
         return None
+
+
+def model_config_of(spec: str, trust_remote_code: bool = False) -> Any:
+    """The transformers config of a model spec (scratch:NAME, folder, hub id): config.json only,
+    no weights read."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from domainlm.model.loading import SCRATCH_PREFIX, scratch_config
+
+    if spec.startswith(SCRATCH_PREFIX):
+        return scratch_config(spec[len(SCRATCH_PREFIX) :])
+    path = Path(spec).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise UserError(f"{spec} is not a Hugging Face model folder (no config.json in it)")
+    try:
+        return AutoConfig.from_pretrained(
+            str(path) if path.is_dir() else spec,
+            trust_remote_code=trust_remote_code,
+            local_files_only=path.is_dir() or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"),
+        )
+    except (OSError, ValueError) as exc:
+        raise UserError(f"could not read the config of {spec}: {str(exc).splitlines()[0]}") from exc
+
+
+SCENARIO_FLAGS = {
+    "full": "",
+    "full+ckpt": "--gradient-checkpointing",
+    "lora": "--lora",
+    "lora+ckpt": "--lora --gradient-checkpointing",
+}
+
+
+def fitting_flags(plan: MemoryPlan, replan: Any) -> str:
+    """The first way to train that fits the device at hand, as flags: the plan's scenarios in
+    order (full, +checkpointing, LoRA, LoRA + checkpointing), then smaller micro-batches with
+    gradient accumulation (same global batch); `replan(batch_size)` gives the plan at another
+    micro-batch size."""
+    if plan.available is None:
+        return "unknown (the device's memory could not be read)"
+    batch = plan.batch_size
+    current = plan
+    while True:
+        for name, flags in SCENARIO_FLAGS.items():
+            if current.scenarios[name].peak <= plan.available:
+                extra = f"--batch-size {batch} --grad-accum {plan.batch_size // batch}"
+                return (flags + " " + extra if batch != plan.batch_size else flags) or "as it is"
+        if batch == 1:
+            return f"nothing at block size {plan.block_size}: try a smaller --block-size"
+        batch = max(1, batch // 2)
+        current = replan(batch)
