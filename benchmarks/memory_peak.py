@@ -164,11 +164,15 @@ def main() -> None:
         print(json.dumps(child(json.loads(args.child))))
         return
     rows = []
-    print("| model | precision | grad. ckpt | batch x block | plan MiB | tensors MiB | plan/tensors "
-          "| RSS MiB | plan/RSS |")
+    print(
+        "| model | precision | grad. ckpt | batch x block | plan MiB | tensors MiB | plan/tensors "
+        "| RSS MiB | plan/RSS |"
+    )
     print("|---|---|---|---|---:|---:|---:|---:|---:|")
     for name, model, precision, ckpt, batch, block in QUICK if args.quick else CONFIGS:
-        spec = dict(name=name, model=model, precision=precision, ckpt=ckpt, batch=batch, block=block)
+        spec = dict(
+            name=name, model=model, precision=precision, ckpt=ckpt, batch=batch, block=block
+        )
         out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
                              capture_output=True, text=True, check=True)  # fmt: skip
         row = json.loads(out.stdout.strip().splitlines()[-1])

@@ -104,7 +104,11 @@ def test_load_dtype_for_rules():
     assert load_dtype_for("auto", "fp16", lora=True) == torch.float16
     assert load_dtype_for("auto", "fp32", lora=True) == torch.float32
     assert load_dtype_for("bfloat16", "bf16", lora=False) == torch.bfloat16  # pure bf16: allowed
-    for args in (("bfloat16", "fp32", False), ("float16", "fp16", False), ("float64", "bf16", True)):
+    for args in (
+        ("bfloat16", "fp32", False),
+        ("float16", "fp16", False),
+        ("float64", "bf16", True),
+    ):
         with pytest.raises(UserError):
             load_dtype_for(*args)
 
@@ -112,9 +116,9 @@ def test_load_dtype_for_rules():
 def test_load_dtype_reaches_the_parameters(tmp_path, tiny_model_dir):
     loaded = load_model(str(tiny_model_dir), dtype=torch.bfloat16)
     assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
-    assert {p.dtype for p in load_model("scratch:tiny", dtype=torch.bfloat16).model.parameters()} == {
-        torch.bfloat16
-    }
+    assert {
+        p.dtype for p in load_model("scratch:tiny", dtype=torch.bfloat16).model.parameters()
+    } == {torch.bfloat16}
     train = write_lines(tmp_path / "train.txt", uneven_corpus(30, seed=2))
     from domainlm.run.train import train as run_train
 
@@ -130,7 +134,7 @@ def test_load_dtype_reaches_the_parameters(tmp_path, tiny_model_dir):
 
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     with safe_open(str(out / "model.safetensors"), "pt") as weights:
-        assert {weights.get_tensor(k).dtype for k in weights.keys()} == {torch.bfloat16}
+        assert {weights.get_tensor(k).dtype for k in weights.keys()} == {torch.bfloat16}  # noqa: SIM118
 
 
 def test_inspect_model_prints_the_plan_from_a_config_alone(tmp_path):
@@ -148,9 +152,18 @@ def test_inspect_model_prints_the_plan_from_a_config_alone(tmp_path):
     assert "fits with:" in out.stdout
     row = next(line for line in out.stdout.splitlines() if "full fine-tuning" in line).split()
     assert float(row[2]) == pytest.approx(params * 4 / 1024**3, abs=0.006)  # weights, GiB
-    js = subprocess.run([*cmd, "--json"], capture_output=True, text=True, env=env, timeout=120)
-    plan = json.loads(js.stdout)["memory_plan"]
-    assert plan["scenarios"]["full"]["optimizer"] == 8 * params
+
+
+def test_inspect_model_json_plan(tmp_path, capsys):
+    folder = tmp_path / "config-only"
+    scratch_config("mini").save_pretrained(folder)
+    assert main(["inspect", "--model", str(folder), "--json", "--precision", "fp32"]) == 0
+    plan = json.loads(capsys.readouterr().out)["memory_plan"]
+    params = sum(p.numel() for p in build_scratch_model("mini").parameters())
+    full = plan["scenarios"]["full"]
+    assert (full["weights"], full["gradients"], full["optimizer"]) == (
+        4 * params, 4 * params, 8 * params
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -407,9 +407,17 @@ def _full_load(load_dtype: str) -> str:
 
 
 def available_bytes(device: str) -> int | None:
-    """Memory of the device at hand: the GPU's total, else the machine's physical memory."""
+    """Memory free on the device at hand: the GPU's free memory, else the machine's available
+    memory (MemAvailable), else its physical memory."""
     if device == "cuda" and torch.cuda.is_available():
-        return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+        return int(torch.cuda.mem_get_info()[0])  # free on this GPU now
+    try:  # what Linux says can be had without swapping
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
@@ -440,6 +448,9 @@ def model_config_of(spec: str, trust_remote_code: bool = False) -> Any:
         raise UserError(f"could not read the config of {spec}: {str(exc).splitlines()[0]}") from exc
 
 
+# A plan fits when its peak is at most this share of the free memory: the rest is for what the
+# plan does not count (the runtime's own buffers, allocator fragmentation; docs/memory.md).
+HEADROOM = 0.9
 SCENARIO_FLAGS = {
     "full": "",
     "full+ckpt": "--gradient-checkpointing",
@@ -449,7 +460,7 @@ SCENARIO_FLAGS = {
 
 
 def fitting_flags(plan: MemoryPlan, replan: Any) -> str:
-    """The first way to train that fits the device at hand, as flags: the plan's scenarios in
+    """The first way to train that fits the device at hand (HEADROOM), as flags: the plan's scenarios in
     order (full, +checkpointing, LoRA, LoRA + checkpointing), then smaller micro-batches with
     gradient accumulation (same global batch); `replan(batch_size)` gives the plan at another
     micro-batch size."""
@@ -459,8 +470,8 @@ def fitting_flags(plan: MemoryPlan, replan: Any) -> str:
     current = plan
     while True:
         for name, flags in SCENARIO_FLAGS.items():
-            if current.scenarios[name].peak <= plan.available:
-                extra = f"--batch-size {batch} --grad-accum {plan.batch_size // batch}"
+            if current.scenarios[name].peak <= HEADROOM * plan.available:
+                extra = f"--batch-size {batch} --grad-accum {-(-plan.batch_size // batch)}"
                 return (flags + " " + extra if batch != plan.batch_size else flags) or "as it is"
         if batch == 1:
             return f"nothing at block size {plan.block_size}: try a smaller --block-size"
