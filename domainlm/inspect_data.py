@@ -127,9 +127,10 @@ def memory_plan(config: InspectConfig, model_config: Any, block: int) -> MemoryP
     )
 
 
-def memory_estimate(plan: MemoryPlan, checkpointing: bool = False) -> dict[str, float]:
+def memory_estimate(config: InspectConfig, model_config: Any, block: int) -> dict[str, float]:
     """Full fine-tuning's part of the plan, in GiB (the data report's memory line)."""
-    terms = plan.scenarios["full+ckpt" if checkpointing else "full"]
+    plan = memory_plan(config, model_config, block)
+    terms = plan.scenarios["full+ckpt" if config.gradient_checkpointing else "full"]
     return {
         "weights_gib": terms.weights / GIB,
         "gradients_gib": terms.gradients / GIB,
@@ -246,9 +247,7 @@ def inspect_data(config: InspectConfig) -> dict[str, Any]:
             "source": config.validation_file or f"held out {config.validation_split:.0%} of train",
             **stream_stats(valid, block),
         },
-        "memory": memory_estimate(
-            memory_plan(config, loaded.model.config, block), config.gradient_checkpointing
-        ),
+        "memory": memory_estimate(config, loaded.model.config, block),
         "lint": {
             "train": lint.train.to_dict(),
             "validation": lint.validation.to_dict() if lint.validation else None,
