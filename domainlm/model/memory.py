@@ -431,21 +431,34 @@ def model_config_of(spec: str, trust_remote_code: bool = False) -> Any:
 
     from transformers import AutoConfig
 
-    from domainlm.model.loading import SCRATCH_PREFIX, scratch_config
+    from domainlm.model.loading import SCRATCH_PREFIX, hub_reachable, scratch_config
 
     if spec.startswith(SCRATCH_PREFIX):
         return scratch_config(spec[len(SCRATCH_PREFIX) :])
     path = Path(spec).expanduser()
+    if spec.startswith((".", "/", "~")) and not path.is_dir():
+        raise UserError(f"model folder {spec} does not exist")
     if path.is_dir() and not (path / "config.json").is_file():
         raise UserError(f"{spec} is not a Hugging Face model folder (no config.json in it)")
-    try:
+    source = str(path) if path.is_dir() else spec
+
+    def read(local_only: bool) -> Any:
         return AutoConfig.from_pretrained(
-            str(path) if path.is_dir() else spec,
-            trust_remote_code=trust_remote_code,
-            local_files_only=path.is_dir() or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"),
+            source, trust_remote_code=trust_remote_code, local_files_only=local_only
         )
+
+    try:
+        try:  # a folder, or a hub id in the local cache: no network
+            return read(local_only=True)
+        except (OSError, ValueError):
+            if path.is_dir() or not hub_reachable():
+                raise
+        return read(local_only=False)
     except (OSError, ValueError) as exc:
-        raise UserError(f"could not read the config of {spec}: {str(exc).splitlines()[0]}") from exc
+        raise UserError(
+            f"could not read the config of {spec} (not a folder, not in the local cache, or the "
+            f"hub is unreachable): {(str(exc).splitlines() or [''])[0]}"
+        ) from exc
 
 
 # A plan fits when its peak is at most this share of the free memory: the rest is for what the
