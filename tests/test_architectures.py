@@ -77,6 +77,12 @@ def family_dir(workdir: Path) -> Callable[[str], Path]:
 
 
 @pytest.fixture(scope="module")
+def tokenizer():  # type: ignore[no-untyped-def]
+    """GPT-2's tokenizer, which every family's folder holds."""
+    return gpt2_tokenizer()
+
+
+@pytest.fixture(scope="module")
 def no_plots() -> object:
     import domainlm.run.report as report
 
@@ -206,8 +212,17 @@ def stop_after_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
     monkeypatch.setattr(guard, "step_delay", delay)
 
 
+# Resumed in every test run: one family per kind of checkpoint (rotary positions, grouped
+# key/value heads and an untied head; a tied head with soft-capped logits on the full-logits path;
+# learned absolute positions). The other families' resumes are marked slow (3 training runs each).
+RESUMED_BY_DEFAULT = ("llama", "gemma2", "opt")
+RESUME_FAMILIES = [
+    f if f in RESUMED_BY_DEFAULT else pytest.param(f, marks=pytest.mark.slow) for f in FAMILY_NAMES
+]
+
+
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("family", RESUME_FAMILIES)
 def test_stopped_and_resumed_run_is_bit_identical(
     family: str, mode: str, trained, family_dir, corpus, workdir, monkeypatch
 ) -> None:
@@ -229,13 +244,12 @@ def test_stopped_and_resumed_run_is_bit_identical(
 # ----------------------------------------------------------------------------- (c) perplexity
 
 
-def reference_perplexity(folder: Path, lines: list[str], block: int, stride: int):
+def reference_perplexity(folder: Path, tokenizer, lines: list[str], block: int, stride: int):  # type: ignore[no-untyped-def]
     """exp(sum NLL / N) over the stream [EOS] d1 EOS d2 ..., each token predicted once by the
     transformers model run directly on the window before it, float64 log-softmax and sum."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
     tokens = [EOS]
     for line in lines:
         tokens += tokenizer(line, add_special_tokens=False)["input_ids"] + [EOS]
@@ -254,7 +268,9 @@ def reference_perplexity(folder: Path, lines: list[str], block: int, stride: int
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_perplexity_equals_the_slow_reference(family: str, mode: str, trained, corpus) -> None:
+def test_perplexity_equals_the_slow_reference(
+    family: str, mode: str, trained, corpus, tokenizer
+) -> None:
     folder = trained(family, mode)
     lines = corpus[1].read_text(encoding="utf-8").splitlines()
     (report,) = evaluate_perplexity(
@@ -263,7 +279,7 @@ def test_perplexity_equals_the_slow_reference(family: str, mode: str, trained, c
             batch_size=3, quiet=True,
         )
     )  # fmt: skip
-    perplexity, tokens = reference_perplexity(folder, lines, BLOCK, BLOCK // 2)
+    perplexity, tokens = reference_perplexity(folder, tokenizer, lines, BLOCK, BLOCK // 2)
     assert report.tokens == tokens
     assert report.perplexity == pytest.approx(perplexity, rel=1e-5)
 
@@ -274,7 +290,7 @@ PROMPTS = ["The cat sat on", "I", "a long line of words to continue from here"]
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_greedy_generation_equals_transformers_generate(family: str, family_dir) -> None:
+def test_greedy_generation_equals_transformers_generate(family: str, family_dir, tokenizer) -> None:
     """`domainlm generate --temperature 0` (the prompts batched, left-padded) against
     transformers' own `generate(do_sample=False)` on each prompt alone, `[EOS] prompt` ids."""
     from transformers import AutoModelForCausalLM
@@ -284,7 +300,6 @@ def test_greedy_generation_equals_transformers_generate(family: str, family_dir)
         GenerateConfig(model=str(folder), prompts=PROMPTS, temperature=0, max_new_tokens=12)
     )
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    tokenizer = gpt2_tokenizer()
     for sample, prompt in zip(samples, PROMPTS, strict=True):
         ids = torch.tensor([[EOS, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]])
         out = model.generate(
@@ -299,24 +314,23 @@ def test_greedy_generation_equals_transformers_generate(family: str, family_dir)
 # ----------------------------------------------------------------------------- (e) packing
 
 
-def per_document_check(model: torch.nn.Module) -> int:
+def per_document_check(model: torch.nn.Module, tokenizer) -> int:  # type: ignore[no-untyped-def]
     """Packed blocks (`--packing docs`) score each whole document in them exactly as that
     document alone (`[EOS] d` predicting `d EOS`, its own forward pass); returns documents checked."""
-    stream = tokenize_documents(uneven_corpus(30, seed=3), gpt2_tokenizer(), EOS, np.uint16)
+    stream = tokenize_documents(uneven_corpus(30, seed=3), tokenizer, EOS, np.uint16)
     dataset = BlockDataset(stream, BLOCK * 2, packing="docs")
     starts, checked = stream.doc_starts, 0
     for index in range(4):
         lo, hi = index * BLOCK * 2, (index + 1) * BLOCK * 2
         batch = dataset.batch([index])
         with torch.no_grad():
-            packed = CausalLMLoss(model)  # per-token NLL: the full logits of the packed block
             logits = model(
                 input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
             ).logits[0]
             per_token = torch.nn.functional.cross_entropy(
                 logits.float(), batch.targets[0], reduction="none"
             )
-            row = float(packed(batch.input_ids, batch.targets, batch.position_ids)[0])
+            row = float(CausalLMLoss(model)(batch.input_ids, batch.targets, batch.position_ids)[0])
         assert row == pytest.approx(float(per_token.sum()), rel=1e-5)
         for d in range(stream.num_documents):
             a, b = starts[d] - 1 - lo, starts[d + 1] - 1 - lo
@@ -331,10 +345,10 @@ def per_document_check(model: torch.nn.Module) -> int:
 
 
 @pytest.mark.parametrize("family", sorted(PACKS_DOCUMENTS))
-def test_packed_documents_score_as_if_alone(family: str) -> None:
+def test_packed_documents_score_as_if_alone(family: str, tokenizer) -> None:
     model = build_family_model(family)
     check_packing_support(model)
-    assert per_document_check(model) >= 4
+    assert per_document_check(model, tokenizer) >= 4
 
 
 @pytest.mark.parametrize("family", sorted(set(FAMILY_NAMES) - PACKS_DOCUMENTS))
