@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -252,6 +253,22 @@ def test_a_tracker_not_installed_is_one_line_before_anything_is_written(
         monkeypatch.delitem(sys.modules, name)
 
 
+def test_unknown_tracker_is_refused_before_anything_is_written(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """From Python (and a --config file), where argparse's choices do not apply."""
+    train_file = write_lines(tmp_path / "train.txt", uneven_corpus(10))
+    config = TrainConfig(
+        model=str(tiny_model_dir),
+        train_file=str(train_file),
+        output_dir=str(tmp_path / "out"),
+        report_to=["nosuchlogger"],
+    )
+    with pytest.raises(UserError, match="--report-to nosuchlogger: choose from"):
+        train(config)
+    assert not (tmp_path / "out").exists()
+
+
 def test_report_to_choices(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(UserError, match="--report-to nosuch: choose from tensorboard, mlflow"):
         trackers.resolve_report_to(["nosuch"])
@@ -281,6 +298,12 @@ def test_report_to_none_writes_no_tracker_files(tiny_model_dir: Path, tmp_path: 
 # ----------------------------------------------------------------------------- two ranks
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_two_ranks_log_once_from_rank_0(tiny_model_dir: Path, tmp_path: Path) -> None:
     """torchrun --nproc_per_node=2: one MLflow run, one W&B run, one TensorBoard event file,
@@ -291,7 +314,7 @@ def test_two_ranks_log_once_from_rank_0(tiny_model_dir: Path, tmp_path: Path) ->
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master-port=0",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master-port={free_port()}",
         "-m", "domainlm", "train", "--model", str(tiny_model_dir), "--train-file", str(train_file),
         "--output-dir", str(out), "--block-size", "32", "--batch-size", "2", "--max-steps", "4",
         "--save-steps", "2", "--logging-steps", "1", "--quiet", "--report-to", *ALL,
