@@ -14,6 +14,7 @@ A tracker asked for and not installed is a one-line error before anything is wri
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import struct
@@ -90,7 +91,8 @@ def expected_series(run: Path) -> dict[str, list[tuple[int, float]]]:
                 name = "eval/" + (key[len("eval_") :] if key.startswith("eval_") else key)
             else:
                 name = "train/" + key
-            series.setdefault(name, []).append((event["step"], float(value)))
+            if math.isfinite(value):  # a NaN loss stays in metrics.jsonl only
+                series.setdefault(name, []).append((event["step"], float(value)))
     return series
 
 
@@ -336,3 +338,55 @@ def test_two_ranks_log_once_from_rank_0(tiny_model_dir: Path, tmp_path: Path) ->
         for name, points in expected.items():
             history = client.get_metric_history(run.info.run_id, name)
             assert sorted((m.step, m.value) for m in history) == points, name
+
+
+# ----------------------------------------------------------------------------- failure and resume
+
+
+def test_a_failed_run_then_its_resume(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run stopped by bad steps (their NaN losses not sent) ends its MLflow run FAILED;
+    resumed, a new MLflow run holds the steps after the checkpoint, and TensorBoard (the events
+    past the checkpoint purged) equals metrics.jsonl."""
+    pytest.importorskip("mlflow")
+    pytest.importorskip("tensorboard")
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from domainlm.errors import TrainingAborted
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    train_file = write_lines(tmp_path / "train.txt", uneven_corpus(40, seed=1))
+    out = tmp_path / "run"
+    config = TrainConfig(
+        model=str(tiny_model_dir), train_file=str(train_file), output_dir=str(out),
+        block_size=32, batch_size=2, max_steps=6, save_steps=2, logging_steps=1,
+        precision="fp32", quiet=True, max_bad_steps=2, report_to=["tensorboard", "mlflow"],
+    )  # fmt: skip
+    monkeypatch.setenv("DOMAINLM_INJECT_NAN_STEPS", "4,5")  # stops after step 5
+    with pytest.raises(TrainingAborted):
+        train(config)
+    client = MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
+    experiment_id = client.get_experiment_by_name("domainlm").experiment_id
+    (failed,) = client.search_runs([experiment_id])
+    assert failed.info.status == "FAILED"
+    monkeypatch.delenv("DOMAINLM_INJECT_NAN_STEPS")
+    resumed = train(config).resumed_from  # the newest checkpoint: the bad steps are skipped
+    assert resumed is not None
+    resumed_step = int(resumed.name.removeprefix("checkpoint-"))
+    runs = client.search_runs([experiment_id], order_by=["attributes.start_time ASC"])
+    assert [r.info.status for r in runs] == ["FAILED", "FINISHED"]
+    expected = expected_series(out)
+    for name, points in expected.items():
+        history = client.get_metric_history(runs[1].info.run_id, name)
+        assert sorted((m.step, m.value) for m in history) == [
+            p for p in points if p[0] > resumed_step
+        ]
+    events = EventAccumulator(str(out / trackers.TENSORBOARD_DIR))
+    events.Reload()
+    for name, points in expected.items():
+        assert [(s.step, s.value) for s in events.Scalars(name)] == [
+            (step, float(np.float32(value))) for step, value in points
+        ], name
