@@ -347,8 +347,9 @@ def test_a_failed_run_then_its_resume(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A run stopped by bad steps (their NaN losses not sent) ends its MLflow run FAILED;
-    resumed, a new MLflow run holds the steps after the checkpoint, and TensorBoard (the events
-    past the checkpoint purged) equals metrics.jsonl."""
+    resumed, a new MLflow run holds the steps after the checkpoint, and what TensorBoard's reader
+    shows equals metrics.jsonl (the first run's steps past the checkpoint dropped: by the
+    writer's purge_step, and by the reader itself, which drops steps that come again)."""
     pytest.importorskip("mlflow")
     pytest.importorskip("tensorboard")
     from mlflow.tracking import MlflowClient
