@@ -255,6 +255,23 @@ def test_a_tracker_not_installed_is_one_line_before_anything_is_written(
         monkeypatch.delitem(sys.modules, name)
 
 
+def test_a_tracker_that_cannot_start_stops_the_run_before_its_first_step(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "nosuchscheme://nowhere")
+    train_file = write_lines(tmp_path / "train.txt", uneven_corpus(10))
+    out = tmp_path / "out"
+    args = ["train", "--model", str(tiny_model_dir), "--train-file", str(train_file)]
+    args += ["--output-dir", str(out), "--block-size", "32", "--report-to", "mlflow"]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("domainlm: error:")]
+    assert line.startswith("domainlm: error: --report-to mlflow: could not start: ")
+    assert "Traceback" not in err
+    assert not (out / "metrics.jsonl").exists()  # not even the validation before step 1
+
+
 def test_unknown_tracker_is_refused_before_anything_is_written(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:

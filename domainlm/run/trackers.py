@@ -113,8 +113,9 @@ def hparam_value(value: Any) -> str | int | float:
 class Trackers:
     """Sends metrics.jsonl events and the settings to the trackers `names` (resolved; rank 0).
 
-    Nothing is opened until the first event, so a run that fails in set-up leaves no tracker
-    run behind; `close()` ends them (also after an error: then the MLflow run is FAILED).
+    `open()` starts each tracker's run (rank 0, at the end of set-up, so a tracker that cannot
+    start stops the run before its first step); `close()` ends them (also after an error: then
+    the MLflow run is FAILED).
     """
 
     def __init__(
@@ -127,7 +128,7 @@ class Trackers:
         self._wandb: Any = None
         self._opened = False
 
-    def _open(self) -> None:
+    def open(self) -> None:
         """Each tracker's run; one that cannot start (a bad MLFLOW_TRACKING_URI, W&B online
         without a login) is a one-line error naming it."""
         self._opened = True
@@ -140,6 +141,7 @@ class Trackers:
                 elif name == "wandb":
                     self._wandb = open_wandb(self.output_dir, self.config)
             except Exception as exc:  # the tracker's own exception types vary
+                self.close(failed=True)  # those already started
                 reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise UserError(f"--report-to {name}: could not start: {reason}") from exc
 
@@ -149,7 +151,7 @@ class Trackers:
         if not self.names:
             return
         if not self._opened:
-            self._open()
+            self.open()
         step, values = int(event["step"]), tracker_metrics(event)
         if self._tb is not None:
             for key, value in values.items():

@@ -249,6 +249,8 @@ def start_state(
         write_run_file(output_dir, config, data.identity, written=owned)
     metrics = MetricsLog(output_dir / "metrics.jsonl", enabled=ctx.is_main, resume_step=start_step)
     loggers = Trackers(trackers, output_dir, config.to_dict(), start_step)
+    if ctx.is_main:
+        loggers.open()  # a tracker that cannot start stops the run here, before any step
     metrics.listeners.append(loggers.log)  # called on rank 0 only
     sampler = TrainingSampler.create(
         config, data.loaded, net.model, output_dir, console, ctx, precision, start_step
