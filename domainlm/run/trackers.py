@@ -17,7 +17,9 @@ The run's settings (TrainConfig, as in run_config.json) go along as hyperparamet
 
 Without --report-to a run writes TensorBoard events when tensorboard is installed, and nothing
 else (as before trackers had a module of their own); `--report-to none` writes none. A tracker
-that is named and not installed is a one-line error before anything is loaded or written.
+that is named and not installed is a one-line error before anything is loaded or written; one
+that cannot start (a bad MLFLOW_TRACKING_URI, W&B online without a login) is a one-line error
+at the end of set-up, before the first step.
 A resumed run opens a new MLflow / W&B run that starts at the resumed step; TensorBoard drops
 the events a crashed run wrote after the checkpoint it resumes from (`purge_step`).
 """
