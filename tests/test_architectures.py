@@ -154,7 +154,7 @@ def loss_and_grads(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tens
         loss = model(input_ids=ids, labels=labels, use_cache=False).loss
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return float(loss), grads
+    return float(loss.detach()), grads
 
 
 def assert_same_loss_and_grads(family: str, **overrides: object) -> None:
