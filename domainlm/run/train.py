@@ -38,6 +38,7 @@ from domainlm.model.loading import (
 )
 from domainlm.model.loss import CausalLMLoss
 from domainlm.model.malloc import reuse_freed_host_memory
+from domainlm.model.memory import enable_gradient_checkpointing, load_dtype_for, pure_half_warning
 from domainlm.run import guard
 from domainlm.run.boundaries import Checkpoints, Evaluation, Progress, Sampling, StopGuard
 from domainlm.run.checkpoint import (
@@ -55,16 +56,11 @@ from domainlm.run.checkpoint import (
 )
 from domainlm.run.lock import LOCK_FILE, RunLock
 from domainlm.run.metrics import Console, MetricsLog
-from domainlm.run.report import (
-    EventLoggers,
-    check_report_to,
-    data_summary,
-    owned_outputs,
-    write_run_report,
-)
+from domainlm.run.report import data_summary, write_run_report
 from domainlm.run.state import DataCursor, Run, RunData, RunModel
 from domainlm.run.step import TrainStep
-from domainlm.text.generate import TrainingSampler
+from domainlm.run.trackers import Trackers, resolve_report_to, tracker_outputs
+from domainlm.text.generate import SAMPLES_FILE, TrainingSampler
 
 # What makes a checkpoint resumable by a run: the same model, tokenizer and block layout.
 RESUME_KEYS = ("model", "tokenizer", "block_size", "packing")
@@ -96,6 +92,7 @@ def train(config: TrainConfig) -> TrainResult:
     cleanup = ExitStack()  # the run lock and the signal handlers, released on every exit
     try:
         run = set_up(config, ctx, cleanup)
+        cleanup.callback(run.loggers.close, failed=True)  # a no-op after finish closed them
         return fit(run, cleanup)
     except (RuntimeError, torch.distributed.DistError) as exc:
         lost = rank_lost(exc, ctx)  # another rank died or timed out: one clear line, not a trace
@@ -139,13 +136,22 @@ def set_up(config: TrainConfig, ctx: DistContext, cleanup: ExitStack) -> Run:
     device = pick_device(ctx.local_rank if ctx.enabled else None, config.device)
     precision = resolve_precision(config.precision, device)
     console = Console(enabled=ctx.is_main, quiet=config.quiet)
-    data = check_inputs(config, ctx, console, cleanup)
+    lora = bool(getattr(config, "lora", False))
+    load_dtype = load_dtype_for(config.load_dtype, precision, lora)  # model/memory.py
+    warning = pure_half_warning(load_dtype, lora)
+    if warning:
+        console.warn(warning)
+    data = check_inputs(config, ctx, console, cleanup, load_dtype)
     net = build_model(config, data, ctx, device, precision)
     return start_state(config, ctx, device, precision, console, data, net)
 
 
 def check_inputs(
-    config: TrainConfig, ctx: DistContext, console: Console, cleanup: ExitStack
+    config: TrainConfig,
+    ctx: DistContext,
+    console: Console,
+    cleanup: ExitStack,
+    load_dtype: torch.dtype = torch.float32,
 ) -> RunData:
     """Every input checked and the data loaded before anything in output_dir is written; takes
     the run lock and decides the checkpoint to resume from."""
@@ -154,12 +160,13 @@ def check_inputs(
     if config.validation_file:
         check_input(config.validation_file, config.text_column)
     check_output_dir(output_dir)
-    check_report_to(config.report_to)  # --report-to names installed loggers
+    resolve_report_to(config.report_to)  # --report-to: known trackers, each installed
     loaded = load_model(
         config.model,
         seed=config.seed,
         eos_token=config.eos_token,
         trust_remote_code=config.trust_remote_code,
+        dtype=load_dtype,
     )
     block_size = loaded.block_size(config.block_size, default_cap=1024)
     eval_stride = config.eval_stride or block_size - 1
@@ -202,6 +209,7 @@ def build_model(
             str(data.resume_from),
             eos_token=config.eos_token,
             trust_remote_code=config.trust_remote_code,
+            dtype=loaded.model.dtype,
         )
         loaded.model = resumed.model
     # from_pretrained returns a model in eval mode: dropout must be on while training, in a
@@ -210,6 +218,8 @@ def build_model(
     if config.packing == "concat":
         model.config.use_cache = False
     use_fast_kernels(model)  # same function, fused kernels (domainlm/model/fastpath.py)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)  # model/memory.py
     loss_module = CausalLMLoss(model)
     if config.compile:
         compile_model(loss_module)
@@ -246,12 +256,16 @@ def start_state(
         resumed_window = state.get("loss_window") or {}
         console.info(f"resuming from {data.resume_from} at step {start_step}")
     output_dir = Path(config.output_dir)
+    trackers = resolve_report_to(config.report_to)  # run/trackers.py: TensorBoard, MLflow, W&B
     if ctx.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        write_run_file(output_dir, config, data.identity, written=owned_outputs(config))
+        owned = tracker_outputs(trackers) + ([SAMPLES_FILE] if config.sample_prompts else [])
+        write_run_file(output_dir, config, data.identity, written=owned)
     metrics = MetricsLog(output_dir / "metrics.jsonl", enabled=ctx.is_main, resume_step=start_step)
-    loggers = EventLoggers(config.report_to, output_dir, config.to_dict(), start_step)
-    metrics.listeners.append(loggers.log)
+    loggers = Trackers(trackers, output_dir, config.to_dict(), start_step)
+    if ctx.is_main:
+        loggers.open()  # a tracker that cannot start stops the run here, before any step
+    metrics.listeners.append(loggers.log)  # called on rank 0 only
     sampler = TrainingSampler.create(
         config, data.loaded, net.model, output_dir, console, ctx, precision, start_step
     )
