@@ -37,6 +37,16 @@ from domainlm.model.loading import (
     tokenizer_fingerprint,
 )
 from domainlm.model.loss import CausalLMLoss
+from domainlm.model.lora import (
+    LoraSettings,
+    attach_lora,
+    base_dtype,
+    base_record,
+    lora_identity,
+    save_adapter,
+    save_merged,
+    trainable_count,
+)
 from domainlm.model.malloc import reuse_freed_host_memory
 from domainlm.run import guard
 from domainlm.run.boundaries import Checkpoints, Evaluation, Progress, Sampling, StopGuard
@@ -67,7 +77,7 @@ from domainlm.run.step import TrainStep
 from domainlm.text.generate import TrainingSampler
 
 # What makes a checkpoint resumable by a run: the same model, tokenizer and block layout.
-RESUME_KEYS = ("model", "tokenizer", "block_size", "packing")
+RESUME_KEYS = ("model", "tokenizer", "block_size", "packing", "lora")
 
 
 @dataclass
@@ -169,6 +179,7 @@ def check_inputs(
         "tokenizer": tokenizer_fingerprint(loaded.tokenizer, loaded.eos_id),
         "block_size": block_size,
         "packing": config.packing,
+        "lora": lora_identity(config, loaded.model),  # None for full fine-tuning
     }
     # Data errors (empty, binary, invalid UTF-8) come before anything in output_dir is touched.
     train_stream, valid_stream = load_streams(config, loaded, identity["tokenizer"], console)
@@ -197,7 +208,15 @@ def build_model(
     from domainlm.model.distributed import wrap_model
 
     loaded = data.loaded
-    if data.resume_from is not None:
+    if config.lora:  # the base frozen in the run's precision, adapters on top (model/lora.py)
+        loaded.model = attach_lora(
+            loaded.model.to(base_dtype(precision)),
+            LoraSettings.from_config(config),  # type: ignore[arg-type]
+            seed=config.seed,
+            base_name=base_record(config.model),
+            resume_from=data.resume_from,
+        )
+    elif data.resume_from is not None:
         resumed = load_model(
             str(data.resume_from),
             eos_token=config.eos_token,
@@ -210,7 +229,7 @@ def build_model(
     if config.packing == "concat":
         model.config.use_cache = False
     use_fast_kernels(model)  # same function, fused kernels (domainlm/model/fastpath.py)
-    loss_module = CausalLMLoss(model)
+    loss_module = CausalLMLoss(model.get_base_model() if config.lora else model)
     if config.compile:
         compile_model(loss_module)
     train_module = wrap_model(loss_module, ctx, device, config.strategy)
@@ -272,6 +291,7 @@ def announce(run: Run, global_batch: int, steps_per_epoch: int) -> None:
         f"model {config.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) "
         f"on {run.device.type} x{run.ctx.world_size}, precision {run.precision}"
         + (", parameters sharded by FSDP" if is_sharded(model) else "")
+        + (f", LoRA: {trainable_count(model) / 1e6:.2f}M trainable" if config.lora else "")
     )
     run.console.info(
         f"train: {run.data.train_stream.num_documents} documents, {dataset.num_predicted:,} "
@@ -328,8 +348,16 @@ def save_model_folder(
     model, output_dir = run.net.model, run.output_dir
     guard.refuse_nonfinite_weights(model, last_saved)  # never save NaN weights as final
     before = set(p.name for p in output_dir.iterdir())
-    model.save_pretrained(output_dir, state_dict=final_state)
-    run.data.loaded.tokenizer.save_pretrained(output_dir)
+    tokenizer, config = run.data.loaded.tokenizer, run.config
+    if config.lora:
+        save_adapter(model, output_dir)  # the run folder is the adapter; merged/ the model
+    else:
+        model.save_pretrained(output_dir, state_dict=final_state)
+    tokenizer.save_pretrained(output_dir)
+    if config.lora and config.merge:
+        trust = config.trust_remote_code
+        save_merged(output_dir, tokenizer, seed=config.seed, eos_token=config.eos_token,
+                    trust_remote_code=trust)  # fmt: skip
     if final.tokens:
         save_eval_results(output_dir, final, initial, run.metrics, runtime, tokens_seen)
     run.loggers.close()
@@ -469,6 +497,8 @@ def check_same_run(folder: Path, identity: dict[str, Any], what: str) -> None:
     run = read_run_file(folder) or {}
     saved = run.get("identity", {})
     for key in RESUME_KEYS:
+        if key == "lora" and key not in saved and "model" in saved:
+            saved = {**saved, "lora": None}  # a run from before LoRA trained every weight
         if key in saved and saved[key] != identity[key]:
             raise UserError(
                 f"{what} belongs to a run with another {key} ({saved[key]} vs {identity[key]}); "
