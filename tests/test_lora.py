@@ -317,6 +317,14 @@ def test_changing_lora_settings_on_resume_is_refused(
 # ----------------------------------------------------------------------------- DDP
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @pytest.mark.slow
 def test_two_ddp_ranks_train_the_adapter_as_one_rank_with_accumulation(
     tiny_model_dir: Path, corpus: tuple[Path, Path], tmp_path: Path
@@ -329,7 +337,7 @@ def test_two_ddp_ranks_train_the_adapter_as_one_rank_with_accumulation(
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master-port=0", "-m", "domainlm", "train", "--model", str(tiny_model_dir),
+           f"--master-port={free_port()}", "-m", "domainlm", "train", "--model", str(tiny_model_dir),
            "--train-file", str(corpus[0]), "--validation-file", str(corpus[1]), "--output-dir",
            str(ddp), "--block-size", "32", "--batch-size", "2", "--lr", "1e-2", "--max-steps", "3",
            "--save-steps", "3", "--eval-steps", "100", "--precision", "fp32", "--quiet",
@@ -340,5 +348,9 @@ def test_two_ddp_ranks_train_the_adapter_as_one_rank_with_accumulation(
     a = load_file(ddp / "adapter_model.safetensors")
     b = load_file(single / "adapter_model.safetensors")
     assert a.keys() == b.keys()
-    for key in a:
-        assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
+    # Adam divides by |gradient|: the rounding of a near-zero gradient element can move it by up
+    # to 1e-4 after 3 steps of lr 1e-2; a gradient not synchronised moves the adapters by ~lr.
+    diff = torch.cat([(a[k] - b[k]).flatten() for k in a])
+    ref = torch.cat([b[k].flatten() for k in a])
+    assert (diff.norm() / ref.norm()).item() < 1e-4
+    assert diff.abs().max().item() < 1e-4
