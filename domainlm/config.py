@@ -138,9 +138,7 @@ class TrainConfig:
     report_to: list[str] | None = opt(
         None, "Extra loggers: tensorboard, mlflow, wandb (when installed)."
     )
-    lora: bool = opt(
-        False, "Train LoRA adapters (peft) on a frozen base instead of every weight."
-    )
+    lora: bool = opt(False, "Train LoRA adapters (peft) on a frozen base instead of every weight.")
     lora_r: int = opt(8, "LoRA rank.")
     lora_alpha: float = opt(16.0, "LoRA alpha (the adapters' output is scaled by alpha / r).")
     lora_dropout: float = opt(0.05, "Dropout on the LoRA adapters' input.")

@@ -36,7 +36,6 @@ from domainlm.model.loading import (
     special_token_texts,
     tokenizer_fingerprint,
 )
-from domainlm.model.loss import CausalLMLoss
 from domainlm.model.lora import (
     LoraSettings,
     attach_lora,
@@ -47,6 +46,7 @@ from domainlm.model.lora import (
     save_merged,
     trainable_count,
 )
+from domainlm.model.loss import CausalLMLoss
 from domainlm.model.malloc import reuse_freed_host_memory
 from domainlm.run import guard
 from domainlm.run.boundaries import Checkpoints, Evaluation, Progress, Sampling, StopGuard
