@@ -88,7 +88,7 @@ def lora_run(tiny_model_dir: Path, corpus: tuple[Path, Path], tmp_path_factory) 
     out = tmp_path_factory.mktemp("lora-run") / "run"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train_module, "save_model_folder", capturing_save)
-        result = train(config(tiny_model_dir, corpus, out))
+        result = train(config(tiny_model_dir, corpus, out, sample_prompts=["the"], sample_every=3))
     return {"out": out, "model": captured["model"], "result": result}
 
 
@@ -132,6 +132,8 @@ def test_only_the_adapters_change_and_the_checkpoints_hold_only_them(
         assert torch.equal(param, fresh[plain]), name  # the base bit for bit
     lora_b = [p for n, p in trained.named_parameters() if "lora_B" in n]
     assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # initialised to 0, then trained
+    samples = (out / "samples.jsonl").read_text().splitlines()  # sampled while training
+    assert [json.loads(row)["step"] for row in samples] == [3, 6]
     n_adapter = sum(1 for n, _ in trained.named_parameters() if "lora_" in n)
     base_bytes = (tiny_model_dir / "model.safetensors").stat().st_size
     for folder in (out, out / "checkpoint-3", out / "checkpoint-6"):
