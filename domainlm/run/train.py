@@ -176,7 +176,7 @@ def check_inputs(
     check_window(block_size, eval_stride)
     identity = {
         "model": config.model,
-        "tokenizer": tokenizer_fingerprint(loaded.tokenizer, loaded.eos_id),
+        "tokenizer": tokenizer_fingerprint(loaded.tokenizer, loaded.eos_id, loaded.document_prefix),
         "block_size": block_size,
         "packing": config.packing,
         "lora": lora_identity(config, loaded.model),  # None for full fine-tuning
@@ -415,6 +415,7 @@ def load_streams(
             config.cache_dir,
             config.doc_sep,
             config.encoding_errors,
+            prefix=loaded.document_prefix,
         )
         console.info(f"{path}: {'token cache hit' if cached.cache_hit else 'tokenized and cached'}")
         return cached.stream
