@@ -30,6 +30,7 @@ from domainlm.run.checkpoint import (
     rotate_checkpoints,
     save_checkpoint,
 )
+from domainlm.run.diskspace import checkpoint_write, estimate_checkpoint
 from domainlm.run.state import Run
 from domainlm.run.step import StepOutcome
 
@@ -223,8 +224,12 @@ def save_training_checkpoint(
             "loss_window": {"nll": nll_sum, "tokens": window_tokens, "seconds": window_seconds},
         }
         tokenizer = run.data.loaded.tokenizer
-        save_checkpoint(output_dir, step, net.model, tokenizer, state, eval_perplexity, model_state)
-        rotate_checkpoints(output_dir, run.config.save_total_limit)
+        size = lambda: estimate_checkpoint(net.model, tokenizer).total  # noqa: E731
+        with checkpoint_write(output_dir, step, size):  # a full disk: exit 4, partial removed
+            save_checkpoint(
+                output_dir, step, net.model, tokenizer, state, eval_perplexity, model_state
+            )
+            rotate_checkpoints(output_dir, run.config.save_total_limit)
     barrier(ctx)
     return None
 
