@@ -22,7 +22,7 @@ import torch
 
 from domainlm.evaluation.windows import NLLSum, stream_nll
 from domainlm.model.distributed import all_reduce_sum
-from domainlm.run import guard
+from domainlm.run import guard, preempt
 from domainlm.run.checkpoint import (
     CHECKPOINT_PREFIX,
     CheckpointInfo,
@@ -247,15 +247,23 @@ class Sampling:
 
 class StopGuard:
     """The first SIGINT/SIGTERM asks the run to stop: after the step (all ranks agree), the step
-    is saved unless it just was, and the run ends with TrainingAborted (exit 130/143)."""
+    is saved unless it just was, and the run ends with TrainingAborted (exit 130/143). After a
+    SIGTERM a save that would not fit in --preempt-grace is not started (preempt.py)."""
 
     def __init__(self, run: Run, cleanup: ExitStack, checkpoints: Checkpoints, progress: Progress):
         self.run, self.checkpoints, self.progress = run, checkpoints, progress
         self.signals = cleanup.enter_context(guard.StopSignals(run.console.info))
+        self.plan = preempt.PreemptPlan.measure(run)  # says at start if a save will not fit
 
     def after_step(self, step: StepOutcome) -> None:
-        if step.final or not guard.stop_agreed(self.signals, self.run.ctx, self.run.device):
+        run = self.run
+        if step.final or not guard.stop_agreed(self.signals, run.ctx, run.device):
             return
+        saved = self.checkpoints.last_saved == run.output_dir / f"{CHECKPOINT_PREFIX}{step.done}"
+        if not saved and not preempt.full_save_agreed(self.plan, self.signals, run.ctx, run.device):
+            self.progress.close()
+            last = self.checkpoints.last_saved
+            raise preempt.fallback_stop(run, self.plan, self.signals, step.done, last)
         self.checkpoints.save_unless_saved(step.done)
         self.progress.close()
         raise guard.stopped_by_signal(self.signals, step.done, self.run.output_dir)
