@@ -243,6 +243,7 @@ def test_full_disk_in_a_checkpoint_is_one_line_exit_4_and_the_same_command_resum
     assert_same_run(out, reference)
 
 
+@pytest.mark.slow  # two runs
 def test_full_disk_in_the_final_model_removes_its_weights_and_the_same_command_resumes(
     corpus: Path, reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
