@@ -134,7 +134,7 @@ def simulated_peak(c: int, m: int, saves: list[int], keep: int | None, existing:
 def test_peak_need_matches_a_simulation_of_saves_and_rotation(
     keep: int | None, start: int, total: int, every: int
 ) -> None:
-    size = diskspace.CheckpointSize(weights=300, optimizer=600, tokenizer=100, other=0)
+    size = diskspace.CheckpointSize(weights=3 * 10**8, optimizer=6 * 10**8, tokenizer=10**8, other=0)
     c, m = size.total, size.model_folder
     existing = list(range(every, start + 1, every))
     if keep is not None:
