@@ -130,11 +130,15 @@ def simulated_peak(c: int, m: int, saves: list[int], keep: int | None, existing:
 
 
 @pytest.mark.parametrize("keep", [None, 1, 2, 5])
-@pytest.mark.parametrize(("start", "total", "every"), [(0, 10, 2), (0, 7, 3), (4, 11, 2), (6, 6, 2)])
+@pytest.mark.parametrize(
+    ("start", "total", "every"), [(0, 10, 2), (0, 7, 3), (4, 11, 2), (6, 6, 2)]
+)
 def test_peak_need_matches_a_simulation_of_saves_and_rotation(
     keep: int | None, start: int, total: int, every: int
 ) -> None:
-    size = diskspace.CheckpointSize(weights=3 * 10**8, optimizer=6 * 10**8, tokenizer=10**8, other=0)
+    size = diskspace.CheckpointSize(
+        weights=3 * 10**8, optimizer=6 * 10**8, tokenizer=10**8, other=0
+    )
     c, m = size.total, size.model_folder
     existing = list(range(every, start + 1, every))
     if keep is not None:
