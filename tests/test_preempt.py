@@ -44,6 +44,11 @@ def test_a_save_goes_ahead_only_when_it_fits_in_the_grace_left() -> None:
     assert preempt.full_save_agreed(plan, term_early, SINGLE, None)
     # Ctrl-C is a person waiting, not a scheduler: always the full save.
     assert preempt.full_save_agreed(plan, Signals(signal.SIGINT, now - 55), SINGLE, None)
+    # A real save of this run that took longer than the estimate replaces it.
+    slower = plan.after_a_save(55.0)
+    assert slower.save_seconds == 55.0 and not slower.fits(0.0)
+    assert "(the last save's time)" in slower.describe()
+    assert plan.after_a_save(1.0) is plan
     slow = preempt.PreemptPlan(grace=5.0, checkpoint_bytes=10**9, save_seconds=10.0, write_speed=0)
     assert not slow.fits_at_start
 

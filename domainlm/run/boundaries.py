@@ -179,6 +179,7 @@ class Checkpoints:
     def __init__(self, run: Run, progress: Progress, evaluation: Evaluation) -> None:
         self.run, self.progress, self.evaluation = run, progress, evaluation
         self.last_saved: Path | None = run.data.resume_from
+        self.last_seconds = 0.0  # how long the last save took (preempt.py's budget uses it)
 
     def after_step(self, step: StepOutcome) -> None:
         if step.done % self.run.config.save_steps == 0 or step.final:
@@ -186,7 +187,9 @@ class Checkpoints:
             self.last_saved = self.run.output_dir / f"checkpoint-{step.done}"
 
     def save(self, done: int, perplexity: float | None) -> None:
+        start = time.perf_counter()
         save_training_checkpoint(self.run, done, perplexity, self.progress.window())
+        self.last_seconds = time.perf_counter() - start
 
     def save_unless_saved(self, done: int) -> None:
         """Save step `done` unless this step's checkpoint was just written (a stop's save)."""
@@ -260,10 +263,11 @@ class StopGuard:
         if step.final or not guard.stop_agreed(self.signals, run.ctx, run.device):
             return
         saved = self.checkpoints.last_saved == run.output_dir / f"{CHECKPOINT_PREFIX}{step.done}"
-        if not saved and not preempt.full_save_agreed(self.plan, self.signals, run.ctx, run.device):
+        plan = self.plan.after_a_save(self.checkpoints.last_seconds)
+        if not saved and not preempt.full_save_agreed(plan, self.signals, run.ctx, run.device):
             self.progress.close()
             last = self.checkpoints.last_saved
-            raise preempt.fallback_stop(run, self.plan, self.signals, step.done, last)
+            raise preempt.fallback_stop(run, plan, self.signals, step.done, last)
         self.checkpoints.save_unless_saved(step.done)
         self.progress.close()
         raise guard.stopped_by_signal(self.signals, step.done, self.run.output_dir)

@@ -6,7 +6,7 @@ SIGTERM and SIGKILL) as a budget for the last save.
   and fsynced there, then removed) plus the time to checksum it (SHA-256 of the probe's bytes).
   When that does not fit in the grace period the run says so, and what it will save instead.
 - On SIGTERM (guard.StopSignals notes when it came) the current step finishes; then, if the full
-  checkpoint still fits in what is left of the grace period (with a margin), it is written as
+  checkpoint (its estimate, or the time the run's last save took when longer) still fits in what is left of the grace period (with a margin), it is written as
   before. Otherwise nothing big is written: the last complete checkpoint stays the resume point
   and `preempted.json` records the step reached and the data position, so the resumed run says
   which steps it trains again. Exit code 143 either way. SIGINT (a person at a terminal) always
@@ -19,6 +19,7 @@ writer) instead of measuring it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -67,6 +68,7 @@ class PreemptPlan:
     checkpoint_bytes: int
     save_seconds: float  # estimated: write + checksum
     write_speed: float  # bytes/s, 0 when injected
+    measured: bool = False  # save_seconds is a real save's time, not the estimate
 
     @property
     def fits_at_start(self) -> bool:
@@ -76,8 +78,16 @@ class PreemptPlan:
         """True when a full save fits in the grace left `elapsed` seconds after the signal."""
         return self.save_seconds <= (self.grace - elapsed) * MARGIN
 
+    def after_a_save(self, seconds: float) -> PreemptPlan:
+        """The plan with the time a real save of this run took, when longer than the estimate
+        (the probe sees a moment of the disk; a save sees the disk under its own load)."""
+        if seconds <= self.save_seconds:
+            return self
+        return dataclasses.replace(self, save_seconds=seconds, write_speed=0.0, measured=True)
+
     def describe(self) -> str:
         speed = f" at {human(self.write_speed)}/s measured" if self.write_speed else ""
+        speed = " (the last save's time)" if self.measured else speed
         return (
             f"a checkpoint ({human(self.checkpoint_bytes)}) takes about {self.save_seconds:.2g} s "
             f"to write here{speed}"
