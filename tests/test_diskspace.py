@@ -75,19 +75,28 @@ def error_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("domainlm:")]
 
 
-@pytest.fixture(scope="module")
+_SHARED: dict[str, Path] = {}  # made once per session, also for tests/test_preempt.py
+
+
+@pytest.fixture
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("corpus")
-    write_lines(folder / "train.txt", uneven_corpus(40, seed=0))
-    write_lines(folder / "valid.txt", uneven_corpus(8, seed=1))
-    return folder
+    if "corpus" not in _SHARED:
+        folder = tmp_path_factory.mktemp("corpus")
+        write_lines(folder / "train.txt", uneven_corpus(40, seed=0))
+        write_lines(folder / "valid.txt", uneven_corpus(8, seed=1))
+        _SHARED["corpus"] = folder
+    return _SHARED["corpus"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def reference(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("reference") / "out"
-    assert cli_main(run_args(corpus, out)) == 0
-    return out
+    """One uninterrupted run of `run_args` (a module global: tests/test_preempt.py imports this
+    module, so both files share the one run)."""
+    if "reference" not in _SHARED:
+        out = tmp_path_factory.mktemp("reference") / "out"
+        assert cli_main(run_args(corpus, out)) == 0
+        _SHARED["reference"] = out
+    return _SHARED["reference"]
 
 
 # ----------------------------------------------------------------------------- the estimate
