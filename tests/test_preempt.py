@@ -180,3 +180,13 @@ def test_sigterm_to_a_subprocess_saves_or_falls_back_and_resumes_bit_identically
     assert done.returncode == 0, err
     assert f"checkpoint-{resume_step} at step {resume_step}" in err
     assert_same_run(out, reference)
+
+
+def test_a_grace_period_of_zero_or_less_is_refused() -> None:
+    from domainlm.config import TrainConfig
+    from domainlm.errors import UserError
+
+    for bad in (0.0, -5.0):
+        with pytest.raises(UserError, match="--preempt-grace must be a positive number"):
+            TrainConfig(model="m", train_file="t", output_dir="o", preempt_grace=bad)
+    assert TrainConfig(model="m", train_file="t", output_dir="o").preempt_grace == 60.0
