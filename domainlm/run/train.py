@@ -62,16 +62,11 @@ from domainlm.run.diskspace import (
 )
 from domainlm.run.lock import LOCK_FILE, RunLock
 from domainlm.run.metrics import Console, MetricsLog
-from domainlm.run.report import (
-    EventLoggers,
-    check_report_to,
-    data_summary,
-    owned_outputs,
-    write_run_report,
-)
+from domainlm.run.report import data_summary, write_run_report
 from domainlm.run.state import DataCursor, Run, RunData, RunModel
 from domainlm.run.step import TrainStep
-from domainlm.text.generate import TrainingSampler
+from domainlm.run.trackers import Trackers, resolve_report_to, tracker_outputs
+from domainlm.text.generate import SAMPLES_FILE, TrainingSampler
 
 # What makes a checkpoint resumable by a run: the same model, tokenizer and block layout.
 RESUME_KEYS = ("model", "tokenizer", "block_size", "packing")
@@ -103,6 +98,7 @@ def train(config: TrainConfig) -> TrainResult:
     cleanup = ExitStack()  # the run lock and the signal handlers, released on every exit
     try:
         run = set_up(config, ctx, cleanup)
+        cleanup.callback(run.loggers.close, failed=True)  # a no-op after finish closed them
         return fit(run, cleanup)
     except OSError as exc:  # a write outside a checkpoint or the model folder (metrics.jsonl)
         if not says_out_of_space(exc):
@@ -165,7 +161,7 @@ def check_inputs(
     if config.validation_file:
         text_files(config.validation_file)
     check_output_dir(output_dir)
-    check_report_to(config.report_to)  # --report-to names installed loggers
+    resolve_report_to(config.report_to)  # --report-to: known trackers, each installed
     loaded = load_model(
         config.model,
         seed=config.seed,
@@ -177,7 +173,7 @@ def check_inputs(
     check_window(block_size, eval_stride)
     identity = {
         "model": config.model,
-        "tokenizer": tokenizer_fingerprint(loaded.tokenizer, loaded.eos_id),
+        "tokenizer": tokenizer_fingerprint(loaded.tokenizer, loaded.eos_id, loaded.document_prefix),
         "block_size": block_size,
         "packing": config.packing,
     }
@@ -260,12 +256,16 @@ def start_state(
         config, ctx, device, console.warn, net.model, data.loaded.tokenizer, start_step, total_steps
     )
     output_dir = Path(config.output_dir)
+    trackers = resolve_report_to(config.report_to)  # run/trackers.py: TensorBoard, MLflow, W&B
     if ctx.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        write_run_file(output_dir, config, data.identity, written=owned_outputs(config))
+        owned = tracker_outputs(trackers) + ([SAMPLES_FILE] if config.sample_prompts else [])
+        write_run_file(output_dir, config, data.identity, written=owned)
     metrics = MetricsLog(output_dir / "metrics.jsonl", enabled=ctx.is_main, resume_step=start_step)
-    loggers = EventLoggers(config.report_to, output_dir, config.to_dict(), start_step)
-    metrics.listeners.append(loggers.log)
+    loggers = Trackers(trackers, output_dir, config.to_dict(), start_step)
+    if ctx.is_main:
+        loggers.open()  # a tracker that cannot start stops the run here, before any step
+    metrics.listeners.append(loggers.log)  # called on rank 0 only
     sampler = TrainingSampler.create(
         config, data.loaded, net.model, output_dir, console, ctx, precision, start_step
     )
@@ -403,6 +403,7 @@ def load_streams(
             config.cache_dir,
             config.doc_sep,
             config.encoding_errors,
+            prefix=loaded.document_prefix,
         )
         console.info(f"{path}: {'token cache hit' if cached.cache_hit else 'tokenized and cached'}")
         return cached.stream
