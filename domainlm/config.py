@@ -143,7 +143,16 @@ class TrainConfig:
     max_bad_steps: int = opt(
         3, "Stop after this many consecutive steps with a NaN/Inf loss or gradient."
     )
-    strict: bool = opt(False, "Treat data lint warnings as errors.")
+    strict: bool = opt(
+        False,
+        "Treat data lint warnings, and too little free disk for the checkpoints, as errors.",
+    )
+    preempt_grace: float = opt(
+        60.0,
+        "Seconds between SIGTERM and SIGKILL (the scheduler's grace period): on SIGTERM a "
+        "checkpoint is written if it fits in them, else the last one is kept and preempted.json "
+        "notes the step reached.",
+    )
     sample_prompts: list[str] | None = opt(
         None, "Prompts to sample from at every --sample-every steps (written to samples.jsonl)."
     )
@@ -162,7 +171,7 @@ class TrainConfig:
             if not getattr(self, name):
                 raise UserError(f"--{name.replace('_', '-')} is required")
         positive = ["batch_size", "grad_accum", "save_steps", "logging_steps", "max_bad_steps"]
-        positive.append("dist_timeout")
+        positive += ["dist_timeout", "preempt_grace"]
         optional_positive = [
             "block_size",
             "eval_batch_size",

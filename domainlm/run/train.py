@@ -54,6 +54,13 @@ from domainlm.run.checkpoint import (
     remove_owned_files,
     write_json_atomic,
 )
+from domainlm.run.diskspace import (
+    check_run_disk_space,
+    estimate_checkpoint,
+    model_folder_write,
+    run_out_of_space,
+    says_out_of_space,
+)
 from domainlm.run.lock import LOCK_FILE, RunLock
 from domainlm.run.metrics import Console, MetricsLog
 from domainlm.run.report import data_summary, write_run_report
@@ -94,6 +101,10 @@ def train(config: TrainConfig) -> TrainResult:
         run = set_up(config, ctx, cleanup)
         cleanup.callback(run.loggers.close, failed=True)  # a no-op after finish closed them
         return fit(run, cleanup)
+    except OSError as exc:  # a write outside a checkpoint or the model folder (metrics.jsonl)
+        if not says_out_of_space(exc):
+            raise
+        raise run_out_of_space(exc, Path(config.output_dir)) from exc
     except (RuntimeError, torch.distributed.DistError) as exc:
         lost = rank_lost(exc, ctx)  # another rank died or timed out: one clear line, not a trace
         if lost is None:
@@ -255,6 +266,9 @@ def start_state(
         start_step = int(state["step"])
         resumed_window = state.get("loss_window") or {}
         console.info(f"resuming from {data.resume_from} at step {start_step}")
+    check_run_disk_space(  # a warning, or with --strict an error before anything is written
+        config, ctx, device, console.warn, net.model, data.loaded.tokenizer, start_step, total_steps
+    )
     output_dir = Path(config.output_dir)
     trackers = resolve_report_to(config.report_to)  # run/trackers.py: TensorBoard, MLflow, W&B
     if ctx.is_main:
@@ -342,8 +356,10 @@ def save_model_folder(
     model, output_dir = run.net.model, run.output_dir
     guard.refuse_nonfinite_weights(model, last_saved)  # never save NaN weights as final
     before = set(p.name for p in output_dir.iterdir())
-    model.save_pretrained(output_dir, state_dict=final_state)
-    run.data.loaded.tokenizer.save_pretrained(output_dir)
+    size = lambda: estimate_checkpoint(model, run.data.loaded.tokenizer).model_folder  # noqa: E731
+    with model_folder_write(output_dir, size):  # a full disk: one line, exit 4 (diskspace.py)
+        model.save_pretrained(output_dir, state_dict=final_state)
+        run.data.loaded.tokenizer.save_pretrained(output_dir)
     if final.tokens:
         save_eval_results(output_dir, final, initial, run.metrics, runtime, tokens_seen)
     run.loggers.close()
