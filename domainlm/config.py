@@ -15,9 +15,11 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULERS = ("cosine", "linear", "constant")
 STRATEGIES = ("auto", "ddp", "fsdp")
+REPORT_TO = ("tensorboard", "mlflow", "wandb", "none")  # --report-to (run/trackers.py)
 PACKING_MODES = ("concat", "docs")
 DOC_SEPARATORS = ("line", "blank")
 ENCODING_ERRORS = ("strict", "replace")
+LOAD_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def opt(default: Any, help: str, **extra: Any) -> Any:
@@ -125,18 +127,43 @@ class TrainConfig:
     )
     trust_remote_code: bool = opt(False, "Allow model code from the hub (only if you trust it).")
     compile: bool = opt(False, "torch.compile the model (pays off on long GPU runs).")
+    gradient_checkpointing: bool = opt(
+        False,
+        "Recompute each layer's activations in the backward instead of keeping them: less memory "
+        "(`domainlm inspect --model M` shows how much), about a third more compute.",
+    )
+    load_dtype: str = opt(
+        "auto",
+        "Dtype the weights load in. auto: float32 for full fine-tuning (mixed precision), the "
+        "training precision with --lora; bfloat16 without --lora is pure bf16 training "
+        "(docs/memory.md).",
+        choices=LOAD_DTYPES,
+    )
     quiet: bool = opt(False, "No progress bar: one log line per logging step (for log files).")
     max_bad_steps: int = opt(
         3, "Stop after this many consecutive steps with a NaN/Inf loss or gradient."
     )
-    strict: bool = opt(False, "Treat data lint warnings as errors.")
+    strict: bool = opt(
+        False,
+        "Treat data lint warnings, and too little free disk for the checkpoints, as errors.",
+    )
+    preempt_grace: float = opt(
+        60.0,
+        "Seconds between SIGTERM and SIGKILL (the scheduler's grace period): on SIGTERM a "
+        "checkpoint is written if it fits in them, else the last one is kept and preempted.json "
+        "notes the step reached.",
+    )
     sample_prompts: list[str] | None = opt(
         None, "Prompts to sample from at every --sample-every steps (written to samples.jsonl)."
     )
     sample_every: int | None = opt(None, "Sample from --sample-prompts every N steps.")
     sample_max_new_tokens: int = opt(40, "Tokens generated per training-time sample.")
     report_to: list[str] | None = opt(
-        None, "Extra loggers: tensorboard, mlflow, wandb (when installed)."
+        None,
+        "Experiment trackers to log metrics and settings to (rank 0, offline-capable; "
+        "pip install 'domainlm[NAME]'): one or more of tensorboard, mlflow, wandb, or none. "
+        "Default: tensorboard when it is installed, else none.",
+        choices=REPORT_TO,
     )
     lora: bool = opt(False, "Train LoRA adapters (peft) on a frozen base instead of every weight.")
     lora_r: int = opt(8, "LoRA rank.")
@@ -159,7 +186,7 @@ class TrainConfig:
             if not getattr(self, name):
                 raise UserError(f"--{name.replace('_', '-')} is required")
         positive = ["batch_size", "grad_accum", "save_steps", "logging_steps", "max_bad_steps"]
-        positive.append("dist_timeout")
+        positive += ["dist_timeout", "preempt_grace"]
         optional_positive = [
             "block_size",
             "eval_batch_size",
@@ -189,7 +216,9 @@ class TrainConfig:
             raise UserError("--validation-split must be between 0 and 1, e.g. 0.05")
         if not 0 <= self.min_lr_ratio <= 1:
             raise UserError("--min-lr-ratio must be between 0 and 1")
-        for name in ("precision", "scheduler", "strategy", "packing", "doc_sep", "encoding_errors"):
+        for name in (
+            "precision", "scheduler", "strategy", "packing", "doc_sep", "encoding_errors", "load_dtype"
+        ):  # fmt: skip
             choices = _field_meta(name)["choices"]
             if getattr(self, name) not in choices:
                 raise UserError(

@@ -102,11 +102,6 @@ def check_quantization(quantization: str | None) -> None:
     )
 
 
-def base_dtype(precision: str) -> torch.dtype:
-    """The dtype of the frozen base: bf16 when the run computes in bf16, else float32."""
-    return torch.bfloat16 if precision == "bf16" else torch.float32
-
-
 # ----------------------------------------------------------------------------- target layers
 
 

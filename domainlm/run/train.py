@@ -39,7 +39,6 @@ from domainlm.model.loading import (
 from domainlm.model.lora import (
     LoraSettings,
     attach_lora,
-    base_dtype,
     base_record,
     lora_identity,
     save_adapter,
@@ -48,6 +47,7 @@ from domainlm.model.lora import (
 )
 from domainlm.model.loss import CausalLMLoss
 from domainlm.model.malloc import reuse_freed_host_memory
+from domainlm.model.memory import enable_gradient_checkpointing, load_dtype_for, pure_half_warning
 from domainlm.run import guard
 from domainlm.run.boundaries import Checkpoints, Evaluation, Progress, Sampling, StopGuard
 from domainlm.run.checkpoint import (
@@ -63,18 +63,20 @@ from domainlm.run.checkpoint import (
     remove_owned_files,
     write_json_atomic,
 )
+from domainlm.run.diskspace import (
+    check_run_disk_space,
+    estimate_checkpoint,
+    model_folder_write,
+    run_out_of_space,
+    says_out_of_space,
+)
 from domainlm.run.lock import LOCK_FILE, RunLock
 from domainlm.run.metrics import Console, MetricsLog
-from domainlm.run.report import (
-    EventLoggers,
-    check_report_to,
-    data_summary,
-    owned_outputs,
-    write_run_report,
-)
+from domainlm.run.report import data_summary, write_run_report
 from domainlm.run.state import DataCursor, Run, RunData, RunModel
 from domainlm.run.step import TrainStep
-from domainlm.text.generate import TrainingSampler
+from domainlm.run.trackers import Trackers, resolve_report_to, tracker_outputs
+from domainlm.text.generate import SAMPLES_FILE, TrainingSampler
 
 # What makes a checkpoint resumable by a run: the same model, tokenizer and block layout.
 RESUME_KEYS = ("model", "tokenizer", "block_size", "packing", "lora")
@@ -106,7 +108,12 @@ def train(config: TrainConfig) -> TrainResult:
     cleanup = ExitStack()  # the run lock and the signal handlers, released on every exit
     try:
         run = set_up(config, ctx, cleanup)
+        cleanup.callback(run.loggers.close, failed=True)  # a no-op after finish closed them
         return fit(run, cleanup)
+    except OSError as exc:  # a write outside a checkpoint or the model folder (metrics.jsonl)
+        if not says_out_of_space(exc):
+            raise
+        raise run_out_of_space(exc, Path(config.output_dir)) from exc
     except (RuntimeError, torch.distributed.DistError) as exc:
         lost = rank_lost(exc, ctx)  # another rank died or timed out: one clear line, not a trace
         if lost is None:
@@ -149,13 +156,22 @@ def set_up(config: TrainConfig, ctx: DistContext, cleanup: ExitStack) -> Run:
     device = pick_device(ctx.local_rank if ctx.enabled else None, config.device)
     precision = resolve_precision(config.precision, device)
     console = Console(enabled=ctx.is_main, quiet=config.quiet)
-    data = check_inputs(config, ctx, console, cleanup)
+    lora = bool(getattr(config, "lora", False))
+    load_dtype = load_dtype_for(config.load_dtype, precision, lora)  # model/memory.py
+    warning = pure_half_warning(load_dtype, lora)
+    if warning:
+        console.warn(warning)
+    data = check_inputs(config, ctx, console, cleanup, load_dtype)
     net = build_model(config, data, ctx, device, precision)
     return start_state(config, ctx, device, precision, console, data, net)
 
 
 def check_inputs(
-    config: TrainConfig, ctx: DistContext, console: Console, cleanup: ExitStack
+    config: TrainConfig,
+    ctx: DistContext,
+    console: Console,
+    cleanup: ExitStack,
+    load_dtype: torch.dtype = torch.float32,
 ) -> RunData:
     """Every input checked and the data loaded before anything in output_dir is written; takes
     the run lock and decides the checkpoint to resume from."""
@@ -164,12 +180,13 @@ def check_inputs(
     if config.validation_file:
         text_files(config.validation_file)
     check_output_dir(output_dir)
-    check_report_to(config.report_to)  # --report-to names installed loggers
+    resolve_report_to(config.report_to)  # --report-to: known trackers, each installed
     loaded = load_model(
         config.model,
         seed=config.seed,
         eos_token=config.eos_token,
         trust_remote_code=config.trust_remote_code,
+        dtype=load_dtype,
     )
     block_size = loaded.block_size(config.block_size, default_cap=1024)
     eval_stride = config.eval_stride or block_size - 1
@@ -210,7 +227,7 @@ def build_model(
     loaded = data.loaded
     if config.lora:  # the base frozen in the run's precision, adapters on top (model/lora.py)
         loaded.model = attach_lora(
-            loaded.model.to(base_dtype(precision)),
+            loaded.model,  # loaded in the run's precision (--load-dtype auto, model/memory.py)
             LoraSettings.from_config(config),  # type: ignore[arg-type]
             seed=config.seed,
             base_name=base_record(config.model),
@@ -221,6 +238,7 @@ def build_model(
             str(data.resume_from),
             eos_token=config.eos_token,
             trust_remote_code=config.trust_remote_code,
+            dtype=loaded.model.dtype,
         )
         loaded.model = resumed.model
     # from_pretrained returns a model in eval mode: dropout must be on while training, in a
@@ -229,6 +247,8 @@ def build_model(
     if config.packing == "concat":
         model.config.use_cache = False
     use_fast_kernels(model)  # same function, fused kernels (domainlm/model/fastpath.py)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)  # model/memory.py
     loss_module = CausalLMLoss(model.get_base_model() if config.lora else model)
     if config.compile:
         compile_model(loss_module)
@@ -264,13 +284,20 @@ def start_state(
         start_step = int(state["step"])
         resumed_window = state.get("loss_window") or {}
         console.info(f"resuming from {data.resume_from} at step {start_step}")
+    check_run_disk_space(  # a warning, or with --strict an error before anything is written
+        config, ctx, device, console.warn, net.model, data.loaded.tokenizer, start_step, total_steps
+    )
     output_dir = Path(config.output_dir)
+    trackers = resolve_report_to(config.report_to)  # run/trackers.py: TensorBoard, MLflow, W&B
     if ctx.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        write_run_file(output_dir, config, data.identity, written=owned_outputs(config))
+        owned = tracker_outputs(trackers) + ([SAMPLES_FILE] if config.sample_prompts else [])
+        write_run_file(output_dir, config, data.identity, written=owned)
     metrics = MetricsLog(output_dir / "metrics.jsonl", enabled=ctx.is_main, resume_step=start_step)
-    loggers = EventLoggers(config.report_to, output_dir, config.to_dict(), start_step)
-    metrics.listeners.append(loggers.log)
+    loggers = Trackers(trackers, output_dir, config.to_dict(), start_step)
+    if ctx.is_main:
+        loggers.open()  # a tracker that cannot start stops the run here, before any step
+    metrics.listeners.append(loggers.log)  # called on rank 0 only
     sampler = TrainingSampler.create(
         config, data.loaded, net.model, output_dir, console, ctx, precision, start_step
     )
@@ -349,15 +376,17 @@ def save_model_folder(
     guard.refuse_nonfinite_weights(model, last_saved)  # never save NaN weights as final
     before = set(p.name for p in output_dir.iterdir())
     tokenizer, config = run.data.loaded.tokenizer, run.config
-    if config.lora:
-        save_adapter(model, output_dir)  # the run folder is the adapter; merged/ the model
-    else:
-        model.save_pretrained(output_dir, state_dict=final_state)
-    tokenizer.save_pretrained(output_dir)
-    if config.lora and config.merge:
-        trust = config.trust_remote_code
-        save_merged(output_dir, tokenizer, seed=config.seed, eos_token=config.eos_token,
-                    trust_remote_code=trust)  # fmt: skip
+    size = lambda: estimate_checkpoint(model, tokenizer).model_folder  # noqa: E731
+    with model_folder_write(output_dir, size):  # a full disk: one line, exit 4 (diskspace.py)
+        if config.lora:
+            save_adapter(model, output_dir)  # the run folder is the adapter; merged/ the model
+        else:
+            model.save_pretrained(output_dir, state_dict=final_state)
+        tokenizer.save_pretrained(output_dir)
+        if config.lora and config.merge:
+            trust = config.trust_remote_code
+            save_merged(output_dir, tokenizer, seed=config.seed, eos_token=config.eos_token,
+                        trust_remote_code=trust)  # fmt: skip
     if final.tokens:
         save_eval_results(output_dir, final, initial, run.metrics, runtime, tokens_seen)
     run.loggers.close()
