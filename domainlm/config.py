@@ -18,6 +18,7 @@ STRATEGIES = ("auto", "ddp", "fsdp")
 PACKING_MODES = ("concat", "docs")
 DOC_SEPARATORS = ("line", "blank")
 ENCODING_ERRORS = ("strict", "replace")
+CHECKPOINT_FORMATS = ("auto", "full", "sharded")
 
 
 def opt(default: Any, help: str, **extra: Any) -> Any:
@@ -83,6 +84,17 @@ class TrainConfig:
         None, "Score at most this many validation tokens at intermediate evaluations."
     )
     save_steps: int = opt(500, "Write a checkpoint every N steps.")
+    async_save: bool = opt(
+        False,
+        "Write checkpoints from a host copy in a background thread while training goes on "
+        "(at most one in flight; sharded checkpoints are written synchronously).",
+    )
+    checkpoint_format: str = opt(
+        "auto",
+        "full: one Hugging Face folder written by rank 0; sharded: each rank writes its shards "
+        "(torch.distributed.checkpoint); auto: sharded under --strategy fsdp, else full.",
+        choices=CHECKPOINT_FORMATS,
+    )
     save_total_limit: int | None = opt(
         None, "Keep only the newest K checkpoints (plus the best, which is never deleted)."
     )
@@ -174,7 +186,8 @@ class TrainConfig:
             raise UserError("--validation-split must be between 0 and 1, e.g. 0.05")
         if not 0 <= self.min_lr_ratio <= 1:
             raise UserError("--min-lr-ratio must be between 0 and 1")
-        for name in ("precision", "scheduler", "strategy", "packing", "doc_sep", "encoding_errors"):
+        choice_fields = ("precision", "scheduler", "strategy", "packing", "doc_sep")
+        for name in (*choice_fields, "encoding_errors", "checkpoint_format"):
             choices = _field_meta(name)["choices"]
             if getattr(self, name) not in choices:
                 raise UserError(
