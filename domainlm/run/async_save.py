@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +108,6 @@ class BackgroundWriter:
     thread: threading.Thread | None = None
     error: BaseException | None = None
     what: str = ""
-    written: list[int] = field(default_factory=list)  # steps published, in order
 
     def submit(self, job: CheckpointCopy) -> None:
         """Start writing `job` once the previous write is done (raising its error, if any)."""
@@ -122,7 +121,6 @@ class BackgroundWriter:
     def _run(self, job: CheckpointCopy) -> None:
         try:
             job.write()
-            self.written.append(job.step)
         except BaseException as exc:  # handed to the training thread, raised there
             self.error = exc
 

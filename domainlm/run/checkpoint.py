@@ -102,7 +102,7 @@ def publish_checkpoint(
     for name in files:
         with open(tmp / name, "rb") as handle:
             os.fsync(handle.fileno())
-    save_delay()  # fault injection: tests kill a run while a checkpoint is being written
+    save_delay(step)  # fault injection: tests kill a run while a checkpoint is being written
     write_json_atomic(
         tmp / MARKER,
         {"step": step, "files": files, "eval_perplexity": eval_perplexity, **marker},
@@ -121,12 +121,14 @@ def publish_checkpoint(
     return final
 
 
-def save_delay() -> None:
-    """`DOMAINLM_INJECT_SAVE_DELAY=S`: sleep S seconds after a checkpoint's files are written and
-    before its marker (a test kills the run while the write is in flight)."""
-    delay = float(os.environ.get(SAVE_DELAY_ENV, "0") or 0)
-    if delay > 0:
-        time.sleep(delay)
+def save_delay(step: int) -> None:
+    """`DOMAINLM_INJECT_SAVE_DELAY=S` (every checkpoint) or `K:S` (checkpoint-K only): sleep S
+    seconds after the checkpoint's files are written, before its marker (tests kill a run while
+    a checkpoint is being written)."""
+    value = os.environ.get(SAVE_DELAY_ENV, "")
+    only, _, delay = value.rpartition(":")
+    if value and (not only or int(only) == step):
+        time.sleep(float(delay))
 
 
 def read_marker(path: Path) -> dict[str, Any]:

@@ -197,6 +197,9 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
         raise UserError(f"{out} exists and is not an empty folder; give a new folder to export to")
     from transformers import AutoTokenizer
 
+    from domainlm.model.loading import quiet_transformers
+
+    quiet_transformers()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     if is_sharded_checkpoint(checkpoint):
         model = model_from_sharded(checkpoint)
