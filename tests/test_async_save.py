@@ -67,7 +67,7 @@ def assert_equal_nested(a: object, b: object, where: str = "") -> None:
             assert_equal_nested(a[key], b[key], f"{where}.{key}")
     elif isinstance(a, (list, tuple)):
         assert type(a) is type(b) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             assert_equal_nested(x, y, f"{where}[{i}]")
     else:
         assert a == b, where

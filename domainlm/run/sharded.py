@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import io
 import pickle
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -118,8 +121,26 @@ def _safe_planner_class() -> type:
 def dcp_load(state: dict[str, Any], path: Path) -> None:
     """Load `state` (tensors filled in place, values replaced) from a sharded checkpoint, safely."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    dcp.load(state, storage_reader=_safe_reader_class()(path), planner=_safe_planner_class()())
+    reader, planner = _safe_reader_class()(path), _safe_planner_class()()
+    reader.read_metadata()  # a refused metadata file is one UserError, before DCP wraps it
+    try:
+        with single_process_quiet():
+            dcp.load(state, storage_reader=reader, planner=planner)
+    except CheckpointException as exc:  # a BaseException: one line instead of every rank's trace
+        failure = next(iter(exc.failures.values()), exc)
+        failure = failure[0] if isinstance(failure, tuple) else failure  # (error, traceback)
+        first = (str(failure).strip().splitlines() or [type(failure).__name__])[0]
+        raise UserError(f"{path}: cannot load this sharded checkpoint: {first}") from exc
+
+
+@contextmanager
+def single_process_quiet() -> Iterator[None]:
+    """DCP warns that it assumes one process when no process group is joined: that is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to .* single process")
+        yield
 
 
 # ----------------------------------------------------------------------------- format choice
@@ -158,7 +179,8 @@ def save_sharded_checkpoint(
         fresh_tmp_dir(output_dir, step)
     barrier(ctx)  # the folder exists, empty, before any rank writes into it
     model_state, optim_state = get_state_dict(run.net.model, run.net.optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
+    with single_process_quiet():
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
     if ctx.is_main:  # dcp.save returns once every rank's shards and the metadata are written
         run.net.model.config.save_pretrained(tmp)
         run.data.loaded.tokenizer.save_pretrained(tmp)
