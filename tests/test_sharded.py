@@ -67,7 +67,7 @@ def runs(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
 
 
 def test_sharded_checkpoint_layout_and_bit_identical_resume(
-    corpus: Path, runs: dict[str, Path], tmp_path: Path
+    corpus: Path, runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     sharded = runs["sharded"]
     step2 = sharded / "checkpoint-2"
@@ -79,13 +79,53 @@ def test_sharded_checkpoint_layout_and_bit_identical_resume(
     assert "optimizer" not in ckpt.load_training_state(step2)  # it is in the shards
     assert same_weights(sharded, runs["full"])  # the final model: a plain folder, same weights
 
+    # The newest checkpoint's shard is corrupt: found by its checksum, skipped for checkpoint-2,
+    # and the run resumed from there ends bit-identical to the uninterrupted full-format run.
     out = tmp_path / "resumed"
     shutil.copytree(sharded, out)
-    shutil.rmtree(out / "checkpoint-4")
+    flip_a_byte(out / "checkpoint-4" / "__0_0.distcp")
     (out / "model.safetensors").unlink()
+    capsys.readouterr()
     assert cli_main(train_args(corpus, out, "--checkpoint-format", "sharded")) == 0
+    err = capsys.readouterr().err
+    assert "skipping checkpoint-4: __0_0.distcp does not match its checksum" in err
+    assert f"resuming from {out / 'checkpoint-2'} at step 2" in err
     assert same_weights(out, runs["full"])
     assert events(out) == events(runs["full"])
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_sharded_save_cut_short_is_never_resumed_and_rotation_waits_for_publication(
+    corpus: Path, runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every rank's shards are written into .checkpoint-4.tmp; a failure before its marker
+    leaves checkpoint-2 (not rotated away by --save-total-limit 1) as the resume point."""
+    from domainlm.run import sharded
+
+    real = sharded.publish_checkpoint
+
+    def dies_at_4(output_dir: Path, step: int, *args: object, **kwargs: object) -> Path:
+        if step == 4:
+            raise OSError(28, "No space left on device")
+        return real(output_dir, step, *args, **kwargs)
+
+    out = tmp_path / "out"
+    args = train_args(corpus, out, "--checkpoint-format", "sharded", "--save-total-limit", "1")
+    with monkeypatch.context() as patch:
+        patch.setattr(sharded, "publish_checkpoint", dies_at_4)
+        with pytest.raises(OSError):
+            cli_main(args)
+    assert [c.step for c in ckpt.list_checkpoints(out)] == [2]
+    assert (out / ".checkpoint-4.tmp" / "__0_0.distcp").is_file()  # written, never published
+    assert not (out / "checkpoint-4").exists()
+    assert cli_main(args) == 0
+    assert [c.step for c in ckpt.list_checkpoints(out)] == [4]  # 2 rotated once 4 was complete
+    assert same_weights(out, runs["full"])
 
 
 def test_a_full_run_resumes_from_a_sharded_checkpoint(
@@ -127,10 +167,7 @@ def test_export_refuses_a_corrupt_checkpoint_and_a_used_folder(
 ) -> None:
     broken = tmp_path / "broken"
     shutil.copytree(runs["sharded"] / "checkpoint-2", broken)
-    shard = broken / "__0_0.distcp"
-    data = bytearray(shard.read_bytes())
-    data[100] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    flip_a_byte(broken / "__0_0.distcp")
     assert cli_main(["export", str(broken), str(tmp_path / "out")]) == 2
     assert "__0_0.distcp does not match its checksum" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
