@@ -128,10 +128,12 @@ def report(r: dict, args: argparse.Namespace) -> str:
     return f"""{SECTION}
 
 GPT-2 124M shape (scratch:gpt2), fp32 weights with bf16 autocast, fused AdamW, batch
-{args.batch} x {args.block}, on the CPU ({cpu_name()}); {args.saves} saves of each kind,
-alternating, medians. A checkpoint is {r["size_mb"]:,.0f} MB (weights, AdamW state, tokenizer).
+{args.batch} x {args.block}, on the CPU ({cpu_name()}, with AMX); {args.saves} saves of each
+kind, alternating, medians. A checkpoint is {r["size_mb"]:,.0f} MB (weights, AdamW state,
+tokenizer), written to the local disk.
 
-Command: `.venv/bin/python benchmarks/async_save.py --saves {args.saves} --write-docs`
+Command: `.venv/bin/python benchmarks/async_save.py --saves {args.saves} --warmup {args.warmup}
+--steps {args.steps} --write-docs`
 
 | | seconds (median) |
 |---|---|
@@ -142,10 +144,11 @@ Command: `.venv/bin/python benchmarks/async_save.py --saves {args.saves} --write
 | async save, from the stall to publication | {r["async_write_s"]:.2f} |
 
 The stall removed: {r["sync_stall_s"] / r["async_stall_s"]:.1f}x shorter
-({r["sync_stall_s"] - r["async_stall_s"]:.2f} s less per save). The cost: a step with a save
-in flight takes {r["in_flight_step_s"] / r["step_s"]:.2f}x the time of one without (the writer
-thread's checksums, serialisation and fsync share the CPU with the step). Load average {load}
-when written: the machine was shared with other jobs, so the figures are noisy.
+({r["sync_stall_s"] - r["async_stall_s"]:.2f} s less per save). The cost: a step with a save in
+flight takes {r["in_flight_step_s"] / r["step_s"]:.2f}x the time of one without (the writer
+thread's checksums, serialisation and fsync share the CPU with the step). Load average
+{load} when written: the 2-core machine was shared with other jobs, so the figures are
+noisy (a step of this shape takes a few seconds on the idle machine); read the ratios.
 """
 
 
