@@ -15,6 +15,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULERS = ("cosine", "linear", "constant")
 STRATEGIES = ("auto", "ddp", "fsdp")
+REPORT_TO = ("tensorboard", "mlflow", "wandb", "none")  # --report-to (run/trackers.py)
 PACKING_MODES = ("concat", "docs")
 DOC_SEPARATORS = ("line", "blank")
 ENCODING_ERRORS = ("strict", "replace")
@@ -148,7 +149,11 @@ class TrainConfig:
     sample_every: int | None = opt(None, "Sample from --sample-prompts every N steps.")
     sample_max_new_tokens: int = opt(40, "Tokens generated per training-time sample.")
     report_to: list[str] | None = opt(
-        None, "Extra loggers: tensorboard, mlflow, wandb (when installed)."
+        None,
+        "Experiment trackers to log metrics and settings to (rank 0, offline-capable; "
+        "pip install 'domainlm[NAME]'): one or more of tensorboard, mlflow, wandb, or none. "
+        "Default: tensorboard when it is installed, else none.",
+        choices=REPORT_TO,
     )
 
     def __post_init__(self) -> None:

@@ -73,8 +73,9 @@ class InspectConfig:
 
 def stream_stats(stream: TokenStream, block_size: int) -> dict[str, Any]:
     """Documents, tokens, tokens per document, blocks and padding of one token stream."""
-    per_doc = np.diff(stream.doc_starts) - 1  # without the EOS after each
-    blocks = -(-stream.num_predicted // block_size)
+    per_doc = stream.document_lengths() - 1  # without the EOS after each (and any BOS before)
+    positions = len(stream.tokens) - 1  # what blocks cover: the targets and any BOS among them
+    blocks = -(-positions // block_size)
     return {
         "documents": stream.num_documents,
         "tokens": int(stream.num_predicted),
@@ -85,7 +86,7 @@ def stream_stats(stream: TokenStream, block_size: int) -> dict[str, Any]:
             "max": int(per_doc.max()),
         },
         "blocks": int(blocks),
-        "tokens_padded": int(blocks * block_size - stream.num_predicted),
+        "tokens_padded": int(blocks * block_size - positions),
     }
 
 
@@ -139,7 +140,7 @@ def inspect_data(config: InspectConfig) -> dict[str, Any]:
     """The full report as a dict (what --json prints)."""
     loaded = load_model(config.model)
     block = loaded.block_size(config.block_size, default_cap=1024)
-    fingerprint = tokenizer_fingerprint(loaded.tokenizer, loaded.eos_id)
+    fingerprint = tokenizer_fingerprint(loaded.tokenizer, loaded.eos_id, loaded.document_prefix)
 
     def load(path: str) -> TokenStream:
         return load_token_stream(
@@ -150,6 +151,7 @@ def inspect_data(config: InspectConfig) -> dict[str, Any]:
             config.cache_dir,
             config.doc_sep,
             config.encoding_errors,
+            prefix=loaded.document_prefix,
         ).stream
 
     full = load(config.train_file)
@@ -159,10 +161,12 @@ def inspect_data(config: InspectConfig) -> dict[str, Any]:
         config.cache_dir,
         special_token_texts(loaded.tokenizer),
     )
-    lint.train.long_documents = count_long_documents(full.doc_starts, block)
+    lint.train.long_documents = count_long_documents(full.doc_starts, block, full.prefix_length)
     if config.validation_file:
         train, valid = full, load(config.validation_file)
-        lint.validation.long_documents = count_long_documents(valid.doc_starts, block)
+        lint.validation.long_documents = count_long_documents(
+            valid.doc_starts, block, valid.prefix_length
+        )
         leaked = lint.validation.leaked_lines
     else:
         train_docs, held_docs = split_documents(

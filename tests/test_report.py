@@ -16,7 +16,7 @@ from domainlm import TrainConfig, train
 from domainlm.cli import main
 from domainlm.errors import UserError
 from domainlm.run.checkpoint import read_run_file, remove_owned_files
-from domainlm.run.report import CARD_MARKER, PLOTS, EventLoggers, plot_runs, read_run, run_report
+from domainlm.run.report import CARD_MARKER, PLOTS, plot_runs, read_run, run_report
 
 PROMPTS = ["the cat", "a dog"]
 
@@ -167,30 +167,3 @@ def test_without_matplotlib_plots_are_skipped(runs, tmp_path, monkeypatch, capsy
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
     assert plot_runs([read_run(runs[0])], tmp_path) == []
     assert "matplotlib cannot be imported" in capsys.readouterr().err
-
-
-def test_tensorboard_events(tmp_path: Path) -> None:
-    pytest.importorskip("tensorboard")
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    loggers = EventLoggers(None, tmp_path, {"lr": 1e-3}, start_step=0)
-    loggers.log({"step": 1, "epoch": 0.1, "loss": 2.5, "lr": 1e-3, "tokens_per_s": 10.0})
-    loggers.log({"step": 2, "epoch": 0.2, "eval_loss": 2.0, "eval_ppl": 7.39, "eval_tokens": 5})
-    loggers.close()
-    events = EventAccumulator(str(tmp_path / "tensorboard"))
-    events.Reload()
-    assert [s.value for s in events.Scalars("train/loss")] == [2.5]
-    assert [s.step for s in events.Scalars("eval/eval_ppl")] == [2]
-
-
-def test_report_to_needs_the_logger_installed(tiny_model_dir: Path, tmp_path: Path) -> None:
-    train_file = write_lines(tmp_path / "train.txt", uneven_corpus(10))
-    config = TrainConfig(
-        model=str(tiny_model_dir),
-        train_file=str(train_file),
-        output_dir=str(tmp_path / "out"),
-        report_to=["nosuchlogger"],
-    )
-    with pytest.raises(UserError, match="--report-to nosuchlogger"):
-        train(config)
-    assert not (tmp_path / "out").exists()

@@ -81,7 +81,8 @@ def test_end_to_end_files_limit_loss_and_reload(
             tiny_model_dir, train_file, out, validation_file=str(valid_file), save_total_limit=2
         )
     )
-    from domainlm.run.report import PLOTS, tensorboard_enabled
+    from domainlm.run.report import PLOTS
+    from domainlm.run.trackers import resolve_report_to
 
     names = {p.name for p in out.iterdir()}
     expected = {
@@ -99,7 +100,7 @@ def test_end_to_end_files_limit_loss_and_reload(
         "report.html",
         *PLOTS,
     }
-    if tensorboard_enabled(None):  # event files whenever tensorboard is installed
+    if resolve_report_to(None):  # the default: TensorBoard events when it is installed
         expected.add("tensorboard")
     assert names == expected
     checkpoints = sorted(p.name for p in out.glob("checkpoint-*"))

@@ -1,7 +1,8 @@
 """Blocks for training: the held-out split, fixed-length blocks of a token stream, their order.
 
 Training block k reads inputs `stream[kB : kB+B]` and targets `stream[kB+1 : kB+B+1]`; no token is
-dropped, and the padding of the last, partial block is masked out of the loss (IGNORE_INDEX).
+dropped, and the padding of the last, partial block and the BOS positions of tokenizers that put
+one before every document (context only, never a target) are masked out of the loss (IGNORE_INDEX).
 """
 
 from __future__ import annotations
@@ -59,14 +60,27 @@ class BlockDataset:
         self.block_size = block_size
         self.packing = packing
         self.num_predicted = stream.num_predicted
-        self.num_blocks = -(-self.num_predicted // block_size)
+        # Blocks cover the target positions 1..len-1; the BOS positions among them are masked.
+        self.num_positions = len(stream.tokens) - 1
+        self.num_blocks = -(-self.num_positions // block_size)
+        self.unscored = stream.unscored_positions()
 
     def __len__(self) -> int:
         return self.num_blocks
 
+    def _inputs_in(self, index: int) -> int:
+        return min(self.block_size, self.num_positions - index * self.block_size)
+
+    def _unscored_in(self, index: int) -> np.ndarray:
+        """Positions of block `index`'s targets that are context only (BOS), relative to them."""
+        first = index * self.block_size + 1
+        lo, hi = np.searchsorted(self.unscored, [first, first + self._inputs_in(index)])
+        return self.unscored[lo:hi] - first
+
     def targets_in(self, index: int) -> int:
-        """Number of predicted tokens in block `index` (block_size except in the last)."""
-        return min(self.block_size, self.num_predicted - index * self.block_size)
+        """Number of predicted tokens in block `index` (block_size, less its BOS positions and
+        the padding of the last block)."""
+        return self._inputs_in(index) - len(self._unscored_in(index))
 
     def batch(self, indices: Sequence[int]) -> Batch:
         """Blocks `indices` as one batch; an index of -1 is an empty block (all masked)."""
@@ -78,9 +92,10 @@ class BlockDataset:
             if index < 0:
                 continue
             start = index * size
-            n = self.targets_in(index)
+            n = self._inputs_in(index)
             inputs[row, :n] = tokens[start : start + n]
             targets[row, :n] = tokens[start + 1 : start + 1 + n]
+            targets[row, self._unscored_in(index)] = IGNORE_INDEX
         batch = Batch(torch.from_numpy(inputs), torch.from_numpy(targets))
         if self.packing == "docs":
             from domainlm.data.packing import document_positions

@@ -24,7 +24,7 @@ import itertools
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -251,11 +251,21 @@ def encode_batch(tokenizer: Any, docs: list[str]) -> list[list[int]]:
     return tokenizer(docs, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
-def _flatten(ids: list[list[int]], eos_id: int, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens with one EOS after each document, document lengths including that EOS)."""
+def _flatten(
+    ids: list[list[int]], eos_id: int, dtype: Any, prefix: Sequence[int] = ()
+) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens with the prefix before and one EOS after each document, their segment lengths)."""
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
     flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
-    return np.insert(flat, np.cumsum(lengths), eos_id).astype(dtype, copy=False), lengths + 1
+    ends = np.cumsum(lengths)
+    if not prefix:
+        return np.insert(flat, ends, eos_id).astype(dtype, copy=False), lengths + 1
+    # Per document: the prefix at its start, then the EOS at its end. np.insert keeps the given
+    # order at equal indices, so an EOS comes before the next document's prefix.
+    where = np.concatenate([np.repeat((ends - lengths)[:, None], len(prefix), 1), ends[:, None]], 1)
+    values = np.tile(np.asarray([*prefix, eos_id], dtype=np.int64), len(ids))
+    tokens = np.insert(flat, where.ravel(), values).astype(dtype, copy=False)
+    return tokens, lengths + len(prefix) + 1
 
 
 def tokenize_to_files(
@@ -268,9 +278,11 @@ def tokenize_to_files(
     doc_sep: str = "line",
     encoding_errors: str = "strict",
     progress: bool | None = None,
+    prefix: Sequence[int] = (),
 ) -> int:
     """Stream a corpus into `tokens_file` / `starts_file` (.npy, as `data.TokenStream` holds them).
 
+    Without a `prefix` a leading EOS comes first; with one, each document starts with it.
     Returns the number of documents. Both files appear atomically, only when all went well.
     """
     total_bytes = sum(f.stat().st_size for f in text_files(path))
@@ -278,11 +290,13 @@ def tokenize_to_files(
     tokens_file.parent.mkdir(parents=True, exist_ok=True)
     raw = tokens_file.with_name(f".{tokens_file.name}.{os.getpid()}.raw")
     lengths: list[np.ndarray] = []
-    count = 1
+    prefix = [int(t) for t in prefix]
+    lead = [] if prefix else [eos_id]
+    count = len(lead)
     bar = _progress_bar(total_bytes, f"tokenizing {Path(path).name}") if show else None
     try:
         with open(raw, "wb") as out, ThreadPoolExecutor(max_workers=1) as pool:
-            np.array([eos_id], dtype=dtype).tofile(out)
+            np.array(lead, dtype=dtype).tofile(out)
             pending = None  # encode chunk k in the pool while chunk k+1 is read and split
             for size, docs in itertools.chain(
                 iter_documents(path, doc_sep, encoding_errors), [(0, None)]
@@ -297,7 +311,10 @@ def tokenize_to_files(
                         bar.update(done_size)
                 pending = None
                 if docs is not None:
-                    pending = (size, pool.submit(_encode_chunk, tokenizer, docs, eos_id, dtype))
+                    pending = (
+                        size,
+                        pool.submit(_encode_chunk, tokenizer, docs, eos_id, dtype, prefix),
+                    )
         num_docs = sum(len(x) for x in lengths)
         if num_docs == 0:
             raise UserError(f"{path}: no text in it (the file is empty or holds only blank lines)")
@@ -306,7 +323,7 @@ def tokenize_to_files(
         np.concatenate(lengths, out=starts[1:])
         del lengths
         np.cumsum(starts, out=starts)
-        starts += 1
+        starts += len(lead)
         _save_npy_from_raw(raw, tokens_file, dtype, count)
         tmp = starts_file.with_name(f".{starts_file.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as handle:
@@ -320,11 +337,11 @@ def tokenize_to_files(
 
 
 def _encode_chunk(
-    tokenizer: Any, docs: list[str], eos_id: int, dtype: Any
+    tokenizer: Any, docs: list[str], eos_id: int, dtype: Any, prefix: Sequence[int] = ()
 ) -> tuple[np.ndarray, np.ndarray]:
     if not docs:
         return np.zeros(0, dtype=dtype), np.zeros(0, dtype=np.int64)
-    return _flatten(encode_batch(tokenizer, docs), eos_id, dtype)
+    return _flatten(encode_batch(tokenizer, docs), eos_id, dtype, prefix)
 
 
 def _save_npy_from_raw(raw: Path, target: Path, dtype: Any, count: int) -> None:

@@ -288,9 +288,12 @@ def lint_corpus(
     return report
 
 
-def count_long_documents(doc_starts: np.ndarray, block_size: int) -> int:
-    """Documents whose segment (leading EOS + tokens) does not fit in one block."""
+def count_long_documents(doc_starts: np.ndarray, block_size: int, prefix_length: int = 0) -> int:
+    """Documents whose segment (leading EOS + tokens, or BOS prefix + tokens) does not fit in
+    one block."""
     lengths = np.diff(np.asarray(doc_starts, dtype=np.int64))  # tokens + the EOS after each
+    if prefix_length:
+        lengths -= 1  # prefix + tokens + EOS: the EOS predicts only the next BOS
     return int((lengths > block_size).sum())
 
 
@@ -329,8 +332,12 @@ def check_training_data(
     report = lint_corpus(
         config.train_file, config.validation_file, config.cache_dir, special_tokens
     )
-    train_long = count_long_documents(train_stream.doc_starts, block_size)
-    valid_long = count_long_documents(valid_stream.doc_starts, block_size)
+    train_long = count_long_documents(
+        train_stream.doc_starts, block_size, train_stream.prefix_length
+    )
+    valid_long = count_long_documents(
+        valid_stream.doc_starts, block_size, valid_stream.prefix_length
+    )
     if report.validation is None:
         report.train.long_documents = train_long + valid_long
         if report.train.duplicate_lines:

@@ -2,10 +2,12 @@
 
 In the token stream `[EOS] d1 EOS d2 EOS ...` the input that predicts the first token of a
 document is the EOS before it, so in input coordinates document i is the segment
-`[doc_starts[i] - 1, doc_starts[i + 1] - 1)`: its leading EOS, then its own tokens. Under `docs`
-the position ids restart at 0 at every segment start (and at the start of each block, where a
-document cut by the previous block goes on), so each segment is scored exactly as the document
-would be scored alone: `[EOS] d` predicting `d EOS`.
+`[doc_starts[i] - 1, doc_starts[i + 1] - 1)`: its leading EOS, then its own tokens. With a BOS
+prefix (`BOS d1 EOS BOS d2 EOS ...`) a document's segment starts at its BOS:
+`[doc_starts[i], doc_starts[i + 1])`, whose last input (the EOS) predicts the next BOS, which is
+never a target. Under `docs` the position ids restart at 0 at every segment start (and at the
+start of each block, where a document cut by the previous block goes on), so each segment is
+scored exactly as the document would be scored alone: `[EOS] d` (or `BOS d`) predicting `d EOS`.
 
 How the block-diagonal mask reaches attention: transformers 5 (`masking_utils.
 find_packed_sequence_indices`) reads packed sequences from position ids that restart, when no
@@ -30,11 +32,15 @@ from domainlm.errors import UserError
 PACKING_TOLERANCE = 1e-4
 
 
-def segment_positions(doc_starts: np.ndarray, start: int, length: int) -> np.ndarray:
-    """Position ids of stream inputs [start, start+length): 0 at each document's leading EOS."""
+def segment_positions(
+    doc_starts: np.ndarray, start: int, length: int, prefix_length: int = 0
+) -> np.ndarray:
+    """Position ids of stream inputs [start, start+length): 0 at each document's leading EOS
+    (at its first prefix token, its BOS, when documents have a prefix)."""
     positions = np.arange(length, dtype=np.int64)
-    # Input index of each document's leading EOS, relative to the block.
-    boundaries = np.asarray(doc_starts, dtype=np.int64)[:-1] - 1 - start
+    # Input index where each document's segment starts, relative to the block.
+    lead = 0 if prefix_length else 1
+    boundaries = np.asarray(doc_starts, dtype=np.int64)[:-1] - lead - start
     boundaries = boundaries[(boundaries > 0) & (boundaries < length)]
     segment_start = np.zeros(length, dtype=np.int64)
     segment_start[boundaries] = boundaries
@@ -55,7 +61,9 @@ def document_positions(
     positions = np.tile(np.arange(t, dtype=np.int64), (b, 1))
     for row, index in enumerate(indices):
         if index >= 0:
-            positions[row] = segment_positions(stream.doc_starts, int(index) * block_size, t)
+            positions[row] = segment_positions(
+                stream.doc_starts, int(index) * block_size, t, stream.prefix_length
+            )
     return torch.from_numpy(positions)
 
 

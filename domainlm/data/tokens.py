@@ -1,10 +1,16 @@
 """Text files -> documents -> one token stream (cached on disk); blocks.py cuts it into blocks.
 
-The token stream of a corpus is `[EOS] d1 EOS d2 EOS ... dn EOS`: every document is followed by
-the end-of-sequence token and one EOS stands in front as the first context, so each of the
-`N = sum(len(d) + 1)` tokens after it is predicted exactly once, in training as in evaluation.
-Training block k reads inputs `stream[kB : kB+B]` and targets `stream[kB+1 : kB+B+1]`; no token is
-dropped, and the padding of the last, partial block is masked out of the loss.
+Every document follows its tokenizer's convention (`model.loading.document_prefix`):
+
+- GPT-2-style tokenizers (no prefix): `[EOS] d1 EOS d2 EOS ... dn EOS`. Every document is
+  followed by the end-of-sequence token and one EOS stands in front as the first context.
+- Tokenizers that put a BOS (or `[CLS]`) before a text: `BOS d1 EOS BOS d2 EOS ... BOS dn EOS`.
+  The BOS is context only: the position after each EOS holds a BOS that is never a target.
+
+Either way the `N = sum(len(d) + 1)` tokens of the documents and their EOS are predicted, each
+exactly once, in training as in evaluation. Training block k reads inputs `stream[kB : kB+B]` and
+targets `stream[kB+1 : kB+B+1]`, with the BOS positions masked; no token is dropped, and the
+padding of the last, partial block is masked out of the loss.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import numpy as np
 
 from domainlm.errors import UserError
 
-CACHE_FORMAT_VERSION = "2"  # 2: special-token text is encoded as text
+CACHE_FORMAT_VERSION = "2"  # 2: special-token text is encoded as text (a prefix joins the key)
 TOKENIZE_CHUNK_DOCS = 1000
 
 
@@ -51,48 +57,74 @@ def read_documents(
 class TokenStream:
     """A corpus as one flat token array.
 
-    `tokens[0]` is EOS; document i occupies `tokens[doc_starts[i] : doc_starts[i + 1]]`, its own
-    tokens followed by one EOS (`doc_starts` has one entry more than there are documents).
+    Document i occupies `tokens[doc_starts[i] : doc_starts[i + 1]]`: its prefix (the
+    `prefix_length` BOS tokens, none for GPT-2-style tokenizers), its own tokens, one EOS
+    (`doc_starts` has one entry more than there are documents). Without a prefix, `tokens[0]` is
+    a leading EOS before the first document (`doc_starts[0] == 1`); with one, nothing leads.
+    Positions before the first document and the prefix positions are context, never targets.
     """
 
     tokens: np.ndarray
     doc_starts: np.ndarray
+    prefix_length: int = 0
 
     @property
     def num_documents(self) -> int:
         return len(self.doc_starts) - 1
 
     @property
+    def lead(self) -> int:
+        """Tokens before the first document: 1 (the leading EOS) without a prefix, else 0."""
+        return int(self.doc_starts[0])
+
+    @property
     def num_predicted(self) -> int:
-        """N: every token after the leading EOS is predicted once."""
-        return len(self.tokens) - 1
+        """N: every token but the leading EOS and the BOS prefixes is predicted once."""
+        return len(self.tokens) - self.lead - self.prefix_length * self.num_documents
+
+    def document_lengths(self) -> np.ndarray:
+        """Tokens of each document plus its EOS (the prefix not counted)."""
+        return np.diff(np.asarray(self.doc_starts, dtype=np.int64)) - self.prefix_length
+
+    def unscored_positions(self) -> np.ndarray:
+        """Sorted positions after the first that are context only (the prefixes); none without."""
+        starts = np.asarray(self.doc_starts[:-1], dtype=np.int64)
+        at = (starts[:, None] + np.arange(self.prefix_length)[None, :]).ravel()
+        return at[at > 0]
 
     def select(self, documents: np.ndarray) -> TokenStream:
         """A new stream made of the given documents, in that order."""
         documents = np.asarray(documents, dtype=np.int64)
         starts, ends = self.doc_starts[documents], self.doc_starts[documents + 1]
-        parts = [self.tokens[:1]] + [self.tokens[s:e] for s, e in zip(starts, ends, strict=True)]
+        lead = self.lead
+        parts = [self.tokens[:lead]] + [self.tokens[s:e] for s, e in zip(starts, ends, strict=True)]
         lengths = (ends - starts).astype(np.int64)
-        new_starts = np.concatenate([[1], 1 + np.cumsum(lengths)]).astype(np.int64)
-        return TokenStream(np.concatenate(parts), new_starts)
+        new_starts = np.concatenate([[lead], lead + np.cumsum(lengths)]).astype(np.int64)
+        return TokenStream(np.concatenate(parts), new_starts, self.prefix_length)
 
 
-def tokenize_documents(docs: Sequence[str], tokenizer: Any, eos_id: int, dtype: Any) -> TokenStream:
-    """`[EOS] d1 EOS d2 EOS ...`, each document encoded by `corpus.encode_batch` (as text).
+def tokenize_documents(
+    docs: Sequence[str], tokenizer: Any, eos_id: int, dtype: Any, prefix: Sequence[int] = ()
+) -> TokenStream:
+    """`[EOS] d1 EOS d2 EOS ...`, or with a prefix `BOS d1 EOS BOS d2 EOS ...`; each document
+    encoded by `corpus.encode_batch` (as text).
 
     The in-memory form of `load_token_stream`'s streamed path: the same encoder, the same ids.
     """
     from domainlm.data.corpus import encode_batch
 
-    pieces: list[np.ndarray] = [np.array([eos_id], dtype=dtype)]
+    prefix = [int(t) for t in prefix]
+    lead = [] if prefix else [eos_id]
+    pieces: list[np.ndarray] = [np.array(lead, dtype=dtype)]
     lengths: list[int] = []
     for start in range(0, len(docs), TOKENIZE_CHUNK_DOCS):
         batch = list(docs[start : start + TOKENIZE_CHUNK_DOCS])
         for doc_ids in encode_batch(tokenizer, batch):
-            pieces.append(np.asarray([*doc_ids, eos_id], dtype=dtype))
-            lengths.append(len(doc_ids) + 1)
-    starts = np.concatenate([[1], 1 + np.cumsum(np.asarray(lengths, dtype=np.int64))])
-    return TokenStream(np.concatenate(pieces), starts.astype(np.int64))
+            pieces.append(np.asarray([*prefix, *doc_ids, eos_id], dtype=dtype))
+            lengths.append(len(prefix) + len(doc_ids) + 1)
+    ends = len(lead) + np.cumsum(np.asarray(lengths, dtype=np.int64))
+    starts = np.concatenate([[len(lead)], ends])
+    return TokenStream(np.concatenate(pieces), starts.astype(np.int64), len(prefix))
 
 
 def default_cache_dir() -> Path:
@@ -114,8 +146,12 @@ def load_token_stream(
     cache_dir: str | os.PathLike | None = None,
     doc_sep: str = "line",
     encoding_errors: str = "strict",
+    prefix: Sequence[int] = (),
 ) -> CachedStream:
-    """Tokenize a corpus once; later calls with the same content and tokenizer read the cache."""
+    """Tokenize a corpus once; later calls with the same content and tokenizer read the cache.
+
+    `prefix`: the tokens before every document (`LoadedModel.document_prefix`); part of the key.
+    """
     from domainlm.data.corpus import corpus_fingerprint, tokenize_to_files
 
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -128,18 +164,22 @@ def load_token_stream(
             doc_sep,
             encoding_errors,
         ]
+        # A prefix changes the stream; none keeps the key (and the caches) of before.
+        + ([f"prefix={','.join(str(int(t)) for t in prefix)}"] if prefix else [])
     )
     key = hashlib.sha256(key_text.encode()).hexdigest()[:24]
     tokens_file, starts_file = cache / f"{key}.tokens.npy", cache / f"{key}.docs.npy"
     if tokens_file.is_file() and starts_file.is_file():
         tokens = np.load(tokens_file, mmap_mode="r")
-        return CachedStream(TokenStream(tokens, np.load(starts_file)), True, key)
+        stream = TokenStream(tokens, np.load(starts_file), len(prefix))
+        return CachedStream(stream, True, key)
     # Streamed in bounded memory, on all cores (domainlm/data/corpus.py), straight into the cache.
     dtype = token_dtype(len(tokenizer))
     tokenize_to_files(
-        path, tokenizer, eos_id, dtype, tokens_file, starts_file, doc_sep, encoding_errors
-    )
-    stream = TokenStream(np.load(tokens_file, mmap_mode="r"), np.load(starts_file))
+        path, tokenizer, eos_id, dtype, tokens_file, starts_file, doc_sep, encoding_errors,
+        prefix=prefix,
+    )  # fmt: skip
+    stream = TokenStream(np.load(tokens_file, mmap_mode="r"), np.load(starts_file), len(prefix))
     return CachedStream(stream, False, key)
 
 

@@ -151,7 +151,8 @@ class PerplexityConfig:
 
 @dataclass
 class LineScore(NLLSum):
-    """One line scored on its own: `[EOS] tokens(d) [EOS]` (plain: `tokens(d)`, first unscored)."""
+    """One line scored on its own: `[EOS] tokens(d) EOS` or `BOS tokens(d) EOS`, the EOS or BOS
+    in front unscored (plain: `tokens(d)`, first unscored)."""
 
     file: str = ""
     line: int = 0
@@ -277,7 +278,7 @@ def score_model(
     check_window(block_size, stride)
     loss_module = CausalLMLoss(loaded.model.to(device))
     progress = ctx.is_main and not config.quiet
-    tokens = stream_tokens(corpus, loaded, config.convention)
+    tokens, unscored = stream_tokens(corpus, loaded, config.convention)
     if len(tokens) < 2:
         raise UserError("the text is a single token: there is nothing to predict")
     total = stream_nll(
@@ -290,6 +291,7 @@ def score_model(
         precision=precision,
         ctx=ctx,
         progress=progress,
+        unscored=unscored,
     )
     lines = None
     if config.scores_lines:
@@ -320,29 +322,44 @@ def score_model(
     return report
 
 
-def stream_tokens(corpus: Corpus, loaded: LoadedModel, convention: str) -> np.ndarray:
-    """eos: `[EOS] d1 EOS d2 EOS ...`; plain: the tokenizer's ids of the lines joined by newlines."""
+def stream_tokens(
+    corpus: Corpus, loaded: LoadedModel, convention: str
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(tokens, context-only positions). eos: `[EOS] d1 EOS d2 EOS ...`, or `BOS d1 EOS BOS d2 EOS
+    ...` for tokenizers that put a BOS before a text (its positions are returned: never scored);
+    plain: the tokenizer's ids of the lines joined by newlines."""
     if convention == "plain":
         # Special tokens of the model's own convention (a BOS) are added; text stays text.
         ids = loaded.tokenizer(corpus.plain_text(), split_special_tokens=True)["input_ids"]
-        return np.asarray(ids, dtype=np.int64)
+        return np.asarray(ids, dtype=np.int64), None
     dtype = token_dtype(len(loaded.tokenizer))
-    return tokenize_documents(corpus.documents, loaded.tokenizer, loaded.eos_id, dtype).tokens
+    stream = tokenize_documents(
+        corpus.documents, loaded.tokenizer, loaded.eos_id, dtype, loaded.document_prefix
+    )
+    return stream.tokens, stream.unscored_positions()
 
 
 def line_token_lists(corpus: Corpus, loaded: LoadedModel, convention: str) -> list[np.ndarray]:
-    """Each line as its own stream: `[EOS] tokens(d) [EOS]`, or plain `tokens(d)`."""
+    """Each line as its own stream: `[EOS] tokens(d) EOS` (`BOS tokens(d) EOS` for tokenizers
+    with a BOS), or plain `tokens(d)`; the first `first_scored(loaded, convention)` are context."""
     if convention == "plain":
         ids = loaded.tokenizer(list(corpus.documents), split_special_tokens=True)["input_ids"]
         return [np.asarray(line, dtype=np.int64) for line in ids]
     dtype = token_dtype(len(loaded.tokenizer))
-    stream = tokenize_documents(corpus.documents, loaded.tokenizer, loaded.eos_id, dtype)
-    eos = stream.tokens[:1]
+    stream = tokenize_documents(
+        corpus.documents, loaded.tokenizer, loaded.eos_id, dtype, loaded.document_prefix
+    )
+    lead = stream.tokens[: stream.lead]
     starts = stream.doc_starts
     return [
-        np.concatenate([eos, stream.tokens[starts[i] : starts[i + 1]]]).astype(np.int64)
+        np.concatenate([lead, stream.tokens[starts[i] : starts[i + 1]]]).astype(np.int64)
         for i in range(stream.num_documents)
     ]
+
+
+def first_scored(loaded: LoadedModel, convention: str) -> int:
+    """Index of the first scored token of a line's own stream: after its EOS or BOS prefix."""
+    return 1 if convention == "plain" else max(1, len(loaded.document_prefix))
 
 
 def score_lines(
@@ -365,13 +382,14 @@ def score_lines(
     Windows are sorted by width so that a batch holds windows of similar length (less padding).
     """
     streams = line_token_lists(corpus, loaded, convention)
+    first = first_scored(loaded, convention)
     offsets = np.concatenate([[0], np.cumsum([len(s) for s in streams])]).astype(np.int64)
     tokens = np.concatenate(streams) if streams else np.zeros(0, dtype=np.int64)
     windows: list[Window] = []
     owners: list[int] = []
     for i, line in enumerate(streams):
         o = int(offsets[i])
-        for w in make_windows(len(line), block_size, stride):
+        for w in make_windows(len(line), block_size, stride, first):
             windows.append(Window(w.context_start + o, w.target_start + o, w.target_end + o))
             owners.append(i)
     order = sorted(
@@ -394,7 +412,7 @@ def score_lines(
         minlength=len(streams),
     )
     return [
-        LineScore(float(line_sums[i]), max(0, len(s) - 1), file=file, line=number, text=text)
+        LineScore(float(line_sums[i]), max(0, len(s) - first), file=file, line=number, text=text)
         for i, (s, (file, number), text) in enumerate(
             zip(streams, corpus.origins, corpus.documents, strict=True)
         )

@@ -2,8 +2,10 @@
 
 Definition (docs/perplexity.md): over a token stream whose positions first..end-1 are predicted,
 window j predicts the next S (stride) tokens not yet predicted, positions [a, b) with
-a = first + j*S, from the up to L - S tokens before them as context. Every predicted token is
-scored exactly once; perplexity = exp(sum NLL / N), with the NLL summed in float64.
+a = first + j*S, from the up to L - S tokens before them as context. Positions that are context
+only (`unscored`: the BOS before each document, for tokenizers that put one there) are never
+scored. Every predicted token is scored exactly once; perplexity = exp(sum NLL / N), with the
+NLL summed in float64.
 """
 
 from __future__ import annotations
@@ -65,10 +67,27 @@ class NLLSum:
         return math.exp(self.nll) if self.tokens else float("nan")
 
 
+def unscored_in(window: Window, unscored: np.ndarray | None) -> np.ndarray:
+    """The context-only positions (BOS) among a window's targets, ascending."""
+    if unscored is None or not len(unscored):
+        return np.zeros(0, dtype=np.int64)
+    lo, hi = np.searchsorted(unscored, [window.target_start, window.target_end])
+    return np.asarray(unscored[lo:hi], dtype=np.int64)
+
+
+def scored_count(window: Window, unscored: np.ndarray | None) -> int:
+    """Tokens a window predicts: its target positions less the context-only ones."""
+    return window.target_end - window.target_start - len(unscored_in(window, unscored))
+
+
 def window_batches(
-    tokens: np.ndarray, windows: list[Window], batch_size: int
+    tokens: np.ndarray,
+    windows: list[Window],
+    batch_size: int,
+    unscored: np.ndarray | None = None,
 ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
-    """(window indices, input_ids, targets) per batch, right-padded, context targets masked.
+    """(window indices, input_ids, targets) per batch, right-padded, context targets masked
+    (and the `unscored` positions: sorted stream positions that are context only).
 
     A window feeds all its tokens `[context_start, target_end)`, as `model(ids, labels=ids)` does
     (the last one predicts nothing). Feeding one token less gives the same numbers in exact
@@ -85,6 +104,7 @@ def window_batches(
             inputs[row, : n + 1] = tokens[w.context_start : w.target_end]
             scored = w.target_end - w.target_start
             targets[row, n - scored : n] = tokens[w.target_start : w.target_end]
+            targets[row, n - scored + (unscored_in(w, unscored) - w.target_start)] = IGNORE_INDEX
         yield (
             list(range(start, start + len(chunk))),
             torch.from_numpy(inputs),
@@ -103,6 +123,7 @@ def score_windows(
     precision: str = "fp32",
     ctx: DistContext = SINGLE,
     progress: bool = False,
+    unscored: np.ndarray | None = None,
 ) -> np.ndarray:
     """NLL sum (float64) of each window this rank scores; windows are dealt round-robin to ranks.
 
@@ -121,7 +142,7 @@ def score_windows(
         # One autocast region for the whole evaluation: the weights do not change, so each is
         # cast to the compute dtype once (autocast's cache), not once per batch.
         with autocast(device, precision):
-            for rows, inputs, targets in window_batches(tokens, padded, batch_size):
+            for rows, inputs, targets in window_batches(tokens, padded, batch_size, unscored):
                 values = loss_module(inputs.to(device), targets.to(device)).double().cpu().numpy()
                 for row, value in zip(rows, values, strict=True):
                     if mine[row] >= 0:
@@ -171,11 +192,15 @@ def stream_nll(
     ctx: DistContext = SINGLE,
     progress: bool = False,
     max_tokens: int | None = None,
+    unscored: np.ndarray | None = None,
 ) -> NLLSum:
-    """Summed NLL of a token stream under the window definition, reduced over ranks exactly."""
+    """Summed NLL of a token stream under the window definition, reduced over ranks exactly.
+
+    `unscored`: sorted positions that are context only (`TokenStream.unscored_positions()`).
+    """
     windows = make_windows(len(tokens), block_size, stride, first)
     if max_tokens is not None:
-        windows = _limit(windows, max_tokens)
+        windows = _limit(windows, max_tokens, unscored)
     sums = score_windows(
         loss_module,
         tokens,
@@ -185,17 +210,20 @@ def stream_nll(
         precision=precision,
         ctx=ctx,
         progress=progress,
+        unscored=unscored,
     )
-    predicted = sum(w.target_end - w.target_start for w in windows)
+    predicted = sum(scored_count(w, unscored) for w in windows)
     (total,) = all_reduce_sum([float(sums.sum())], ctx, device)
     return NLLSum(total, predicted)
 
 
-def _limit(windows: list[Window], max_tokens: int) -> list[Window]:
+def _limit(
+    windows: list[Window], max_tokens: int, unscored: np.ndarray | None = None
+) -> list[Window]:
     kept, count = [], 0
     for w in windows:
         if count >= max_tokens:
             break
         kept.append(w)
-        count += w.target_end - w.target_start
+        count += scored_count(w, unscored)
     return kept

@@ -41,6 +41,17 @@ class LoadedModel:
     eos_id: int
     context_length: int
     source: str
+    # What the tokenizer puts before every text by its own convention (BOS, [CLS]); () for
+    # GPT-2-style tokenizers. Context only: never a prediction target (`document_prefix`).
+    document_prefix: tuple[int, ...] = ()
+
+    @property
+    def start_ids(self) -> list[int]:
+        """The context every document is predicted from: its prefix (BOS), else the EOS before it.
+
+        Generation prompts start with these, as every document of the token stream does.
+        """
+        return list(self.document_prefix) or [self.eos_id]
 
     def block_size(self, requested: int | None, default_cap: int | None = None) -> int:
         """The window/block length to use: `requested`, else the context (at most `default_cap`);
@@ -149,12 +160,14 @@ def load_model(
         tokenizer = gpt2_tokenizer()
     else:
         model, tokenizer = _load_pretrained(spec, trust_remote_code)
+    eos_id = resolve_eos_id(tokenizer, eos_token)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
-        eos_id=resolve_eos_id(tokenizer, eos_token),
+        eos_id=eos_id,
         context_length=context_length(model.config),
         source=spec,
+        document_prefix=document_prefix(tokenizer, eos_id),
     )
 
 
@@ -254,6 +267,31 @@ def resolve_eos_id(tokenizer: Any, eos_token: str | None = None) -> int:
     raise UserError("the tokenizer has neither an EOS nor a SEP token; name one with --eos-token")
 
 
+PROBE_TEXT = "Probe text 1."
+
+
+def document_prefix(tokenizer: Any, eos_id: int) -> tuple[int, ...]:
+    """The tokens the tokenizer puts before a text by its own convention, learned once by
+    encoding a probe text with and without special tokens: `(BOS,)` for Llama-, Gemma- and
+    Mistral-style tokenizers, `([CLS],)` for BERT-style ones, `()` for GPT-2-style ones.
+
+    What it appends is not kept: every document ends with domainlm's one end token (`eos_id`),
+    so a `[CLS] text [SEP]` tokenizer gives `[CLS] d [SEP]`, never two ends. A prefix that is that
+    end token itself (BOS = EOS) is dropped: the EOS before each document already stands there.
+    """
+    bare = [int(t) for t in tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]]
+    full = [int(t) for t in tokenizer(PROBE_TEXT, add_special_tokens=True)["input_ids"]]
+    prefix: list[int] | None = None
+    for at in range(len(full) - len(bare) + 1):
+        if full[at : at + len(bare)] == bare:
+            prefix = full[:at]
+            break
+    if prefix is None:  # the text was cut differently with special tokens: trust the BOS alone
+        bos = getattr(tokenizer, "bos_token_id", None)
+        prefix = [bos] if bos is not None and full[:1] == [bos] and bare[:1] != [bos] else []
+    return () if prefix == [eos_id] else tuple(prefix)
+
+
 def special_token_texts(tokenizer: Any) -> list[str]:
     """The strings of the tokenizer's special tokens (`<|endoftext|>`, `[SEP]`, ...), sorted.
 
@@ -267,8 +305,9 @@ def special_token_texts(tokenizer: Any) -> list[str]:
     return sorted(t for t in texts if t)
 
 
-def tokenizer_fingerprint(tokenizer: Any, eos_id: int) -> str:
-    """A hash that changes whenever the same text would give different token ids."""
+def tokenizer_fingerprint(tokenizer: Any, eos_id: int, prefix: tuple[int, ...] = ()) -> str:
+    """A hash that changes whenever the same text would give different token ids (or another
+    document `prefix`; none keeps the hash of GPT-2-style tokenizers as it was)."""
     digest = hashlib.sha256()
     digest.update(type(tokenizer).__name__.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -278,4 +317,6 @@ def tokenizer_fingerprint(tokenizer: Any, eos_id: int) -> str:
         for token, index in sorted(tokenizer.get_vocab().items()):
             digest.update(f"{token}\t{index}\n".encode())
     digest.update(f"eos={eos_id}".encode())
+    if prefix:
+        digest.update(f"prefix={','.join(map(str, prefix))}".encode())
     return digest.hexdigest()[:16]

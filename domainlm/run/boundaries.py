@@ -120,6 +120,7 @@ class Evaluation:
                     precision=run.precision,
                     ctx=run.ctx,
                     max_tokens=limit,
+                    unscored=data.valid_stream.unscored_positions(),
                 ),
                 self.batch_size,
                 run.console.warn,

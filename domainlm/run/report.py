@@ -1,10 +1,9 @@
 """Run reports: plots of loss, perplexity and learning rate; a summary table; the model card;
-report.html; TensorBoard / MLflow / W&B loggers.
+report.html (the trackers of --report-to: run/trackers.py).
 
 Everything is read back from what a run writes (metrics.jsonl, eval_results.json,
 run_config.json, samples.jsonl, the model card's front matter), so `domainlm report RUN_DIR ...`
-gives the same report later, for several runs overlaid on one page. matplotlib is a dependency;
-tensorboard, mlflow and wandb are optional: without them that part is skipped with a note.
+gives the same report later, for several runs overlaid on one page. matplotlib is a dependency.
 """
 
 from __future__ import annotations
@@ -31,8 +30,6 @@ PLOTS = {
 PLOT_SIZE_IN, PLOT_DPI = (8.0, 5.0), 100  # 800 x 500 pixels
 CARD_FILE, SUMMARY_FILE = "README.md", "summary.md"
 CARD_MARKER = "<!-- model card written by domainlm; edit freely, `domainlm report` rewrites it -->"
-LOGGERS = ("tensorboard", "mlflow", "wandb")
-TENSORBOARD_DIR = "tensorboard"
 
 
 # ----------------------------------------------------------------------------- reading runs
@@ -672,108 +669,3 @@ def run_report(run_dirs: list[Path], output: Path | None = None) -> list[Path]:
     for path in written:
         print(f"wrote {path}", file=sys.stderr)
     return written
-
-
-# ----------------------------------------------------------------------------- loggers
-
-
-def check_report_to(names: list[str] | None) -> None:
-    """--report-to: known names, each installed; checked before a run writes anything."""
-    for name in names or []:
-        if name not in LOGGERS:
-            raise UserError(f"--report-to {name}: choose from {', '.join(LOGGERS)}")
-        if not _installed(name):
-            raise UserError(f"--report-to {name}: {name} is not installed (pip install {name})")
-
-
-def _installed(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
-
-
-def tensorboard_enabled(names: list[str] | None) -> bool:
-    """TensorBoard event files are written whenever tensorboard is installed."""
-    return _installed("tensorboard")
-
-
-def owned_outputs(config: Any) -> list[str]:
-    """Names in the output folder written by sampling and loggers (run_config.json `written`)."""
-    from domainlm.text.generate import SAMPLES_FILE
-
-    names = [SAMPLES_FILE] if config.sample_prompts else []
-    if tensorboard_enabled(config.report_to):
-        names.append(TENSORBOARD_DIR)
-    if "wandb" in (config.report_to or []):
-        names.append("wandb")
-    return names
-
-
-class EventLoggers:
-    """Forwards metrics.jsonl events to TensorBoard, MLflow and W&B (rank 0; opened on first use)."""
-
-    def __init__(
-        self, names: list[str] | None, output_dir: Path, config: dict[str, Any], start_step: int
-    ) -> None:
-        self.names = list(names or [])
-        if tensorboard_enabled(self.names) and "tensorboard" not in self.names:
-            self.names.append("tensorboard")
-        self.output_dir, self.config, self.start_step = output_dir, config, start_step
-        self._tb: Any = None
-        self._mlflow: Any = None
-        self._wandb: Any = None
-        self._opened = False
-
-    def _open(self) -> None:
-        self._opened = True
-        name = self.output_dir.resolve().name
-        if "tensorboard" in self.names:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # purge_step drops events a crashed run wrote after the checkpoint it resumes from
-            self._tb = SummaryWriter(
-                str(self.output_dir / TENSORBOARD_DIR),
-                purge_step=self.start_step + 1 if self.start_step else None,
-            )
-        if "mlflow" in self.names:
-            import mlflow
-
-            self._mlflow = mlflow
-            mlflow.start_run(run_name=name)
-            mlflow.log_params({k: str(v)[:250] for k, v in self.config.items()})
-        if "wandb" in self.names:
-            import wandb
-
-            self._wandb = wandb.init(
-                project="domainlm", name=name, config=self.config, dir=str(self.output_dir)
-            )
-
-    def log(self, event: dict[str, Any]) -> None:
-        """One metrics event: {step, loss, lr, tokens_per_s} or {step, eval_loss, eval_ppl, ...}."""
-        if not self.names:
-            return
-        if not self._opened:
-            self._open()
-        step = int(event["step"])
-        values = {
-            f"{'eval' if 'eval_ppl' in event else 'train'}/{k}": float(v)
-            for k, v in event.items()
-            if k not in ("step", "epoch") and _finite(v)
-        }
-        if self._tb is not None:
-            for key, value in values.items():
-                self._tb.add_scalar(key, value, step)
-            self._tb.flush()
-        if self._mlflow is not None:
-            self._mlflow.log_metrics({k.replace("/", "_"): v for k, v in values.items()}, step=step)
-        if self._wandb is not None:
-            self._wandb.log(values, step=step)
-
-    def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-        if self._mlflow is not None:
-            self._mlflow.end_run()
-        if self._wandb is not None:
-            self._wandb.finish()
-        self._tb = self._mlflow = self._wandb = None

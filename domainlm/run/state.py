@@ -85,5 +85,5 @@ class Run:
     total_steps: int
     resumed_window: dict[str, float]  # the loss window open at the checkpoint ({} if none)
     metrics: MetricsLog
-    loggers: Any  # report.EventLoggers
+    loggers: Any  # trackers.Trackers (--report-to)
     sampler: Any  # text.generate.TrainingSampler, or None

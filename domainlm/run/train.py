@@ -56,17 +56,12 @@ from domainlm.run.checkpoint import (
 )
 from domainlm.run.lock import LOCK_FILE, RunLock
 from domainlm.run.metrics import Console, MetricsLog
-from domainlm.run.report import (
-    EventLoggers,
-    check_report_to,
-    data_summary,
-    owned_outputs,
-    write_run_report,
-)
+from domainlm.run.report import data_summary, write_run_report
 from domainlm.run.sharded import is_sharded_checkpoint, load_sharded_checkpoint
 from domainlm.run.state import DataCursor, Run, RunData, RunModel
 from domainlm.run.step import TrainStep
-from domainlm.text.generate import TrainingSampler
+from domainlm.run.trackers import Trackers, resolve_report_to, tracker_outputs
+from domainlm.text.generate import SAMPLES_FILE, TrainingSampler
 
 # What makes a checkpoint resumable by a run: the same model, tokenizer and block layout.
 RESUME_KEYS = ("model", "tokenizer", "block_size", "packing")
@@ -98,6 +93,7 @@ def train(config: TrainConfig) -> TrainResult:
     cleanup = ExitStack()  # the run lock and the signal handlers, released on every exit
     try:
         run = set_up(config, ctx, cleanup)
+        cleanup.callback(run.loggers.close, failed=True)  # a no-op after finish closed them
         return fit(run, cleanup)
     except (RuntimeError, torch.distributed.DistError) as exc:
         lost = rank_lost(exc, ctx)  # another rank died or timed out: one clear line, not a trace
@@ -157,7 +153,7 @@ def check_inputs(
     if config.validation_file:
         text_files(config.validation_file)
     check_output_dir(output_dir)
-    check_report_to(config.report_to)  # --report-to names installed loggers
+    resolve_report_to(config.report_to)  # --report-to: known trackers, each installed
     loaded = load_model(
         config.model,
         seed=config.seed,
@@ -169,7 +165,7 @@ def check_inputs(
     check_window(block_size, eval_stride)
     identity = {
         "model": config.model,
-        "tokenizer": tokenizer_fingerprint(loaded.tokenizer, loaded.eos_id),
+        "tokenizer": tokenizer_fingerprint(loaded.tokenizer, loaded.eos_id, loaded.document_prefix),
         "block_size": block_size,
         "packing": config.packing,
     }
@@ -252,12 +248,16 @@ def start_state(
         resumed_window = state.get("loss_window") or {}
         console.info(f"resuming from {data.resume_from} at step {start_step}")
     output_dir = Path(config.output_dir)
+    trackers = resolve_report_to(config.report_to)  # run/trackers.py: TensorBoard, MLflow, W&B
     if ctx.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        write_run_file(output_dir, config, data.identity, written=owned_outputs(config))
+        owned = tracker_outputs(trackers) + ([SAMPLES_FILE] if config.sample_prompts else [])
+        write_run_file(output_dir, config, data.identity, written=owned)
     metrics = MetricsLog(output_dir / "metrics.jsonl", enabled=ctx.is_main, resume_step=start_step)
-    loggers = EventLoggers(config.report_to, output_dir, config.to_dict(), start_step)
-    metrics.listeners.append(loggers.log)
+    loggers = Trackers(trackers, output_dir, config.to_dict(), start_step)
+    if ctx.is_main:
+        loggers.open()  # a tracker that cannot start stops the run here, before any step
+    metrics.listeners.append(loggers.log)  # called on rank 0 only
     sampler = TrainingSampler.create(
         config, data.loaded, net.model, output_dir, console, ctx, precision, start_step
     )
@@ -393,6 +393,7 @@ def load_streams(
             config.cache_dir,
             config.doc_sep,
             config.encoding_errors,
+            prefix=loaded.document_prefix,
         )
         console.info(f"{path}: {'token cache hit' if cached.cache_hit else 'tokenized and cached'}")
         return cached.stream

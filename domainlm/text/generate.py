@@ -1,6 +1,7 @@
 """`domainlm generate`: read what a model writes; samples while training; the memorization check.
 
-Prompts become token ids (each continues from EOS, as every training document does), the token
+Prompts become token ids (each continues from EOS, or from BOS for tokenizers that put one before
+a text, as every training document does: `LoadedModel.start_ids`), the token
 loop of `sampling.py` continues them in batches, and the text is decoded here. With one prompt the
 text streams to the terminal as it is produced. `--check-memorization` looks every continuation up
 in an index of the training tokens (`memorize.py`) and warns when it recites training data.
@@ -154,8 +155,11 @@ def generate_samples(
     context_length: int | None = None,
     precision: str = "fp32",
     on_text: Any = None,
+    start: list[int] | None = None,
 ) -> list[Sample]:
     """Continue every prompt `num_samples` times, in batches; the model is used in eval mode.
+
+    `start`: the tokens before every prompt (`LoadedModel.start_ids`; default the EOS).
 
     `on_text(text)`, if given, receives the growing text of the first sequence of each batch.
     """
@@ -173,8 +177,8 @@ def generate_samples(
     model.eval()
     samples: list[Sample] = []
     try:
-        for start in range(0, len(rows), batch_size):
-            batch = rows[start : start + batch_size]
+        for first in range(0, len(rows), batch_size):
+            batch = rows[first : first + batch_size]
 
             def show(generated: list[list[int]], first: list[int] = encoded[batch[0][0]]) -> None:
                 on_text(decode_continuation(tokenizer, first, generated[0]))
@@ -190,6 +194,7 @@ def generate_samples(
                     context_length=context_length,
                     pad_id=pad_id,
                     on_step=show if on_text else None,
+                    start=start,
                 )
             for (prompt, k), result in zip(batch, results, strict=True):
                 text = decode_continuation(tokenizer, encoded[prompt], result.tokens)
@@ -249,6 +254,7 @@ def generate(config: GenerateConfig, out: TextIO | None = None) -> list[Sample]:
         context_length=loaded.context_length,
         precision=precision,
         on_text=printer,
+        start=loaded.start_ids,
     )
     for sample in samples:
         if checker is not None:
@@ -342,10 +348,11 @@ class MemorizationChecker:
             train_file,
             loaded.tokenizer,
             loaded.eos_id,
-            tokenizer_fingerprint(loaded.tokenizer, loaded.eos_id),
+            tokenizer_fingerprint(loaded.tokenizer, loaded.eos_id, loaded.document_prefix),
             cache_dir,
             doc_sep,
             errors,
+            prefix=loaded.document_prefix,
         )
         folder = Path(cache_dir) if cache_dir else default_cache_dir()
         index, hit, seconds = NgramIndex.load_or_build(cached.stream, folder, cached.key)
@@ -438,8 +445,10 @@ class TrainingSampler:
         precision: str,
         seed: int,
         context_length: int | None = None,
+        start: list[int] | None = None,
     ) -> None:
         self.model, self.tokenizer, self.eos_id = model, tokenizer, eos_id
+        self.start = start
         self.prompts, self.every, self.max_new_tokens = prompts, every, max_new_tokens
         self.path, self.console, self.precision, self.seed = path, console, precision, seed
         self.context_length = context_length
@@ -477,6 +486,7 @@ class TrainingSampler:
             precision,
             config.seed,
             loaded.context_length,
+            loaded.start_ids,
         )
 
     def maybe_sample(self, step: int, final: bool = False) -> list[Sample]:
@@ -500,6 +510,7 @@ class TrainingSampler:
                 seed=self.seed,
                 context_length=self.context_length,
                 precision=self.precision,
+                start=self.start,
             )
         with open(self.path, "a", encoding="utf-8") as handle:
             for sample in samples:

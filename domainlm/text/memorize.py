@@ -146,9 +146,10 @@ class NgramIndex:
         return int(np.searchsorted(self.stream.doc_starts, position, side="right")) - 1
 
     def document_tokens(self, document: int) -> np.ndarray:
-        """The tokens of document `document`, without its closing EOS."""
+        """The tokens of document `document`, without its BOS prefix and its closing EOS."""
         starts = self.stream.doc_starts
-        return np.asarray(self.stream.tokens[starts[document] : starts[document + 1] - 1])
+        first = starts[document] + self.stream.prefix_length
+        return np.asarray(self.stream.tokens[first : starts[document + 1] - 1])
 
 
 def source_line(path: str | os.PathLike, document: int, doc_sep: str = "line") -> int | None:

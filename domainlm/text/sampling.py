@@ -1,7 +1,8 @@
 """The token loop behind `domainlm generate`: batched, left-padded, KV-cached sampling.
 
 Pure torch over token ids, so tests can compare it with a slow obvious loop. Every prompt is
-preceded by EOS, the context every document of the token stream starts from in training. Random
+preceded by the context every document of the token stream starts from in training: the EOS, or
+the BOS of tokenizers that put one before a text (`LoadedModel.start_ids`). Random
 choices draw from a private `torch.Generator`, so a seed reproduces the output and the global
 RNG (dropout, the training loop) is never touched.
 """
@@ -101,20 +102,23 @@ def sample_batch(
     context_length: int | None = None,
     pad_id: int | None = None,
     on_step: Callable[[list[list[int]]], None] | None = None,
+    start: Sequence[int] | None = None,
 ) -> list[Continuation]:
-    """Continue each prompt (token ids, EOS is put in front) until EOS or `max_new_tokens`.
+    """Continue each prompt (token ids; `start` is put in front, by default the EOS) until EOS or
+    `max_new_tokens`.
 
     The prompts are left-padded into one batch; position ids count real tokens only, so a padded
     row computes the same thing as the prompt alone. `on_step` sees the tokens generated so far.
     """
     device = next(model.parameters()).device
     pad_id = eos_id if pad_id is None else pad_id
-    rows = [[eos_id, *map(int, p)] for p in prompts]
+    start = [eos_id] if start is None else [int(t) for t in start]
+    rows = [[*start, *map(int, p)] for p in prompts]
     width = max(len(r) for r in rows)
     if context_length is not None:
         if width > context_length:
             raise UserError(
-                f"a prompt of {width - 1} tokens does not fit the model's context of "
+                f"a prompt of {width - len(start)} tokens does not fit the model's context of "
                 f"{context_length} tokens; shorten it"
             )
         max_new_tokens = min(max_new_tokens, context_length - width)
@@ -131,7 +135,7 @@ def sample_batch(
     if settings.repetition_penalty != 1.0:
         seen = torch.zeros((b, vocab), dtype=torch.bool, device=device)
         for i, row in enumerate(rows):
-            seen[i, torch.tensor(row[1:], dtype=torch.long, device=device)] = True
+            seen[i, torch.tensor(row[len(start) :], dtype=torch.long, device=device)] = True
 
     generated: list[list[int]] = [[] for _ in range(b)]
     finished = torch.zeros(b, dtype=torch.bool, device=device)
