@@ -20,6 +20,7 @@ PACKING_MODES = ("concat", "docs")
 DOC_SEPARATORS = ("line", "blank")
 ENCODING_ERRORS = ("strict", "replace")
 CHECKPOINT_FORMATS = ("auto", "full", "sharded")
+LOAD_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def opt(default: Any, help: str, **extra: Any) -> Any:
@@ -138,6 +139,18 @@ class TrainConfig:
     )
     trust_remote_code: bool = opt(False, "Allow model code from the hub (only if you trust it).")
     compile: bool = opt(False, "torch.compile the model (pays off on long GPU runs).")
+    gradient_checkpointing: bool = opt(
+        False,
+        "Recompute each layer's activations in the backward instead of keeping them: less memory "
+        "(`domainlm inspect --model M` shows how much), about a third more compute.",
+    )
+    load_dtype: str = opt(
+        "auto",
+        "Dtype the weights load in. auto: float32 for full fine-tuning (mixed precision), the "
+        "training precision with --lora; bfloat16 without --lora is pure bf16 training "
+        "(docs/memory.md).",
+        choices=LOAD_DTYPES,
+    )
     quiet: bool = opt(False, "No progress bar: one log line per logging step (for log files).")
     max_bad_steps: int = opt(
         3, "Stop after this many consecutive steps with a NaN/Inf loss or gradient."
@@ -191,8 +204,10 @@ class TrainConfig:
             raise UserError("--validation-split must be between 0 and 1, e.g. 0.05")
         if not 0 <= self.min_lr_ratio <= 1:
             raise UserError("--min-lr-ratio must be between 0 and 1")
-        choice_fields = ("precision", "scheduler", "strategy", "packing", "doc_sep")
-        for name in (*choice_fields, "encoding_errors", "checkpoint_format"):
+        for name in (
+            "precision", "scheduler", "strategy", "packing", "doc_sep", "encoding_errors",
+            "load_dtype", "checkpoint_format",
+        ):  # fmt: skip
             choices = _field_meta(name)["choices"]
             if getattr(self, name) not in choices:
                 raise UserError(

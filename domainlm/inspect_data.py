@@ -2,12 +2,10 @@
 
 Counts (documents, characters, tokens, tokens per document, blocks, steps, padding), the data
 lint (domainlm/data/lint.py), a time estimate from timing a few real optimizer steps of the chosen
-model on this machine, and a peak-memory estimate by rule:
-
-    weights 4 B/param (fp32) + gradients 4 B/param + AdamW moments 8 B/param
-    + activations per micro-batch: layers x b x T x h x (34 + 5 n_heads T / h) bytes
-      (Korthikanti et al. 2022, 16-bit activations; doubled for fp32)
-    + logits: b x T x vocab x 4 B, three times (logits, float copy for the loss, their gradient)
+model on this machine, and the memory plan (domainlm/model/memory.py: weights, gradients, AdamW
+state, activations per micro-batch; full fine-tuning and LoRA, with and without gradient
+checkpointing; what fits on the device at hand). Without --train-file, only the memory plan,
+from the model's config alone (no weights read).
 """
 
 from __future__ import annotations
@@ -20,12 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from domainlm.config import DOC_SEPARATORS, PACKING_MODES
+from domainlm.config import DEVICES, DOC_SEPARATORS, LOAD_DTYPES, PACKING_MODES, PRECISIONS
 from domainlm.data.blocks import BlockDataset, split_documents
 from domainlm.data.lint import count_long_documents, lint_corpus
 from domainlm.data.tokens import TokenStream, load_token_stream
 from domainlm.errors import UserError
 from domainlm.model.loading import load_model, special_token_texts, tokenizer_fingerprint
+from domainlm.model.memory import GIB, MemoryPlan, fitting_flags, model_config_of, plan_memory
 
 
 def opt(default: Any, help: str, **extra: Any) -> Any:
@@ -36,7 +35,9 @@ def opt(default: Any, help: str, **extra: Any) -> Any:
 class InspectConfig:
     """Everything `domainlm inspect` needs; the same meaning as the `train` flags of that name."""
 
-    train_file: str = opt(None, "Training texts: .txt, .jsonl or a folder.", required=True)
+    train_file: str | None = opt(
+        None, "Training texts: .txt, .jsonl or a folder. Without one: the memory plan only."
+    )
     validation_file: str | None = opt(None, "Validation texts (checked for leakage from train).")
     model: str = opt(
         "scratch:gpt2", "Model whose tokenizer, shape and speed to use (hub id, folder, scratch:)."
@@ -56,19 +57,37 @@ class InspectConfig:
     encoding_errors: str = opt("strict", "strict or replace.", choices=("strict", "replace"))
     cache_dir: str | None = opt(None, "Token cache folder (shared with train).")
     time_steps: int = opt(2, "Optimizer steps to time for the estimate (0: no timing).")
+    precision: str = opt("auto", "Training precision to plan for.", choices=PRECISIONS)
+    device: str | None = opt(
+        None, "Device to plan for (default: $DOMAINLM_DEVICE or auto).", choices=DEVICES
+    )
+    load_dtype: str = opt("auto", "--load-dtype of the run to plan.", choices=LOAD_DTYPES)
+    lora_r: int = opt(8, "LoRA rank to plan for.")
+    lora_targets: list[str] | None = opt(
+        None, "LoRA target layers to plan for (default: every linear layer of the blocks)."
+    )
+    gradient_checkpointing: bool = opt(
+        False, "Use the checkpointed plan for the data report's memory line."
+    )
     json: bool = opt(False, "Print one JSON object instead of text.")
     strict: bool = opt(False, "Exit with an error when the lint finds problems.")
 
     def __post_init__(self) -> None:
-        if not self.train_file:
-            raise UserError("--train-file is required")
-        for name in ("batch_size", "grad_accum", "nproc"):
+        for name in ("batch_size", "grad_accum", "nproc", "lora_r"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive")
         if self.block_size is not None and self.block_size < 2:
             raise UserError("--block-size must be at least 2")
         if self.time_steps < 0:
             raise UserError("--time-steps must be 0 or more")
+        for name, choices in (
+            ("precision", PRECISIONS), ("load_dtype", LOAD_DTYPES), ("device", (*DEVICES, None))
+        ):  # fmt: skip
+            if getattr(self, name) not in choices:
+                raise UserError(
+                    f"--{name.replace('_', '-')} must be one of "
+                    f"{', '.join(c for c in choices if c)}, got {getattr(self, name)!r}"
+                )
 
 
 def stream_stats(stream: TokenStream, block_size: int) -> dict[str, Any]:
@@ -90,25 +109,60 @@ def stream_stats(stream: TokenStream, block_size: int) -> dict[str, Any]:
     }
 
 
-def memory_estimate(model: Any, batch: int, block: int) -> dict[str, float]:
-    """Bytes of peak training memory by the rule in the module docstring, in GiB."""
-    cfg = model.config
-    params = sum(p.numel() for p in model.parameters())
-    layers = getattr(cfg, "n_layer", None) or getattr(cfg, "num_hidden_layers", 1)
-    hidden = getattr(cfg, "n_embd", None) or getattr(cfg, "hidden_size", 1)
-    heads = getattr(cfg, "n_head", None) or getattr(cfg, "num_attention_heads", 1)
-    vocab = int(model.get_input_embeddings().weight.shape[0])
-    acts = 2 * layers * batch * block * hidden * (34 + 5 * heads * block / hidden)
-    logits = 3 * batch * block * vocab * 4
-    gib = 1024**3
-    out = {
-        "weights_gib": params * 4 / gib,
-        "gradients_gib": params * 4 / gib,
-        "optimizer_gib": params * 8 / gib,
-        "activations_gib": (acts + logits) / gib,
+def memory_plan(config: InspectConfig, model_config: Any, block: int) -> MemoryPlan:
+    """The MemoryPlan of `config.model` for this run's shape on the device at hand."""
+    from domainlm.model.device import pick_device, resolve_precision
+
+    device = pick_device(None, config.device)
+    return plan_memory(
+        model_config,
+        model=config.model,
+        batch_size=config.batch_size,
+        block_size=block,
+        precision=resolve_precision(config.precision, device),
+        device=device.type,
+        load_dtype=config.load_dtype,
+        lora_r=config.lora_r,
+        lora_targets=config.lora_targets,
+    )
+
+
+def memory_estimate(config: InspectConfig, model_config: Any, block: int) -> dict[str, float]:
+    """Full fine-tuning's part of the plan, in GiB (the data report's memory line)."""
+    plan = memory_plan(config, model_config, block)
+    terms = plan.scenarios["full+ckpt" if config.gradient_checkpointing else "full"]
+    return {
+        "weights_gib": terms.weights / GIB,
+        "gradients_gib": terms.gradients / GIB,
+        "optimizer_gib": terms.optimizer / GIB,
+        "activations_gib": (terms.activations + terms.loss_buffers) / GIB,
+        "total_gib": terms.peak / GIB,
     }
-    out["total_gib"] = sum(out.values())
-    return out
+
+
+def plan_report(config: InspectConfig) -> dict[str, Any]:
+    """`domainlm inspect --model M` without data: the memory plan from the config alone."""
+    from domainlm.model.loading import context_length
+
+    model_config = model_config_of(config.model)
+    context = context_length(model_config)
+    block = config.block_size or min(context, 1024)
+    if block > context:
+        raise UserError(f"--block-size {block} is larger than the context of {context} tokens")
+    plan = memory_plan(config, model_config, block)
+
+    def replan(batch: int) -> MemoryPlan:
+        return plan_memory(
+            model_config, model=config.model, batch_size=batch, block_size=block,
+            precision=plan.precision, device=plan.device, load_dtype=config.load_dtype,
+            lora_r=config.lora_r, lora_targets=config.lora_targets,
+        )  # fmt: skip
+
+    return {
+        "model": config.model,
+        "memory_plan": plan.to_dict(),
+        "fits": fitting_flags(plan, replan),
+    }
 
 
 def time_steps(model: Any, batch: int, block: int, steps: int) -> float:
@@ -193,7 +247,7 @@ def inspect_data(config: InspectConfig) -> dict[str, Any]:
             "source": config.validation_file or f"held out {config.validation_split:.0%} of train",
             **stream_stats(valid, block),
         },
-        "memory": memory_estimate(loaded.model, config.batch_size, block),
+        "memory": memory_estimate(config, loaded.model.config, block),
         "lint": {
             "train": lint.train.to_dict(),
             "validation": lint.validation.to_dict() if lint.validation else None,
@@ -257,7 +311,43 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_plan(report: dict[str, Any]) -> str:
+    """The text form of `plan_report`: one row per way to train, and what fits."""
+    plan = report["memory_plan"]
+    shape = plan["shape"]
+    avail = plan["available"]
+    where = "GPU memory" if plan["device"] == "cuda" else "system RAM"
+    lines = [
+        f"memory plan for {plan['model']}: {shape['params'] / 1e6:,.1f}M parameters "
+        f"({shape['layers']} layers, hidden {shape['hidden']}, vocab {shape['vocab']:,}); "
+        f"micro-batch {plan['batch_size']} x {plan['block_size']} tokens, precision "
+        f"{plan['precision']}, on {plan['device']}",
+        f"  {'GiB':<34}{'weights':>9}{'grads':>9}{'AdamW':>9}{'activ.':>9}{'peak':>9}",
+    ]
+    names = {
+        "full": "full fine-tuning",
+        "full+ckpt": "full + --gradient-checkpointing",
+        "lora": f"LoRA r={plan['lora_r']} ({plan['trainable_lora'] / 1e6:.2f}M trained)",
+        "lora+ckpt": "LoRA + --gradient-checkpointing",
+    }
+    for key, label in names.items():
+        t = plan["scenarios"][key]
+        cells = [
+            t["weights"] + t["weight_copies"], t["gradients"], t["optimizer"],
+            t["activations"] + t["loss_buffers"], t["peak"],
+        ]  # fmt: skip
+        lines.append(f"  {label:<34}" + "".join(f"{c / GIB:>9.2f}" for c in cells))
+    lines.append(f"  LoRA targets: {', '.join(plan['lora_targets'])}")
+    if avail is not None:
+        lines.append(f"available: {avail / GIB:.1f} GiB of {where}; fits with: {report['fits']}")
+    return "\n".join(lines)
+
+
 def run_inspect(config: InspectConfig) -> int:
+    if not config.train_file:
+        report = plan_report(config)
+        print(json.dumps(report, indent=2) if config.json else format_plan(report))
+        return 0
     report = inspect_data(config)
     if config.json:
         print(json.dumps(report, indent=2))

@@ -152,14 +152,16 @@ def load_model(
     seed: int = 0,
     eos_token: str | None = None,
     trust_remote_code: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> LoadedModel:
-    """Load model and tokenizer from a hub id, a folder or a `scratch:NAME` preset (fp32 weights)."""
+    """Load model and tokenizer from a hub id, a folder or a `scratch:NAME` preset, the weights
+    in `dtype` (model/memory.py's load_dtype_for decides it for a run)."""
     quiet_transformers()
     if spec.startswith(SCRATCH_PREFIX):
-        model = build_scratch_model(spec[len(SCRATCH_PREFIX) :], seed=seed)
+        model = build_scratch_model(spec[len(SCRATCH_PREFIX) :], seed=seed).to(dtype)
         tokenizer = gpt2_tokenizer()
     else:
-        model, tokenizer = _load_pretrained(spec, trust_remote_code)
+        model, tokenizer = _load_pretrained(spec, trust_remote_code, dtype)
     eos_id = resolve_eos_id(tokenizer, eos_token)
     return LoadedModel(
         model=model,
@@ -171,7 +173,9 @@ def load_model(
     )
 
 
-def _load_pretrained(spec: str, trust_remote_code: bool) -> tuple[Any, Any]:
+def _load_pretrained(
+    spec: str, trust_remote_code: bool, dtype: torch.dtype = torch.float32
+) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(spec).expanduser()
@@ -190,7 +194,7 @@ def _load_pretrained(spec: str, trust_remote_code: bool) -> tuple[Any, Any]:
         )
         model = AutoModelForCausalLM.from_pretrained(
             source,
-            dtype=torch.float32,
+            dtype=dtype,
             trust_remote_code=trust_remote_code,
             use_safetensors=True,  # never unpickle weights (a .bin file can run code)
             local_files_only=local_files_only,

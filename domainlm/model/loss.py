@@ -12,7 +12,8 @@ are formed during that pass (softmax - onehot, kept in bf16 (float32 under fp16,
 would flush small probabilities to zero) for up to 2,048 positions, then
 multiplied into them), so no float32 logits outlive their chunk and none is recomputed. The
 result is the same summed NLL (tests/test_loss.py compares it, and its gradients, with
-full-logits cross-entropy). Other architectures fall back to the full logits.
+full-logits cross-entropy). Other architectures, and models that transform their
+logits after the head (`LOGIT_TRANSFORMS`: soft-capping, scaling), fall back to the full logits.
 """
 
 from __future__ import annotations
@@ -26,10 +27,25 @@ import torch.nn.functional as F
 from domainlm.data.blocks import IGNORE_INDEX
 from domainlm.model.faults import maybe_inject_oom
 
-# Architectures whose logits are exactly `get_output_embeddings()(base_model(...)[0])`: no logit
-# scaling or soft-capping, no final projection outside the base model.
+# Architectures whose logits are `get_output_embeddings()(base_model(...)[0])`, no final
+# projection outside the base model (Gemma's embedding scaling is inside its base model), unless
+# one of LOGIT_TRANSFORMS is set (tests/test_architectures.py checks each against the model's own
+# loss).
 CHUNKED_HEAD_MODEL_TYPES = frozenset(
-    {"gpt2", "gpt_neo", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "opt", "phi3"}
+    {
+        "gpt2", "gpt_neo", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "opt", "phi3",
+        "gemma", "gemma2", "bloom",
+    }
+)  # fmt: skip
+# Config fields that, when set (not None), make a model transform its logits after the head
+# (Gemma 2's final soft-capping tanh(x / c) * c; Cohere's logit_scale; Granite's logits_scaling;
+# Falcon-H1's lm_head_multiplier): the chunked head would skip that, so such a model takes the
+# full-logits path (tests/test_architectures.py::test_softcapped_logits_take_the_full_logits_path).
+LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "lm_head_multiplier",
 )
 # Positions per head chunk on the CPU: 256 x 50,257 float32 softmax = 51 MB alive at a time for
 # GPT-2. On a GPU, fewer and larger chunks (each chunk is a dozen kernel launches the host must
@@ -93,9 +109,11 @@ class CausalLMLoss(torch.nn.Module):
 
 def linear_head(model: torch.nn.Module) -> torch.nn.Linear | None:
     """The model's output layer when logits are exactly head(base_model(...)[0]), else None."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in CHUNKED_HEAD_MODEL_TYPES:
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in CHUNKED_HEAD_MODEL_TYPES:
         return None
+    if any(getattr(config, field, None) is not None for field in LOGIT_TRANSFORMS):
+        return None  # logits transformed after the head: only the full logits are right
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if get_head is not None else None
     base = getattr(model, "base_model", None)

@@ -38,6 +38,7 @@ from domainlm.model.loading import (
 )
 from domainlm.model.loss import CausalLMLoss
 from domainlm.model.malloc import reuse_freed_host_memory
+from domainlm.model.memory import enable_gradient_checkpointing, load_dtype_for, pure_half_warning
 from domainlm.run import guard
 from domainlm.run.async_save import background_writer
 from domainlm.run.boundaries import Checkpoints, Evaluation, Progress, Sampling, StopGuard
@@ -138,13 +139,22 @@ def set_up(config: TrainConfig, ctx: DistContext, cleanup: ExitStack) -> Run:
     device = pick_device(ctx.local_rank if ctx.enabled else None, config.device)
     precision = resolve_precision(config.precision, device)
     console = Console(enabled=ctx.is_main, quiet=config.quiet)
-    data = check_inputs(config, ctx, console, cleanup)
+    lora = bool(getattr(config, "lora", False))
+    load_dtype = load_dtype_for(config.load_dtype, precision, lora)  # model/memory.py
+    warning = pure_half_warning(load_dtype, lora)
+    if warning:
+        console.warn(warning)
+    data = check_inputs(config, ctx, console, cleanup, load_dtype)
     net = build_model(config, data, ctx, device, precision)
     return start_state(config, ctx, device, precision, console, data, net)
 
 
 def check_inputs(
-    config: TrainConfig, ctx: DistContext, console: Console, cleanup: ExitStack
+    config: TrainConfig,
+    ctx: DistContext,
+    console: Console,
+    cleanup: ExitStack,
+    load_dtype: torch.dtype = torch.float32,
 ) -> RunData:
     """Every input checked and the data loaded before anything in output_dir is written; takes
     the run lock and decides the checkpoint to resume from."""
@@ -159,6 +169,7 @@ def check_inputs(
         seed=config.seed,
         eos_token=config.eos_token,
         trust_remote_code=config.trust_remote_code,
+        dtype=load_dtype,
     )
     block_size = loaded.block_size(config.block_size, default_cap=1024)
     eval_stride = config.eval_stride or block_size - 1
@@ -201,6 +212,7 @@ def build_model(
             str(data.resume_from),
             eos_token=config.eos_token,
             trust_remote_code=config.trust_remote_code,
+            dtype=loaded.model.dtype,
         )
         loaded.model = resumed.model
     # from_pretrained returns a model in eval mode: dropout must be on while training, in a
@@ -209,6 +221,8 @@ def build_model(
     if config.packing == "concat":
         model.config.use_cache = False
     use_fast_kernels(model)  # same function, fused kernels (domainlm/model/fastpath.py)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)  # model/memory.py
     loss_module = CausalLMLoss(model)
     if config.compile:
         compile_model(loss_module)

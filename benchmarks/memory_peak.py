@@ -1,0 +1,190 @@
+"""Measured peak training memory on the CPU against `domainlm inspect`'s plan (model/memory.py).
+
+    PYTHONPATH=. python benchmarks/memory_peak.py [--quick] [--json out.json]
+
+Each configuration runs in a fresh subprocess (the project's malloc settings, as `train()` sets
+them): the model is built (random init), wrapped as a run wraps it (fast kernels, the chunked
+loss, gradient checkpointing when asked, fused AdamW), and trained for 2 steps of one
+micro-batch (forward under autocast, backward, clipping, update). Two measures:
+
+- tensors: the peak of live tensor bytes (every storage PyTorch allocates, followed from its
+  creation to its release by a dispatch mode, in a third step; parameters and AdamW state
+  counted from the start). This is what the plan models, and what CUDA's
+  `max_memory_allocated` reports on a GPU.
+- RSS: the process's peak resident memory (VmHWM) minus its resident memory after imports,
+  before the model is built: what the machine must have, including the allocator's
+  retained/fragmented blocks and library buffers, which the plan does not model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+
+CONFIGS = [
+    # name, model, precision, checkpointing, batch, block
+    ("tiny", "gpt2:tiny", "fp32", False, 8, 256),
+    ("tiny", "gpt2:tiny", "bf16", False, 8, 256),
+    ("mini", "gpt2:mini", "bf16", False, 8, 256),
+    ("mini", "gpt2:mini", "bf16", True, 8, 256),
+    ("llama-small", "llama", "fp32", False, 4, 256),
+    ("llama-small", "llama", "bf16", False, 4, 256),
+    ("llama-small", "llama", "bf16", True, 4, 256),
+    ("124M", "gpt2:gpt2", "bf16", False, 4, 256),
+    ("124M", "gpt2:gpt2", "bf16", True, 4, 256),
+    ("124M", "gpt2:gpt2", "fp32", False, 4, 256),
+]
+QUICK = CONFIGS[:4]
+
+
+def model_config(spec: str):  # type: ignore[no-untyped-def]
+    """The transformers config of a benchmark model: a scratch GPT-2 shape or a small Llama."""
+    if spec.startswith("gpt2:"):
+        from domainlm.model.loading import scratch_config
+
+        return scratch_config(spec.split(":", 1)[1])
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+        num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024,
+    )  # fmt: skip
+
+
+def rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+class LiveTensorBytes:
+    """A dispatch mode that follows every new CPU storage to its release; `peak` is the most
+    bytes alive at once (plus `base`, the bytes alive when it started)."""
+
+    def __init__(self, base: int, known: set[int]) -> None:
+        """`known`: the storages alive at the start (parameters, AdamW state), counted in `base`;
+        a view of one (a transposed weight) is not a new allocation."""
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+                out = func(*args, **(kwargs or {}))
+                tracker.seen(out)
+                return out
+
+        self.mode, self.live, self.seen_keys, self.known = Mode(), base, set(), known
+        self.peak = base
+
+    def seen(self, out) -> None:  # type: ignore[no-untyped-def]
+        import torch
+        from torch.utils._pytree import tree_leaves
+
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key in self.seen_keys or key in self.known or storage.nbytes() == 0:
+                continue
+            self.seen_keys.add(key)
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self.release, key, storage.nbytes())
+
+    def release(self, key: int, nbytes: int) -> None:
+        self.seen_keys.discard(key)
+        self.live -= nbytes
+
+
+def child(spec: dict) -> dict:
+    """One configuration in this process: the measured peaks and the plan's."""
+    from domainlm.model.malloc import reuse_freed_host_memory
+
+    reuse_freed_host_memory()
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from domainlm.model.device import autocast
+    from domainlm.model.fastpath import use_fast_kernels
+    from domainlm.model.loss import CausalLMLoss
+    from domainlm.model.memory import enable_gradient_checkpointing, plan_memory
+
+    torch.set_num_threads(2)
+    cfg = model_config(spec["model"])
+    plan = plan_memory(cfg, model=spec["model"], batch_size=spec["batch"],
+                       block_size=spec["block"], precision=spec["precision"])  # fmt: skip
+    baseline = rss_kib("VmRSS")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).train()
+    use_fast_kernels(model)
+    if spec["ckpt"]:
+        enable_gradient_checkpointing(model)
+    loss_module = CausalLMLoss(model)
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    device = torch.device("cpu")
+    ids = torch.randint(0, cfg.vocab_size, (spec["batch"], spec["block"] + 1))
+
+    def step() -> None:
+        with autocast(device, spec["precision"]):
+            nll = loss_module(ids[:, :-1], ids[:, 1:]).sum()
+        (nll / ids[:, 1:].numel()).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    rss_peak = (rss_kib("VmHWM") - baseline) * 1024
+    alive = [p.untyped_storage() for p in model.parameters()]
+    alive += [v.untyped_storage() for s in optim.state.values() for v in s.values()
+              if isinstance(v, torch.Tensor)]  # fmt: skip
+    known = {s.data_ptr(): s.nbytes() for s in alive}
+    tracker = LiveTensorBytes(sum(known.values()), set(known))
+    with tracker.mode:
+        step()
+    name = "full+ckpt" if spec["ckpt"] else "full"
+    return {**spec, "tensor_peak": tracker.peak, "rss_peak": rss_peak,
+            "plan_peak": plan.scenarios[name].peak}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="the small configurations only")
+    parser.add_argument("--json", help="write the rows here too")
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+    rows = []
+    print(
+        "| model | precision | grad. ckpt | batch x block | plan MiB | tensors MiB | plan/tensors "
+        "| RSS MiB | plan/RSS |"
+    )
+    print("|---|---|---|---|---:|---:|---:|---:|---:|")
+    for name, model, precision, ckpt, batch, block in QUICK if args.quick else CONFIGS:
+        spec = dict(
+            name=name, model=model, precision=precision, ckpt=ckpt, batch=batch, block=block
+        )
+        out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
+                             capture_output=True, text=True, check=True)  # fmt: skip
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        mib = 1024**2
+        print(f"| {name} | {precision} | {'yes' if ckpt else 'no'} | {batch} x {block} "
+              f"| {row['plan_peak'] / mib:.0f} | {row['tensor_peak'] / mib:.0f} "
+              f"| {row['plan_peak'] / row['tensor_peak']:.3f} | {row['rss_peak'] / mib:.0f} "
+              f"| {row['plan_peak'] / row['rss_peak']:.3f} |", flush=True)  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

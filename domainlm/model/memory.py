@@ -1,0 +1,492 @@
+"""Memory: the dtype weights load in, gradient checkpointing, and the memory plan of a run.
+
+`load_dtype_for` decides the dtype of the weights (`--load-dtype`); `plan_memory` estimates the
+peak training memory of a model from its config alone (the model is built on the meta device:
+no weights are read or allocated), for full fine-tuning and for LoRA, with and without gradient
+checkpointing. The estimate counts what a training step keeps alive, term by term:
+
+- weights: every parameter in its load dtype; under bf16/fp16 autocast with float32 weights, the
+  half-precision copies of the layers' matrices that autocast makes and the backward keeps
+  (2 bytes per matrix parameter);
+- gradients (trainable parameters, their dtype) and AdamW's two moments (PyTorch keeps them in
+  the parameter's dtype: 8 B/param for float32 weights);
+- activations per micro-batch: the tensors the backward keeps, counted per transformer layer from
+  its shape (tokens n = batch x block, hidden h, MLP width f, heads a) and the layer's kind
+  (`BlockKind`: LayerNorm + GELU MLP as GPT-2, or RMSNorm + gated MLP as Llama), plus the loss's
+  own buffers: domainlm's chunked loss (model/loss.py) never holds the full logits; it keeps the
+  final hidden states, their gradient, and the head's weight gradient (V x h, compute dtype),
+  and holds one chunk's logits and softmax at a time (256 positions on the CPU);
+- with gradient checkpointing a layer keeps only its input; its full activations exist again,
+  for one layer at a time, while the backward recomputes it.
+
+The peak is the largest of three moments of a step: the end of the forward (all activations and
+the loss's buffers), the end of the backward (all gradients, the first layer recomputed when
+checkpointing) and the optimizer update (gradients and moments). docs/memory.md compares the plan
+with measured peaks (benchmarks/memory_peak.py).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from domainlm.config import LOAD_DTYPES
+from domainlm.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+GIB = 1024**3
+# model/loss.py's CPU chunk (DEFAULT_CHUNK_TOKENS); on a GPU ~2^27 logits per chunk.
+LOSS_CHUNK_TOKENS = 256
+CUDA_CHUNK_LOGITS = 2**27
+# Model types whose layers are RMSNorm (computed in float32) + gated MLP (gate, up, down).
+GATED_MODEL_TYPES = frozenset(
+    {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "mixtral"}
+)
+# The linear layers of the attention and MLP blocks, by the names transformers gives them.
+ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "c_proj", "qkv_proj")
+
+
+def load_dtype_for(load_dtype: str, precision: str, lora: bool) -> torch.dtype:
+    """The dtype weights load in for `--load-dtype` (auto, float32, bfloat16, float16) when
+    training at `precision` (resolved: fp32, bf16, fp16), with LoRA or full fine-tuning.
+
+    auto: the training precision's dtype with LoRA (the base is frozen: it is only read, and
+    autocast would cast it to that dtype anyway); float32 for full fine-tuning, because the
+    optimizer adds updates of ~lr x weight to the weights, which bfloat16's 8-bit mantissa rounds
+    away (mixed precision: float32 master weights, half-precision compute). An explicit half dtype
+    must be the training precision's, and float16 weights cannot be fully fine-tuned (fp16 needs
+    the loss scaler, which refuses float16 gradients). bfloat16 full fine-tuning is allowed when
+    asked for: "pure bf16" training, half the memory of weights, gradients and moments, at the
+    cost of small updates lost to rounding (`pure_half_warning`)."""
+    if load_dtype not in LOAD_DTYPES:
+        raise UserError(f"--load-dtype must be one of {', '.join(LOAD_DTYPES)}, got {load_dtype!r}")
+    if precision not in PRECISION_DTYPES:
+        raise ValueError(f"precision must be resolved (fp32, bf16 or fp16), got {precision!r}")
+    if load_dtype == "auto":
+        return PRECISION_DTYPES[precision] if lora else torch.float32
+    dtype = DTYPES[load_dtype]
+    if dtype != torch.float32 and dtype != PRECISION_DTYPES[precision]:
+        raise UserError(
+            f"--load-dtype {load_dtype} with --precision {precision}: half-precision weights "
+            f"compute in their own dtype; use --precision {_precision_of(dtype)} or "
+            "--load-dtype float32"
+        )
+    if dtype == torch.float16 and not lora:
+        raise UserError(
+            "--load-dtype float16 cannot be fully fine-tuned (fp16 training needs float32 "
+            "weights for its loss scaler); use --load-dtype float32, or --lora"
+        )
+    return dtype
+
+
+def _precision_of(dtype: torch.dtype) -> str:
+    return {v: k for k, v in PRECISION_DTYPES.items()}[dtype]
+
+
+def pure_half_warning(dtype: torch.dtype, lora: bool) -> str | None:
+    """The warning for full fine-tuning with half-precision weights, else None."""
+    if lora or dtype == torch.float32:
+        return None
+    return (
+        "--load-dtype bfloat16 without --lora: pure bf16 training (weights, gradients and AdamW "
+        "moments in bfloat16, half the memory); updates smaller than 1/256 of a weight are "
+        "rounded away, so a small --lr may barely move the model (docs/memory.md)"
+    )
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """transformers' gradient checkpointing, non-reentrant (works with frozen inputs and with
+    the loss calling `model.base_model` directly); a model without it is a UserError."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise UserError(
+            f"--gradient-checkpointing: {type(model).__name__} does not support gradient "
+            "checkpointing"
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name, no warning
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if getattr(model.config, "use_cache", False):
+        model.config.use_cache = False
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class ModelShape:
+    """What the plan needs to know about a model, read from its config (built on meta)."""
+
+    model_type: str
+    params: int  # unique parameters
+    matrix_params: int  # parameters of the layers' linear maps (what autocast copies)
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    head_params: int  # the output layer's weight (tied to the embedding or not)
+    tied_head: bool
+    dropout: bool  # any dropout in the blocks (GPT-2: on CPU the eager attention keeps a mask)
+    gated: bool  # RMSNorm + gated MLP (Llama-style) rather than LayerNorm + GELU MLP
+    linears: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (in, out) per layer
+
+
+@dataclass
+class Terms:
+    """Bytes of one scenario's parts."""
+
+    weights: int
+    weight_copies: int  # autocast's half-precision copies of float32 matrices
+    gradients: int
+    optimizer: int
+    activations: int  # kept for the backward (per micro-batch)
+    loss_buffers: int  # the chunked loss's hidden states, their gradient, the head's gradient
+    peak: int
+
+
+@dataclass
+class MemoryPlan:
+    """The memory plan of one model at one batch shape: full fine-tuning and LoRA, each with and
+    without gradient checkpointing (`scenarios`), in bytes."""
+
+    model: str
+    shape: ModelShape
+    batch_size: int
+    block_size: int
+    precision: str
+    lora_r: int
+    lora_targets: list[str]
+    trainable_full: int
+    trainable_lora: int
+    scenarios: dict[str, Terms]  # "full", "full+ckpt", "lora", "lora+ckpt"
+    available: int | None = None  # bytes on the device at hand
+    device: str = "cpu"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def meta_model(model_config: Any) -> torch.nn.Module:
+    """The model of `model_config` on the meta device: shapes only, no memory, no weights read."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model_config)
+
+
+def model_shape(model: torch.nn.Module) -> ModelShape:
+    """The ModelShape of a model (on meta or real)."""
+    cfg = model.config
+    params = sum(p.numel() for p in model.parameters())
+    head = model.get_output_embeddings()
+    embed = model.get_input_embeddings()
+    head_weight = head.weight if head is not None else embed.weight
+    linears = layer_linears(model)
+    layers = _first(cfg, "num_hidden_layers", "n_layer", "num_layers")
+    hidden = _first(cfg, "hidden_size", "n_embd", "d_model")
+    heads = _first(cfg, "num_attention_heads", "n_head")
+    gated = cfg.model_type in GATED_MODEL_TYPES
+    drops = [getattr(cfg, k, 0.0) or 0.0 for k in ("resid_pdrop", "attn_pdrop", "dropout")]
+    drops += [getattr(cfg, k, 0.0) or 0.0 for k in ("attention_dropout", "hidden_dropout")]
+    return ModelShape(
+        model_type=cfg.model_type,
+        params=params,
+        matrix_params=sum(i * o for i, o in linears.values()) * layers,
+        layers=layers,
+        hidden=hidden,
+        intermediate=_first(cfg, "intermediate_size", "n_inner", "ffn_dim") or 4 * hidden,
+        heads=heads,
+        kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+        vocab=int(embed.weight.shape[0]),
+        head_params=head_weight.numel(),
+        tied_head=head_weight is embed.weight,
+        dropout=any(float(d) > 0 for d in drops if isinstance(d, (int, float))),
+        gated=gated,
+        linears=linears,
+    )
+
+
+def _first(cfg: Any, *names: str) -> int:
+    for name in names:
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 0
+
+
+def layer_linears(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """The linear maps of the first transformer layer: short name -> (in, out) features.
+
+    The layers are the model's largest `ModuleList`; a linear map is an nn.Linear or
+    transformers' Conv1D (GPT-2), whose weight is stored (in, out)."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    if not lists:
+        return {}
+    layer = max(lists, key=len)[0]
+    found: dict[str, tuple[int, int]] = {}
+    for name, module in layer.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            found[name] = (module.in_features, module.out_features)
+        elif type(module).__name__ == "Conv1D":
+            rows, cols = module.weight.shape
+            found[name] = (int(rows), int(cols))
+    return found
+
+
+@dataclass
+class BatchShape:
+    """One micro-batch and the numbers that set its bytes per element."""
+
+    batch: int
+    block: int
+    compute: int  # bytes of the compute dtype (2 under bf16/fp16, 4 in fp32)
+    weight: int  # bytes of the weights' dtype
+    autocast: bool  # a half-precision autocast region (norms run in float32 under it)
+    eager_scores: bool  # attention keeps its probabilities (CPU eager attention with dropout)
+    fp16: bool = False  # float16 compute: the loss keeps d nll/d logits in float32
+    cuda: bool = False  # on a GPU: the loss's chunks are larger and fused (model/loss.py)
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.block
+
+
+def layer_activations(s: ModelShape, b: BatchShape, lora_dropout_inputs: int = 0) -> int:
+    """Bytes one transformer layer keeps for the backward (see the module docstring).
+
+    Counted per layer (n tokens, h hidden, f MLP width, c compute bytes): two norms (LayerNorm:
+    its input, float32 under autocast; RMSNorm: two float32 n x h tensors); the inputs of the
+    in-projections (one shared input per block in fp32; under autocast each linear casts its own:
+    q, k, v and gate, up separately); attention's query, key, value and output (c n h each);
+    the MLP (GELU: its input and output, 2 c n f; gated: gate, up, act(gate), their product,
+    4 c n f); with dropout the masks (1 byte per element) and, for the eager attention, the
+    softmax and the dropped probabilities (2c + 1 bytes per score, b a T^2 scores)."""
+    n, h, f, c = b.tokens, s.hidden, s.intermediate, b.compute
+    residual = 4 if b.autocast else b.weight
+    norms = 2 * (8 * n * h if s.gated else residual * n * h)
+    separate = b.autocast and b.weight != c  # each linear casts its own input
+    attn_in = sum(1 for k in s.linears if k.split(".")[-1] in ("q_proj", "k_proj", "v_proj"))
+    attn_in = attn_in if separate and attn_in else 1
+    mlp_in = 2 if (s.gated and separate) else 1
+    inputs = (attn_in + mlp_in) * c * n * h
+    attention = 4 * c * n * h + 4 * b.batch * s.heads * b.block  # q, k, v, output; log-sum-exp
+    mlp = (4 if s.gated else 2) * c * n * f
+    masks = 0
+    if s.dropout:
+        masks = 2 * n * h  # residual dropouts
+        if b.eager_scores:
+            masks += (2 * c + 1) * b.batch * s.heads * b.block**2
+    return norms + inputs + attention + mlp + masks + lora_dropout_inputs
+
+
+def loss_terms(
+    s: ModelShape, b: BatchShape, head_trainable: bool, chunk: int, cuda: bool = False
+) -> tuple[int, int]:
+    """(kept, transient) bytes of model/loss.py's chunked loss: kept are the final hidden
+    states, their gradient and the head's weight gradient (compute dtype), from the forward to
+    the backward; transient, during the loss's forward only, are the head's weight cast to the
+    compute dtype, d nll/d logits of a group of up to 2,048 positions, and one chunk's logits and
+    float32 softmax."""
+    n, h, v, c = b.tokens, s.hidden, s.vocab, b.compute
+    residual = 4 if b.autocast else b.weight
+    grad_bytes = 4 if b.fp16 else c
+    kept = 2 * residual * n * h + (v * h * c if head_trainable else 0)
+    cast = v * h * c if b.weight != c else 0
+    if cuda:  # one compiled kernel per chunk: the chunk's logits, its float32 work, its gradient
+        return kept, cast + min(n, chunk) * v * (2 * c + 8)
+    group = min(n, max(chunk, 2048)) * v * grad_bytes
+    # a chunk's logits (c), their float32 softmax (4; under autocast also the float32 copy of
+    # the logits it is computed from, 4), and the previous chunk's softmax, still referenced
+    # while the next one is computed (4)
+    chunk_bytes = c + 4 + (4 if c != 4 else 0) + (4 if n > chunk else 0)
+    return kept, cast + group + min(n, chunk) * v * chunk_bytes
+
+
+def scenario(
+    s: ModelShape, b: BatchShape, trainable: int, lora: bool, checkpointing: bool, chunk: int
+) -> Terms:
+    """The Terms of one way to train: full fine-tuning (trainable = all parameters, in the weight
+    dtype) or LoRA (trainable = the adapters, float32; the base frozen), with or without
+    gradient checkpointing. The peak is the largest of the moments in the module docstring."""
+    weights = s.params * b.weight + (trainable * 4 if lora else 0)
+    grad_bytes = 4 if lora else b.weight
+    gradients = trainable * grad_bytes
+    optimizer = 2 * trainable * grad_bytes  # AdamW's moments, in the parameter's dtype
+    copies = 2 * s.matrix_params if (b.autocast and b.weight == 4) else 0
+    layer_copies = copies // max(s.layers, 1)
+    layer = layer_activations(s, b, lora_dropout_inputs=0)
+    residual = 4 if b.autocast else b.weight
+    outside = (s.hidden * b.tokens if s.dropout else 0) + (
+        8 if s.gated else residual
+    ) * b.tokens * s.hidden  # the embedding's dropout mask, the final norm
+    kept_layers = s.layers * (residual * b.tokens * s.hidden if checkpointing else layer)
+    activations = kept_layers + outside
+    kept, transient = loss_terms(s, b, not lora, chunk, cuda=b.cuda)
+    head_grad = 0 if lora else s.head_params * b.weight
+    base = weights + optimizer
+    forward_end = base + copies + activations + kept + transient
+    backward_start = base + (0 if checkpointing else copies) + activations + kept + head_grad
+    recompute = layer + layer_copies if checkpointing else 0
+    backward_end = base + gradients + recompute + outside
+    peak = max(forward_end, backward_start, backward_end, base + gradients)
+    return Terms(weights, copies, gradients, optimizer, activations, kept, peak)
+
+
+def lora_params(s: ModelShape, r: int, targets: list[str]) -> int:
+    """Adapter parameters: r x (in + out) for every targeted linear map of every layer."""
+    chosen = [k for k in s.linears if k.split(".")[-1] in targets]
+    return s.layers * sum(r * (s.linears[k][0] + s.linears[k][1]) for k in chosen)
+
+
+def default_lora_targets(s: ModelShape) -> list[str]:
+    """Every linear map of a layer's attention and MLP blocks, by short name."""
+    return sorted({k.split(".")[-1] for k in s.linears})
+
+
+def plan_memory(
+    model_config: Any,
+    *,
+    model: str,
+    batch_size: int,
+    block_size: int,
+    precision: str,
+    device: str = "cpu",
+    load_dtype: str = "auto",
+    lora_r: int = 8,
+    lora_targets: list[str] | None = None,
+) -> MemoryPlan:
+    """The MemoryPlan of `model_config` (a transformers config) at this batch shape, from the
+    config alone (the model is built on the meta device)."""
+    shape = model_shape(meta_model(model_config))
+    targets = lora_targets or default_lora_targets(shape)
+    unknown = sorted(set(targets) - {k.split(".")[-1] for k in shape.linears})
+    if unknown:
+        raise UserError(
+            f"--lora-targets {', '.join(unknown)}: no such linear layer in {model}; it has "
+            + ", ".join(default_lora_targets(shape))
+        )
+    chunk = LOSS_CHUNK_TOKENS
+    if device == "cuda":
+        chunk = max(LOSS_CHUNK_TOKENS, CUDA_CHUNK_LOGITS // max(shape.vocab, 1) // 256 * 256)
+    scenarios: dict[str, Terms] = {}
+    trainable_lora = lora_params(shape, lora_r, targets)
+    for lora in (False, True):
+        dtype = load_dtype_for(load_dtype if lora else _full_load(load_dtype), precision, lora)
+        batch = BatchShape(
+            batch=batch_size,
+            block=block_size,
+            compute=2 if precision in ("bf16", "fp16") else 4,
+            weight=torch.finfo(dtype).bits // 8,
+            autocast=precision in ("bf16", "fp16"),
+            eager_scores=device == "cpu" and shape.kv_heads == shape.heads,
+            fp16=precision == "fp16",
+            cuda=device == "cuda",
+        )
+        trainable = trainable_lora if lora else shape.params
+        for ckpt in (False, True):
+            name = ("lora" if lora else "full") + ("+ckpt" if ckpt else "")
+            scenarios[name] = scenario(shape, batch, trainable, lora, ckpt, chunk)
+    return MemoryPlan(
+        model=model, shape=shape, batch_size=batch_size, block_size=block_size,
+        precision=precision, lora_r=lora_r, lora_targets=targets,
+        trainable_full=shape.params, trainable_lora=trainable_lora, scenarios=scenarios,
+        available=available_bytes(device), device=device,
+    )  # fmt: skip
+
+
+def _full_load(load_dtype: str) -> str:
+    """Full fine-tuning's load dtype in a plan: float16 (LoRA only) is planned as float32."""
+    return "float32" if load_dtype == "float16" else load_dtype
+
+
+def available_bytes(device: str) -> int | None:
+    """Memory free on the device at hand: the GPU's free memory, else the machine's available
+    memory (MemAvailable), else its physical memory."""
+    if device == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info()[0])  # free on this GPU now
+    try:  # what Linux says can be had without swapping
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return None
+
+
+def model_config_of(spec: str, trust_remote_code: bool = False) -> Any:
+    """The transformers config of a model spec (scratch:NAME, folder, hub id): config.json only,
+    no weights read."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from domainlm.model.loading import SCRATCH_PREFIX, hub_reachable, scratch_config
+
+    if spec.startswith(SCRATCH_PREFIX):
+        return scratch_config(spec[len(SCRATCH_PREFIX) :])
+    path = Path(spec).expanduser()
+    if spec.startswith((".", "/", "~")) and not path.is_dir():
+        raise UserError(f"model folder {spec} does not exist")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise UserError(f"{spec} is not a Hugging Face model folder (no config.json in it)")
+    source = str(path) if path.is_dir() else spec
+
+    def read(local_only: bool) -> Any:
+        return AutoConfig.from_pretrained(
+            source, trust_remote_code=trust_remote_code, local_files_only=local_only
+        )
+
+    try:
+        try:  # a folder, or a hub id in the local cache: no network
+            return read(local_only=True)
+        except (OSError, ValueError):
+            if path.is_dir() or not hub_reachable():
+                raise
+        return read(local_only=False)
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"could not read the config of {spec} (not a folder, not in the local cache, or the "
+            f"hub is unreachable): {(str(exc).splitlines() or [''])[0]}"
+        ) from exc
+
+
+# A plan fits when its peak is at most this share of the free memory: the rest is for what the
+# plan does not count (the runtime's own buffers, allocator fragmentation; docs/memory.md).
+HEADROOM = 0.9
+SCENARIO_FLAGS = {
+    "full": "",
+    "full+ckpt": "--gradient-checkpointing",
+    "lora": "--lora",
+    "lora+ckpt": "--lora --gradient-checkpointing",
+}
+
+
+def fitting_flags(plan: MemoryPlan, replan: Any) -> str:
+    """The first way to train that fits the device at hand (HEADROOM), as flags: the plan's scenarios in
+    order (full, +checkpointing, LoRA, LoRA + checkpointing), then smaller micro-batches with
+    gradient accumulation (same global batch); `replan(batch_size)` gives the plan at another
+    micro-batch size."""
+    if plan.available is None:
+        return "unknown (the device's memory could not be read)"
+    batch = plan.batch_size
+    current = plan
+    while True:
+        for name, flags in SCENARIO_FLAGS.items():
+            if current.scenarios[name].peak <= HEADROOM * plan.available:
+                extra = f"--batch-size {batch} --grad-accum {-(-plan.batch_size // batch)}"
+                return (flags + " " + extra if batch != plan.batch_size else flags) or "as it is"
+        if batch == 1:
+            return f"nothing at block size {plan.block_size}: try a smaller --block-size"
+        batch = max(1, batch // 2)
+        current = replan(batch)

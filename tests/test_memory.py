@@ -1,0 +1,186 @@
+"""Memory (issue 15 item 2): the plan's weights/gradients/optimizer figures against counts from
+the real model; gradient checkpointing changes no loss or gradient and keeps fewer activations;
+--load-dtype reaches the parameters; `inspect --model` prints the plan from a config alone;
+bad values are one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import uneven_corpus, write_lines
+
+from domainlm.cli import main
+from domainlm.config import TrainConfig
+from domainlm.errors import UserError
+from domainlm.model.loading import build_scratch_model, load_model, scratch_config
+from domainlm.model.loss import CausalLMLoss
+from domainlm.model.memory import (
+    enable_gradient_checkpointing,
+    load_dtype_for,
+    plan_memory,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _reference_lora_params(model: torch.nn.Module, r: int) -> int:
+    """r x (in + out) for every Conv1D/Linear inside the transformer blocks, counted by hand."""
+    total = 0
+    for name, module in model.named_modules():
+        if ".h." not in f".{name}" or not hasattr(module, "weight") or module.weight.dim() != 2:
+            continue
+        if type(module).__name__ in ("Conv1D", "Linear"):
+            total += r * sum(module.weight.shape)
+    return total
+
+
+def test_plan_counts_equal_the_real_models_parameters():
+    model = build_scratch_model("tiny")
+    params = sum(p.numel() for p in model.parameters())  # tied head counted once
+    plan = plan_memory(
+        scratch_config("tiny"), model="scratch:tiny", batch_size=2, block_size=64,
+        precision="fp32", lora_r=4,
+    )  # fmt: skip
+    full = plan.scenarios["full"]
+    assert plan.trainable_full == params
+    assert (full.weights, full.gradients, full.optimizer) == (4 * params, 4 * params, 8 * params)
+    assert full.weight_copies == 0  # no autocast in fp32
+    lora = _reference_lora_params(model, 4)
+    assert plan.trainable_lora == lora
+    lora_terms = plan.scenarios["lora"]
+    assert (lora_terms.gradients, lora_terms.optimizer) == (4 * lora, 8 * lora)
+    bf16 = plan_memory(
+        scratch_config("tiny"), model="scratch:tiny", batch_size=2, block_size=64,
+        precision="bf16", lora_r=4,
+    )  # fmt: skip
+    assert bf16.scenarios["lora"].weights == 2 * params + 4 * lora  # bf16 base, fp32 adapters
+    assert bf16.scenarios["full"].weights == 4 * params  # mixed precision: fp32 master weights
+    for name in ("full", "lora"):  # checkpointing keeps less
+        assert bf16.scenarios[name + "+ckpt"].activations < bf16.scenarios[name].activations
+        assert bf16.scenarios[name + "+ckpt"].peak < bf16.scenarios[name].peak
+
+
+def _loss_grads_and_saved_bytes(checkpointing: bool) -> tuple[float, dict, int]:
+    torch.manual_seed(0)
+    model = build_scratch_model("tiny", seed=3).train()  # dropout on: masks must be replayed
+    if checkpointing:
+        enable_gradient_checkpointing(model)
+    loss = CausalLMLoss(model)
+    ids = torch.randint(0, 50257, (4, 257), generator=torch.Generator().manual_seed(1))
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, torch.nn.Parameter):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    torch.manual_seed(7)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        nll = loss(ids[:, :-1], ids[:, 1:]).sum()
+    nll.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return float(nll.detach()), grads, sum(saved.values())
+
+
+def test_gradient_checkpointing_same_loss_and_grads_fewer_saved_activations():
+    loss_plain, grads_plain, saved_plain = _loss_grads_and_saved_bytes(False)
+    loss_ckpt, grads_ckpt, saved_ckpt = _loss_grads_and_saved_bytes(True)
+    assert loss_ckpt == pytest.approx(loss_plain, rel=1e-6)
+    for name, grad in grads_plain.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    # the tensors the autograd graph keeps outside recomputed layers: activation memory
+    assert saved_ckpt < 0.6 * saved_plain
+
+
+def test_load_dtype_for_rules():
+    assert load_dtype_for("auto", "bf16", lora=False) == torch.float32
+    assert load_dtype_for("auto", "bf16", lora=True) == torch.bfloat16
+    assert load_dtype_for("auto", "fp16", lora=True) == torch.float16
+    assert load_dtype_for("auto", "fp32", lora=True) == torch.float32
+    assert load_dtype_for("bfloat16", "bf16", lora=False) == torch.bfloat16  # pure bf16: allowed
+    for args in (
+        ("bfloat16", "fp32", False),
+        ("float16", "fp16", False),
+        ("float64", "bf16", True),
+    ):
+        with pytest.raises(UserError):
+            load_dtype_for(*args)
+
+
+def test_load_dtype_reaches_the_parameters(tmp_path, tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir), dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+    assert {
+        p.dtype for p in load_model("scratch:tiny", dtype=torch.bfloat16).model.parameters()
+    } == {torch.bfloat16}
+    train = write_lines(tmp_path / "train.txt", uneven_corpus(30, seed=2))
+    from domainlm.run.train import train as run_train
+
+    out = tmp_path / "out"
+    run_train(
+        TrainConfig(
+            model=str(tiny_model_dir), train_file=str(train), output_dir=str(out), block_size=32,
+            batch_size=2, max_steps=2, precision="bf16", load_dtype="bfloat16", device="cpu",
+            gradient_checkpointing=True, quiet=True, save_steps=2,
+        )
+    )  # fmt: skip
+    from safetensors import safe_open
+
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(str(out / "model.safetensors"), "pt") as weights:
+        assert {weights.get_tensor(k).dtype for k in weights.keys()} == {torch.bfloat16}  # noqa: SIM118
+
+
+def test_inspect_model_prints_the_plan_from_a_config_alone(tmp_path):
+    folder = tmp_path / "config-only"
+    scratch_config("mini").save_pretrained(folder)  # config.json, no weights, no tokenizer
+    assert [p.name for p in folder.iterdir()] == ["config.json"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DOMAINLM_DEVICE": "cpu"}
+    cmd = [sys.executable, "-m", "domainlm", "inspect", "--model", str(folder), "--batch-size", "2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    params = sum(p.numel() for p in build_scratch_model("mini").parameters())
+    assert f"{params / 1e6:,.1f}M parameters" in out.stdout
+    for label in ("full fine-tuning", "full + --gradient-checkpointing", "LoRA r=8"):
+        assert label in out.stdout
+    assert "fits with:" in out.stdout
+    row = next(line for line in out.stdout.splitlines() if "full fine-tuning" in line).split()
+    assert float(row[2]) == pytest.approx(params * 4 / 1024**3, abs=0.006)  # weights, GiB
+
+
+def test_inspect_model_json_plan(tmp_path, capsys):
+    folder = tmp_path / "config-only"
+    scratch_config("mini").save_pretrained(folder)
+    assert main(["inspect", "--model", str(folder), "--json", "--precision", "fp32"]) == 0
+    plan = json.loads(capsys.readouterr().out)["memory_plan"]
+    params = sum(p.numel() for p in build_scratch_model("mini").parameters())
+    full = plan["scenarios"]["full"]
+    assert (full["weights"], full["gradients"], full["optimizer"]) == (
+        4 * params, 4 * params, 8 * params
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["inspect", "--model", "scratch:tiny", "--lora-targets", "nope"],
+        ["inspect", "--model", "scratch:tiny", "--load-dtype", "bfloat16", "--precision", "fp32"],
+        ["inspect", "--model", "scratch:tiny", "--block-size", "99999"],
+        ["inspect", "--model", "/no/such/folder"],
+    ],
+)
+def test_bad_values_are_one_line_errors(argv, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("domainlm: error:") and "\n" not in err
+
+
+def test_bad_train_values_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="load-dtype"):
+        TrainConfig(model="m", train_file="t", output_dir="o", load_dtype="float64")
