@@ -75,8 +75,8 @@ def add_dataclass_arguments(
         help_text = f.metadata.get("help", "")
         kind, is_list = _base_type(hints[f.name])
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
-        if kind is bool:
-            kwargs["action"] = "store_true"
+        if kind is bool:  # a flag that is on by default is turned off with --no-FLAG
+            kwargs["action"] = argparse.BooleanOptionalAction if f.default else "store_true"
         else:
             kwargs["type"] = kind
             if "choices" in f.metadata:

@@ -155,7 +155,16 @@ class TrainConfig:
     max_bad_steps: int = opt(
         3, "Stop after this many consecutive steps with a NaN/Inf loss or gradient."
     )
-    strict: bool = opt(False, "Treat data lint warnings as errors.")
+    strict: bool = opt(
+        False,
+        "Treat data lint warnings, and too little free disk for the checkpoints, as errors.",
+    )
+    preempt_grace: float = opt(
+        60.0,
+        "Seconds between SIGTERM and SIGKILL (the scheduler's grace period): on SIGTERM a "
+        "checkpoint is written if it fits in them, else the last one is kept and preempted.json "
+        "notes the step reached.",
+    )
     sample_prompts: list[str] | None = opt(
         None, "Prompts to sample from at every --sample-every steps (written to samples.jsonl)."
     )
@@ -168,13 +177,28 @@ class TrainConfig:
         "Default: tensorboard when it is installed, else none.",
         choices=REPORT_TO,
     )
+    lora: bool = opt(False, "Train LoRA adapters (peft) on a frozen base instead of every weight.")
+    lora_r: int = opt(8, "LoRA rank.")
+    lora_alpha: float = opt(16.0, "LoRA alpha (the adapters' output is scaled by alpha / r).")
+    lora_dropout: float = opt(0.05, "Dropout on the LoRA adapters' input.")
+    lora_targets: list[str] | None = opt(
+        None,
+        "Layers to adapt, by name (q_proj v_proj). Default: every linear layer of the "
+        "attention and MLP blocks (not the LM head or the embeddings).",
+    )
+    lora_quantization: str | None = opt(
+        None, "4bit: QLoRA (needs bitsandbytes on CUDA; not supported yet, refused)."
+    )
+    merge: bool = opt(
+        True, "With --lora: also write merged/, base + adapter as a plain model (--no-merge: not)."
+    )
 
     def __post_init__(self) -> None:
         for name in ("model", "train_file", "output_dir"):
             if not getattr(self, name):
                 raise UserError(f"--{name.replace('_', '-')} is required")
         positive = ["batch_size", "grad_accum", "save_steps", "logging_steps", "max_bad_steps"]
-        positive.append("dist_timeout")
+        positive += ["dist_timeout", "preempt_grace"]
         optional_positive = [
             "block_size",
             "eval_batch_size",
@@ -223,6 +247,7 @@ class TrainConfig:
             raise UserError(f"--eval-stride must be at most block size - 1 = {self.block_size - 1}")
         if self.sample_every is not None and not self.sample_prompts:
             raise UserError("--sample-every needs --sample-prompts")
+        check_lora_fields(self)
         if self.eval_steps is None:
             self.eval_steps = self.save_steps
 
@@ -234,6 +259,25 @@ def check_device(device: str | None) -> None:
     """--device is one of DEVICES, or None ($DOMAINLM_DEVICE or auto, checked when used)."""
     if device is not None and device not in DEVICES:
         raise UserError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+
+
+LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_quantization")
+
+
+def check_lora_fields(config: TrainConfig) -> None:
+    """LoRA's numbers in range; LoRA's flags only with --lora."""
+    if not config.lora:
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        changed = [n for n in LORA_FIELDS if getattr(config, n) != defaults[n]]
+        if changed:
+            raise UserError(f"--{changed[0].replace('_', '-')} needs --lora")
+        return
+    _require_positive("lora_r", config.lora_r)
+    _require_positive("lora_alpha", config.lora_alpha)
+    if not 0 <= config.lora_dropout < 1:
+        raise UserError(f"--lora-dropout must be at least 0 and below 1, got {config.lora_dropout}")
+    if config.strategy == "fsdp":
+        raise UserError("--lora with --strategy fsdp is not supported; use ddp (the default)")
 
 
 def _field_meta(name: str) -> dict[str, Any]:

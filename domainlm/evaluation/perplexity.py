@@ -44,7 +44,8 @@ from domainlm.evaluation.windows import (
 )
 from domainlm.model.device import pick_device, resolve_precision
 from domainlm.model.distributed import DistContext, setup_distributed, teardown_distributed
-from domainlm.model.loading import LoadedModel, load_model
+from domainlm.model.loading import LoadedModel
+from domainlm.model.lora import load_any_model
 from domainlm.model.loss import CausalLMLoss
 
 CONVENTIONS = ("eos", "plain")
@@ -270,7 +271,7 @@ def score_model(
     precision: str,
 ) -> PerplexityReport:
     """Load one model, check the window against its context, and score the stream (and lines)."""
-    loaded = load_model(
+    loaded = load_any_model(
         spec, eos_token=config.eos_token, trust_remote_code=config.trust_remote_code
     )
     block_size = loaded.block_size(config.block_size)

@@ -88,6 +88,14 @@ class CheckpointCopy:
     keep: int | None = None  # --save-total-limit, applied once the checkpoint is published
 
     def write(self) -> None:
+        """As the synchronous save: a full disk is OutOfSpace (exit 4), the partial removed."""
+        from domainlm.run.diskspace import checkpoint_write, estimate_checkpoint
+
+        size = lambda: estimate_checkpoint(self.model, self.tokenizer).total  # noqa: E731
+        with checkpoint_write(self.output_dir, self.step, size):
+            self.save_and_rotate()
+
+    def save_and_rotate(self) -> None:
         save_checkpoint(
             self.output_dir,
             self.step,

@@ -22,7 +22,7 @@ import torch
 
 from domainlm.evaluation.windows import NLLSum, stream_nll
 from domainlm.model.distributed import all_reduce_sum
-from domainlm.run import guard
+from domainlm.run import guard, preempt
 from domainlm.run.checkpoint import (
     CHECKPOINT_PREFIX,
     CheckpointInfo,
@@ -30,6 +30,7 @@ from domainlm.run.checkpoint import (
     rotate_checkpoints,
     save_checkpoint,
 )
+from domainlm.run.diskspace import checkpoint_write, estimate_checkpoint
 from domainlm.run.state import Run
 from domainlm.run.step import StepOutcome
 
@@ -183,6 +184,7 @@ class Checkpoints:
         self.run, self.progress, self.evaluation = run, progress, evaluation
         self.writer = writer  # async_save.BackgroundWriter, or None: synchronous saves
         self.last_saved: Path | None = run.data.resume_from
+        self.last_seconds = 0.0  # how long the last save took (preempt.py's budget uses it)
 
     def after_step(self, step: StepOutcome) -> None:
         if self.writer is not None:
@@ -192,7 +194,9 @@ class Checkpoints:
             self.last_saved = self.run.output_dir / f"checkpoint-{step.done}"
 
     def save(self, done: int, perplexity: float | None) -> None:
+        start = time.perf_counter()  # with --async-save: the stall, not the background write
         save_training_checkpoint(self.run, done, perplexity, self.progress.window(), self.writer)
+        self.last_seconds = time.perf_counter() - start
 
     def save_unless_saved(self, done: int) -> None:
         """Save step `done` unless this step's checkpoint was just written (a stop's save)."""
@@ -241,14 +245,16 @@ def save_training_checkpoint(
         # Owned before it exists: --overwrite-output-dir removes it even if this save is cut short.
         record_written(output_dir, f"{CHECKPOINT_PREFIX}{step}")
         state["optimizer"] = optim_state
-        if writer is not None:
+        tokenizer = run.data.loaded.tokenizer
+        if writer is not None:  # the thread guards its write as below (async_save.py)
             save_in_background(writer, run, step, state, eval_perplexity, model_state)
         else:
-            tokenizer = run.data.loaded.tokenizer
-            save_checkpoint(
-                output_dir, step, net.model, tokenizer, state, eval_perplexity, model_state
-            )
-            rotate_checkpoints(output_dir, run.config.save_total_limit)
+            size = lambda: estimate_checkpoint(net.model, tokenizer).total  # noqa: E731
+            with checkpoint_write(output_dir, step, size):  # a full disk: exit 4, partial gone
+                save_checkpoint(
+                    output_dir, step, net.model, tokenizer, state, eval_perplexity, model_state
+                )
+                rotate_checkpoints(output_dir, run.config.save_total_limit)
     barrier(ctx)
     return None
 
@@ -266,15 +272,24 @@ class Sampling:
 
 class StopGuard:
     """The first SIGINT/SIGTERM asks the run to stop: after the step (all ranks agree), the step
-    is saved unless it just was, and the run ends with TrainingAborted (exit 130/143)."""
+    is saved unless it just was, and the run ends with TrainingAborted (exit 130/143). After a
+    SIGTERM a save that would not fit in --preempt-grace is not started (preempt.py)."""
 
     def __init__(self, run: Run, cleanup: ExitStack, checkpoints: Checkpoints, progress: Progress):
         self.run, self.checkpoints, self.progress = run, checkpoints, progress
         self.signals = cleanup.enter_context(guard.StopSignals(run.console.info))
+        self.plan = preempt.PreemptPlan.measure(run)  # says at start if a save will not fit
 
     def after_step(self, step: StepOutcome) -> None:
-        if step.final or not guard.stop_agreed(self.signals, self.run.ctx, self.run.device):
+        run = self.run
+        if step.final or not guard.stop_agreed(self.signals, run.ctx, run.device):
             return
+        saved = self.checkpoints.last_saved == run.output_dir / f"{CHECKPOINT_PREFIX}{step.done}"
+        plan = self.plan.after_a_save(self.checkpoints.last_seconds)
+        if not saved and not preempt.full_save_agreed(plan, self.signals, run.ctx, run.device):
+            self.progress.close()
+            last = self.checkpoints.last_saved
+            raise preempt.fallback_stop(run, plan, self.signals, step.done, last)
         self.checkpoints.save_unless_saved(step.done)
         self.checkpoints.wait()  # a background save is published before the run exits
         self.progress.close()

@@ -55,6 +55,7 @@ class StopSignals:
 
     def __init__(self, announce: Callable[[str], None] | None = None) -> None:
         self.signum: int | None = None
+        self.received_at: float | None = None  # time.monotonic() of the first signal
         self._announce = announce
         self._previous: dict[int, Any] = {}
 
@@ -65,7 +66,7 @@ class StopSignals:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is not None:  # the second signal: stop now, whatever we are doing
             raise KeyboardInterrupt
-        self.signum = signum
+        self.signum, self.received_at = signum, time.monotonic()
         if self._announce is not None:
             name = signal.Signals(signum).name
             self._announce(

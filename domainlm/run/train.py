@@ -36,6 +36,15 @@ from domainlm.model.loading import (
     special_token_texts,
     tokenizer_fingerprint,
 )
+from domainlm.model.lora import (
+    LoraSettings,
+    attach_lora,
+    base_record,
+    lora_identity,
+    save_adapter,
+    save_merged,
+    trainable_count,
+)
 from domainlm.model.loss import CausalLMLoss
 from domainlm.model.malloc import reuse_freed_host_memory
 from domainlm.model.memory import enable_gradient_checkpointing, load_dtype_for, pure_half_warning
@@ -55,6 +64,13 @@ from domainlm.run.checkpoint import (
     remove_owned_files,
     write_json_atomic,
 )
+from domainlm.run.diskspace import (
+    check_run_disk_space,
+    estimate_checkpoint,
+    model_folder_write,
+    run_out_of_space,
+    says_out_of_space,
+)
 from domainlm.run.lock import LOCK_FILE, RunLock
 from domainlm.run.metrics import Console, MetricsLog
 from domainlm.run.report import data_summary, write_run_report
@@ -65,7 +81,7 @@ from domainlm.run.trackers import Trackers, resolve_report_to, tracker_outputs
 from domainlm.text.generate import SAMPLES_FILE, TrainingSampler
 
 # What makes a checkpoint resumable by a run: the same model, tokenizer and block layout.
-RESUME_KEYS = ("model", "tokenizer", "block_size", "packing")
+RESUME_KEYS = ("model", "tokenizer", "block_size", "packing", "lora")
 
 
 @dataclass
@@ -96,6 +112,10 @@ def train(config: TrainConfig) -> TrainResult:
         run = set_up(config, ctx, cleanup)
         cleanup.callback(run.loggers.close, failed=True)  # a no-op after finish closed them
         return fit(run, cleanup)
+    except OSError as exc:  # a write outside a checkpoint or the model folder (metrics.jsonl)
+        if not says_out_of_space(exc):
+            raise
+        raise run_out_of_space(exc, Path(config.output_dir)) from exc
     except (RuntimeError, torch.distributed.DistError) as exc:
         lost = rank_lost(exc, ctx)  # another rank died or timed out: one clear line, not a trace
         if lost is None:
@@ -179,6 +199,7 @@ def check_inputs(
         "tokenizer": tokenizer_fingerprint(loaded.tokenizer, loaded.eos_id, loaded.document_prefix),
         "block_size": block_size,
         "packing": config.packing,
+        "lora": lora_identity(config, loaded.model),  # None for full fine-tuning
     }
     # Data errors (empty, binary, invalid UTF-8) come before anything in output_dir is touched.
     train_stream, valid_stream = load_streams(config, loaded, identity["tokenizer"], console)
@@ -207,7 +228,15 @@ def build_model(
     from domainlm.model.distributed import wrap_model
 
     loaded = data.loaded
-    if data.resume_from is not None and not is_sharded_checkpoint(data.resume_from):
+    if config.lora:  # the base frozen in the run's precision, adapters on top (model/lora.py)
+        loaded.model = attach_lora(
+            loaded.model,  # loaded in the run's precision (--load-dtype auto, model/memory.py)
+            LoraSettings.from_config(config),  # type: ignore[arg-type]
+            seed=config.seed,
+            base_name=base_record(config.model),
+            resume_from=data.resume_from,
+        )
+    elif data.resume_from is not None and not is_sharded_checkpoint(data.resume_from):
         resumed = load_model(
             str(data.resume_from),
             eos_token=config.eos_token,
@@ -223,7 +252,7 @@ def build_model(
     use_fast_kernels(model)  # same function, fused kernels (domainlm/model/fastpath.py)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)  # model/memory.py
-    loss_module = CausalLMLoss(model)
+    loss_module = CausalLMLoss(model.get_base_model() if config.lora else model)
     if config.compile:
         compile_model(loss_module)
     train_module = wrap_model(loss_module, ctx, device, config.strategy)
@@ -261,6 +290,9 @@ def start_state(
         start_step = int(state["step"])
         resumed_window = state.get("loss_window") or {}
         console.info(f"resuming from {data.resume_from} at step {start_step}")
+    check_run_disk_space(  # a warning, or with --strict an error before anything is written
+        config, ctx, device, console.warn, net.model, data.loaded.tokenizer, start_step, total_steps
+    )
     output_dir = Path(config.output_dir)
     trackers = resolve_report_to(config.report_to)  # run/trackers.py: TensorBoard, MLflow, W&B
     if ctx.is_main:
@@ -292,6 +324,7 @@ def announce(run: Run, global_batch: int, steps_per_epoch: int) -> None:
         f"model {config.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) "
         f"on {run.device.type} x{run.ctx.world_size}, precision {run.precision}"
         + (", parameters sharded by FSDP" if is_sharded(model) else "")
+        + (f", LoRA: {trainable_count(model) / 1e6:.2f}M trainable" if config.lora else "")
     )
     run.console.info(
         f"train: {run.data.train_stream.num_documents} documents, {dataset.num_predicted:,} "
@@ -348,8 +381,18 @@ def save_model_folder(
     model, output_dir = run.net.model, run.output_dir
     guard.refuse_nonfinite_weights(model, last_saved)  # never save NaN weights as final
     before = set(p.name for p in output_dir.iterdir())
-    model.save_pretrained(output_dir, state_dict=final_state)
-    run.data.loaded.tokenizer.save_pretrained(output_dir)
+    tokenizer, config = run.data.loaded.tokenizer, run.config
+    size = lambda: estimate_checkpoint(model, tokenizer).model_folder  # noqa: E731
+    with model_folder_write(output_dir, size):  # a full disk: one line, exit 4 (diskspace.py)
+        if config.lora:
+            save_adapter(model, output_dir)  # the run folder is the adapter; merged/ the model
+        else:
+            model.save_pretrained(output_dir, state_dict=final_state)
+        tokenizer.save_pretrained(output_dir)
+        if config.lora and config.merge:
+            trust = config.trust_remote_code
+            save_merged(output_dir, tokenizer, seed=config.seed, eos_token=config.eos_token,
+                        trust_remote_code=trust)  # fmt: skip
     if final.tokens:
         save_eval_results(output_dir, final, initial, run.metrics, runtime, tokens_seen)
     run.loggers.close()
@@ -490,6 +533,8 @@ def check_same_run(folder: Path, identity: dict[str, Any], what: str) -> None:
     run = read_run_file(folder) or {}
     saved = run.get("identity", {})
     for key in RESUME_KEYS:
+        if key == "lora" and key not in saved and "model" in saved:
+            saved = {**saved, "lora": None}  # a run from before LoRA trained every weight
         if key in saved and saved[key] != identity[key]:
             raise UserError(
                 f"{what} belongs to a run with another {key} ({saved[key]} vs {identity[key]}); "

@@ -225,10 +225,10 @@ def decode_continuation(tokenizer: Any, prompt_ids: list[int], new_ids: list[int
 def generate(config: GenerateConfig, out: TextIO | None = None) -> list[Sample]:
     """Load the model, generate, optionally check memorization; print to `out` when given."""
     from domainlm.model.device import pick_device, resolve_precision
-    from domainlm.model.loading import load_model
+    from domainlm.model.lora import load_any_model
 
     prompts = read_prompts(config)
-    loaded = load_model(
+    loaded = load_any_model(
         config.model, eos_token=config.eos_token, trust_remote_code=config.trust_remote_code
     )
     checker = MemorizationChecker.open(config, loaded) if config.check_memorization else None

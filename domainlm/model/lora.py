@@ -1,0 +1,331 @@
+"""LoRA adapters with peft: which layers get them, attaching them, saving, merging, loading.
+
+A LoRA run trains low-rank adapters on the linear layers of the attention and MLP blocks while
+the base weights stay frozen (in bf16 when the run computes in bf16). The layers are found by
+walking the model: every `nn.Linear` (and GPT-2's `Conv1D`) inside the repeated transformer
+blocks (`distributed.transformer_blocks`), never the LM head or the embeddings. The run folder
+holds the adapter in peft's format (`PeftModel.from_pretrained(base, folder)` loads it) and, with
+--merge, `merged/`: base + adapter folded into plain weights, a folder transformers loads alone.
+
+An adapter folder given as a model (`domainlm perplexity --model run`) is recognised by its
+`adapter_config.json`: the base it names is loaded, then the adapter on top (`load_any_model`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from domainlm.errors import UserError
+from domainlm.model.distributed import transformer_blocks
+from domainlm.model.loading import SCRATCH_PREFIX, LoadedModel, load_model
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MERGED_DIR = "merged"  # inside the run folder: the merged model (--merge)
+RUN_FILE = "run_config.json"  # the run's settings (run/checkpoint.py): a scratch base's seed
+# --lora-quantization values. QLoRA's 4-bit base needs bitsandbytes on a CUDA GPU; it would load
+# the base quantized in `quantized_base` and is refused until then.
+QUANTIZATIONS = ("4bit",)
+INSTALL_HINT = "pip install 'domainlm[lora]'"
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """--lora-r, --lora-alpha, --lora-dropout and the target layers' names (None: the default)."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: tuple[str, ...] | None = None
+    quantization: str | None = None
+
+    @classmethod
+    def from_config(cls, config: Any) -> LoraSettings | None:
+        """The settings of a TrainConfig (None without --lora)."""
+        if not config.lora:
+            return None
+        targets = tuple(config.lora_targets) if config.lora_targets else None
+        return cls(
+            config.lora_r, config.lora_alpha, config.lora_dropout, targets, config.lora_quantization
+        )
+
+    def identity(self, model: torch.nn.Module) -> dict[str, Any]:
+        """What a resumed run must share: rank, alpha, dropout and the layers adapted."""
+        return {
+            "r": self.r,
+            "alpha": self.alpha,
+            "dropout": self.dropout,
+            "targets": sorted(target_modules(model, self.targets)),
+        }
+
+
+def require_peft() -> Any:
+    """The peft package, or a one-line error naming the extra that installs it."""
+    try:
+        import peft
+    except ImportError as exc:
+        raise UserError(f"--lora needs the peft package: {INSTALL_HINT}") from exc
+    quiet_peft()
+    return peft
+
+
+def quiet_peft() -> None:
+    """No advisory warnings from peft about what domainlm does on purpose: the base named in
+    the adapter config (a scratch: preset or a folder, not a hub id it can look up), and
+    transformers' deprecation of an attribute peft reads."""
+    for message in (
+        "The PEFT config's `base_model_name_or_path` was renamed",
+        "Could not find a config file in",
+        "`is_gradient_checkpointing` is deprecated",
+    ):
+        warnings.filterwarnings("ignore", message=message)
+
+
+def check_quantization(quantization: str | None) -> None:
+    """QLoRA (a 4-bit base) is not supported: refused with one line, before anything is loaded."""
+    if quantization is None:
+        return
+    if quantization not in QUANTIZATIONS:
+        raise UserError(
+            f"--lora-quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}"
+        )
+    raise UserError(
+        f"--lora-quantization {quantization} (QLoRA) is not supported: a quantized base needs "
+        "bitsandbytes on a CUDA GPU; train --lora on a bf16 base instead (drop the flag)"
+    )
+
+
+# ----------------------------------------------------------------------------- target layers
+
+
+def adaptable(module: torch.nn.Module) -> bool:
+    """A layer LoRA can adapt: nn.Linear, or transformers' Conv1D (GPT-2's transposed linear)."""
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def block_linear_names(model: torch.nn.Module) -> list[str]:
+    """Full names of the adaptable layers inside the model's transformer blocks."""
+    blocks = {id(b) for b in transformer_blocks(model)}
+    if not blocks:
+        raise UserError(
+            "could not find the transformer blocks of this model; name the layers with "
+            "--lora-targets"
+        )
+    block_names = [n for n, m in model.named_modules() if id(m) in blocks]
+    return [
+        name
+        for name, module in model.named_modules()
+        if adaptable(module) and any(name.startswith(b + ".") for b in block_names)
+    ]
+
+
+def excluded_names(model: torch.nn.Module) -> set[str]:
+    """Names of the input embeddings and the output head (never adapted)."""
+    excluded = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        layer = getattr(model, getter, lambda: None)()
+        for name, module in model.named_modules():
+            if layer is not None and module is layer:
+                excluded.add(name)
+    return excluded
+
+
+def target_modules(model: torch.nn.Module, requested: tuple[str, ...] | None) -> list[str]:
+    """The layer names given to peft: leaf names (c_attn, q_proj, ...) that match only the
+    adaptable layers meant; the full names where a leaf name would also match another layer."""
+    adaptable_names = [n for n, m in model.named_modules() if adaptable(m)]
+    excluded = excluded_names(model)
+    if requested is None:
+        chosen = block_linear_names(model)
+    else:
+        chosen = []
+        for target in requested:
+            matches = [n for n in adaptable_names if n == target or n.endswith("." + target)]
+            if not matches:
+                leaves = sorted({n.rsplit(".", 1)[-1] for n in adaptable_names})
+                raise UserError(
+                    f"--lora-targets {target} matches no linear layer of the model; its linear "
+                    f"layers are named {', '.join(leaves)}"
+                )
+            if any(m in excluded for m in matches):
+                raise UserError(
+                    f"--lora-targets {target} names the LM head or the embeddings, which LoRA "
+                    "here leaves alone; name layers of the attention and MLP blocks"
+                )
+            chosen += matches
+    if not chosen:
+        raise UserError("the model's blocks have no linear layers for LoRA to adapt")
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in chosen})
+    other = [n for n in adaptable_names if n not in chosen and n.rsplit(".", 1)[-1] in leaves]
+    return sorted(set(chosen)) if other else leaves
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def attach_lora(
+    model: torch.nn.Module,
+    settings: LoraSettings,
+    *,
+    seed: int,
+    base_name: str,
+    resume_from: Path | None = None,
+) -> Any:
+    """The model with LoRA adapters (a peft PeftModel), base frozen, adapters in float32.
+
+    The adapters' initialisation is seeded; on resume their weights are the checkpoint's.
+    """
+    peft = require_peft()
+    check_quantization(settings.quantization)
+    targets = target_modules(model, settings.targets)
+    conv1d = any(
+        type(m).__name__ == "Conv1D"
+        for n, m in model.named_modules()
+        if n in targets or n.rsplit(".", 1)[-1] in targets
+    )
+    lora_config = peft.LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=targets,
+        fan_in_fan_out=conv1d,
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_name,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft_model = peft.get_peft_model(model, lora_config)
+    peft_model.peft_config["default"].base_model_name_or_path = base_name
+    if resume_from is not None:
+        load_adapter_weights(peft_model, resume_from)
+    return peft_model
+
+
+def load_adapter_weights(peft_model: Any, folder: Path) -> None:
+    """Put a saved adapter's weights into `peft_model`; every adapter tensor must be there."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(str(folder / ADAPTER_WEIGHTS))
+    result = set_peft_model_state_dict(peft_model, state)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise UserError(
+            f"{folder} does not hold this run's adapter (missing {missing[:2]}, unexpected "
+            f"{list(result.unexpected_keys)[:2]})"
+        )
+
+
+def trainable_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def base_record(spec: str) -> str:
+    """The base as the adapter config names it: a local folder's absolute path, else the spec."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if not spec.startswith(SCRATCH_PREFIX) and path.is_dir() else spec
+
+
+def save_adapter(peft_model: Any, folder: Path) -> None:
+    """adapter_config.json and adapter_model.safetensors into `folder` (peft's own model card
+    left out: the run folder's README.md is domainlm's)."""
+    staging = folder / ".adapter.tmp"
+    if staging.exists():
+        shutil.rmtree(staging)
+    peft_model.save_pretrained(str(staging))
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        (staging / name).replace(folder / name)
+    shutil.rmtree(staging)
+
+
+def save_merged(
+    folder: Path, tokenizer: Any, *, seed: int, eos_token: str | None, trust_remote_code: bool
+) -> Path:
+    """`folder/merged`: the adapter saved in `folder` merged into a fresh float32 copy of its
+    base, saved as a plain model folder with the tokenizer."""
+    target = folder / MERGED_DIR
+    loaded = load_adapter(
+        folder, seed=seed, eos_token=eos_token, trust_remote_code=trust_remote_code, peft=True
+    )
+    merged = loaded.model.merge_and_unload()
+    merged.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+# ----------------------------------------------------------------------------- adapter folders
+
+
+def is_adapter_folder(spec: str | Path) -> bool:
+    return (Path(spec).expanduser() / ADAPTER_CONFIG).is_file()
+
+
+def load_any_model(
+    spec: str, *, seed: int = 0, eos_token: str | None = None, trust_remote_code: bool = False
+) -> LoadedModel:
+    """`load_model`, or for an adapter folder its base with the adapter on top."""
+    if is_adapter_folder(spec):
+        return load_adapter(spec, eos_token=eos_token, trust_remote_code=trust_remote_code)
+    return load_model(spec, seed=seed, eos_token=eos_token, trust_remote_code=trust_remote_code)
+
+
+def load_adapter(
+    folder: str | Path,
+    *,
+    seed: int | None = None,
+    eos_token: str | None = None,
+    trust_remote_code: bool = False,
+    peft: bool = False,
+) -> LoadedModel:
+    """The base named in `folder`'s adapter_config.json (float32), with the adapter on top.
+
+    `model` is the transformers model with the adapter's layers in it (it computes and generates
+    as any model does); with `peft=True` the PeftModel around it. A scratch base is rebuilt with
+    the seed of the run that trained the adapter (its run_config.json, in the folder or above).
+    """
+    folder = Path(folder).expanduser()
+    peft_lib = require_peft()
+    try:
+        adapter_config = json.loads((folder / ADAPTER_CONFIG).read_text())
+        base = str(adapter_config["base_model_name_or_path"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{folder / ADAPTER_CONFIG} names no base model") from exc
+    if seed is None:
+        seed = scratch_seed(folder) if base.startswith(SCRATCH_PREFIX) else 0
+    loaded = load_model(base, seed=seed, eos_token=eos_token, trust_remote_code=trust_remote_code)
+    model = peft_lib.PeftModel.from_pretrained(loaded.model.float(), str(folder))
+    loaded.model = model if peft else model.get_base_model()
+    loaded.model.eval()
+    loaded.source = str(folder)
+    return loaded
+
+
+def scratch_seed(folder: Path) -> int:
+    """The seed of the run whose adapter is in `folder` (a scratch base is its seed's weights)."""
+    for candidate in (folder / RUN_FILE, folder.parent / RUN_FILE):
+        try:
+            return int(json.loads(candidate.read_text())["config"]["seed"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    raise UserError(
+        f"{folder} is an adapter of a random-init scratch base, and no run_config.json beside it "
+        "says the seed that built the base"
+    )
+
+
+def lora_identity(config: Any, model: torch.nn.Module) -> dict[str, Any] | None:
+    """The run identity's `lora` entry (None without --lora); checks peft, the quantization and
+    the target layers first, so that a bad setting stops the run before anything is written."""
+    settings = LoraSettings.from_config(config)
+    if settings is None:
+        return None
+    require_peft()
+    check_quantization(settings.quantization)
+    return settings.identity(model)
