@@ -111,14 +111,14 @@ def test_a_sharded_save_cut_short_is_never_resumed_and_rotation_waits_for_public
 
     def dies_at_4(output_dir: Path, step: int, *args: object, **kwargs: object) -> Path:
         if step == 4:
-            raise OSError(28, "No space left on device")
+            raise OSError(5, "Input/output error")
         return real(output_dir, step, *args, **kwargs)
 
     out = tmp_path / "out"
     args = train_args(corpus, out, "--checkpoint-format", "sharded", "--save-total-limit", "1")
     with monkeypatch.context() as patch:
         patch.setattr(sharded, "publish_checkpoint", dies_at_4)
-        with pytest.raises(OSError):
+        with pytest.raises(OSError, match="Input/output error"):
             cli_main(args)
     assert [c.step for c in ckpt.list_checkpoints(out)] == [2]
     assert (out / ".checkpoint-4.tmp" / "__0_0.distcp").is_file()  # written, never published
