@@ -2,8 +2,8 @@
 domainlm's loss, training with exact resume, `domainlm perplexity`, greedy `domainlm generate`
 and `--packing docs`, each against a slow reference that runs the transformers model directly.
 
-Training modes: `MODES` lists them and `mode_options(mode)` gives a mode's extra `domainlm train`
-flags, so a new mode (LoRA) is one more entry. A family's tiny model and its reference training
+Training modes: `MODES` lists them (full fine-tuning and LoRA) and `mode_options(mode)` gives a
+mode's extra `domainlm train` flags; `model_folder` is where a mode's plain model folder lies. A family's tiny model and its reference training
 run are built once per module. The run's plots are skipped (`no_plots`): they are not what is
 tested here, and they were a third of each run's time.
 """
@@ -36,14 +36,20 @@ from domainlm.run.metrics import read_events
 from domainlm.text.generate import GenerateConfig, generate
 
 FAMILY_NAMES = list(FAMILIES)
-MODES = ["full"]
+MODES = ["full", "lora"]
 STEPS, STOP_AFTER = 4, 2
 BLOCK = 32
 
 
 def mode_options(mode: str) -> list[str]:
     """The extra `domainlm train` flags of a training mode."""
-    return {"full": []}[mode]
+    return {"full": [], "lora": ["--lora"]}[mode]
+
+
+def model_folder(out: Path, mode: str) -> Path:
+    """The plain model folder a run writes: the output folder, or for LoRA the adapter merged
+    into its base (`merged/`; the output folder itself is the adapter)."""
+    return out / "merged" if mode == "lora" else out
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -232,10 +238,11 @@ def test_stopped_and_resumed_run_is_bit_identical(
     with monkeypatch.context() as patch:
         stop_after_step(patch, STOP_AFTER)
         assert main(argv) != 0  # stopped by the signal, checkpoint saved
-    assert (out / f"checkpoint-{STOP_AFTER}").is_dir() and not (out / "model.safetensors").exists()
+    final_weights = model_folder(out, mode) / "model.safetensors"
+    assert (out / f"checkpoint-{STOP_AFTER}").is_dir() and not final_weights.exists()
     assert main(argv) == 0  # resumed (--resume auto)
     assert events(out) == events(reference)  # same steps, losses, learning rates, perplexities
-    ours, theirs = weights(out), weights(reference)
+    ours, theirs = weights(model_folder(out, mode)), weights(model_folder(reference, mode))
     assert ours.keys() == theirs.keys()
     for name, tensor in ours.items():
         assert torch.equal(tensor, theirs[name]), name
@@ -279,7 +286,10 @@ def test_perplexity_equals_the_slow_reference(
             batch_size=3, quiet=True,
         )
     )  # fmt: skip
-    perplexity, tokens = reference_perplexity(folder, tokenizer, lines, BLOCK, BLOCK // 2)
+    # the run's folder as `--model` (for LoRA: the adapter on its base); the reference runs the
+    # plain model folder (for LoRA: the merged one) with transformers alone
+    plain = model_folder(folder, mode)
+    perplexity, tokens = reference_perplexity(plain, tokenizer, lines, BLOCK, BLOCK // 2)
     assert report.tokens == tokens
     assert report.perplexity == pytest.approx(perplexity, rel=1e-5)
 
