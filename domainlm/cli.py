@@ -275,6 +275,25 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return run_inspect(InspectConfig(**{k: v for k, v in vars(args).items() if k in names}))
 
 
+def _add_export_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "export",
+        help="turn a checkpoint (full or sharded) into a plain Hugging Face model folder",
+        allow_abbrev=False,
+    )
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint-<step> folder")
+    p.add_argument("out", metavar="OUT", help="the new model folder (absent or empty)")
+    p.set_defaults(handler=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from domainlm.run.sharded import export_checkpoint
+
+    out = export_checkpoint(Path(args.checkpoint), Path(args.out))
+    print(f"exported {args.checkpoint} to {out}")
+    return 0
+
+
 # Each subcommand: a function adding its parser, whose handler calls the library.
 SUBCOMMANDS: list[Callable[[Any], None]] = [
     _add_train_parser,
@@ -283,6 +302,7 @@ SUBCOMMANDS: list[Callable[[Any], None]] = [
     _add_perplexity_parser,
     _add_generate_parser,
     _add_report_parser,
+    _add_export_parser,
 ]
 
 

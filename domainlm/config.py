@@ -22,6 +22,7 @@ ENCODING_ERRORS = ("strict", "replace")
 TEXT_COLUMN_HELP = (
     "Column of .parquet/.csv/dataset-folder rows (and field of .jsonl lines) that holds the text."
 )
+CHECKPOINT_FORMATS = ("auto", "full", "sharded")
 LOAD_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -92,6 +93,17 @@ class TrainConfig:
         None, "Score at most this many validation tokens at intermediate evaluations."
     )
     save_steps: int = opt(500, "Write a checkpoint every N steps.")
+    async_save: bool = opt(
+        False,
+        "Write checkpoints from a host copy in a background thread while training goes on "
+        "(at most one in flight; sharded checkpoints are written synchronously).",
+    )
+    checkpoint_format: str = opt(
+        "auto",
+        "full: one Hugging Face folder written by rank 0; sharded: each rank writes its shards "
+        "(torch.distributed.checkpoint); auto: sharded under --strategy fsdp, else full.",
+        choices=CHECKPOINT_FORMATS,
+    )
     save_total_limit: int | None = opt(
         None, "Keep only the newest K checkpoints (plus the best, which is never deleted)."
     )
@@ -224,7 +236,8 @@ class TrainConfig:
         if not 0 <= self.min_lr_ratio <= 1:
             raise UserError("--min-lr-ratio must be between 0 and 1")
         for name in (
-            "precision", "scheduler", "strategy", "packing", "doc_sep", "encoding_errors", "load_dtype"
+            "precision", "scheduler", "strategy", "packing", "doc_sep", "encoding_errors",
+            "load_dtype", "checkpoint_format",
         ):  # fmt: skip
             choices = _field_meta(name)["choices"]
             if getattr(self, name) not in choices:

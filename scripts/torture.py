@@ -1,6 +1,6 @@
 """Kill a training run at random moments; check that every resume ends bit-identical.
 
-    .venv/bin/python scripts/torture.py --kills 20 [--seed 0] [--workdir /tmp/torture]
+    .venv/bin/python scripts/torture.py --kills 20 [--seed 0] [--workdir /tmp/torture] [--async-save]
 
 One uninterrupted reference run first. Then, for each of the `--kills` trials: start the same run
 in a fresh folder, draw a step k uniformly from 1 .. steps-1 and a fraction f of a step from
@@ -11,7 +11,8 @@ same command again until it finishes. Each trial passes when the final model.saf
 bit-identical to the reference's and metrics.jsonl holds the same events (step, loss and
 perplexity, exactly) with no step missing or repeated. The report counts the resumes that had
 steps left to train. CPU, fp32, dropout on (scratch:tiny's default 0.1). Exit code 0 when every
-trial passed.
+trial passed. With --async-save the killed and resumed runs save in the background (the reference
+stays synchronous), so kills also land while a checkpoint is written from its host copy.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def write_corpus(folder: Path) -> tuple[Path, Path]:
     return train, valid
 
 
-def train_args(train: Path, valid: Path, output_dir: Path) -> list[str]:
+def train_args(train: Path, valid: Path, output_dir: Path, *extra: str) -> list[str]:
     return [
         *DOMAINLM,
         "train",
@@ -64,6 +65,7 @@ def train_args(train: Path, valid: Path, output_dir: Path) -> list[str]:
         "--lr", "1e-3",
         "--precision", "fp32",
         "--quiet",
+        *extra,
     ]  # fmt: skip
 
 
@@ -124,7 +126,9 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/domainlm-torture"))
+    parser.add_argument("--async-save", action="store_true", help="trials save in the background")
     args = parser.parse_args()
+    extra = ["--async-save"] if args.async_save else []
     rng = random.Random(args.seed)
     work = args.workdir
     shutil.rmtree(work, ignore_errors=True)
@@ -151,7 +155,8 @@ def main() -> int:
     for trial in range(args.kills):
         out = work / f"trial-{trial:02d}"
         kill_step, fraction = rng.randint(1, STEPS - 1), rng.random()
-        proc = subprocess.Popen(train_args(train, valid, out), env=env, stderr=subprocess.DEVNULL)
+        cmd = train_args(train, valid, out, *extra)
+        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
         wait_for_step(out, kill_step, proc)
         time.sleep(fraction * step_time)
         finished_first = proc.poll() is not None
@@ -161,9 +166,7 @@ def main() -> int:
         left = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
         partial = [n for n in left if n.startswith(".") and n != ".domainlm.lock"]
         complete = [n for n in left if n.startswith("checkpoint-")]
-        again = subprocess.run(
-            train_args(train, valid, out), env=env, capture_output=True, text=True
-        )
+        again = subprocess.run(cmd, env=env, capture_output=True, text=True)
         ok = again.returncode == 0 and same_weights(out, ref) and events(out) == events(ref)
         failures += not ok
         start = resumed_at(again.stderr)

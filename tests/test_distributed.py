@@ -160,10 +160,14 @@ def one_process_config(data: dict[str, Path], out: Path) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def fsdp_run(data: dict[str, Path]) -> Path:
-    """FSDP on 2 ranks, started by the seed's launcher (torch.distributed.launch: --local-rank)."""
+    """FSDP on 2 ranks, started by the seed's launcher (torch.distributed.launch: --local-rank).
+
+    Full checkpoints (gathered to rank 0), which FSDP writes on request; its default, sharded
+    checkpoints, is tested in tests/test_sharded_distributed.py."""
     out = data["root"] / "fsdp"
     launcher = ["torch.distributed.launch", "--nproc_per_node=2", f"--master-port={free_port()}"]
-    run_ok(torchrun_cmd(launcher, data, out, "--strategy", "fsdp"), launch_env(data["cache"]))
+    cmd = torchrun_cmd(launcher, data, out, "--strategy", "fsdp", "--checkpoint-format", "full")
+    run_ok(cmd, launch_env(data["cache"]))
     return out
 
 

@@ -152,6 +152,30 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(
     assert not (out / LOCK_FILE).exists()
 
 
+def test_sigkill_during_an_async_save_resumes_from_the_previous_checkpoint(
+    corpus: Path, reference: Path, tmp_path: Path
+) -> None:
+    """--async-save: checkpoint-6 is held mid-write (its files written, no marker yet) while
+    training goes on past step 6; a SIGKILL then leaves checkpoint-3 as the resume point, and the
+    resumed run ends bit-identical to the uninterrupted synchronous run."""
+    out = tmp_path / "out"
+    cmd = train_cmd(corpus, out, "--async-save")
+    slow = env_for(corpus, DOMAINLM_INJECT_STEP_DELAY="0.3", DOMAINLM_INJECT_SAVE_DELAY="6:120")
+    proc = subprocess.Popen(cmd, cwd=corpus, env=slow, stderr=subprocess.DEVNULL)
+    wait_for_step(out, 7, proc)  # the loop went on while checkpoint-6 was being written
+    assert (out / ".checkpoint-6.tmp").is_dir() and not (out / "checkpoint-6").exists()
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL
+    assert [c.step for c in ckpt.list_checkpoints(out)] == [3]
+
+    done = subprocess.run(cmd, cwd=corpus, env=env_for(corpus), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"resuming from {out / 'checkpoint-3'} at step 3" in done.stderr
+    assert_same_weights(out, reference)
+    assert metric_events(out) == metric_events(reference)
+    assert not (out / ".checkpoint-6.tmp").exists()  # the partial write was replaced
+
+
 def test_sigterm_saves_and_exits_143_then_resumes_exactly(
     corpus: Path, reference: Path, tmp_path: Path
 ) -> None:

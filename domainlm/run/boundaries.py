@@ -175,21 +175,27 @@ def eager_evaluation(compiled: bool) -> Any:
 
 class Checkpoints:
     """checkpoint-<step> every --save-steps and at the final step (so a finished run can be
-    extended with --max-steps), with the evaluation of that step and the open loss window."""
+    extended with --max-steps), with the evaluation of that step and the open loss window.
+    With --async-save, `writer` writes them in the background (run/async_save.py)."""
 
-    def __init__(self, run: Run, progress: Progress, evaluation: Evaluation) -> None:
+    def __init__(
+        self, run: Run, progress: Progress, evaluation: Evaluation, writer: Any = None
+    ) -> None:
         self.run, self.progress, self.evaluation = run, progress, evaluation
+        self.writer = writer  # async_save.BackgroundWriter, or None: synchronous saves
         self.last_saved: Path | None = run.data.resume_from
         self.last_seconds = 0.0  # how long the last save took (preempt.py's budget uses it)
 
     def after_step(self, step: StepOutcome) -> None:
+        if self.writer is not None:
+            self.writer.poll()  # a background save that failed stops the run here
         if step.done % self.run.config.save_steps == 0 or step.final:
             self.save(step.done, self.evaluation.perplexity_at(step.done))
             self.last_saved = self.run.output_dir / f"checkpoint-{step.done}"
 
     def save(self, done: int, perplexity: float | None) -> None:
-        start = time.perf_counter()
-        save_training_checkpoint(self.run, done, perplexity, self.progress.window())
+        start = time.perf_counter()  # with --async-save: the stall, not the background write
+        save_training_checkpoint(self.run, done, perplexity, self.progress.window(), self.writer)
         self.last_seconds = time.perf_counter() - start
 
     def save_unless_saved(self, done: int) -> None:
@@ -197,43 +203,58 @@ class Checkpoints:
         if self.last_saved != self.run.output_dir / f"checkpoint-{done}":
             self.save(done, None)
 
+    def wait(self) -> None:
+        """Until a background save in flight is published (its error raised here)."""
+        if self.writer is not None:
+            self.writer.wait()
+
 
 def save_training_checkpoint(
     run: Run,
     step: int,
     eval_perplexity: float | None,
     window: tuple[torch.Tensor, int, float],
+    writer: Any = None,
 ) -> CheckpointInfo | None:
-    """Write checkpoint-<step> on rank 0, then rotate; other ranks wait at a barrier.
+    """Write checkpoint-<step> on rank 0 (sharded: every rank its shards), then rotate; other
+    ranks wait at a barrier. With `writer` (--async-save), rank 0 hands a host copy to it.
 
     Every rank calls this. `window` is the open loss window (this rank's NLL sum, the target
     tokens, the training seconds so far); its NLL is summed over the ranks and saved with them.
     """
     from domainlm.model.distributed import barrier, full_state_dicts
+    from domainlm.run.async_save import save_in_background
+    from domainlm.run.sharded import SHARDED, checkpoint_format, save_sharded_checkpoint
 
     ctx, net, output_dir = run.ctx, run.net, run.output_dir
-    model_state, optim_state = full_state_dicts(net.model, net.optimizer, ctx)
     window_nll, window_tokens, window_seconds = window
     (nll_sum,) = all_reduce_sum([float(window_nll)], ctx, window_nll.device)
+    state = {
+        "step": step,
+        "epoch": run.cursor.epoch,
+        "offset": run.cursor.offset,
+        "scaler": net.scaler.state_dict() if net.scaler.is_enabled() else None,
+        "world_size": ctx.world_size,
+        "loss_window": {"nll": nll_sum, "tokens": window_tokens, "seconds": window_seconds},
+    }
+    if checkpoint_format(run.config.checkpoint_format, net.model) == SHARDED:
+        save_sharded_checkpoint(run, step, state, eval_perplexity)  # synchronous (see train.py)
+        return None
+    model_state, optim_state = full_state_dicts(net.model, net.optimizer, ctx)
     if ctx.is_main:
         # Owned before it exists: --overwrite-output-dir removes it even if this save is cut short.
         record_written(output_dir, f"{CHECKPOINT_PREFIX}{step}")
-        state = {
-            "step": step,
-            "epoch": run.cursor.epoch,
-            "offset": run.cursor.offset,
-            "optimizer": optim_state,
-            "scaler": net.scaler.state_dict() if net.scaler.is_enabled() else None,
-            "world_size": ctx.world_size,
-            "loss_window": {"nll": nll_sum, "tokens": window_tokens, "seconds": window_seconds},
-        }
+        state["optimizer"] = optim_state
         tokenizer = run.data.loaded.tokenizer
-        size = lambda: estimate_checkpoint(net.model, tokenizer).total  # noqa: E731
-        with checkpoint_write(output_dir, step, size):  # a full disk: exit 4, partial removed
-            save_checkpoint(
-                output_dir, step, net.model, tokenizer, state, eval_perplexity, model_state
-            )
-            rotate_checkpoints(output_dir, run.config.save_total_limit)
+        if writer is not None:  # the thread guards its write as below (async_save.py)
+            save_in_background(writer, run, step, state, eval_perplexity, model_state)
+        else:
+            size = lambda: estimate_checkpoint(net.model, tokenizer).total  # noqa: E731
+            with checkpoint_write(output_dir, step, size):  # a full disk: exit 4, partial gone
+                save_checkpoint(
+                    output_dir, step, net.model, tokenizer, state, eval_perplexity, model_state
+                )
+                rotate_checkpoints(output_dir, run.config.save_total_limit)
     barrier(ctx)
     return None
 
@@ -270,5 +291,6 @@ class StopGuard:
             last = self.checkpoints.last_saved
             raise preempt.fallback_stop(run, plan, self.signals, step.done, last)
         self.checkpoints.save_unless_saved(step.done)
+        self.checkpoints.wait()  # a background save is published before the run exits
         self.progress.close()
         raise guard.stopped_by_signal(self.signals, step.done, self.run.output_dir)

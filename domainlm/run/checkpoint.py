@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 MARKER = "checkpoint.json"
 STATE_FILE = "training_state.pt"
 RUN_FILE = "run_config.json"
+SAVE_DELAY_ENV = "DOMAINLM_INJECT_SAVE_DELAY"
 
 
 @dataclass(frozen=True)
@@ -73,20 +75,37 @@ def save_checkpoint(
     model_state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write checkpoint-<step>/ atomically: temporary folder, checksums, marker, then rename."""
-    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = fresh_tmp_dir(output_dir, step)
+    model.save_pretrained(tmp, state_dict=model_state_dict)
+    tokenizer.save_pretrained(tmp)
+    torch.save(training_state, tmp / STATE_FILE)
+    return publish_checkpoint(output_dir, step, tmp, eval_perplexity)
+
+
+def fresh_tmp_dir(output_dir: Path, step: int) -> Path:
+    """The empty temporary folder a checkpoint of `step` is written into (publish_checkpoint)."""
     tmp = output_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, state_dict=model_state_dict)
-    tokenizer.save_pretrained(tmp)
-    torch.save(training_state, tmp / STATE_FILE)
+    return tmp
+
+
+def publish_checkpoint(
+    output_dir: Path, step: int, tmp: Path, eval_perplexity: float | None, **marker: Any
+) -> Path:
+    """Checksum and fsync every file of `tmp`, write the marker, rename it to checkpoint-<step>.
+
+    `marker` adds entries to checkpoint.json (the format of a sharded checkpoint)."""
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     files = {f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.is_file() and f.name != MARKER}
     for name in files:
         with open(tmp / name, "rb") as handle:
             os.fsync(handle.fileno())
+    save_delay(step)  # fault injection: tests kill a run while a checkpoint is being written
     write_json_atomic(
-        tmp / MARKER, {"step": step, "files": files, "eval_perplexity": eval_perplexity}
+        tmp / MARKER,
+        {"step": step, "files": files, "eval_perplexity": eval_perplexity, **marker},
     )
     _fsync_dir(tmp)
     if final.exists():
@@ -100,6 +119,25 @@ def save_checkpoint(
         os.replace(tmp, final)
     _fsync_dir(output_dir)
     return final
+
+
+def save_delay(step: int) -> None:
+    """`DOMAINLM_INJECT_SAVE_DELAY=S` (every checkpoint) or `K:S` (checkpoint-K only): sleep S
+    seconds after the checkpoint's files are written, before its marker (tests kill a run while
+    a checkpoint is being written)."""
+    value = os.environ.get(SAVE_DELAY_ENV, "")
+    only, _, delay = value.rpartition(":")
+    if value and (not only or int(only) == step):
+        time.sleep(float(delay))
+
+
+def read_marker(path: Path) -> dict[str, Any]:
+    """A checkpoint's checkpoint.json ({} when missing or unreadable)."""
+    try:
+        info = json.loads((path / MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
 
 
 def checkpoint_problem(path: Path) -> str | None:

@@ -49,6 +49,7 @@ from domainlm.model.loss import CausalLMLoss
 from domainlm.model.malloc import reuse_freed_host_memory
 from domainlm.model.memory import enable_gradient_checkpointing, load_dtype_for, pure_half_warning
 from domainlm.run import guard
+from domainlm.run.async_save import background_writer
 from domainlm.run.boundaries import Checkpoints, Evaluation, Progress, Sampling, StopGuard
 from domainlm.run.checkpoint import (
     RUN_FILE,
@@ -73,6 +74,7 @@ from domainlm.run.diskspace import (
 from domainlm.run.lock import LOCK_FILE, RunLock
 from domainlm.run.metrics import Console, MetricsLog
 from domainlm.run.report import data_summary, write_run_report
+from domainlm.run.sharded import is_sharded_checkpoint, load_sharded_checkpoint
 from domainlm.run.state import DataCursor, Run, RunData, RunModel
 from domainlm.run.step import TrainStep
 from domainlm.run.trackers import Trackers, resolve_report_to, tracker_outputs
@@ -130,7 +132,7 @@ def fit(run: Run, cleanup: ExitStack) -> TrainResult:
     initial = evaluation.initial()
     started = time.perf_counter()
     progress = Progress(run)  # the loss window, metrics.jsonl, the progress bar
-    checkpoints = Checkpoints(run, progress, evaluation)
+    checkpoints = Checkpoints(run, progress, evaluation, background_writer(run, cleanup))
     step = TrainStep(run, last_saved=lambda: checkpoints.last_saved)
     stop = StopGuard(run, cleanup, checkpoints, progress)  # handlers installed from here on
     paused = [evaluation, checkpoints, Sampling(run.sampler)]  # their time is not training time
@@ -145,6 +147,7 @@ def fit(run: Run, cleanup: ExitStack) -> TrainResult:
     progress.close()
     runtime = time.perf_counter() - started
     final = evaluation.final()
+    checkpoints.wait()  # the final model is saved once the last checkpoint is published
     return finish(run, final, initial, checkpoints.last_saved, runtime, progress.tokens_seen)
 
 
@@ -233,7 +236,7 @@ def build_model(
             base_name=base_record(config.model),
             resume_from=data.resume_from,
         )
-    elif data.resume_from is not None:
+    elif data.resume_from is not None and not is_sharded_checkpoint(data.resume_from):
         resumed = load_model(
             str(data.resume_from),
             eos_token=config.eos_token,
@@ -278,7 +281,10 @@ def start_state(
     resumed_window: dict[str, float] = {}  # the loss window open at the checkpoint
     if data.resume_from is not None:
         state = load_training_state(data.resume_from)
-        load_optimizer_state(net.model, net.optimizer, state["optimizer"])
+        if is_sharded_checkpoint(data.resume_from):  # weights and optimizer, resharded by DCP
+            load_sharded_checkpoint(data.resume_from, net.model, net.optimizer)
+        else:
+            load_optimizer_state(net.model, net.optimizer, state["optimizer"])
         net.scaler.load_state_dict(state["scaler"]) if state.get("scaler") else None
         cursor = DataCursor(int(state["epoch"]), int(state["offset"]))
         start_step = int(state["step"])
