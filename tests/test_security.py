@@ -74,10 +74,17 @@ def calls_with(kw: str) -> list[tuple[str, ast.Call]]:
     return out
 
 
+# PeftModel.from_pretrained takes no use_safetensors: domainlm refuses an adapter folder without
+# adapter_model.safetensors before calling it (test_a_pickled_adapter_is_refused_unopened).
+SAFETENSORS_CHECKED_BEFORE = {"PeftModel.from_pretrained"}
+
+
 def test_from_pretrained_models_use_safetensors_only() -> None:
     model_loads = [(w, c) for w, c in calls("from_pretrained") if "Model" in ast.unparse(c.func)]
     assert model_loads
     for where, call in model_loads:
+        if any(ast.unparse(call.func).endswith(name) for name in SAFETENSORS_CHECKED_BEFORE):
+            continue
         value = keyword(call, "use_safetensors")
         assert isinstance(value, ast.Constant) and value.value is True, where
     for where, call in calls("save_pretrained"):
@@ -98,6 +105,34 @@ def test_pickled_weights_are_refused(tiny_model_dir: Path, tmp_path: Path) -> No
     weights.unlink()
     with pytest.raises(UserError, match=f"could not load the model in {folder}"):
         load_model(str(folder))
+
+
+class _WritesAMarker:
+    """Unpickling this runs code: it writes a file (what a malicious pickle would do)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (Path.write_text, (self.marker, "pickle code ran"))
+
+
+def test_a_pickled_adapter_is_refused_unopened(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """An adapter folder whose weights are only a pickle (adapter_model.bin) is refused with one
+    line, before the pickle is opened (peft itself would torch.load it)."""
+    import json
+    import pickle
+
+    from domainlm.model.lora import load_any_model
+
+    folder, marker = tmp_path / "adapter", tmp_path / "marker"
+    folder.mkdir()
+    config = {"peft_type": "LORA", "base_model_name_or_path": str(tiny_model_dir), "r": 2}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    (folder / "adapter_model.bin").write_bytes(pickle.dumps(_WritesAMarker(marker)))
+    with pytest.raises(UserError, match="adapter_model.safetensors"):
+        load_any_model(str(folder))
+    assert not marker.exists()
 
 
 def test_checkpoint_files_are_safetensors_and_a_weights_only_state(tmp_path: Path) -> None:

@@ -297,9 +297,17 @@ def load_adapter(
         base = str(adapter_config["base_model_name_or_path"])
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{folder / ADAPTER_CONFIG} names no base model") from exc
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        # peft would fall back to a pickled adapter_model.bin (torch.load): never load one
+        raise UserError(
+            f"{folder} has no {ADAPTER_WEIGHTS}: adapters are read from safetensors only, a "
+            "pickled adapter_model.bin is not loaded (save it with peft's save_pretrained, "
+            "safe_serialization=True)"
+        )
     if seed is None:
         seed = scratch_seed(folder) if base.startswith(SCRATCH_PREFIX) else 0
     loaded = load_model(base, seed=seed, eos_token=eos_token, trust_remote_code=trust_remote_code)
+    # safetensors only: the adapter_model.safetensors checked above is the file peft reads first
     model = peft_lib.PeftModel.from_pretrained(loaded.model.float(), str(folder))
     loaded.model = model if peft else model.get_base_model()
     loaded.model.eval()
