@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,26 @@ def test_host_copy_is_a_snapshot_that_keeps_ties() -> None:
     assert torch.equal(copied["wte"], torch.arange(6.0).reshape(2, 3))
     assert copied["lm_head"] is copied["wte"]  # a tied weight is copied once
     assert copied["opt"][0] == {"step": torch.tensor(3.0), "lr": 0.1}
+
+
+def test_the_preemption_budget_counts_the_background_write() -> None:
+    """With --async-save a save lasts its stall plus the background write: the time a SIGTERM's
+    save needs (run/preempt.py reads Checkpoints.last_seconds), not the stall alone."""
+    from types import SimpleNamespace
+
+    from domainlm.run.boundaries import Checkpoints
+
+    class SleepingJob:
+        step = 1
+
+        def write(self) -> None:
+            time.sleep(0.3)
+
+    writer = async_save.BackgroundWriter()
+    run = SimpleNamespace(data=SimpleNamespace(resume_from=None))
+    checkpoints = Checkpoints(run, None, None, writer)  # type: ignore[arg-type]
+    checkpoints.last_stall = 0.05
+    writer.submit(SleepingJob())  # type: ignore[arg-type]
+    writer.wait()
+    assert writer.last_write_seconds >= 0.3
+    assert checkpoints.last_seconds == 0.05 + writer.last_write_seconds

@@ -16,6 +16,7 @@ the write in flight is done (`wait`, and `close` on every other exit).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +117,7 @@ class BackgroundWriter:
     thread: threading.Thread | None = None
     error: BaseException | None = None
     what: str = ""
+    last_write_seconds: float = 0.0  # the last finished background write, start to publication
 
     def submit(self, job: CheckpointCopy) -> None:
         """Start writing `job` once the previous write is done (raising its error, if any)."""
@@ -127,10 +129,12 @@ class BackgroundWriter:
         self.thread.start()
 
     def _run(self, job: CheckpointCopy) -> None:
+        start = time.perf_counter()
         try:
             job.write()
         except BaseException as exc:  # handed to the training thread, raised there
             self.error = exc
+        self.last_write_seconds = time.perf_counter() - start
 
     @property
     def in_flight(self) -> bool:

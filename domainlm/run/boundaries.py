@@ -184,7 +184,7 @@ class Checkpoints:
         self.run, self.progress, self.evaluation = run, progress, evaluation
         self.writer = writer  # async_save.BackgroundWriter, or None: synchronous saves
         self.last_saved: Path | None = run.data.resume_from
-        self.last_seconds = 0.0  # how long the last save took (preempt.py's budget uses it)
+        self.last_stall = 0.0  # how long the last save held up the step loop
 
     def after_step(self, step: StepOutcome) -> None:
         if self.writer is not None:
@@ -193,10 +193,17 @@ class Checkpoints:
             self.save(step.done, self.evaluation.perplexity_at(step.done))
             self.last_saved = self.run.output_dir / f"checkpoint-{step.done}"
 
+    @property
+    def last_seconds(self) -> float:
+        """How long the last save took to publication (preempt.py's budget uses it): with
+        --async-save the stall (the host copy) plus the last finished background write."""
+        write = self.writer.last_write_seconds if self.writer is not None else 0.0
+        return self.last_stall + write
+
     def save(self, done: int, perplexity: float | None) -> None:
-        start = time.perf_counter()  # with --async-save: the stall, not the background write
+        start = time.perf_counter()
         save_training_checkpoint(self.run, done, perplexity, self.progress.window(), self.writer)
-        self.last_seconds = time.perf_counter() - start
+        self.last_stall = time.perf_counter() - start
 
     def save_unless_saved(self, done: int) -> None:
         """Save step `done` unless this step's checkpoint was just written (a stop's save)."""
