@@ -3,9 +3,13 @@
     PYTHONPATH=. python benchmarks/memory_peak.py [--quick] [--json out.json]
 
 Each configuration runs in a fresh subprocess (the project's malloc settings, as `train()` sets
-them): the model is built (random init), wrapped as a run wraps it (fast kernels, the chunked
-loss, gradient checkpointing when asked, fused AdamW), and trained for 2 steps of one
-micro-batch (forward under autocast, backward, clipping, update). Two measures:
+them): the model is built (random init) in the dtype a run loads it in (model/memory.py's
+`load_dtype_for`: float32 for full fine-tuning, the precision's dtype for LoRA), then handed to
+`run/train.py`'s own `build_model`, which a run calls: LoRA adapters attached by model/lora.py
+(default targets, r=8, alpha 16, dropout 0.05) with `--lora`, fast kernels, gradient
+checkpointing when asked, the chunked loss, fused AdamW over the trainable parameters. It is
+trained for 2 steps of one micro-batch (forward under autocast, backward, clipping, update).
+Two measures:
 
 - tensors: the peak of live tensor bytes (every storage PyTorch allocates, followed from its
   creation to its release by a dispatch mode, in a third step; parameters and AdamW state
@@ -24,21 +28,30 @@ import subprocess
 import sys
 import weakref
 from pathlib import Path
+from types import SimpleNamespace
 
 CONFIGS = [
-    # name, model, precision, checkpointing, batch, block
-    ("tiny", "gpt2:tiny", "fp32", False, 8, 256),
-    ("tiny", "gpt2:tiny", "bf16", False, 8, 256),
-    ("mini", "gpt2:mini", "bf16", False, 8, 256),
-    ("mini", "gpt2:mini", "bf16", True, 8, 256),
-    ("llama-small", "llama", "fp32", False, 4, 256),
-    ("llama-small", "llama", "bf16", False, 4, 256),
-    ("llama-small", "llama", "bf16", True, 4, 256),
-    ("124M", "gpt2:gpt2", "bf16", False, 4, 256),
-    ("124M", "gpt2:gpt2", "bf16", True, 4, 256),
-    ("124M", "gpt2:gpt2", "fp32", False, 4, 256),
+    # name, model, precision, checkpointing, lora, batch, block
+    ("tiny", "gpt2:tiny", "fp32", False, False, 8, 256),
+    ("tiny", "gpt2:tiny", "bf16", False, False, 8, 256),
+    ("mini", "gpt2:mini", "bf16", False, False, 8, 256),
+    ("mini", "gpt2:mini", "bf16", True, False, 8, 256),
+    ("llama-small", "llama", "fp32", False, False, 4, 256),
+    ("llama-small", "llama", "bf16", False, False, 4, 256),
+    ("llama-small", "llama", "bf16", True, False, 4, 256),
+    ("124M", "gpt2:gpt2", "bf16", False, False, 4, 256),
+    ("124M", "gpt2:gpt2", "bf16", True, False, 4, 256),
+    ("124M", "gpt2:gpt2", "fp32", False, False, 4, 256),
+    ("tiny", "gpt2:tiny", "fp32", False, True, 8, 256),
+    ("mini", "gpt2:mini", "bf16", False, True, 8, 256),
+    ("mini", "gpt2:mini", "bf16", True, True, 8, 256),
+    ("llama-small", "llama", "bf16", False, True, 4, 256),
+    ("llama-small", "llama", "bf16", True, True, 4, 256),
+    ("124M", "gpt2:gpt2", "bf16", False, True, 4, 256),
+    ("124M", "gpt2:gpt2", "bf16", True, True, 4, 256),
 ]
-QUICK = CONFIGS[:4]
+QUICK = [c for c in CONFIGS if c[0] in ("tiny", "mini")]
+LORA_ONLY = [c for c in CONFIGS if c[4]]
 
 
 def model_config(spec: str):  # type: ignore[no-untyped-def]
@@ -103,31 +116,49 @@ class LiveTensorBytes:
         self.live -= nbytes
 
 
+def build(spec: dict, cfg):  # type: ignore[no-untyped-def]
+    """The model, loss and optimizer of a configuration, built by the run's own `build_model`
+    (run/train.py) from a TrainConfig, on weights in the dtype a run loads them in."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from domainlm.config import TrainConfig
+    from domainlm.model.distributed import DistContext
+    from domainlm.model.loading import LoadedModel
+    from domainlm.model.memory import load_dtype_for
+    from domainlm.run.train import build_model
+
+    config = TrainConfig(
+        model=spec["model"], train_file="unused.txt", output_dir="unused", device="cpu",
+        precision=spec["precision"], batch_size=spec["batch"], block_size=spec["block"],
+        gradient_checkpointing=spec["ckpt"], lora=spec["lora"],
+    )  # fmt: skip
+    dtype = load_dtype_for(config.load_dtype, spec["precision"], spec["lora"])
+    torch.manual_seed(0)
+    # as model/loading.py's load_model builds a scratch: preset: random init, cast to the dtype
+    model = AutoModelForCausalLM.from_config(cfg).to(dtype)
+    loaded = LoadedModel(model, None, 0, spec["block"], spec["model"])
+    data = SimpleNamespace(loaded=loaded, resume_from=None)  # what build_model reads of RunData
+    return build_model(config, data, DistContext(), torch.device("cpu"), spec["precision"])  # type: ignore[arg-type]
+
+
 def child(spec: dict) -> dict:
     """One configuration in this process: the measured peaks and the plan's."""
     from domainlm.model.malloc import reuse_freed_host_memory
 
     reuse_freed_host_memory()
     import torch
-    from transformers import AutoModelForCausalLM
 
     from domainlm.model.device import autocast
-    from domainlm.model.fastpath import use_fast_kernels
-    from domainlm.model.loss import CausalLMLoss
-    from domainlm.model.memory import enable_gradient_checkpointing, plan_memory
+    from domainlm.model.memory import plan_memory
 
     torch.set_num_threads(2)
     cfg = model_config(spec["model"])
     plan = plan_memory(cfg, model=spec["model"], batch_size=spec["batch"],
                        block_size=spec["block"], precision=spec["precision"])  # fmt: skip
     baseline = rss_kib("VmRSS")
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg).train()
-    use_fast_kernels(model)
-    if spec["ckpt"]:
-        enable_gradient_checkpointing(model)
-    loss_module = CausalLMLoss(model)
-    optim = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    net = build(spec, cfg)
+    model, loss_module, optim = net.model, net.loss_module, net.optimizer
     device = torch.device("cpu")
     ids = torch.randint(0, cfg.vocab_size, (spec["batch"], spec["block"] + 1))
 
@@ -149,8 +180,10 @@ def child(spec: dict) -> dict:
     tracker = LiveTensorBytes(sum(known.values()), set(known))
     with tracker.mode:
         step()
-    name = "full+ckpt" if spec["ckpt"] else "full"
-    return {**spec, "tensor_peak": tracker.peak, "rss_peak": rss_peak,
+    name = ("lora" if spec["lora"] else "full") + ("+ckpt" if spec["ckpt"] else "")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {**spec, "tensor_peak": tracker.peak, "rss_peak": rss_peak, "trainable": trainable,
+            "plan_trainable": plan.trainable_lora if spec["lora"] else plan.trainable_full,
             "plan_peak": plan.scenarios[name].peak}  # fmt: skip
 
 
@@ -158,6 +191,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="the small configurations only")
+    parser.add_argument("--lora-only", action="store_true", help="the LoRA configurations only")
+    parser.add_argument("--only", help="the configurations at these 0-based indexes (1,4,...)")
     parser.add_argument("--json", help="write the rows here too")
     args = parser.parse_args()
     if args.child:
@@ -165,20 +200,25 @@ def main() -> None:
         return
     rows = []
     print(
-        "| model | precision | grad. ckpt | batch x block | plan MiB | tensors MiB | plan/tensors "
-        "| RSS MiB | plan/RSS |"
+        "| model | training | precision | grad. ckpt | batch x block | plan MiB | tensors MiB "
+        "| plan/tensors | RSS MiB | plan/RSS |"
     )
-    print("|---|---|---|---|---:|---:|---:|---:|---:|")
-    for name, model, precision, ckpt, batch, block in QUICK if args.quick else CONFIGS:
+    print("|---|---|---|---|---|---:|---:|---:|---:|---:|")
+    chosen = QUICK if args.quick else LORA_ONLY if args.lora_only else CONFIGS
+    if args.only:
+        chosen = [CONFIGS[int(i)] for i in args.only.split(",")]
+    for name, model, precision, ckpt, lora, batch, block in chosen:
         spec = dict(
-            name=name, model=model, precision=precision, ckpt=ckpt, batch=batch, block=block
+            name=name, model=model, precision=precision, ckpt=ckpt, lora=lora, batch=batch,
+            block=block,
         )
         out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
                              capture_output=True, text=True, check=True)  # fmt: skip
         row = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(row)
         mib = 1024**2
-        print(f"| {name} | {precision} | {'yes' if ckpt else 'no'} | {batch} x {block} "
+        tuning = "LoRA r=8" if lora else "full"
+        print(f"| {name} | {tuning} | {precision} | {'yes' if ckpt else 'no'} | {batch} x {block} "
               f"| {row['plan_peak'] / mib:.0f} | {row['tensor_peak'] / mib:.0f} "
               f"| {row['plan_peak'] / row['tensor_peak']:.3f} | {row['rss_peak'] / mib:.0f} "
               f"| {row['plan_peak'] / row['rss_peak']:.3f} |", flush=True)  # fmt: skip
