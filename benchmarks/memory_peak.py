@@ -209,7 +209,12 @@ def main() -> None:
         chosen = [CONFIGS[int(i)] for i in args.only.split(",")]
     for name, model, precision, ckpt, lora, batch, block in chosen:
         spec = dict(
-            name=name, model=model, precision=precision, ckpt=ckpt, lora=lora, batch=batch,
+            name=name,
+            model=model,
+            precision=precision,
+            ckpt=ckpt,
+            lora=lora,
+            batch=batch,
             block=block,
         )
         out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],

@@ -76,6 +76,9 @@ class InspectConfig:
     lora_targets: list[str] | None = opt(
         None, "LoRA target layers to plan for (default: every linear layer of the blocks)."
     )
+    lora_dropout: float = opt(
+        0.05, "LoRA dropout to plan for (above 0, each adapter keeps a mask)."
+    )
     gradient_checkpointing: bool = opt(
         False, "Use the checkpointed plan for the data report's memory line."
     )
@@ -88,6 +91,10 @@ class InspectConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be positive")
         if self.block_size is not None and self.block_size < 2:
             raise UserError("--block-size must be at least 2")
+        if not 0 <= self.lora_dropout < 1:
+            raise UserError(
+                f"--lora-dropout must be at least 0 and below 1, got {self.lora_dropout}"
+            )
         if self.time_steps < 0:
             raise UserError("--time-steps must be 0 or more")
         for name, choices in (
@@ -134,6 +141,7 @@ def memory_plan(config: InspectConfig, model_config: Any, block: int) -> MemoryP
         load_dtype=config.load_dtype,
         lora_r=config.lora_r,
         lora_targets=config.lora_targets,
+        lora_dropout=config.lora_dropout,
     )
 
 
@@ -166,6 +174,7 @@ def plan_report(config: InspectConfig) -> dict[str, Any]:
             model_config, model=config.model, batch_size=batch, block_size=block,
             precision=plan.precision, device=plan.device, load_dtype=config.load_dtype,
             lora_r=config.lora_r, lora_targets=config.lora_targets,
+            lora_dropout=config.lora_dropout,
         )  # fmt: skip
 
     return {

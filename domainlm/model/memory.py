@@ -258,32 +258,70 @@ class BatchShape:
         return self.batch * self.block
 
 
-def layer_activations(s: ModelShape, b: BatchShape, lora_dropout_inputs: int = 0) -> int:
+@dataclass(frozen=True)
+class Adapters:
+    """The LoRA adapters of one transformer layer, as the plan needs them."""
+
+    count: int  # adapted linear maps per layer
+    inputs: int  # the sum of their input features
+    r: int
+    dropout: bool  # --lora-dropout > 0: each adapter keeps a mask of its input
+
+    def activations(self, tokens: int, compute: int) -> int:
+        """Bytes the adapters of one layer keep: each adapter's own copy of its input (peft casts
+        the input to the adapters' float32, drops it out, and autocast casts that to the compute
+        dtype for lora_A, which keeps it), its dropout mask (1 byte per element), and lora_A's
+        output, which lora_B keeps (r per token)."""
+        masks = tokens * self.inputs if self.dropout else 0
+        return compute * tokens * self.inputs + masks + self.count * compute * tokens * self.r
+
+
+def residual_bytes(b: BatchShape) -> int:
+    """Bytes per element of the residual stream: the weights' dtype, or float32 under autocast
+    with float32 weights (a half-precision layer output added to a float32 stream is float32)."""
+    return max(b.weight, b.compute)
+
+
+def layer_activations(s: ModelShape, b: BatchShape, adapters: Adapters | None = None) -> int:
     """Bytes one transformer layer keeps for the backward (see the module docstring).
 
-    Counted per layer (n tokens, h hidden, f MLP width, c compute bytes): two norms (LayerNorm:
-    its input, float32 under autocast; RMSNorm: two float32 n x h tensors); the inputs of the
+    Counted per layer (n tokens, h hidden, f MLP width, c compute bytes, r residual bytes): two
+    norms (LayerNorm: its input, r n h; RMSNorm: its input cast to float32, plus, when its weight
+    is trained, the float32 normalised input the weight's gradient needs); the inputs of the
     in-projections (one shared input per block in fp32; under autocast each linear casts its own:
     q, k, v and gate, up separately); attention's query, key, value and output (c n h each);
     the MLP (GELU: its input and output, 2 c n f; gated: gate, up, act(gate), their product,
     4 c n f); with dropout the masks (1 byte per element) and, for the eager attention, the
-    softmax and the dropped probabilities (2c + 1 bytes per score, b a T^2 scores)."""
+    softmax and the dropped probabilities (2c + 1 bytes per score, b a T^2 scores).
+
+    With LoRA (`adapters`) the base is frozen, and a frozen linear map keeps no input (its
+    weight needs no gradient; autocast keeps no copy of a weight that needs none): no
+    in-projection inputs, no MLP product (gated) or GELU output kept for the output projection,
+    and the eager attention's output is not kept either; RMSNorm keeps its float32 input only.
+    Each adapter keeps its own input instead (`Adapters.activations`)."""
     n, h, f, c = b.tokens, s.hidden, s.intermediate, b.compute
-    residual = 4 if b.autocast else b.weight
-    norms = 2 * (8 * n * h if s.gated else residual * n * h)
+    residual, frozen = residual_bytes(b), adapters is not None
+    eager = s.dropout and b.eager_scores
+    norm = 4 * n * h + (0 if frozen else residual * n * h) if s.gated else residual * n * h
     separate = b.autocast and b.weight != c  # each linear casts its own input
     attn_in = sum(1 for k in s.linears if k.split(".")[-1] in ("q_proj", "k_proj", "v_proj"))
     attn_in = attn_in if separate and attn_in else 1
     mlp_in = 2 if (s.gated and separate) else 1
-    inputs = (attn_in + mlp_in) * c * n * h
-    attention = 4 * c * n * h + 4 * b.batch * s.heads * b.block  # q, k, v, output; log-sum-exp
-    mlp = (4 if s.gated else 2) * c * n * f
+    if adapters is None:
+        inputs = (attn_in + mlp_in) * c * n * h
+        mlp = (4 if s.gated else 2) * c * n * f
+        attention = 4 * c * n * h  # q, k, v, output (the output projection's input)
+    else:
+        inputs = adapters.activations(n, c)
+        mlp = (3 if s.gated else 1) * c * n * f
+        attention = (3 if eager else 4) * c * n * h  # SDPA keeps its output for its backward
+    attention += 4 * b.batch * s.heads * b.block  # the log-sum-exp
     masks = 0
     if s.dropout:
         masks = 2 * n * h  # residual dropouts
-        if b.eager_scores:
+        if eager:
             masks += (2 * c + 1) * b.batch * s.heads * b.block**2
-    return norms + inputs + attention + mlp + masks + lora_dropout_inputs
+    return 2 * norm + inputs + attention + mlp + masks
 
 
 def loss_terms(
@@ -295,7 +333,7 @@ def loss_terms(
     compute dtype, d nll/d logits of a group of up to 2,048 positions, and one chunk's logits and
     float32 softmax."""
     n, h, v, c = b.tokens, s.hidden, s.vocab, b.compute
-    residual = 4 if b.autocast else b.weight
+    residual = residual_bytes(b)
     grad_bytes = 4 if b.fp16 else c
     kept = 2 * residual * n * h + (v * h * c if head_trainable else 0)
     cast = v * h * c if b.weight != c else 0
@@ -310,23 +348,35 @@ def loss_terms(
 
 
 def scenario(
-    s: ModelShape, b: BatchShape, trainable: int, lora: bool, checkpointing: bool, chunk: int
+    s: ModelShape,
+    b: BatchShape,
+    trainable: int,
+    adapters: Adapters | None,
+    checkpointing: bool,
+    chunk: int,
 ) -> Terms:
-    """The Terms of one way to train: full fine-tuning (trainable = all parameters, in the weight
-    dtype) or LoRA (trainable = the adapters, float32; the base frozen), with or without
-    gradient checkpointing. The peak is the largest of the moments in the module docstring."""
+    """The Terms of one way to train: full fine-tuning (`adapters` None; trainable = all
+    parameters, in the weight dtype) or LoRA (trainable = the adapters, float32; the base
+    frozen), with or without gradient checkpointing. The peak is the largest of the moments in
+    the module docstring. Under autocast the weight copies are those of the trainable float32
+    matrices only: autocast caches the cast of a float32 leaf that needs a gradient, and casts a
+    frozen weight anew at each use (freed after it)."""
+    lora = adapters is not None
     weights = s.params * b.weight + (trainable * 4 if lora else 0)
     grad_bytes = 4 if lora else b.weight
     gradients = trainable * grad_bytes
     optimizer = 2 * trainable * grad_bytes  # AdamW's moments, in the parameter's dtype
-    copies = 2 * s.matrix_params if (b.autocast and b.weight == 4) else 0
+    copies = 0
+    if b.autocast and (lora or b.weight == 4):
+        copies = 2 * (trainable if lora else s.matrix_params)
     layer_copies = copies // max(s.layers, 1)
-    layer = layer_activations(s, b, lora_dropout_inputs=0)
-    residual = 4 if b.autocast else b.weight
-    outside = (s.hidden * b.tokens if s.dropout else 0) + (
-        8 if s.gated else residual
-    ) * b.tokens * s.hidden  # the embedding's dropout mask, the final norm
-    kept_layers = s.layers * (residual * b.tokens * s.hidden if checkpointing else layer)
+    layer = layer_activations(s, b, adapters)
+    residual, n = residual_bytes(b), b.tokens
+    final_norm = 4 * n * s.hidden + (0 if lora else residual * n * s.hidden)
+    outside = (s.hidden * n if s.dropout else 0) + (
+        final_norm if s.gated else residual * n * s.hidden
+    )  # the embedding's dropout mask, the final norm (as a layer's norm)
+    kept_layers = s.layers * (residual * n * s.hidden if checkpointing else layer)
     activations = kept_layers + outside
     kept, transient = loss_terms(s, b, not lora, chunk, cuda=b.cuda)
     head_grad = 0 if lora else s.head_params * b.weight
@@ -337,6 +387,12 @@ def scenario(
     backward_end = base + gradients + recompute + outside
     peak = max(forward_end, backward_start, backward_end, base + gradients)
     return Terms(weights, copies, gradients, optimizer, activations, kept, peak)
+
+
+def lora_adapters(s: ModelShape, r: int, targets: list[str], dropout: float) -> Adapters:
+    """The Adapters of one layer for these targets (short names) at rank r."""
+    chosen = [k for k in s.linears if k.split(".")[-1] in targets]
+    return Adapters(len(chosen), sum(s.linears[k][0] for k in chosen), r, dropout > 0)
 
 
 def lora_params(s: ModelShape, r: int, targets: list[str]) -> int:
@@ -361,6 +417,7 @@ def plan_memory(
     load_dtype: str = "auto",
     lora_r: int = 8,
     lora_targets: list[str] | None = None,
+    lora_dropout: float = 0.05,
 ) -> MemoryPlan:
     """The MemoryPlan of `model_config` (a transformers config) at this batch shape, from the
     config alone (the model is built on the meta device)."""
@@ -390,9 +447,10 @@ def plan_memory(
             cuda=device == "cuda",
         )
         trainable = trainable_lora if lora else shape.params
+        adapters = lora_adapters(shape, lora_r, targets, lora_dropout) if lora else None
         for ckpt in (False, True):
             name = ("lora" if lora else "full") + ("+ckpt" if ckpt else "")
-            scenarios[name] = scenario(shape, batch, trainable, lora, ckpt, chunk)
+            scenarios[name] = scenario(shape, batch, trainable, adapters, ckpt, chunk)
     return MemoryPlan(
         model=model, shape=shape, batch_size=batch_size, block_size=block_size,
         precision=precision, lora_r=lora_r, lora_targets=targets,
