@@ -172,6 +172,7 @@ def test_inspect_model_json_plan(tmp_path, capsys):
         ["inspect", "--model", "scratch:tiny", "--lora-targets", "nope"],
         ["inspect", "--model", "scratch:tiny", "--load-dtype", "bfloat16", "--precision", "fp32"],
         ["inspect", "--model", "scratch:tiny", "--block-size", "99999"],
+        ["inspect", "--model", "scratch:tiny", "--lora-dropout", "1.5"],
         ["inspect", "--model", "/no/such/folder"],
     ],
 )
