@@ -17,7 +17,12 @@ checkpointing. The estimate counts what a training step keeps alive, term by ter
   final hidden states, their gradient, and the head's weight gradient (V x h, compute dtype),
   and holds one chunk's logits and softmax at a time (256 positions on the CPU);
 - with gradient checkpointing a layer keeps only its input; its full activations exist again,
-  for one layer at a time, while the backward recomputes it.
+  for one layer at a time, while the backward recomputes it;
+- with LoRA the base is frozen: a frozen linear map keeps no input and autocast keeps no copy of
+  its weight (it caches the casts of float32 leaves that need a gradient only), a frozen RMSNorm
+  keeps only its float32 input, and the residual stream is in the base's dtype (bf16); each
+  adapter keeps its own copy of its input (compute dtype), its dropout mask and lora_A's output
+  (`Adapters`), and autocast caches the half-precision copies of the float32 adapters.
 
 The peak is the largest of three moments of a step: the end of the forward (all activations and
 the loss's buffers), the end of the backward (all gradients, the first layer recomputed when
