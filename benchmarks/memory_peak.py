@@ -31,7 +31,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 CONFIGS = [
-    # name, model, precision, checkpointing, lora, batch, block
+    # name, model, precision, checkpointing, lora, batch, block[, --load-dtype (default auto)]
     ("tiny", "gpt2:tiny", "fp32", False, False, 8, 256),
     ("tiny", "gpt2:tiny", "bf16", False, False, 8, 256),
     ("mini", "gpt2:mini", "bf16", False, False, 8, 256),
@@ -49,6 +49,7 @@ CONFIGS = [
     ("llama-small", "llama", "bf16", True, True, 4, 256),
     ("124M", "gpt2:gpt2", "bf16", False, True, 4, 256),
     ("124M", "gpt2:gpt2", "bf16", True, True, 4, 256),
+    ("llama-small", "llama", "bf16", False, True, 4, 256, "float32"),
 ]
 QUICK = [c for c in CONFIGS if c[0] in ("tiny", "mini")]
 LORA_ONLY = [c for c in CONFIGS if c[4]]
@@ -131,7 +132,7 @@ def build(spec: dict, cfg):  # type: ignore[no-untyped-def]
     config = TrainConfig(
         model=spec["model"], train_file="unused.txt", output_dir="unused", device="cpu",
         precision=spec["precision"], batch_size=spec["batch"], block_size=spec["block"],
-        gradient_checkpointing=spec["ckpt"], lora=spec["lora"],
+        gradient_checkpointing=spec["ckpt"], lora=spec["lora"], load_dtype=spec["load_dtype"],
     )  # fmt: skip
     dtype = load_dtype_for(config.load_dtype, spec["precision"], spec["lora"])
     torch.manual_seed(0)
@@ -155,7 +156,8 @@ def child(spec: dict) -> dict:
     torch.set_num_threads(2)
     cfg = model_config(spec["model"])
     plan = plan_memory(cfg, model=spec["model"], batch_size=spec["batch"],
-                       block_size=spec["block"], precision=spec["precision"])  # fmt: skip
+                       block_size=spec["block"], precision=spec["precision"],
+                       load_dtype=spec["load_dtype"])  # fmt: skip
     baseline = rss_kib("VmRSS")
     net = build(spec, cfg)
     model, loss_module, optim = net.model, net.loss_module, net.optimizer
@@ -207,22 +209,17 @@ def main() -> None:
     chosen = QUICK if args.quick else LORA_ONLY if args.lora_only else CONFIGS
     if args.only:
         chosen = [CONFIGS[int(i)] for i in args.only.split(",")]
-    for name, model, precision, ckpt, lora, batch, block in chosen:
+    for name, model, precision, ckpt, lora, batch, block, *load in chosen:
         spec = dict(
-            name=name,
-            model=model,
-            precision=precision,
-            ckpt=ckpt,
-            lora=lora,
-            batch=batch,
-            block=block,
-        )
+            name=name, model=model, precision=precision, ckpt=ckpt, lora=lora, batch=batch,
+            block=block, load_dtype=load[0] if load else "auto",
+        )  # fmt: skip
         out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
                              capture_output=True, text=True, check=True)  # fmt: skip
         row = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(row)
         mib = 1024**2
-        tuning = "LoRA r=8" if lora else "full"
+        tuning = ("LoRA r=8" if lora else "full") + (f", {load[0]} base" if load else "")
         print(f"| {name} | {tuning} | {precision} | {'yes' if ckpt else 'no'} | {batch} x {block} "
               f"| {row['plan_peak'] / mib:.0f} | {row['tensor_peak'] / mib:.0f} "
               f"| {row['plan_peak'] / row['tensor_peak']:.3f} | {row['rss_peak'] / mib:.0f} "

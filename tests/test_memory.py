@@ -237,12 +237,16 @@ def test_lora_plan_counts_equal_the_real_peft_model(family):
     assert terms.weight_copies == 2 * plan.trainable_lora  # autocast caches the adapters only
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_lora_layer_activations_equal_what_autograd_keeps(family):
-    """The bytes one transformer layer of a LoRA model (bf16 base, default targets, dropout
-    0.05, fast kernels) saves for the backward, followed with saved-tensor hooks, against the
-    plan's `layer_activations` plus the autocast copies of that layer's float32 adapters
-    (within 3%: the rotary tables and the norms' per-token scales are not counted). A plan that
+@pytest.mark.parametrize(
+    ("family", "base_dtype"),
+    [("gpt2", torch.bfloat16), ("llama", torch.bfloat16), ("llama", torch.float32)],
+)
+def test_lora_layer_activations_equal_what_autograd_keeps(family, base_dtype):
+    """The bytes one transformer layer of a LoRA model (default targets, dropout 0.05, fast
+    kernels, bf16 autocast) saves for the backward, followed with saved-tensor hooks, against
+    the plan's `layer_activations` plus the autocast copies of that layer's float32 adapters and,
+    with a float32 base, of its matrices (within 3%: the rotary tables and the norms' per-token
+    scales are not counted). A plan that
     counted the frozen base's inputs as in full fine-tuning, or left out the adapters' inputs and
     dropout masks, is 15-30% off here."""
     from transformers import AutoModelForCausalLM
@@ -262,7 +266,7 @@ def test_lora_layer_activations_equal_what_autograd_keeps(family):
     cfg = scratch_config("tiny") if family == "gpt2" else _tiny_llama_config()
     shape = model_shape(meta_model(cfg))
     torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
+    base = AutoModelForCausalLM.from_config(cfg).to(base_dtype)
     model = attach_lora(base, LoraSettings(), seed=0, base_name=family).train()
     use_fast_kernels(model)
     layers = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len)
@@ -282,8 +286,14 @@ def test_lora_layer_activations_equal_what_autograd_keeps(family):
     hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
     with hooks, autocast(torch.device("cpu"), "bf16"):
         CausalLMLoss(model.get_base_model())(ids[:, :-1], ids[:, 1:]).sum()
-    batch = BatchShape(batch=4, block=64, compute=2, weight=2, autocast=True, eager_scores=True)
+    weight = torch.finfo(base_dtype).bits // 8
+    batch = BatchShape(4, 64, compute=2, weight=weight, autocast=True, eager_scores=True)
     adapters = lora_adapters(shape, 8, default_lora_targets(shape), 0.05)
-    adapter_params = sum(8 * (i + o) for i, o in shape.linears.values())
-    planned = layer_activations(shape, batch, adapters) + 2 * adapter_params
+    load = "float32" if weight == 4 else "auto"
+    plan = plan_memory(cfg, model=family, batch_size=4, block_size=64, precision="bf16",
+                       load_dtype=load)  # fmt: skip
+    copies = plan.scenarios["lora"].weight_copies // shape.layers  # the plan's, for one layer
+    assert copies == 2 * sum(8 * (i + o) + (i * o if weight == 4 else 0)
+                             for i, o in shape.linears.values())  # fmt: skip
+    planned = layer_activations(shape, batch, adapters) + copies
     assert planned == pytest.approx(sum(saved.values()), rel=0.03)

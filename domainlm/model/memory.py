@@ -18,11 +18,12 @@ checkpointing. The estimate counts what a training step keeps alive, term by ter
   and holds one chunk's logits and softmax at a time (256 positions on the CPU);
 - with gradient checkpointing a layer keeps only its input; its full activations exist again,
   for one layer at a time, while the backward recomputes it;
-- with LoRA the base is frozen: a frozen linear map keeps no input and autocast keeps no copy of
-  its weight (it caches the casts of float32 leaves that need a gradient only), a frozen RMSNorm
-  keeps only its float32 input, and the residual stream is in the base's dtype (bf16); each
-  adapter keeps its own copy of its input (compute dtype), its dropout mask and lora_A's output
-  (`Adapters`), and autocast caches the half-precision copies of the float32 adapters.
+- with LoRA the base is frozen: a frozen linear map keeps no input (its weight needs no
+  gradient), a frozen RMSNorm keeps only its float32 input, and the residual stream is in the
+  base's dtype (bf16 by default); each adapter keeps its own copy of its input (compute dtype),
+  its dropout mask and lora_A's output (`Adapters`), and autocast keeps the half-precision
+  copies of the float32 adapters (and, for a float32 base, of its matrices, which the backward
+  needs for the inputs' gradients).
 
 The peak is the largest of three moments of a step: the end of the forward (all activations and
 the loss's buffers), the end of the backward (all gradients, the first layer recomputed when
@@ -300,8 +301,7 @@ def layer_activations(s: ModelShape, b: BatchShape, adapters: Adapters | None = 
     softmax and the dropped probabilities (2c + 1 bytes per score, b a T^2 scores).
 
     With LoRA (`adapters`) the base is frozen, and a frozen linear map keeps no input (its
-    weight needs no gradient; autocast keeps no copy of a weight that needs none): no
-    in-projection inputs, no MLP product (gated) or GELU output kept for the output projection,
+    weight needs no gradient): no in-projection inputs, no MLP product (gated) or GELU output kept for the output projection,
     and the eager attention's output is not kept either; RMSNorm keeps its float32 input only.
     Each adapter keeps its own input instead (`Adapters.activations`)."""
     n, h, f, c = b.tokens, s.hidden, s.intermediate, b.compute
@@ -363,17 +363,16 @@ def scenario(
     """The Terms of one way to train: full fine-tuning (`adapters` None; trainable = all
     parameters, in the weight dtype) or LoRA (trainable = the adapters, float32; the base
     frozen), with or without gradient checkpointing. The peak is the largest of the moments in
-    the module docstring. Under autocast the weight copies are those of the trainable float32
-    matrices only: autocast caches the cast of a float32 leaf that needs a gradient, and casts a
-    frozen weight anew at each use (freed after it)."""
+    the module docstring. Under autocast, the half-precision copies of float32 weights: of the
+    layers' matrices (a frozen one's copy too: the backward needs it for the input's gradient)
+    and of LoRA's float32 adapters; a bf16 base has none."""
     lora = adapters is not None
     weights = s.params * b.weight + (trainable * 4 if lora else 0)
     grad_bytes = 4 if lora else b.weight
     gradients = trainable * grad_bytes
     optimizer = 2 * trainable * grad_bytes  # AdamW's moments, in the parameter's dtype
-    copies = 0
-    if b.autocast and (lora or b.weight == 4):
-        copies = 2 * (trainable if lora else s.matrix_params)
+    copies = 2 * s.matrix_params if (b.autocast and b.weight == 4) else 0
+    copies += 2 * trainable if (b.autocast and lora) else 0
     layer_copies = copies // max(s.layers, 1)
     layer = layer_activations(s, b, adapters)
     residual, n = residual_bytes(b), b.tokens
