@@ -50,6 +50,7 @@ CONFIGS = [
     ("124M", "gpt2:gpt2", "bf16", False, True, 4, 256),
     ("124M", "gpt2:gpt2", "bf16", True, True, 4, 256),
     ("llama-small", "llama", "bf16", False, True, 4, 256, "float32"),
+    ("llama-small", "llama", "bf16", False, False, 4, 256, "bfloat16"),  # pure bf16
 ]
 QUICK = [c for c in CONFIGS if c[0] in ("tiny", "mini")]
 LORA_ONLY = [c for c in CONFIGS if c[4]]
@@ -219,7 +220,7 @@ def main() -> None:
         row = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(row)
         mib = 1024**2
-        tuning = ("LoRA r=8" if lora else "full") + (f", {load[0]} base" if load else "")
+        tuning = ("LoRA r=8" if lora else "full") + (f", {load[0]} weights" if load else "")
         print(f"| {name} | {tuning} | {precision} | {'yes' if ckpt else 'no'} | {batch} x {block} "
               f"| {row['plan_peak'] / mib:.0f} | {row['tensor_peak'] / mib:.0f} "
               f"| {row['plan_peak'] / row['tensor_peak']:.3f} | {row['rss_peak'] / mib:.0f} "
