@@ -32,6 +32,14 @@ from pathlib import Path
 from docs_section import write_section
 
 SECTION = "## Checkpoint stall: synchronous vs --async-save"
+SHAPE_NAMES = {
+    "gpt2": "GPT-2 124M shape (scratch:gpt2)",
+    "llama-1b": "Llama 1.1B shape (TinyLlama's)",
+}
+
+
+def section(args: argparse.Namespace) -> str:
+    return SECTION if args.shape == "gpt2" else f"{SECTION}, {SHAPE_NAMES[args.shape]}"
 
 
 def build(args: argparse.Namespace):  # noqa: ANN201 - (model, loss, optimizer, step function)
@@ -45,11 +53,19 @@ def build(args: argparse.Namespace):  # noqa: ANN201 - (model, loss, optimizer, 
     reuse_freed_host_memory()
     quiet_transformers()
     torch.manual_seed(0)
-    model = build_scratch_model("gpt2").train()
+    if args.shape == "gpt2":
+        model = build_scratch_model("gpt2")
+    else:  # TinyLlama's 1.1B shape, as benchmarks/save_time.py builds it
+        from save_time import build as build_shape
+
+        model, _ = build_shape(args.shape)
+    if args.weights == "bf16":  # pure-bf16 weights and AdamW moments (--load-dtype bfloat16)
+        model = model.to(torch.bfloat16)
+    model.train()
     use_fast_kernels(model)
     loss_module = CausalLMLoss(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    ids = torch.randint(0, 50257, (args.batch, args.block + 1))
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.block + 1))
 
     def step() -> float:
         start = time.perf_counter()
@@ -125,15 +141,16 @@ def cpu_name() -> str:
 
 def report(r: dict, args: argparse.Namespace) -> str:
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
-    return f"""{SECTION}
+    weights = "fp32 weights with bf16 autocast" if args.weights == "fp32" else "bf16 weights"
+    return f"""{section(args)}
 
-GPT-2 124M shape (scratch:gpt2), fp32 weights with bf16 autocast, fused AdamW, batch
+{SHAPE_NAMES[args.shape]}, {weights}, fused AdamW, batch
 {args.batch} x {args.block}, on the CPU ({cpu_name()}, with AMX); {args.saves} saves of each
 kind, alternating, medians. A checkpoint is {r["size_mb"]:,.0f} MB (weights, AdamW state,
 tokenizer), written to the local disk.
 
-Command: `.venv/bin/python benchmarks/async_save.py --saves {args.saves} --warmup {args.warmup}
---steps {args.steps} --write-docs`
+Command: `.venv/bin/python benchmarks/async_save.py --shape {args.shape} --weights {args.weights}
+--saves {args.saves} --warmup {args.warmup} --steps {args.steps} --write-docs`
 
 | | seconds (median) |
 |---|---|
@@ -154,6 +171,8 @@ noisy (a step of this shape takes a few seconds on the idle machine); read the r
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPE_NAMES), default="gpt2")
+    parser.add_argument("--weights", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--saves", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="timed steps with no save")
@@ -172,7 +191,7 @@ def main() -> int:
     text = report(result, args)
     print(text)
     if args.write_docs:
-        write_section(SECTION, text)
+        write_section(section(args), text)
     return 0
 
 

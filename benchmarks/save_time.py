@@ -20,6 +20,7 @@ memory is shared).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import time
@@ -112,8 +113,8 @@ def table(rows: list[dict], command: str, cpu: str) -> str:
     lines = [
         SECTION, "",
         f"`{command}` on {cpu}, fp32 weights and AdamW state, written to local disk (ext4 on a "
-        "virtual disk); the machine was shared with other jobs (loaded), so the times are an upper "
-        "bound of an idle machine's. Median of the repeats; the estimate is what a run prints at "
+        f"virtual disk); load average {' / '.join(f'{x:.1f}' for x in os.getloadavg())} (1/5/15 "
+        "min) when written. Median of the repeats; the estimate is what a run prints at "
         "start for --preempt-grace (size estimate / probed write speed + SHA-256 time).", "",
         "| shape | parameters | checkpoint | median save | MB/s | estimated at start | all |",
         "|---|---|---|---|---|---|---|",
