@@ -336,7 +336,8 @@ def format_plan(report: dict[str, Any]) -> str:
         f"({shape['layers']} layers, hidden {shape['hidden']}, vocab {shape['vocab']:,}); "
         f"micro-batch {plan['batch_size']} x {plan['block_size']} tokens, precision "
         f"{plan['precision']}, on {plan['device']}",
-        f"  {'GiB':<34}{'weights':>9}{'grads':>9}{'AdamW':>9}{'activ.':>9}{'peak':>9}",
+        f"  {'GiB':<34}{'weights':>9}{'grads':>9}{'AdamW':>9}{'activ.':>9}{'peak':>9}"
+        + ("" if plan["device"] == "cuda" else f"{'process':>9}"),
     ]
     names = {
         "full": "full fine-tuning",
@@ -349,9 +350,14 @@ def format_plan(report: dict[str, Any]) -> str:
         cells = [
             t["weights"] + t["weight_copies"], t["gradients"], t["optimizer"],
             t["activations"] + t["loss_buffers"], t["peak"],
-        ]  # fmt: skip
+        ] + ([] if plan["device"] == "cuda" else [t["fit_bytes"]])  # fmt: skip
         lines.append(f"  {label:<34}" + "".join(f"{c / GIB:>9.2f}" for c in cells))
     lines.append(f"  LoRA targets: {', '.join(plan['lora_targets'])}")
+    if plan["device"] != "cuda":
+        lines.append(
+            "  peak: live tensors; process: a bound on the process's resident memory on the CPU "
+            "(tensors + the allocator's fragmentation + the runtime), what must be free"
+        )
     if avail is not None:
         lines.append(f"available: {avail / GIB:.1f} GiB of {where}; fits with: {report['fits']}")
     return "\n".join(lines)
