@@ -66,11 +66,18 @@ class GPUMemoryPeak:
 
     @staticmethod
     def _used() -> int:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
-            capture_output=True,
-            text=True,
-        ).stdout
+        """MiB in use on GPU 0; 0 without nvidia-smi (a dry run on a CPU)."""
+        query = [
+            "nvidia-smi",
+            "--query-gpu=memory.used",
+            "--format=csv,noheader,nounits",
+            "-i",
+            "0",
+        ]
+        try:
+            out = subprocess.run(query, capture_output=True, text=True).stdout
+        except FileNotFoundError:
+            return 0
         return int(out.split()[0]) if out.strip() else 0
 
     def _poll(self) -> None:
@@ -119,46 +126,65 @@ def model_flops(folder: Path, seq_len: int) -> float:
 # ----------------------------------------------------------------------------- the inputs
 
 
-def make_inputs(work: Path) -> dict[str, Path]:
-    """The corpus and the GPT-2 124M folder."""
+def make_corpus(work: Path, repeats: int = TRAIN_REPEATS) -> dict[str, Path]:
+    """The train and validation files: Python's standard-library docstrings, one per line."""
     from domainlm.demo import stdlib_docstrings
-    from domainlm.model.loading import save_scratch_folder
 
     docs = stdlib_docstrings()
+    work.mkdir(parents=True, exist_ok=True)
     train, valid = work / "train.txt", work / "valid.txt"
-    # ~0.35M tokens, repeated: enough blocks that no run reaches an epoch's short last batch
-    train.write_text("\n".join(docs[400:] * TRAIN_REPEATS) + "\n", encoding="utf-8")
+    # ~0.26M tokens, repeated: enough blocks that no run reaches an epoch's short last batch
+    train.write_text("\n".join(docs[400:] * repeats) + "\n", encoding="utf-8")
     valid.write_text("\n".join(docs[:400]) + "\n", encoding="utf-8")
-    paths = {"train": train, "valid": valid, "gpt2": work / "gpt2-124m"}
+    return {"train": train, "valid": valid}
+
+
+def make_inputs(work: Path) -> dict[str, Path]:
+    """The corpus and the GPT-2 124M folder."""
+    from domainlm.model.loading import save_scratch_folder
+
+    paths = {**make_corpus(work), "gpt2": work / "gpt2-124m"}
     if not (paths["gpt2"] / "config.json").exists():
         save_scratch_folder("gpt2", paths["gpt2"], seed=0)
     return paths
 
 
-def make_llama_1b(work: Path) -> Path:
-    """A random-init 1B-class Llama folder with GPT-2's tokenizer (seed 0)."""
+def make_llama(folder: Path, shape: dict, dtype: str = "float32") -> Path:
+    """A random-init Llama folder of this shape with GPT-2's tokenizer (seed 0), its weights
+    saved in `dtype`, built on the GPU where there is one (initialising billions of parameters
+    on the CPU takes minutes)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from domainlm.model.loading import gpt2_tokenizer
 
-    folder = work / "llama-1b"
     if not (folder / "config.json").exists():
         tokenizer = gpt2_tokenizer()
         config = LlamaConfig(
             vocab_size=len(tokenizer),
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
-            **LLAMA_1B,
+            **shape,
         )
         torch.manual_seed(0)
-        with torch.device("cuda"):  # initialising 1B parameters on the CPU takes a while
-            model = LlamaForCausalLM(config)
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(getattr(torch, dtype))
+        try:
+            with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+                model = LlamaForCausalLM(config)
+        finally:
+            torch.set_default_dtype(default_dtype)
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         del model
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return folder
+
+
+def make_llama_1b(work: Path) -> Path:
+    """A random-init 1B-class Llama folder with GPT-2's tokenizer (seed 0)."""
+    return make_llama(work / "llama-1b", LLAMA_1B)
 
 
 # ----------------------------------------------------------------------------- the two tools
@@ -175,17 +201,19 @@ def steady_tokens_per_s(metrics: Path) -> float:
 
 
 def domainlm_train(model: Path, paths: dict[str, Path], out: Path, block: int, batch: int,
-                   steps: int, compile_: bool, log: Path, timeout: float = 240) -> dict:  # fmt: skip
+                   steps: int, log: Path, extra: tuple[str, ...] = (), timeout: float = 240,
+                   lr: float = 5e-5, logging_steps: int = 10) -> dict:  # fmt: skip
+    """`python -m domainlm train` with bf16 and no evaluation or checkpoint before the end;
+    `extra`: more flags (--compile, --lora, ...)."""
     cmd = [
         sys.executable, "-m", "domainlm", "train", "--model", str(model),
         "--train-file", str(paths["train"]), "--validation-file", str(paths["valid"]),
         "--output-dir", str(out), "--overwrite-output-dir", "--block-size", str(block),
         "--batch-size", str(batch), "--max-steps", str(steps), "--precision", "bf16",
-        "--logging-steps", "10", "--eval-steps", str(10**6), "--save-steps", str(10**6),
-        "--max-eval-tokens", "8000", "--lr", "5e-5", "--quiet",
+        "--logging-steps", str(logging_steps), "--eval-steps", str(10**6),
+        "--save-steps", str(10**6), "--max-eval-tokens", "8000", "--lr", str(lr), "--quiet",
+        *extra,
     ]  # fmt: skip
-    if compile_:
-        cmd.append("--compile")
     seconds, memory, timed_out = run(cmd, log, timeout=timeout)
     # stopped by the time budget after its training windows were logged (e.g. while saving): the
     # windows still say how fast it trained
@@ -197,23 +225,61 @@ def domainlm_train(model: Path, paths: dict[str, Path], out: Path, block: int, b
     }
 
 
+def measured_peak_gib(out: Path) -> float:
+    """domainlm's peak of live GPU tensors (metrics.jsonl's peak_gpu_memory_gib, the largest);
+    NaN off a GPU."""
+    path = out / "metrics.jsonl"
+    events = map(json.loads, path.read_text().splitlines()) if path.exists() else []
+    peaks = [e["peak_gpu_memory_gib"] for e in events if "peak_gpu_memory_gib" in e]
+    return max(peaks) if peaks else float("nan")
+
+
+def planned_peak_gib(model: Path, block: int, batch: int, scenario: str) -> float:
+    """The memory plan's peak on a GPU (`domainlm inspect --model`'s figure) for this run:
+    scenario "full", "full+ckpt", "lora" or "lora+ckpt" (LoRA r 8, dropout 0.05, bf16)."""
+    from domainlm.model.memory import model_config_of, plan_memory
+
+    plan = plan_memory(model_config_of(str(model)), model=str(model), batch_size=batch,
+                       block_size=block, precision="bf16", device="cuda")  # fmt: skip
+    return plan.scenarios[scenario].peak / 2**30
+
+
 def trainer_train(model: Path, paths: dict[str, Path], out: Path, block: int, batch: int,
-                  steps: int, log: Path) -> dict:  # fmt: skip
-    cmd = [sys.executable, __file__, "--as-trainer", json.dumps(
-        {"model": str(model), "train": str(paths["train"]), "out": str(out), "block": block,
-         "batch": batch, "steps": steps})]  # fmt: skip
+                  steps: int, log: Path, **settings: object) -> dict:  # fmt: skip
+    """The HF Trainer (as_trainer) in its own process; `settings`: as_trainer's optional keys."""
+    spec = {"model": str(model), "train": str(paths["train"]), "out": str(out), "block": block,
+            "batch": batch, "steps": steps, **settings}  # fmt: skip
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--as-trainer", json.dumps(spec)]
     seconds, memory, _ = run(cmd, log)
     result = json.loads((out / "gpu_check_trainer.json").read_text())
-    return {"tokens_per_s": result["tokens_per_s"], "memory_gib": memory, "seconds": seconds}
+    return {**result, "memory_gib": memory, "seconds": seconds}
+
+
+def trainer_model(spec: dict):  # type: ignore[no-untyped-def]
+    """The Trainer's model: the folder as transformers loads it (float32), or with spec["lora"]
+    ({"r", "alpha", "dropout", "targets"}) a bf16 base with peft's LoRA adapters on top."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if not spec.get("lora"):
+        return AutoModelForCausalLM.from_pretrained(spec["model"])
+    from peft import LoraConfig, get_peft_model
+
+    lora = spec["lora"]
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.bfloat16)
+    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                        target_modules=lora["targets"], task_type="CAUSAL_LM")  # fmt: skip
+    return get_peft_model(model, config)
 
 
 def as_trainer(spec: dict) -> None:
     """run_clm.py's pipeline without `datasets`: each line tokenized with the tokenizer's defaults,
     everything concatenated and cut into blocks (the remainder dropped), labels = input_ids,
-    default_data_collator, Trainer with bf16 and its default fused AdamW."""
+    default_data_collator, Trainer with bf16 and its default fused AdamW. Optional keys: "lr"
+    (5e-5), "gradient_checkpointing" (False), "lora" (trainer_model). Writes tokens/s and the
+    number of trainable parameters."""
     import torch
     from transformers import (
-        AutoModelForCausalLM,
         AutoTokenizer,
         Trainer,
         TrainerCallback,
@@ -227,7 +293,8 @@ def as_trainer(spec: dict) -> None:
     block = spec["block"]
     blocks = [ids[i : i + block] for i in range(0, len(ids) - block + 1, block)]
     dataset = [{"input_ids": b, "labels": list(b), "attention_mask": [1] * block} for b in blocks]
-    model = AutoModelForCausalLM.from_pretrained(spec["model"])
+    model = trainer_model(spec)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     skip = min(20, spec["steps"] // 4)  # the same warm-up share as domainlm's first two windows
 
@@ -243,14 +310,17 @@ def as_trainer(spec: dict) -> None:
             self.times.append(time.perf_counter())
 
     timer = StepTimes()
+    checkpointing = bool(spec.get("gradient_checkpointing"))
     args = TrainingArguments(
         output_dir=spec["out"],
         per_device_train_batch_size=spec["batch"],
         max_steps=spec["steps"],
-        learning_rate=5e-5,
+        learning_rate=spec.get("lr", 5e-5),
         lr_scheduler_type="linear",
         max_grad_norm=1.0,
         bf16=True,
+        gradient_checkpointing=checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
         logging_steps=10,
         save_strategy="no",
         report_to=[],
@@ -269,7 +339,9 @@ def as_trainer(spec: dict) -> None:
     span = timer.times[-1] - timer.times[skip]
     tokens = (len(timer.times) - 1 - skip) * spec["batch"] * block
     Path(spec["out"], "gpu_check_trainer.json").write_text(
-        json.dumps({"tokens_per_s": tokens / span})
+        json.dumps(
+            {"tokens_per_s": tokens / span, "trainable": trainable, "steps": len(timer.times)}
+        )
     )
 
 
@@ -377,8 +449,9 @@ def main() -> None:
                 with_trainer: bool = True, timeout: float = 240) -> None:  # fmt: skip
         flops = model_flops(model, block)
         slug = label.replace(" ", "-")
-        ours = domainlm_train(model, paths, work / f"out-{slug}", block, batch, steps, compile_,
-                              logs / f"domainlm-{slug}.log", timeout)  # fmt: skip
+        ours = domainlm_train(model, paths, work / f"out-{slug}", block, batch, steps,
+                              logs / f"domainlm-{slug}.log", ("--compile",) if compile_ else (),
+                              timeout)  # fmt: skip
         print(f"domainlm {label}: {ours}", flush=True)
         results[label] = {"domainlm": ours, "flops_per_token": flops}
         if not with_trainer:
@@ -386,6 +459,8 @@ def main() -> None:
             row(f"{label}, block {block}, batch {batch}: tokens/s, MFU, GiB{stopped}",
                 f"{ours['tokens_per_s']:,.0f}, {ours['tokens_per_s'] * flops / args.peak:.1%}, "
                 f"{ours['memory_gib']:.1f}", "not run", "", "reported")  # fmt: skip
+            plan_row(f"{label}, block {block}, batch {batch}", model, block, batch,
+                     work / f"out-{slug}")  # fmt: skip
             return
         theirs = trainer_train(model, paths, work / f"trainer-{slug}", block, batch, steps,
                                logs / f"trainer-{slug}.log")  # fmt: skip
@@ -399,6 +474,13 @@ def main() -> None:
         row(f"{shape}: GPU memory (GiB)", f"{ours['memory_gib']:.1f}",
             f"{theirs['memory_gib']:.1f}", f"{ours['memory_gib'] / theirs['memory_gib']:.2f}x",
             "<= 0.5x")  # fmt: skip
+        plan_row(shape, model, block, batch, work / f"out-{slug}")
+
+    def plan_row(shape: str, model: Path, block: int, batch: int, out: Path) -> None:
+        planned, measured = planned_peak_gib(model, block, batch, "full"), measured_peak_gib(out)
+        results.setdefault("memory_plan", {})[shape] = {"plan": planned, "measured": measured}
+        row(f"{shape}: memory plan vs measured peak of live tensors (GiB)", f"{planned:.2f}",
+            f"measured {measured:.2f}", f"{planned / measured:.3f}", "within 15% (issue 15)")  # fmt: skip
 
     compare("GPT-2 124M", paths["gpt2"], 1024, args.batch_size, args.steps, args.compile)
     trained = work / "out-GPT-2-124M"

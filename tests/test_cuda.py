@@ -7,6 +7,8 @@ tiny GPT-2 whose byte-level BPE tokenizer is trained here on the test corpus, so
 
 - bf16 and fp16 training: finite losses that fall, finite falling validation perplexity.
 - Perplexity: GPU fp32 == CPU fp32 within 1e-4 relative; bf16 printed with its difference.
+- LoRA in bf16: the loss falls, the base stays frozen, the adapter folder's perplexity on the GPU
+  equals the merged folder's.
 - Resume: SIGTERM mid-run, then the same command, gives the uninterrupted run's metrics.jsonl.
 - Generation: greedy token ids on the GPU == on the CPU (fp32, a trained model).
 - `--strategy fsdp` under `torchrun --nproc_per_node=1`: shards over a process group of one (NCCL),
@@ -123,7 +125,8 @@ def eval_ppls(out: Path) -> list[float]:
 def metric_events(out: Path) -> list[dict]:
     rows = read_events(out / "metrics.jsonl")
     for row in rows:
-        row.pop("tokens_per_s", None)  # the only field that depends on timing
+        row.pop("tokens_per_s", None)  # depends on timing
+        row.pop("peak_gpu_memory_gib", None)  # a resumed process has its own peak
     return rows
 
 
@@ -158,6 +161,57 @@ def test_mixed_precision_training_on_the_gpu_learns(
     assert sum(steps[-5:]) < 0.7 * sum(steps[:5]), steps
     ppls = eval_ppls(out)
     assert all(math.isfinite(p) for p in ppls) and ppls[-1] < 0.5 * ppls[0], ppls
+    # each logged step carries the peak of live tensor memory so far: positive, never falling
+    peaks = [e["peak_gpu_memory_gib"] for e in read_events(out / "metrics.jsonl") if "loss" in e]
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    assert len(peaks) == 40 and peaks[0] > 0 and peaks == sorted(peaks) and peaks[-1] < total
+
+
+def lora_run_checks(model_dir: Path, corpus: Path, out: Path, device: str) -> list[str]:
+    """--lora in bf16 on `device`: what must hold, as failed-check messages (none: all hold).
+    The base loads in bf16 and stays frozen (merged/ equals the base outside the adapted
+    layers), the validation perplexity falls (LoRA on a random-init base moves the training
+    loss only a little: 5.74 to 5.55 on the CPU, validation 313 to 256), and the adapter
+    folder's fp32 perplexity on `device` equals the merged folder's."""
+    from transformers import AutoModelForCausalLM
+
+    from domainlm.evaluation.perplexity import PerplexityConfig, evaluate_perplexity
+
+    args = train_args(model_dir, corpus, out, "--device", device, "--precision", "bf16", "--lora")
+    assert cli_main([*args, "--max-steps", "40", "--lr", "1e-2", "--eval-steps", "20"]) == 0
+    failed = []
+    steps = losses(out)
+    if not (len(steps) == 40 and all(map(math.isfinite, steps))):
+        failed.append(f"40 finite losses: {steps}")
+    ppls = eval_ppls(out)
+    if not (all(map(math.isfinite, ppls)) and ppls[-1] < 0.9 * ppls[0]):
+        failed.append(f"the validation perplexity falls: {ppls}")
+    base = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").state_dict()
+    adapted = {n for n in base if not torch.equal(base[n], merged[n])}
+    targets = {"attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"}
+    if not adapted or any(n.split(".", 3)[-1] not in targets for n in adapted):
+        failed.append(f"only the adapted layers change: {sorted(adapted)}")
+
+    def ppl(folder: Path) -> float:
+        config = PerplexityConfig(model=[str(folder)], file=str(corpus / "valid.txt"),
+                                  block_size=64, stride=32, batch_size=4, precision="fp32",
+                                  device=device, quiet=True)  # fmt: skip
+        return evaluate_perplexity(config)[0].perplexity
+
+    adapter, whole = ppl(out), ppl(out / "merged")
+    if adapter != pytest.approx(whole, rel=1e-4):
+        failed.append(f"adapter folder perplexity {adapter} == merged folder's {whole}")
+    return failed
+
+
+def test_lora_on_the_gpu_learns_and_its_folders_agree(
+    model_dir: Path, corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    assert lora_run_checks(model_dir, corpus, tmp_path / "out", "cuda") == []
+    assert "on cuda x1, precision bf16" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- perplexity

@@ -187,13 +187,20 @@ def test_bad_train_values_are_user_errors(tmp_path):
         TrainConfig(model="m", train_file="t", output_dir="o", load_dtype="float64")
 
 
-def _tiny_llama_config():  # type: ignore[no-untyped-def]
+def _tiny_llama_config(kv_heads: int = 4):  # type: ignore[no-untyped-def]
     from transformers import LlamaConfig
 
     return LlamaConfig(
         vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+        num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=128,
     )  # fmt: skip
+
+
+def _family_config(family: str):  # type: ignore[no-untyped-def]
+    """gpt2 (scratch:tiny), llama (4 heads) or llama-gqa (4 query heads, 1 key/value head)."""
+    if family == "gpt2":
+        return scratch_config("tiny")
+    return _tiny_llama_config(kv_heads=1 if family == "llama-gqa" else 4)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -238,17 +245,27 @@ def test_lora_plan_counts_equal_the_real_peft_model(family):
 
 
 @pytest.mark.parametrize(
-    ("family", "base_dtype"),
-    [("gpt2", torch.bfloat16), ("llama", torch.bfloat16), ("llama", torch.float32)],
+    ("family", "base_dtype", "lora"),
+    [
+        ("gpt2", torch.bfloat16, True),
+        ("llama", torch.bfloat16, True),
+        ("llama", torch.float32, True),
+        ("llama-gqa", torch.bfloat16, True),
+        ("gpt2", torch.float32, False),
+        ("llama", torch.float32, False),
+        ("llama-gqa", torch.float32, False),
+    ],
 )
-def test_lora_layer_activations_equal_what_autograd_keeps(family, base_dtype):
-    """The bytes one transformer layer of a LoRA model (default targets, dropout 0.05, fast
-    kernels, bf16 autocast) saves for the backward, followed with saved-tensor hooks, against
-    the plan's `layer_activations` plus the autocast copies of that layer's float32 adapters and,
-    with a float32 base, of its matrices (within 3%: the rotary tables and the norms' per-token
-    scales are not counted). A plan that
-    counted the frozen base's inputs as in full fine-tuning, or left out the adapters' inputs and
-    dropout masks, is 15-30% off here."""
+def test_layer_activations_equal_what_autograd_keeps(family, base_dtype, lora):
+    """The bytes one transformer layer (fast kernels, bf16 autocast) saves for the backward,
+    followed with saved-tensor hooks, against the plan's `layer_activations` plus the autocast
+    copies of that layer's float32 matrices (within 3%: the rotary tables and the norms'
+    per-token scales are not counted). Full fine-tuning, and LoRA (default targets, dropout
+    0.05; the copies are of the float32 adapters and, with a float32 base, of its matrices).
+    A plan that counted the frozen base's inputs as in full fine-tuning, or left out the
+    adapters' inputs and dropout masks, is 15-30% off here; one that counted grouped-query
+    attention's key and value at the query's width (llama-gqa: 1 key/value head for 4 query
+    heads) is 4-5% over."""
     from transformers import AutoModelForCausalLM
 
     from domainlm.model.device import autocast
@@ -263,11 +280,11 @@ def test_lora_layer_activations_equal_what_autograd_keeps(family, base_dtype):
         model_shape,
     )
 
-    cfg = scratch_config("tiny") if family == "gpt2" else _tiny_llama_config()
+    cfg = _family_config(family)
     shape = model_shape(meta_model(cfg))
     torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_config(cfg).to(base_dtype)
-    model = attach_lora(base, LoraSettings(), seed=0, base_name=family).train()
+    base = AutoModelForCausalLM.from_config(cfg).to(base_dtype).train()
+    model = attach_lora(base, LoraSettings(), seed=0, base_name=family).train() if lora else base
     use_fast_kernels(model)
     layers = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -285,16 +302,19 @@ def test_lora_layer_activations_equal_what_autograd_keeps(family, base_dtype):
     ids = torch.randint(0, cfg.vocab_size, (4, 65))
     hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
     with hooks, autocast(torch.device("cpu"), "bf16"):
-        CausalLMLoss(model.get_base_model())(ids[:, :-1], ids[:, 1:]).sum()
+        CausalLMLoss(model.get_base_model() if lora else model)(ids[:, :-1], ids[:, 1:]).sum()
     weight = torch.finfo(base_dtype).bits // 8
-    batch = BatchShape(4, 64, compute=2, weight=weight, autocast=True, eager_scores=True)
-    adapters = lora_adapters(shape, 8, default_lora_targets(shape), 0.05)
+    eager = shape.kv_heads == shape.heads  # as plan_memory decides it on the CPU
+    batch = BatchShape(4, 64, compute=2, weight=weight, autocast=True, eager_scores=eager)
+    adapters = lora_adapters(shape, 8, default_lora_targets(shape), 0.05) if lora else None
     load = "float32" if weight == 4 else "auto"
     plan = plan_memory(cfg, model=family, batch_size=4, block_size=64, precision="bf16",
                        load_dtype=load)  # fmt: skip
-    copies = plan.scenarios["lora"].weight_copies // shape.layers  # the plan's, for one layer
-    assert copies == 2 * sum(8 * (i + o) + (i * o if weight == 4 else 0)
-                             for i, o in shape.linears.values())  # fmt: skip
+    scenario = plan.scenarios["lora" if lora else "full"]
+    copies = scenario.weight_copies // shape.layers  # the plan's, for one layer
+    by_hand = [(8 * (i + o) if lora else 0) + (i * o if weight == 4 else 0)
+               for i, o in shape.linears.values()]  # fmt: skip
+    assert copies == 2 * sum(by_hand)
     planned = layer_activations(shape, batch, adapters) + copies
     assert planned == pytest.approx(sum(saved.values()), rel=0.03)
 

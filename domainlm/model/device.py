@@ -129,6 +129,14 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def peak_gpu_memory_gib(device: torch.device) -> float | None:
+    """The peak of live tensor memory on this GPU so far (`max_memory_allocated`, what the memory
+    plan estimates), in GiB; None off a GPU."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

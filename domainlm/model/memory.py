@@ -296,7 +296,8 @@ def layer_activations(s: ModelShape, b: BatchShape, adapters: Adapters | None = 
     norms (LayerNorm: its input, r n h; RMSNorm: its input cast to float32, plus, when its weight
     is trained, the float32 normalised input the weight's gradient needs); the inputs of the
     in-projections (one shared input per block in fp32; under autocast each linear casts its own:
-    q, k, v and gate, up separately); attention's query, key, value and output (c n h each);
+    q, k, v and gate, up separately); attention's query, key, value and output (c n each at
+    their widths: `attention_width`);
     the MLP (GELU: its input and output, 2 c n f; gated: gate, up, act(gate), their product,
     4 c n f); with dropout the masks (1 byte per element) and, for the eager attention, the
     softmax and the dropped probabilities (2c + 1 bytes per score, b a T^2 scores).
@@ -313,14 +314,15 @@ def layer_activations(s: ModelShape, b: BatchShape, adapters: Adapters | None = 
     attn_in = sum(1 for k in s.linears if k.split(".")[-1] in ("q_proj", "k_proj", "v_proj"))
     attn_in = attn_in if separate and attn_in else 1
     mlp_in = 2 if (s.gated and separate) else 1
+    attention = c * n * attention_width(s)  # q, k, v, output (the output projection's input)
     if adapters is None:
         inputs = (attn_in + mlp_in) * c * n * h
         mlp = (4 if s.gated else 2) * c * n * f
-        attention = 4 * c * n * h  # q, k, v, output (the output projection's input)
     else:
         inputs = adapters.activations(n, c)
         mlp = (3 if s.gated else 1) * c * n * f
-        attention = (3 if eager else 4) * c * n * h  # SDPA keeps its output for its backward
+        if eager:  # SDPA keeps its output for its backward; the eager attention does not
+            attention -= c * n * h
     attention += 4 * b.batch * s.heads * b.block  # the log-sum-exp
     masks = 0
     if s.dropout:
@@ -328,6 +330,19 @@ def layer_activations(s: ModelShape, b: BatchShape, adapters: Adapters | None = 
         if eager:
             masks += (2 * c + 1) * b.batch * s.heads * b.block**2
     return 2 * norm + inputs + attention + mlp + masks
+
+
+def attention_width(s: ModelShape) -> int:
+    """Elements per token that attention keeps for the backward: the query, key and value at
+    their own widths (under grouped-query attention k and v are narrower, and SDPA takes them
+    so, without repeating them per query head) and the output, as wide as the query. Fused
+    projections (GPT-2's c_attn, GPT-NeoX's query_key_value) keep four hidden-wide tensors."""
+    outs = {name.split(".")[-1]: out for name, (_, out) in s.linears.items()}
+    if {"q_proj", "k_proj", "v_proj"} <= outs.keys():
+        return 2 * outs["q_proj"] + outs["k_proj"] + outs["v_proj"]
+    if "qkv_proj" in outs:  # Phi-3: one projection, q as wide as the hidden size
+        return outs["qkv_proj"] + s.hidden
+    return 4 * s.hidden
 
 
 def loss_terms(

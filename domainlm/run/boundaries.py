@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from domainlm.evaluation.windows import NLLSum, stream_nll
+from domainlm.model.device import peak_gpu_memory_gib
 from domainlm.model.distributed import all_reduce_sum
 from domainlm.run import guard, preempt
 from domainlm.run.checkpoint import (
@@ -75,7 +76,8 @@ class Progress:
         speed = self.tokens / elapsed if elapsed > 0 else 0.0
         # NaN when every step of the window was skipped as bad (guard.BadStepGuard)
         loss = nll_sum / self.tokens if self.tokens else float("nan")
-        run.metrics.log_train(step.done, step.epoch, loss, step.lr, speed)
+        memory = peak_gpu_memory_gib(run.device)
+        run.metrics.log_train(step.done, step.epoch, loss, step.lr, speed, memory)
         run.console.step(self.bar, step.done, loss, step.lr, speed)
         self.nll.zero_()
         self.tokens, self.start = 0, time.perf_counter()

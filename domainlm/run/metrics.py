@@ -45,17 +45,24 @@ class MetricsLog:
                 listener(event)
 
     def log_train(
-        self, step: int, epoch: float, loss: float, lr: float, tokens_per_s: float
+        self,
+        step: int,
+        epoch: float,
+        loss: float,
+        lr: float,
+        tokens_per_s: float,
+        peak_gpu_memory_gib: float | None = None,
     ) -> None:
-        self._write(
-            {
-                "step": step,
-                "epoch": round(epoch, 4),
-                "loss": loss,
-                "lr": lr,
-                "tokens_per_s": round(tokens_per_s, 1),
-            }
-        )
+        event = {
+            "step": step,
+            "epoch": round(epoch, 4),
+            "loss": loss,
+            "lr": lr,
+            "tokens_per_s": round(tokens_per_s, 1),
+        }
+        if peak_gpu_memory_gib is not None:  # on a GPU: this rank's peak of live tensors so far
+            event["peak_gpu_memory_gib"] = round(peak_gpu_memory_gib, 3)
+        self._write(event)
 
     def log_eval(self, step: int, epoch: float, result: NLLSum) -> None:
         self._write(

@@ -157,6 +157,8 @@ def fit(run: Run, cleanup: ExitStack) -> TrainResult:
 def set_up(config: TrainConfig, ctx: DistContext, cleanup: ExitStack) -> Run:
     """Check the inputs and load the data (nothing written yet), build the model, restore state."""
     device = pick_device(ctx.local_rank if ctx.enabled else None, config.device)
+    if device.type == "cuda":  # metrics.jsonl's peak_gpu_memory_gib: this run's, not the process's
+        torch.cuda.reset_peak_memory_stats(device)
     precision = resolve_precision(config.precision, device)
     console = Console(enabled=ctx.is_main, quiet=config.quiet)
     lora = bool(getattr(config, "lora", False))
