@@ -16,6 +16,10 @@ the median step time, tokens/s and the process's peak RSS. Variants, cumulative:
    faults for each step's large tensors).
 4. `+ fast kernels` = domainlm: `domainlm.model.fastpath.use_fast_kernels` (fused GELU; dropout masks
    from 31-bit integers; eager attention while training with dropout on CPU).
+5. `+ compile`: what `domainlm train --compile` adds: the backbone compiled in place
+   (`domainlm.run.train.compile_model`); `--warmup` must cover the compilation (>= 2 steps).
+
+`--variants` runs a subset (the first one named is the baseline of "vs").
 
 It also measures this CPU's bf16 matmul rate (a 2048^3 product) and reports each variant's model
 FLOP rate (6N + 12 L H Q T FLOPs per token, benchmarks/model_flops.py) as a share of it: the
@@ -42,6 +46,7 @@ VARIANTS = {
     "+ chunked loss": dict(loss="domainlm", malloc=False, fast=False),
     "+ malloc reuse": dict(loss="domainlm", malloc=True, fast=False),
     "+ fast kernels (domainlm)": dict(loss="domainlm", malloc=True, fast=True),
+    "+ compile (--compile)": dict(loss="domainlm", malloc=True, fast=True, compile=True),
 }
 
 
@@ -64,6 +69,10 @@ def child(args: argparse.Namespace) -> None:
     if variant["fast"]:
         use_fast_kernels(model)
     loss_module = CausalLMLoss(model)
+    if variant.get("compile"):
+        from domainlm.run.train import compile_model
+
+        compile_model(loss_module)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ids = torch.randint(0, model.config.vocab_size, (args.batch_size, args.block_size))
     targets = args.batch_size * (args.block_size - 1)
@@ -120,6 +129,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS)[:4])
     parser.add_argument("--write-docs", action="store_true", help="write docs/benchmarks.md")
     args = parser.parse_args()
     if args.variant:
@@ -131,10 +141,10 @@ def main() -> None:
         "--batch-size", str(args.batch_size), "--block-size", str(args.block_size),
         "--warmup", str(args.warmup), "--steps", str(args.steps),
     ] + ([] if args.n_layer is None else ["--n-layer", str(args.n_layer)])  # fmt: skip
-    results: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+    results: dict[str, list[dict]] = {name: [] for name in args.variants}
     peak = []
     for repeat in range(args.repeats):
-        names = list(VARIANTS) if repeat % 2 == 0 else list(reversed(VARIANTS))
+        names = list(results) if repeat % 2 == 0 else list(reversed(results))
         for name in names:
             done = subprocess.run(
                 [sys.executable, __file__, "--variant", name, *forwarded],
@@ -145,9 +155,9 @@ def main() -> None:
             print(f"  {name} #{repeat}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
         peak.append(matmul_gflops())
     peak_gflops = statistics.median(peak)
-    base = statistics.median(r["step_s"] for r in results["trainer"])
+    base = statistics.median(r["step_s"] for r in results[args.variants[0]])
     lines = [
-        "| variant | step s | tokens/s | vs trainer | model GFLOP/s | share of matmul peak | peak RSS MB |",
+        f"| variant | step s | tokens/s | vs {args.variants[0]} | model GFLOP/s | share of matmul peak | peak RSS MB |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, runs in results.items():

@@ -142,3 +142,19 @@ def test_model_in_training_takes_the_eager_path_with_the_same_result(
         got = model(input_ids=ids(4)).logits
     assert [p for p in calls if p > 0] == [0.1] * model.config.n_layer  # the attention's
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_compiled_backbone_has_no_graph_break_in_training() -> None:
+    """`--compile` traces the backbone in one graph on the CPU, dropout included: the fast mask's
+    in-place `random_` cannot be traced (a graph break at every dropout), so inside the compiler
+    the mask is `F.dropout`'s, which it can fuse."""
+    import torch._dynamo
+
+    model = tiny_gpt2(resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1).train()
+    use_fast_kernels(model)
+    torch._dynamo.reset()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(model.base_model)(input_ids=ids(), use_cache=False)
+    reasons = [reason.reason.splitlines()[0] for reason in explained.break_reasons]
+    assert explained.graph_break_count == 0, reasons
+    assert explained.graph_count == 1
