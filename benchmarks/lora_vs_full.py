@@ -147,7 +147,7 @@ def main() -> None:
         text = "\n".join([
             SECTION, "",
             f"Command: `python benchmarks/lora_vs_full.py {flags}`".replace(" `", " `", 1), "",
-            f"Machine: {machine()}. Shared with other jobs: the times are indicative.", "",
+            f"Machine: {machine()}.", "",
             f"`scratch:gpt2` (GPT-2 124M shape, random init), {args.steps} steps of batch "
             f"{args.batch_size} x block {args.block_size}, {args.precision}, medians of "
             f"{args.repeats}; full fine-tuning at lr {args.full_lr}, LoRA (r 8, alpha 16, every "
