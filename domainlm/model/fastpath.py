@@ -55,7 +55,7 @@ class _CPUDropout(torch.autograd.Function):
 def cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """Training-mode dropout; the fast mask on CPU, `F.dropout` elsewhere, for p outside (0, 1),
     or inside torch.compile (which cannot trace the mask's in-place `random_`: a graph break at
-    every dropout, ~6 per layer, while the compiler fuses `F.dropout`'s own mask)."""
+    every dropout, while the compiler fuses `F.dropout`'s own mask)."""
     if x.device.type != "cpu" or not 0.0 < p < 1.0 or torch.compiler.is_compiling():
         return F.dropout(x, p, training=True)
     return _CPUDropout.apply(x, p)
