@@ -9,58 +9,60 @@ from __future__ import annotations
 
 import ast
 import re
+from functools import cache
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CITATION = re.compile(r"(?P<file>tests/test_\w+\.py)?(?:::(?P<name>test_\w+))?")
+CITATION = re.compile(r"(?P<file>tests/test_\w+\.py)(?:::(?P<name>test_\w+))?|::(?P<bare>test_\w+)")
 
 
-def functions_in(path: Path) -> set[str]:
+@cache
+def functions_in(path: Path) -> frozenset[str]:
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    return {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
+    return frozenset(n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef))
 
 
-def dangling_citations(text: str, tests_dir: Path) -> list[str]:
-    """The citations in `text` that name no test file, or no test function of their file."""
-    dangling, current = [], None
+def citations(text: str) -> list[tuple[str | None, str | None]]:
+    """(file, test name) per citation in `text`; a bare `::name` takes the file named last."""
+    found, current = [], None
     for match in CITATION.finditer(text):
-        file, name = match.group("file"), match.group("name")
-        if file:
-            current = file
-            if not (tests_dir.parent / file).is_file():
-                dangling.append(file)
-                continue
-        if name:
-            if current is None:
-                dangling.append(f"::{name} (no file named before it)")
-            elif (tests_dir.parent / current).is_file() and name not in functions_in(
-                tests_dir.parent / current
-            ):
-                dangling.append(f"{current}::{name}")
-    return dangling
+        current = match.group("file") or current
+        found.append((current, match.group("name") or match.group("bare")))
+    return found
+
+
+def dangling(cited: list[tuple[str | None, str | None]], root: Path) -> list[str]:
+    """The citations that name no test file under `root`, or no function of their file."""
+    problems = []
+    for file, name in cited:
+        if file is None:
+            problems.append(f"::{name} (no file named before it)")
+        elif not (root / file).is_file():
+            problems.append(file)
+        elif name is not None and name not in functions_in(root / file):
+            problems.append(f"{file}::{name}")
+    return problems
 
 
 def test_every_cited_test_exists() -> None:
-    docs = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-    cited = 0
-    problems = []
-    for doc in docs:
-        text = doc.read_text(encoding="utf-8")
-        cited += len(re.findall(r"tests/test_\w+\.py|::test_\w+", text))
-        problems += [f"{doc.name}: {c}" for c in dangling_citations(text, REPO / "tests")]
+    cited, problems = 0, []
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        found = citations(doc.read_text(encoding="utf-8"))
+        cited += len(found)
+        problems += [f"{doc.name}: {problem}" for problem in dangling(found, REPO)]
     assert cited > 50  # the docs do cite their tests
     assert problems == []
 
 
 def test_a_dangling_citation_is_found(tmp_path: Path) -> None:
-    tests_dir = tmp_path / "tests"
-    tests_dir.mkdir()
-    (tests_dir / "test_a.py").write_text("def test_one():\n    pass\n")
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_a.py").write_text("def test_one():\n    pass\n")
     text = (
-        "backed by tests/test_a.py::test_one and ::test_one; "
+        "::test_zero first; backed by tests/test_a.py::test_one and ::test_one; "
         "not by tests/test_a.py::test_two, ::test_three, or tests/test_b.py"
     )
-    assert dangling_citations(text, tests_dir) == [
+    assert dangling(citations(text), tmp_path) == [
+        "::test_zero (no file named before it)",
         "tests/test_a.py::test_two",
         "tests/test_a.py::test_three",
         "tests/test_b.py",
