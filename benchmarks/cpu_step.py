@@ -15,7 +15,7 @@ the median step time, tokens/s and the process's peak RSS. Variants, cumulative:
 3. `+ malloc reuse`: `domainlm.model.malloc.reuse_freed_host_memory()` (freed blocks kept, no page
    faults for each step's large tensors).
 4. `+ fast kernels` = domainlm: `domainlm.model.fastpath.use_fast_kernels` (fused GELU; dropout masks
-   from 31-bit integers; eager attention while training with dropout on CPU).
+   from 16-bit SFC64 draws; eager attention with a bf16 softmax while training with dropout on CPU).
 5. `+ compile`: what `domainlm train --compile` adds: the backbone compiled in place
    (`domainlm.run.train.compile_model`); `--warmup` must cover the compilation (>= 2 steps).
 

@@ -61,12 +61,29 @@ def test_cpu_dropout_is_bernoulli_p_seeded_and_its_gradient_uses_the_same_mask()
     dropped = (out == 0).double().mean().item()
     assert abs(dropped - p) < 0.0015  # 5 standard deviations of a Bernoulli(0.1) mean over 1e6
     kept = out[out != 0]
-    assert torch.all(kept == kept[0]) and kept[0].item() == pytest.approx(1 / (1 - p), rel=1e-6)
+    scale = 1 / (1 - round(p * 2**16) / 2**16)  # p as the mask rounds it: 6,554 / 65,536
+    assert torch.all(kept == kept[0]) and kept[0].item() == pytest.approx(scale, rel=1e-7)
     out.sum().backward()
-    assert torch.equal(x.grad, out.detach())  # d out / d x = keep / (1 - p)
+    assert torch.equal(x.grad, out.detach())  # d out / d x = keep * scale
     torch.manual_seed(3)
     assert torch.equal(cpu_dropout(torch.ones(n), p), out.detach())  # the seed decides the mask
     assert torch.equal(cpu_dropout(torch.ones(5), 0.0), torch.ones(5))
+
+
+def test_the_mask_rate_is_p_rounded_to_16_bits_and_uncorrelated() -> None:
+    """The kept share is 1 - round(p * 2^16) / 2^16 for rates that 16 bits round differently
+    (0.3 and 0.05 too), and neighbouring elements are independent draws (not one draw repeated
+    or shifted: the 16-bit halves of one 64-bit draw are four elements)."""
+    n = 4_000_000
+    for p in (0.1, 0.3, 0.05):
+        torch.manual_seed(11)
+        keep = fastpath.keep_mask((n,), p).double()
+        rate = round(p * 2**16) / 2**16
+        sd = (rate * (1 - rate) / n) ** 0.5
+        assert abs((1 - keep.mean().item()) - rate) < 5 * sd
+        for lag in (1, 2, 3, 4, 5):  # both kept: (1 - rate)^2 if independent
+            both = (keep[:-lag] * keep[lag:]).mean().item()
+            assert abs(both - (1 - rate) ** 2) < 5 * sd, (p, lag)
 
 
 class _Attention(torch.nn.Module):
@@ -82,7 +99,7 @@ def _reference(q, k, v, bias: torch.Tensor, keep: torch.Tensor | None, p: float)
     """The slow obvious formula in float64: softmax(q k^T / sqrt(d) + bias), dropout, @ v."""
     w = torch.softmax((q.double() @ k.double().transpose(-1, -2)) / 8**0.5 + bias, dim=-1)
     if keep is not None:
-        w = w * keep / (1 - round(p * 2**31) / 2**31)
+        w = w * keep / (1 - round(p * 2**16) / 2**16)
     return (w @ v.double()).transpose(1, 2)
 
 
@@ -101,7 +118,7 @@ def test_attention_with_cpu_dropout_equals_the_formula(mask: str) -> None:
     torch.manual_seed(7)
     got, _ = sdpa_unless_cpu_dropout(module, q, k, v, attention_mask, dropout=p)
     torch.manual_seed(7)
-    keep = torch.empty(2, 4, 9, 9, dtype=torch.int32).random_() >= round(p * 2**31)
+    keep = fastpath.keep_mask((2, 4, 9, 9), p)  # the same draw (its distribution: tests above)
     expected = _reference(q, k, v, bias, keep, p)
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
     got.sum().backward()
@@ -111,6 +128,47 @@ def test_attention_with_cpu_dropout_equals_the_formula(mask: str) -> None:
     expected.sum().backward()
     for got_grad, t in zip(got_grads, (q, k, v), strict=True):
         torch.testing.assert_close(got_grad.double(), t.grad.double(), rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_attention_is_as_accurate_as_the_float32_softmax(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under bf16 autocast the eager path scales the query, adds the mask in bf16 and takes the
+    softmax in bf16: its output and gradients are as close to the float64 formula as those of
+    transformers' eager formula (scores scaled and masked, float32 softmax cast to bf16)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = [torch.randn(2, 4, 64, 8, generator=g, requires_grad=True) for _ in range(3)]
+    grad_out = torch.randn(2, 64, 4, 8, generator=g)
+    causal = torch.ones(64, 64, dtype=torch.bool).tril()
+    bias = torch.zeros(64, 64, dtype=torch.float64).masked_fill(~causal, float("-inf"))
+    expected = _reference(q, k, v, bias, None, 0.0)
+    expected.backward(grad_out.double())
+    reference = [expected.detach()] + [t.grad.clone() for t in (q, k, v)]
+    monkeypatch.setattr(fastpath, "cpu_dropout", lambda x, p: x)  # the formula without its mask
+
+    def float32_softmax(q, k, v):  # type: ignore[no-untyped-def]
+        w = torch.matmul(q, k.transpose(-1, -2)) * 8**-0.5
+        w = w.masked_fill(~causal, torch.finfo(w.dtype).min)
+        w = F.softmax(w, dim=-1).type(v.dtype)  # autocast: float32
+        return torch.matmul(w, v).transpose(1, 2)
+
+    def errors(attention) -> list[float]:  # type: ignore[no-untyped-def]
+        for t in (q, k, v):
+            t.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = attention(q, k, v)
+        got.backward(grad_out)
+        results = [got.detach()] + [t.grad for t in (q, k, v)]
+        return [
+            ((a.double() - b).norm() / b.norm()).item()
+            for a, b in zip(results, reference, strict=True)
+        ]
+
+    module = _Attention().train()
+    eager = errors(lambda q, k, v: sdpa_unless_cpu_dropout(module, q, k, v, None, dropout=0.1)[0])
+    baseline = errors(float32_softmax)
+    for eager_error, baseline_error in zip(eager, baseline, strict=True):
+        assert eager_error < 1.1 * baseline_error, (eager, baseline)
 
 
 def test_attention_is_sdpa_without_dropout_and_in_eval() -> None:

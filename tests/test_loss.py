@@ -118,6 +118,42 @@ def test_nll_and_softmax_are_float64_exact_and_skip_rows_without_target() -> Non
     assert grad[3].abs().sum().item() == 0.0
 
 
+def test_training_nll_sums_the_softmax_in_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Evaluation (no gradients) reads the NLL off a float64 sum of the softmax: within 5e-8 of
+    the float64 log-softmax on logits that a float32 matmul computes exactly (multiples of 1/8:
+    the error is the loss's own); training sums it in float32: within 1e-6, and each chunk of a
+    training step takes that path, each chunk of an evaluation the float64 one."""
+    g = torch.Generator().manual_seed(9)
+    hidden = torch.randint(-8, 9, (37, 16), generator=g).float() / 8
+    head = torch.nn.Linear(16, 50257, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randint(-16, 17, (50257, 16), generator=g).float() / 8)
+    targets = torch.randint(0, 50257, (37,), generator=g)
+    logits = hidden.double() @ head.weight.double().t()
+    expected = -torch.log_softmax(logits, dim=1).gather(1, targets[:, None]).squeeze(1)
+    calls: list[bool] = []
+    real = domainlm.model.loss._nll_and_softmax
+
+    def spy(logits, targets, exact_sum=True):  # type: ignore[no-untyped-def]
+        calls.append(exact_sum)
+        return real(logits, targets, exact_sum)
+
+    monkeypatch.setattr(domainlm.model.loss, "_nll_and_softmax", spy)
+    with torch.no_grad():
+        evaluated = chunked_nll_sums(hidden[None], head, targets[None], chunk_tokens=8)
+    assert calls == [True] * 5
+    assert (evaluated[0] - expected.sum()).abs().item() < 5e-8 * 37
+    exact, _ = real(logits.float(), targets)
+    approximate, _ = real(logits.float(), targets, exact_sum=False)
+    assert (exact - expected).abs().max().item() < 5e-8
+    assert (approximate - expected).abs().max().item() < 1e-6
+    calls.clear()
+    trained = chunked_nll_sums(hidden[None].requires_grad_(), head, targets[None], chunk_tokens=8)
+    trained.sum().backward()
+    assert calls == [False] * 5 and head.weight.grad is not None
+    assert (trained[0] - expected.sum()).abs().item() < 1e-6 * 37
+
+
 def test_fully_masked_row_scores_zero_and_eval_mode_matches() -> None:
     model = tiny_gpt2().eval()
     inputs, targets = batch(seed=1)

@@ -7,20 +7,33 @@ in-memory attention choice change, so `config.json` still says `gelu_new` and lo
   each a pass over the (b, T, 4H) MLP activations that also stores its input for backward.
   `F.gelu(x, approximate="tanh")` is the same formula in one fused kernel (transformers' own
   `gelu_pytorch_tanh` says as much): a GPT-2 backbone's CPU training step ~10% faster.
-- Dropout on CPU: `bernoulli_` draws each element serially at ~6 ns; `cpu_dropout` draws one
-  31-bit integer per element (~2.4 ns) and keeps it when it is >= p * 2^31: the same Bernoulli
-  distribution (p rounded to a multiple of 2^-31, as fine as bernoulli_'s own float compare),
-  from torch's seeded generator, 1.7-2.3x faster.
+- Dropout on CPU: `bernoulli_` draws each element serially at ~6 ns, and PyTorch's own integer
+  draw (`random_`) at ~2.5-3 ns. `keep_mask` draws 16 random bits per element from numpy's SFC64
+  (~0.7 ns), seeded from torch's generator (so `torch.manual_seed` and a checkpoint's saved RNG
+  state decide the mask), and keeps an element when its bits are >= p * 2^16: a Bernoulli mask
+  whose rate is p rounded to a multiple of 2^-16 (0.1 -> 0.1000061; the scale uses the same
+  rounded p, so the expected output is unchanged). It is kept as uint8 (1 byte, as a bool) because
+  a uint8 -> bf16 cast and a same-dtype product take ~0.8 ms per 3M elements where the product
+  with a bool mask takes ~3.5 ms. In a GPT-2 124M step (batch 4 x 256) the masks took ~90 ms
+  instead of PyTorch's ~230-320 ms (2-core Xeon with AMX).
 - Attention while training with dropout on CPU: SDPA's CPU kernels have no dropout, so
   `F.scaled_dot_product_attention(dropout_p > 0)` falls back to a float32 math path with a
   bernoulli_ mask and NaN-guarded softmax: ~50 ms per GPT-2 layer (fwd+bwd, batch 4 x 256) against
   ~28 ms for transformers' own eager formula (bf16 matmuls under autocast, float32 softmax) with
-  `cpu_dropout`. `SdpaUnlessCpuDropout` is `sdpa` everywhere else (evaluation, GPUs, masks with
-  grouped heads or position biases).
+  the fast mask. `sdpa_unless_cpu_dropout` goes further: the query is scaled before its product
+  (a (T, d) pass instead of a (T, T) one), the mask is added as a bias in the scores' dtype, and
+  the softmax runs on the scores' dtype (autocast would take it to float32 and back: two casts
+  each way per layer); the CPU's bf16 softmax accumulates in float32 and its result is rounded to
+  bf16, as the float32 softmax's was before the product with the values
+  (tests/test_fastpath.py::test_bf16_attention_is_as_accurate_as_the_float32_softmax). It is `sdpa`
+  everywhere else (evaluation, GPUs, grouped heads, position biases).
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -35,28 +48,59 @@ class TanhGELU(torch.nn.Module):
         return F.gelu(x, approximate="tanh")
 
 
+# Random bits per mask element: p is rounded to a multiple of 2^-MASK_BITS (0.1 -> 0.1000061);
+# the scale 1 / (1 - p) uses the rounded p, so the expected output is still x.
+MASK_BITS = 16
+
+
+def keep_threshold(p: float) -> int:
+    """Dropout rate p as the threshold of `keep_mask`: keep when the bits are >= p * 2^MASK_BITS."""
+    return round(p * 2**MASK_BITS)
+
+
+def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> torch.Tensor:
+    """A uint8 tensor of `shape`, 1 with probability 1 - keep_threshold(p) / 2^MASK_BITS: 16-bit
+    draws of numpy's SFC64, seeded with 64 bits from torch's default generator."""
+    count = math.prod(shape)
+    keep = torch.empty(count, dtype=torch.uint8)
+    seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)) % 2**64
+    bits = np.random.SFC64(seed).random_raw(-(-count // 4)).view(np.uint16)[:count]
+    np.greater_equal(bits, keep_threshold(p), out=keep.numpy().view(np.bool_))
+    return keep.view(shape)
+
+
+def _masked(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    """x * keep * scale, rounded once as before; the mask cast to x's dtype first (fast)."""
+    return torch.mul(x, keep.to(x.dtype)).mul_(scale)
+
+
 class _CPUDropout(torch.autograd.Function):
-    """x * keep / (1 - p), keep drawn as 31-bit integers >= p * 2^31; backward reuses the mask."""
+    """x * keep / (1 - p), keep from `keep_mask`; backward reuses the mask."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:  # type: ignore[override]
-        threshold = round(p * 2**31)
-        keep = torch.empty(x.shape, dtype=torch.int32).random_() >= threshold  # [0, 2^31)
-        ctx.scale = 1.0 / (1.0 - threshold / 2**31)
+        keep = keep_mask(x.shape, p)
+        ctx.scale = 1.0 / (1.0 - keep_threshold(p) / 2**MASK_BITS)
         ctx.save_for_backward(keep)
-        return x * keep * ctx.scale
+        return _masked(x, keep, ctx.scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         (keep,) = ctx.saved_tensors
-        return grad * keep * ctx.scale, None
+        return _masked(grad, keep, ctx.scale), None
 
 
 def cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Training-mode dropout; the fast mask on CPU, `F.dropout` elsewhere, for p outside (0, 1),
-    or inside torch.compile (which cannot trace the mask's in-place `random_`: a graph break at
-    every dropout, while the compiler fuses `F.dropout`'s own mask)."""
-    if x.device.type != "cpu" or not 0.0 < p < 1.0 or torch.compiler.is_compiling():
+    """Training-mode dropout; the fast mask on CPU, `F.dropout` elsewhere, for p outside (0, 1)
+    or so close to 0 or 1 that its rounding would make it 0 or 1, or inside torch.compile (which cannot trace the
+    mask's numpy draw: a graph break at every dropout, while the compiler fuses `F.dropout`'s own
+    mask)."""
+    if (
+        x.device.type != "cpu"
+        or not 0.0 < p < 1.0
+        or not 0 < keep_threshold(p) < 2**MASK_BITS
+        or torch.compiler.is_compiling()
+    ):
         return F.dropout(x, p, training=True)
     return _CPUDropout.apply(x, p)
 
@@ -91,7 +135,7 @@ def sdpa_unless_cpu_dropout(  # type: ignore[no-untyped-def]
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    weights = torch.matmul(query, key.transpose(-1, -2)) * scale
+    weights = torch.matmul(query * scale, key.transpose(-1, -2))
     lowest = torch.finfo(weights.dtype).min  # as transformers' eager masks: no NaN on empty rows
     if attention_mask is None:
         is_causal = kwargs.get("is_causal")
@@ -99,12 +143,14 @@ def sdpa_unless_cpu_dropout(  # type: ignore[no-untyped-def]
         if is_causal and query.shape[2] > 1:
             n = query.shape[2]
             future = torch.ones(n, n, dtype=torch.bool, device=query.device).triu(1)
-            weights = weights.masked_fill(future, lowest)
+            weights = weights + torch.zeros(n, n, dtype=weights.dtype).masked_fill_(future, lowest)
     elif attention_mask.dtype == torch.bool:  # sdpa masks: True = may attend
-        weights = weights.masked_fill(~attention_mask, lowest)
-    else:
-        weights = weights + attention_mask
-    weights = F.softmax(weights, dim=-1).type(value.dtype)
+        bias = torch.zeros(attention_mask.shape, dtype=weights.dtype, device=query.device)
+        weights = weights + bias.masked_fill_(~attention_mask, lowest)
+    else:  # an additive float mask, its -inf or float32 minimum clamped into the scores' range
+        weights = weights + attention_mask.clamp(min=lowest).to(weights.dtype)
+    with torch.autocast(query.device.type, enabled=False):  # softmax in the scores' dtype
+        weights = F.softmax(weights, dim=-1).type(value.dtype)
     weights = cpu_dropout(weights, dropout)
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), None
 
