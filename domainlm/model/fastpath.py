@@ -12,10 +12,10 @@ in-memory attention choice change, so `config.json` still says `gelu_new` and lo
   (~0.7 ns), seeded from torch's generator (so `torch.manual_seed` and a checkpoint's saved RNG
   state decide the mask), and keeps an element when its bits are >= p * 2^16: a Bernoulli mask
   whose rate is p rounded to a multiple of 2^-16 (0.1 -> 0.1000061; the scale uses the same
-  rounded p, so the expected output is unchanged). It is kept as uint8 (1 byte, as a bool) because
-  a uint8 -> bf16 cast and a same-dtype product take ~0.8 ms per 3M elements where the product
-  with a bool mask takes ~3.5 ms. In a GPT-2 124M step (batch 4 x 256) the masks took ~90 ms
-  instead of PyTorch's ~230-320 ms (2-core Xeon with AMX).
+  rounded p, so the expected output is unchanged). It is kept as uint8 (1 byte, as a bool): the
+  product with a bool mask takes the CPU's slow mixed-dtype path, a uint8 mask cast to x's dtype
+  does not. One GPT-2 attention mask (3.1M elements): 4.7 ms against `random_`'s 21.8 ms, its
+  product 2.2 ms against 6.1 ms (2-core Xeon with AMX; benchmarks/cpu_kernels.py).
 - Attention while training with dropout on CPU: SDPA's CPU kernels have no dropout, so
   `F.scaled_dot_product_attention(dropout_p > 0)` falls back to a float32 math path with a
   bernoulli_ mask and NaN-guarded softmax: ~50 ms per GPT-2 layer (fwd+bwd, batch 4 x 256) against
@@ -92,9 +92,9 @@ class _CPUDropout(torch.autograd.Function):
 
 def cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """Training-mode dropout; the fast mask on CPU, `F.dropout` elsewhere, for p outside (0, 1)
-    or so close to 0 or 1 that its rounding would make it 0 or 1, or inside torch.compile (which cannot trace the
-    mask's numpy draw: a graph break at every dropout, while the compiler fuses `F.dropout`'s own
-    mask)."""
+    or so near 0 or 1 that `keep_threshold` rounds it there, or inside torch.compile (which
+    cannot trace the mask's numpy draw: a graph break at every dropout, while the compiler fuses
+    `F.dropout`'s own mask)."""
     if (
         x.device.type != "cpu"
         or not 0.0 < p < 1.0
