@@ -23,8 +23,8 @@ in-memory attention choice change, so `config.json` still says `gelu_new` and lo
   the fast mask. `sdpa_unless_cpu_dropout` goes further: the query is scaled before its product
   (a (T, d) pass instead of a (T, T) one), the mask is added as a bias in the scores' dtype, and
   the softmax runs on the scores' dtype (autocast would take it to float32 and back: two casts
-  each way per layer); the CPU's bf16 softmax accumulates in float32 and its result is rounded to
-  bf16, as the float32 softmax's was before the product with the values
+  each way per layer). Its output and gradients are as close to the float64 formula as those of
+  the float32 softmax cast to bf16
   (tests/test_fastpath.py::test_bf16_attention_is_as_accurate_as_the_float32_softmax). It is `sdpa`
   everywhere else (evaluation, GPUs, grouped heads, position biases).
 """
@@ -141,9 +141,9 @@ def sdpa_unless_cpu_dropout(  # type: ignore[no-untyped-def]
         is_causal = kwargs.get("is_causal")
         is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         if is_causal and query.shape[2] > 1:
-            n = query.shape[2]
-            future = torch.ones(n, n, dtype=torch.bool, device=query.device).triu(1)
-            weights = weights + torch.zeros(n, n, dtype=weights.dtype).masked_fill_(future, lowest)
+            n = query.shape[2]  # the future (above the diagonal) at `lowest`, the rest 0
+            future = torch.full((n, n), lowest, dtype=weights.dtype, device=query.device).triu(1)
+            weights = weights + future
     elif attention_mask.dtype == torch.bool:  # sdpa masks: True = may attend
         bias = torch.zeros(attention_mask.shape, dtype=weights.dtype, device=query.device)
         weights = weights + bias.masked_fill_(~attention_mask, lowest)
