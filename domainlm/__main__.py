@@ -2,6 +2,6 @@
 
 import sys
 
-from domainlm.cli import main
+from domainlm.entry import main
 
 sys.exit(main())

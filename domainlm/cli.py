@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from domainlm.config import TrainConfig
+from domainlm.config import TrainConfig, convert_option
 from domainlm.errors import TrainingAborted, UserError
 from domainlm.model.malloc import reuse_freed_host_memory
 
@@ -99,7 +99,12 @@ def _add_train_parser(sub: Any) -> None:
         description="Fine-tune a causal LM. Flags may also come from --config run.yaml.",
         allow_abbrev=False,
     )
-    p.add_argument("--config", dest="config_file", help="YAML file of options; flags override it")
+    p.add_argument(
+        "--config",
+        dest="config_file",
+        help="YAML file of options (key: value, any flag's spelling); flags override it. Each "
+        "value must have the flag's type; numbers may be written 5e-5.",
+    )
     add_dataclass_arguments(p, TrainConfig, aliases=SEED_ALIASES)
     for flag in ACCEPTED_NO_OP_FLAGS:
         p.add_argument(f"--{flag}", action="store_true", help=argparse.SUPPRESS)
@@ -116,14 +121,38 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         values.update(load_yaml_options(Path(args.config_file)))
     field_names = {f.name for f in dataclasses.fields(TrainConfig)}
     values.update({k: v for k, v in vars(args).items() if k in field_names})
-    for flag, precision in PRECISION_FLAGS.items():
-        if getattr(args, flag, False):
-            values["precision"] = precision
+    requests = [
+        (f"--{flag}", p) for flag, p in PRECISION_FLAGS.items() if getattr(args, flag, False)
+    ]
+    if "precision" in vars(args):
+        requests.insert(0, (f"--precision {args.precision}", args.precision))
+    precision = agreed_precision(requests, where="")
+    if precision is not None:
+        values["precision"] = precision
     return TrainConfig(**values)
 
 
+def agreed_precision(requests: list[tuple[str, str]], where: str) -> str | None:
+    """The one precision that (flag as given, precision) pairs ask for: --bf16 is --precision bf16.
+
+    None when there are none; a UserError naming both flags when two disagree.
+    """
+    for flag, precision in requests[1:]:
+        first_flag, first = requests[0]
+        if precision != first:
+            raise UserError(
+                f"{where}{first_flag} and {flag} ask for different precisions ({first} vs "
+                f"{precision}); keep one of them"
+            )
+    return requests[0][1] if requests else None
+
+
 def load_yaml_options(path: Path) -> dict[str, Any]:
-    """Options of a YAML file, in any spelling the command line accepts."""
+    """Options of a YAML file, in any spelling the command line accepts, as their fields' types.
+
+    Values are converted by `convert_option` (so `lr: 5e-5`, a string to YAML, is 5e-05);
+    `bf16: true` / `fp16: true` are `precision: bf16` / `fp16`, and must agree with it.
+    """
     import yaml
 
     if not path.is_file():
@@ -136,17 +165,26 @@ def load_yaml_options(path: Path) -> dict[str, Any]:
         raise UserError(f"--config {path}: expected a mapping of option: value")
     field_names = {f.name for f in dataclasses.fields(TrainConfig)}
     options: dict[str, Any] = {}
+    requests: list[tuple[str, str]] = []
     for key, value in raw.items():
         name = str(key).lstrip("-").replace("-", "_")
         name = SEED_ALIASES.get(name, name)
-        if name in PRECISION_FLAGS and value:
-            options["precision"] = PRECISION_FLAGS[name]
+        if name in PRECISION_FLAGS:
+            if not isinstance(value, bool):
+                raise UserError(f"--config {path}: {key} must be true or false, got {value!r}")
+            if value:
+                requests.append((str(key), PRECISION_FLAGS[name]))
             continue
         if name in ACCEPTED_NO_OP_FLAGS:
             continue
         if name not in field_names:
             raise UserError(f"--config {path}: unknown option {key!r}")
-        options[name] = value
+        options[name] = convert_option(name, value, label=f"--config {path}: {key}")
+        if name == "precision":
+            requests.insert(0, (f"{key} {options[name]}", options[name]))
+    precision = agreed_precision(requests, where=f"--config {path}: ")
+    if precision is not None:
+        options["precision"] = precision
     return options
 
 
@@ -278,10 +316,15 @@ def _run_inspect(args: argparse.Namespace) -> int:
 def _add_export_parser(sub: Any) -> None:
     p = sub.add_parser(
         "export",
-        help="turn a checkpoint (full or sharded) into a plain Hugging Face model folder",
+        help="turn a checkpoint (full, sharded or LoRA) into a plain Hugging Face model folder",
         allow_abbrev=False,
     )
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint-<step> folder")
+    p.add_argument(
+        "checkpoint",
+        metavar="CHECKPOINT",
+        help="a checkpoint-<step> folder, or a LoRA run's folder (its adapter is merged into a "
+        "float32 copy of the base)",
+    )
     p.add_argument("out", metavar="OUT", help="the new model folder (absent or empty)")
     p.set_defaults(handler=_run_export)
 

@@ -6,6 +6,10 @@ The help texts are what `domainlm train --help` prints, so the docs and the code
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +28,7 @@ TEXT_COLUMN_HELP = (
 )
 CHECKPOINT_FORMATS = ("auto", "full", "sharded")
 LOAD_DTYPES = ("auto", "float32", "bfloat16", "float16")
+RUN_FILE = "run_config.json"  # a run folder's identity, settings and owned files (run/train.py)
 
 
 def opt(default: Any, help: str, **extra: Any) -> Any:
@@ -278,6 +283,8 @@ def check_lora_fields(config: TrainConfig) -> None:
         changed = [n for n in LORA_FIELDS if getattr(config, n) != defaults[n]]
         if changed:
             raise UserError(f"--{changed[0].replace('_', '-')} needs --lora")
+        if not config.merge:
+            raise UserError("--no-merge needs --lora (only a LoRA run has an adapter to merge)")
         return
     _require_positive("lora_r", config.lora_r)
     _require_positive("lora_alpha", config.lora_alpha)
@@ -285,6 +292,81 @@ def check_lora_fields(config: TrainConfig) -> None:
         raise UserError(f"--lora-dropout must be at least 0 and below 1, got {config.lora_dropout}")
     if config.strategy == "fsdp":
         raise UserError("--lora with --strategy fsdp is not supported; use ddp (the default)")
+
+
+def _as_int(value: Any) -> int | None:
+    """An int, or a string of one ('4'); None for anything else (bools, floats, 'four')."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def _as_float(value: Any) -> float | None:
+    """A finite number, or a string of one ('5e-5', which YAML reads as a string); else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _as_exact(kind: type) -> Callable[[Any], Any]:
+    """A converter that keeps values of exactly `kind` (bool, str) and refuses the rest."""
+    return lambda value: value if isinstance(value, kind) else None
+
+
+# Field type -> (converter returning None for a wrong value, what it expects, the same plural).
+CONVERTERS: dict[type, tuple[Callable[[Any], Any], str, str]] = {
+    int: (_as_int, "an integer", "integers"),
+    float: (_as_float, "a number", "numbers"),
+    bool: (_as_exact(bool), "true or false", "true/false values"),
+    str: (_as_exact(str), "a string", "strings"),
+}
+
+
+def _field_type(name: str) -> tuple[type, bool]:
+    """(scalar type, is_list) of a TrainConfig field: `int | None` -> (int, False)."""
+    annotation = typing.get_type_hints(TrainConfig)[name]
+    if isinstance(annotation, types.UnionType):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(annotation) is list:
+        return typing.get_args(annotation)[0], True
+    return annotation, False
+
+
+def convert_option(name: str, value: Any, label: str) -> Any:
+    """`value` (from a --config file) as the type of TrainConfig field `name`, or a UserError.
+
+    A float field takes a number or a string that parses as one, so `lr: 5e-5` (a string to
+    YAML, which wants a dot: 5.0e-5) means 5e-05; an int field an int or a string of one; a bool
+    field only true/false; a str field a string; a list field a list of strings. null is kept
+    where the field's default is None. `label` starts the error: `--config run.yaml: batch_size`.
+    """
+    if value is None and _field_default(name) is None:
+        return None
+    kind, is_list = _field_type(name)
+    convert, expected, plural = CONVERTERS[kind]
+    if is_list:
+        if isinstance(value, list) and all(convert(item) is not None for item in value):
+            return [convert(item) for item in value]
+        raise UserError(f"{label} must be a list of {plural}, got {value!r}")
+    converted = convert(value)
+    if converted is None:
+        raise UserError(f"{label} must be {expected}, got {value!r}")
+    return converted
+
+
+def _field_default(name: str) -> Any:
+    return {f.name: f.default for f in dataclasses.fields(TrainConfig)}[name]
 
 
 def _field_meta(name: str) -> dict[str, Any]:

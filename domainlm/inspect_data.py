@@ -312,8 +312,10 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     m = report["memory"]
     lines.append(
-        f"memory estimate: {m['total_gib']:.2f} GiB = weights {m['weights_gib']:.2f} + gradients "
-        f"{m['gradients_gib']:.2f} + AdamW {m['optimizer_gib']:.2f} + activations {m['activations_gib']:.2f}"
+        f"memory estimate: peak {m['total_gib']:.2f} GiB, the largest moment of a step (not a "
+        f"sum): weights {m['weights_gib']:.2f}, gradients {m['gradients_gib']:.2f}, AdamW "
+        f"{m['optimizer_gib']:.2f}, activations {m['activations_gib']:.2f} GiB, and the loss's "
+        "and autocast's temporaries (`domainlm inspect --model M` prints the whole plan)"
     )
     if "time" in report:
         tm = report["time"]
@@ -353,6 +355,12 @@ def format_plan(report: dict[str, Any]) -> str:
         ] + ([] if plan["device"] == "cuda" else [t["fit_bytes"]])  # fmt: skip
         lines.append(f"  {label:<34}" + "".join(f"{c / GIB:>9.2f}" for c in cells))
     lines.append(f"  LoRA targets: {', '.join(plan['lora_targets'])}")
+    lines.append(
+        f"  LoRA --merge (the default), after training: {plan['merge_bytes'] / GIB:.2f} GiB of "
+        "system RAM (a float32 copy of the base"
+        + (", beside the run's weights)" if plan["device"] != "cuda" else ")")
+        + "; --no-merge skips it, `domainlm export RUN OUT` merges later"
+    )
     if plan["device"] != "cuda":
         lines.append(
             "  peak: live tensors; process: a bound on the process's resident memory on the CPU "

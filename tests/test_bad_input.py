@@ -246,3 +246,98 @@ def test_unreachable_hub_fails_fast_with_one_line(tmp_path: Path, corpus: Path) 
     assert result.stderr.strip().count("\n") == 0, result.stderr
     assert "is unreachable" in result.stderr and "scratch:" in result.stderr
     assert elapsed < 30 and not out.exists()
+
+
+def test_a_model_folder_without_tokenizer_files_is_refused(
+    tiny_model_dir: Path, corpus: Path, tmp_path: Path, capsys
+) -> None:
+    """transformers builds an empty tokenizer of the config's type from such a folder: every
+    text would be zero tokens, and the run would train on EOS tokens alone."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
+        (model / name).unlink(missing_ok=True)
+    out = tmp_path / "out"
+    refused(capsys, args_for(model, corpus / "train.txt", out), out, "has no usable tokenizer")
+    scores = ["perplexity", "--model", str(model), "--file", str(corpus / "valid.txt")]
+    refused(capsys, scores, out, "has no usable tokenizer", "copy the tokenizer files")
+
+
+def test_a_truncated_weights_file_is_refused_in_one_line(
+    tiny_model_dir: Path, corpus: Path, tmp_path: Path, capsys
+) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # an interrupted copy
+    out = tmp_path / "out"
+    refused(capsys, args_for(model, corpus / "train.txt", out), out, "damaged or incomplete")
+    scores = ["perplexity", "--model", str(model), "--file", str(corpus / "valid.txt")]
+    refused(capsys, scores, out, f"could not read the weights of {model}")
+    assert weights.stat().st_size == 1000  # nothing rewritten
+
+
+def test_per_line_scores_never_overwrite_the_text_scored(
+    tiny_model_dir: Path, tmp_path: Path, capsys
+) -> None:
+    import json
+
+    data = tmp_path / "data"
+    data.mkdir()
+    texts = data / "valid.jsonl"
+    texts.write_text("".join(json.dumps({"text": t}) + "\n" for t in uneven_corpus(4, seed=2)))
+    before = texts.read_bytes()
+    for source, target in ((texts, texts), (data, data / "valid.jsonl"), (data, data / "s.csv")):
+        argv = ["perplexity", "--model", str(tiny_model_dir), "--file", str(source),
+                "--per-line", str(target), "--quiet"]  # fmt: skip
+        refused(capsys, argv, data, "is the text being scored", "name another file")
+    assert texts.read_bytes() == before
+
+
+def test_resume_on_other_training_data_is_refused(
+    tiny_model_dir: Path, corpus: Path, tmp_path: Path, capsys
+) -> None:
+    """A checkpoint's place in the data (epoch, offset) belongs to the stream it was trained
+    on: another file, an edited one, or another --doc-sep must not resume silently from it."""
+    out = tmp_path / "out"
+    train, valid = corpus / "train.txt", ("--validation-file", str(corpus / "valid.txt"))
+    assert cli_main(args_for(tiny_model_dir, train, out, "--save-steps", "1", *valid)) == 0
+    capsys.readouterr()
+    other = write_lines(tmp_path / "other.txt", uneven_corpus(30, seed=7))
+    edited = write_lines(tmp_path / "edited.txt", train.read_text().splitlines()[:-1])
+    for data, extra in ((other, ()), (edited, ()), (train, ("--doc-sep", "blank"))):
+        argv = args_for(tiny_model_dir, data, out, "--max-steps", "2", *valid, *extra)
+        refused(capsys, argv, out, "belongs to a run on other training data", "--model")
+    # the same data, copied to another name, resumes
+    same = tmp_path / "same.txt"
+    shutil.copyfile(train, same)
+    assert cli_main(args_for(tiny_model_dir, same, out, "--max-steps", "2", *valid)) == 0
+    assert "resuming from" in capsys.readouterr().err
+
+
+def test_resume_from_an_earlier_checkpoint_of_the_folder_is_refused(
+    tiny_model_dir: Path, corpus: Path, tmp_path: Path, capsys
+) -> None:
+    """Going on from checkpoint-2 in a folder that holds checkpoint-4 would leave two histories
+    in one folder (metrics, best checkpoint, the next plain resume picking checkpoint-4); from
+    another --output-dir it is a branch of its own."""
+    out = tmp_path / "out"
+    train, valid = corpus / "train.txt", ("--validation-file", str(corpus / "valid.txt"))
+    assert (
+        cli_main(
+            args_for(tiny_model_dir, train, out, "--max-steps", "4", "--save-steps", "2", *valid)
+        )
+        == 0
+    )
+    capsys.readouterr()
+    back = ("--max-steps", "3", "--resume", str(out / "checkpoint-2"), *valid)
+    refused(
+        capsys,
+        args_for(tiny_model_dir, train, out, *back),
+        out,
+        "holds later checkpoints of that run (checkpoint-4)",
+    )
+    branch = tmp_path / "branch"
+    assert cli_main(args_for(tiny_model_dir, train, branch, "--save-steps", "1", *back)) == 0
+    assert f"resuming from {out / 'checkpoint-2'} at step 2" in capsys.readouterr().err
+    assert sorted(p.name for p in branch.glob("checkpoint-*")) == ["checkpoint-3"]

@@ -390,7 +390,6 @@ def test_killed_rank_stops_the_whole_run(data: dict[str, Path], tmp_path: Path) 
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
 
 
-@pytest.mark.slow
 def test_dead_node_stops_the_other_node_with_a_message(
     data: dict[str, Path], tmp_path: Path
 ) -> None:

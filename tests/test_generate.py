@@ -19,6 +19,7 @@ from domainlm.text.generate import (
     GenerateConfig,
     MemorizationChecker,
     TextPrinter,
+    context_note,
     generate_samples,
     generate_texts,
 )
@@ -165,6 +166,91 @@ def test_cli_streams_one_prompt_and_prints_json_for_many(
 
     assert main([*base, "--prompts-file", str(tmp_path / "missing.txt")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the context's end
+
+SHORT_CONTEXT = 32  # positions of `short_context_model_dir`; "the cat" + the EOS before it: 3
+
+
+@pytest.fixture(scope="module")
+def short_context_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """scratch:tiny with a context of 32 positions: generation runs into it within a second."""
+    from domainlm.model.loading import save_scratch_folder
+
+    folder = tmp_path_factory.mktemp("short-context-model")
+    return save_scratch_folder(
+        "tiny", folder, seed=0, n_positions=SHORT_CONTEXT, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )  # fmt: skip
+
+
+def context_notes(err: str) -> list[str]:
+    return [line for line in err.splitlines() if "context" in line]
+
+
+def test_a_full_context_is_reported_in_json_and_on_stderr(
+    short_context_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue: 400 tokens asked, 29 given (the context is full), and not a word said about it."""
+    base = ["generate", "--model", str(short_context_model_dir), "--temperature", "0", "--json"]
+    assert main([*base, "--prompt", "the cat", "--max-new-tokens", "400"]) == 0
+    captured = capsys.readouterr()
+    record = json.loads(captured.out)
+    assert record["new_tokens"] == SHORT_CONTEXT - 3
+    assert (record["stopped_at_eos"], record["stopped_at_context"]) == (False, True)
+    assert context_notes(captured.err) == [
+        "domainlm: note: stopped at the model's context of 32 positions "
+        "(prompt 3 + 29 new tokens), before --max-new-tokens 400"
+    ]
+
+    # One note per run, not per sample.
+    assert main([*base, "--prompt", "the cat", "--prompt", "a", "--max-new-tokens", "50"]) == 0
+    captured = capsys.readouterr()
+    records = [json.loads(line) for line in captured.out.splitlines()]
+    assert [r["new_tokens"] for r in records] == [29, 29]  # batched: the longer prompt's room
+    assert all(r["stopped_at_context"] for r in records)
+    assert context_notes(captured.err) == [
+        "domainlm: note: 2 of 2 samples stopped at the model's context of 32 positions "
+        "(prompt 3 + 29 new tokens), before --max-new-tokens 50"
+    ]
+
+    # Exactly the room left, or less: --max-new-tokens ends it, nothing to report.
+    for room in ("29", "5"):
+        assert main([*base, "--prompt", "the cat", "--max-new-tokens", room]) == 0
+        captured = capsys.readouterr()
+        record = json.loads(captured.out)
+        assert record["new_tokens"] == int(room) and not record["stopped_at_context"]
+        assert context_notes(captured.err) == []
+
+
+def test_the_note_follows_streamed_text(
+    short_context_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["generate", "--model", str(short_context_model_dir), "--prompt", "the cat"]
+    assert main([*args, "--temperature", "0", "--max-new-tokens", "100"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("the cat") and "note" not in captured.out
+    assert captured.err.strip() == (
+        "domainlm: note: stopped at the model's context of 32 positions "
+        "(prompt 3 + 29 new tokens), before --max-new-tokens 100"
+    )
+
+
+def test_eos_is_not_the_context(tiny) -> None:
+    """A sample that ends at EOS, with room in the context, is not `stopped_at_context`."""
+    bias = torch.zeros(tiny.vocab_size)
+    bias[tiny.eos_id] = 1e4
+    hook = tiny.model.lm_head.register_forward_hook(lambda m, i, out: out + bias)
+    try:
+        (sample,) = generate_samples(
+            tiny.model, tiny.tokenizer, tiny.eos_id, ["hello"], max_new_tokens=400,
+            settings=SamplingSettings(temperature=0), seed=0, context_length=SHORT_CONTEXT,
+        )  # fmt: skip
+    finally:
+        hook.remove()
+    assert sample.stopped_at_eos and not sample.stopped_at_context
+    assert context_note([sample], SHORT_CONTEXT, 400) is None
 
 
 # ----------------------------------------------------------------------------- memorization

@@ -271,9 +271,11 @@ def test_a_stopped_and_resumed_bf16_run_is_bit_identical(
         (["--lora-r", "4"], "--lora-r needs --lora"),
         (["--lora", "--lora-r", "0"], "--lora-r must be a positive"),
         (["--lora", "--lora-dropout", "1"], "--lora-dropout must be"),
+        (["--no-merge"], "--no-merge needs --lora"),
         (["--lora", "--lora-targets", "nope"], "matches no linear layer"),
         (["--lora", "--lora-targets", "lm_head"], "LM head"),
         (["--lora", "--lora-quantization", "4bit"], "QLoRA"),
+        (["--lora", "--lora-quantization", "8bit"], "'8bit' is not a quantization domainlm knows"),
         (["--lora", "--strategy", "fsdp"], "fsdp"),
     ],
 )
@@ -287,6 +289,15 @@ def test_bad_lora_settings_are_one_line_and_write_nothing(
     err = capsys.readouterr().err.strip()
     assert expected in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_an_unknown_target_lists_the_layers_lora_can_adapt(tiny_model_dir: Path) -> None:
+    """Not the LM head, which `--lora-targets lm_head` is refused for."""
+    from domainlm.errors import UserError
+
+    with pytest.raises(UserError) as caught:
+        target_modules(load_base(tiny_model_dir), ("nope",))
+    assert str(caught.value).endswith("the layers LoRA can adapt are named c_attn, c_fc, c_proj")
 
 
 def test_lora_without_peft_names_the_extra(
@@ -310,9 +321,18 @@ def test_changing_lora_settings_on_resume_is_refused(
     base = ["train", "--model", str(tiny_model_dir), "--train-file", str(corpus[0]),
             "--validation-file", str(corpus[1]), "--output-dir", str(copy), "--block-size", "32",
             "--max-steps", "8"]  # fmt: skip
-    for flags in (["--lora", "--lora-r", "4"], ["--lora", "--lora-targets", "c_attn"], []):
+    was = (
+        "--lora --lora-r 8 --lora-alpha 16.0 --lora-dropout 0.05 --lora-targets c_attn c_fc c_proj"
+    )
+    for flags, now in (
+        (["--lora", "--lora-r", "4"], "--lora --lora-r 4 --lora-alpha 16.0"),
+        (["--lora", "--lora-targets", "c_attn"], "--lora-dropout 0.05 --lora-targets c_attn;"),
+        ([], "this command has no --lora;"),
+    ):
         assert main([*base, *flags]) == 2
-        assert "another lora" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert f"belongs to a run trained with {was}, and this command has" in err
+        assert now in err and f"to continue that run give {was} again" in err
     assert sorted(p.name for p in copy.iterdir()) == before
 
 
@@ -327,7 +347,6 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.mark.slow
 def test_two_ddp_ranks_train_the_adapter_as_one_rank_with_accumulation(
     tiny_model_dir: Path, corpus: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -356,3 +375,135 @@ def test_two_ddp_ranks_train_the_adapter_as_one_rank_with_accumulation(
     ref = torch.cat([b[k].flatten() for k in a])
     assert (diff.norm() / ref.norm()).item() < 1e-4
     assert diff.abs().max().item() < 1e-4
+
+
+# ----------------------------------------------------------------------------- disk space
+
+
+def du(path: Path) -> int:
+    """Bytes of the files under `path` (os.walk; not the code under test)."""
+    return sum(os.path.getsize(Path(r) / f) for r, _, files in os.walk(path) for f in files)
+
+
+def test_the_disk_estimate_counts_the_adapter_and_the_merged_folder(lora_run: dict) -> None:
+    """A LoRA checkpoint holds the adapter, not the frozen base, and the final folder adds
+    merged/ (the base in float32 with the adapter folded in): the disk check before training
+    (--strict refuses a run on this figure) must say so, or it refuses LoRA runs that fit."""
+    from transformers import AutoTokenizer
+
+    from domainlm.run.diskspace import estimate_checkpoint
+
+    out = lora_run["out"]
+    size = estimate_checkpoint(lora_run["model"], AutoTokenizer.from_pretrained(out), merge=True)
+    checkpoint = out / "checkpoint-6"
+    adapter = (checkpoint / "adapter_model.safetensors").stat().st_size
+    assert abs(size.weights - adapter) / adapter < 0.02, (size.weights, adapter)
+    assert abs(size.total - du(checkpoint)) / du(checkpoint) < 0.05, (size, du(checkpoint))
+    merged = du(out / "merged")
+    assert abs(size.merged - merged) / merged < 0.02, (size.merged, merged)
+    final = sum(
+        du(p) if p.is_dir() else p.stat().st_size
+        for p in out.iterdir()
+        if not p.name.startswith("checkpoint-") and p.name not in ("metrics.jsonl", "tensorboard")
+    )
+    assert abs(size.model_folder - final) / final < 0.10, (size.model_folder, final)
+
+
+# ----------------------------------------------------------------------------- export, failures
+
+
+def test_export_merges_an_adapter_checkpoint_into_a_plain_folder(
+    lora_run: dict, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`domainlm export` on checkpoint-3 (not the final adapter): the base with that
+    checkpoint's adapter folded in, by hand: W + alpha / r * (B @ A)."""
+    checkpoint, out = lora_run["out"] / "checkpoint-3", tmp_path / "exported"
+    assert main(["export", str(checkpoint), str(out)]) == 0
+    exported = load_base(out)  # transformers alone
+    adapter, base = load_file(checkpoint / "adapter_model.safetensors"), load_base(tiny_model_dir)
+    prefix = "base_model.model.transformer.h.1.mlp.c_fc"
+    delta = adapter[f"{prefix}.lora_B.weight"] @ adapter[f"{prefix}.lora_A.weight"]
+    by_hand = base.transformer.h[1].mlp.c_fc.weight + 16.0 / 8 * delta.T
+    assert torch.allclose(exported.transformer.h[1].mlp.c_fc.weight, by_hand, atol=1e-6)
+    assert not torch.allclose(by_hand, base.transformer.h[1].mlp.c_fc.weight, atol=1e-4)
+    assert (out / "tokenizer.json").is_file() and not (out / "adapter_config.json").exists()
+    # the final folder of a run (no checkpoint marker) exports to its merged/ weights
+    final = tmp_path / "final"
+    assert main(["export", str(lora_run["out"]), str(final)]) == 0
+    got, want = (
+        load_file(final / "model.safetensors"),
+        load_file(lora_run["out"] / "merged" / "model.safetensors"),
+    )
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_an_adapter_whose_base_is_gone_names_where_the_base_came_from(
+    lora_run: dict, corpus: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    orphan = tmp_path / "orphan"
+    shutil.copytree(lora_run["out"] / "checkpoint-6", orphan)
+    config_file = orphan / "adapter_config.json"
+    settings = json.loads(config_file.read_text())
+    settings["base_model_name_or_path"] = str(tmp_path / "gone")
+    config_file.write_text(json.dumps(settings))
+    assert main(["perplexity", "--model", str(orphan), "--file", str(corpus[1]), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert f"{orphan} is a LoRA adapter whose base model" in err[0]
+    assert "base_model_name_or_path in its adapter_config.json" in err[0]
+
+
+def test_out_of_memory_while_merging_is_one_line_and_keeps_the_run(
+    tiny_model_dir: Path, corpus: tuple[Path, Path], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """The merge needs a float32 copy of the base after training: where that allocation fails
+    (here peft's merge raises what a failed CPU allocation raises), the run stops with one line
+    naming `domainlm export`, the adapter, results and report written, and no merged/ left."""
+    from peft.tuners.lora import LoraModel
+
+    def no_memory(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't "
+                           "allocate memory: you tried to allocate 411420968 bytes.")  # fmt: skip
+
+    monkeypatch.setattr(LoraModel, "merge_and_unload", no_memory)
+    out = tmp_path / "run"
+    argv = ["train", "--model", str(tiny_model_dir), "--train-file", str(corpus[0]),
+            "--validation-file", str(corpus[1]), "--output-dir", str(out), "--lora",
+            "--max-steps", "2", "--block-size", "32", "--quiet"]  # fmt: skip
+    assert main(argv) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("domainlm:")]
+    assert len(err) == 1 and err[0].startswith("domainlm: stopped: out of memory while merging")
+    assert f"`domainlm export {out} OUT`" in err[0] and "--no-merge" in err[0]
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "merged").exists()
+    assert (out / "eval_results.json").is_file() and (out / "report.html").is_file()
+    monkeypatch.undo()
+    assert main(["export", str(out), str(tmp_path / "later")]) == 0  # the way out it names
+    assert (tmp_path / "later" / "model.safetensors").is_file()
+
+
+def test_the_memory_plan_counts_the_merge_and_says_when_it_does_not_fit(lora_run: dict) -> None:
+    """`inspect`'s plan holds the --merge step: the merged model's float32 bytes (what
+    lora.merged_model builds, measured on the run's merged/ folder) beside the run's weights in
+    system RAM; where that is more than the RAM free, the flags that fit add --no-merge."""
+    from dataclasses import replace
+
+    from transformers import AutoConfig
+
+    from domainlm.model.memory import fitting_flags, plan_memory
+
+    out = lora_run["out"]
+    merged = load_base(out / "merged")
+    merged_bytes = sum(p.numel() * p.element_size() for p in merged.parameters())
+    assert all(p.dtype == torch.float32 for p in merged.parameters())
+    plan = plan_memory(AutoConfig.from_pretrained(out / "merged"), model="m", batch_size=2,
+                       block_size=32, precision="fp32", device="cpu")  # fmt: skip
+    assert plan.merge_bytes - plan.scenarios["lora"].weights == merged_bytes
+    # LoRA is the answer (full fine-tuning made not to fit), and the merge does not fit
+    tight = replace(
+        plan, available=plan.scenarios["lora"].fit_bytes * 2, host_available=merged_bytes
+    )
+    tight.scenarios = {**plan.scenarios, "full": replace(plan.scenarios["full"], fit_bytes=2**50),
+                       "full+ckpt": replace(plan.scenarios["full+ckpt"], fit_bytes=2**50)}  # fmt: skip
+    assert fitting_flags(tight, lambda b: tight).startswith("--lora --no-merge (merging at the end")
+    assert fitting_flags(replace(tight, host_available=2**40), lambda b: tight) == "--lora"

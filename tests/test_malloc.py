@@ -12,6 +12,7 @@ import pytest
 SNIPPET = """
 import json, resource, sys
 import torch
+import transformers  # a run has it imported before its first step (the heap it shapes matters)
 from domainlm.model.malloc import reuse_freed_host_memory
 applied = reuse_freed_host_memory()
 def faults_for_a_fresh_block():

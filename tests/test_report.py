@@ -167,3 +167,27 @@ def test_without_matplotlib_plots_are_skipped(runs, tmp_path, monkeypatch, capsy
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
     assert plot_runs([read_run(runs[0])], tmp_path) == []
     assert "matplotlib cannot be imported" in capsys.readouterr().err
+
+
+def test_a_run_stopped_before_its_first_validation_claims_no_result(
+    runs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A run stopped early: metrics.jsonl holds the step-0 validation and some training steps,
+    no later validation, no eval_results.json, no model. "Perplexity after" must not be the
+    untrained figure, and no model card is written into a folder without a model."""
+    import json
+
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    rows = [json.loads(x) for x in (runs[1] / "metrics.jsonl").read_text().splitlines()]
+    kept = [r for r in rows if r.get("step", 0) <= 2 and ("loss" in r or r.get("step") == 0)]
+    assert any("eval_ppl" in r for r in kept) and any("loss" in r for r in kept)
+    (stopped / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    shutil.copy(runs[1] / "run_config.json", stopped / "run_config.json")
+    run_report([stopped])
+    before = next(r["eval_ppl"] for r in kept if "eval_ppl" in r)
+    row = [x.strip() for x in (stopped / "summary.md").read_text().splitlines()[-1].split("|")]
+    header = [x.strip() for x in (stopped / "summary.md").read_text().splitlines()[-3].split("|")]
+    after = row[header.index("perplexity after")]
+    assert after != f"{before:.3f}" and after in ("?", "-", ""), row
+    assert not (stopped / "README.md").exists()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import uneven_corpus, write_lines
 
 from domainlm import TrainConfig, train
@@ -70,7 +72,7 @@ def test_metrics_after_a_resume_match_an_uninterrupted_run_with_logging_every_3_
 ) -> None:
     """Logging every 3 steps; interrupted after step 5 (checkpoints 4 and 5 hold open windows)."""
     reference = tmp_path / "reference"
-    train(config(tiny_model_dir, corpus, reference))
+    reference_tokens = train(config(tiny_model_dir, corpus, reference)).train_tokens
     logged = [e["step"] for e in events(reference) if "loss" in e]
     assert logged == [3, 6, 9]
 
@@ -80,6 +82,11 @@ def test_metrics_after_a_resume_match_an_uninterrupted_run_with_logging_every_3_
         with pytest.raises(TrainingAborted, match="stopped after step 5"):
             train(config(tiny_model_dir, corpus, stopped))
     assert (stopped / "checkpoint-4").is_dir() and (stopped / "checkpoint-5").is_dir()
+    stopped_seconds = {  # the run's training seconds up to each checkpoint, as saved
+        step: torch.load(stopped / f"checkpoint-{step}" / "training_state.pt")["totals"]["seconds"]
+        for step in (4, 5)
+    }
+    assert 0 < stopped_seconds[4] < stopped_seconds[5]
 
     # Resumed from checkpoint-5 (the stop's own save) and from checkpoint-4 (a --save-steps save).
     from_four = tmp_path / "from-four"
@@ -89,6 +96,11 @@ def test_metrics_after_a_resume_match_an_uninterrupted_run_with_logging_every_3_
         result = train(config(tiny_model_dir, corpus, out))
         assert result.resumed_from == out / f"checkpoint-{step}"
         assert events(out) == events(reference)  # same steps, same losses, same perplexities
+        # the whole run's training tokens, not only the resumed process's (steps 5-9 or 6-9)
+        assert result.train_tokens == reference_tokens > 0
+        results = json.loads((out / "eval_results.json").read_text())
+        assert results["train_tokens"] == reference_tokens
+        assert result.train_runtime > stopped_seconds[step]  # the first part's time included
 
 
 def test_resume_loads_the_checkpoint_with_trust_remote_code(

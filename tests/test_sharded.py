@@ -179,6 +179,12 @@ def test_export_refuses_a_corrupt_checkpoint_and_a_used_folder(
     assert "not an empty folder" in capsys.readouterr().err
     assert sorted(p.name for p in used.iterdir()) == ["keep.txt"]
 
+    # a finished run's folder is a model folder already: said so, not "being written"
+    assert cli_main(["export", str(runs["full"]), str(tmp_path / "again")]) == 2
+    err = capsys.readouterr().err
+    assert "is a model folder already" in err and "being written" not in err
+    assert not (tmp_path / "again").exists()
+
 
 # ----------------------------------------------------------------------------- security
 

@@ -94,7 +94,6 @@ def test_sharded_checkpoint_of_2_ranks_resumed_by_1_rank(
     assert_same_weights(out, fsdp_run)
 
 
-@pytest.mark.slow
 def test_sharded_checkpoint_of_2_ranks_resumed_by_2_ranks_bit_identical(
     data: dict[str, Path], fsdp_run: Path, tmp_path: Path
 ) -> None:
@@ -106,7 +105,6 @@ def test_sharded_checkpoint_of_2_ranks_resumed_by_2_ranks_bit_identical(
     assert train_losses(out) == train_losses(fsdp_run)
 
 
-@pytest.mark.slow
 def test_sharded_checkpoint_of_1_process_resumed_by_2_fsdp_ranks(
     data: dict[str, Path], fsdp_run: Path, tmp_path: Path
 ) -> None:

@@ -272,6 +272,26 @@ def test_a_tracker_that_cannot_start_stops_the_run_before_its_first_step(
     assert not (out / "metrics.jsonl").exists()  # not even the validation before step 1
 
 
+def test_wandb_without_an_account_names_its_offline_mode(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """W&B's online mode needs an API key: the one line says how to log without one."""
+    pytest.importorskip("wandb")
+
+    def no_key(output_dir: Path, config: dict) -> None:
+        raise RuntimeError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(trackers, "open_wandb", no_key)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    train_file = write_lines(tmp_path / "train.txt", uneven_corpus(10))
+    args = ["train", "--model", str(tiny_model_dir), "--train-file", str(train_file),
+            "--output-dir", str(tmp_path / "out"), "--block-size", "32", "--report-to", "wandb"]  # fmt: skip
+    assert cli_main(args) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("domainlm:")]
+    assert line.endswith("No API key configured. Use `wandb login` to log in; to log without an "
+                         "account or network, set WANDB_MODE=offline")  # fmt: skip
+
+
 def test_unknown_tracker_is_refused_before_anything_is_written(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -323,7 +343,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.slow
 def test_two_ranks_log_once_from_rank_0(tiny_model_dir: Path, tmp_path: Path) -> None:
     """torchrun --nproc_per_node=2: one MLflow run, one W&B run, one TensorBoard event file,
     each holding metrics.jsonl once (rank 1 logs nothing)."""

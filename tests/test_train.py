@@ -238,6 +238,19 @@ def test_resume_auto_continues_and_other_runs_are_protected(
     assert (foreign / "notes.txt").read_text() == "mine"
     assert (foreign / "model.safetensors").is_file()
 
+    # ... but never over files of the names a run writes that domainlm did not write: another
+    # tool's model (the seed's run_clm.py output folder), the user's own tokenizer.
+    trainer_out = tmp_path / "trainer_out"
+    trainer_out.mkdir()
+    theirs = {"model.safetensors": b"their weights", "tokenizer.json": b"{}", "notes.txt": b"x"}
+    for name, content in theirs.items():
+        (trainer_out / name).write_bytes(content)
+    with pytest.raises(UserError, match="holds model.safetensors, tokenizer.json, which domainlm"):
+        train(
+            base_config(tiny_model_dir, train_file, trainer_out, overwrite_output_dir=True, **cfg)
+        )
+    assert {p.name: p.read_bytes() for p in trainer_out.iterdir()} == theirs
+
 
 def test_learning_rate_schedule() -> None:
     kw = dict(peak=1.0, warmup_steps=4, total_steps=14)
@@ -247,3 +260,31 @@ def test_learning_rate_schedule() -> None:
     assert learning_rate(14, kind="linear", **kw) == pytest.approx(0.0)
     assert learning_rate(9, kind="cosine", **kw) == pytest.approx(0.5)
     assert learning_rate(14, kind="cosine", min_ratio=0.1, **kw) == pytest.approx(0.1)
+
+
+def test_schedule_surprises_are_said(
+    tiny_model_dir: Path, corpus, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Warmup as long as the run (the rate never reaches --lr), and a resume whose --max-steps
+    stretches a decaying schedule (the rate jumps at the resume): each said in one line, with
+    the rates the schedule gives (learning_rate, the step loop's own function)."""
+    train_file, valid_file = corpus
+    out = tmp_path / "run"
+    cfg = dict(validation_file=str(valid_file), save_steps=2, eval_steps=100)
+    train(
+        base_config(tiny_model_dir, train_file, out, **{**cfg, "warmup_steps": 10, "max_steps": 2})
+    )
+    err = capsys.readouterr().err
+    assert "--warmup-steps 10 is at least the run's 2 steps" in err
+    assert f"it ends at {3e-3 * 2 / 11:.3g}" in err  # step 1 of 10 warmup steps: peak x 2/11
+    out2 = tmp_path / "run2"
+    train(base_config(tiny_model_dir, train_file, out2, **{**cfg, "max_steps": 4}))
+    assert "never reaches" not in capsys.readouterr().err
+    train(base_config(tiny_model_dir, train_file, out2, **{**cfg, "max_steps": 8}))
+    err = capsys.readouterr().err
+    was = learning_rate(4, peak=3e-3, warmup_steps=2, total_steps=4, kind="linear")
+    now = learning_rate(4, peak=3e-3, warmup_steps=2, total_steps=8, kind="linear")
+    assert (
+        f"schedule now spans 8 steps, not 4: the rate at step 4 changes from {was:.3g} to {now:.3g}"
+        in err
+    )

@@ -27,6 +27,7 @@ from domainlm.config import (
     DOC_SEPARATORS,
     ENCODING_ERRORS,
     PRECISIONS,
+    RUN_FILE,
     TEXT_COLUMN_HELP,
     check_device,
     opt,
@@ -52,6 +53,13 @@ from domainlm.model.loss import CausalLMLoss
 CONVENTIONS = ("eos", "plain")
 PER_LINE_SUFFIXES = (".jsonl", ".csv")
 TEXT_SOURCE = "--text"
+
+
+def is_within(path: Path, source: Path) -> bool:
+    """Whether `path` is `source`, or a file inside the folder `source` (symbolic links
+    followed): a file the scores must not overwrite."""
+    target, source = path.resolve(), source.resolve()
+    return target == source or (source.is_dir() and source in target.parents)
 
 
 @dataclass
@@ -148,6 +156,11 @@ class PerplexityConfig:
                 raise UserError(f"--per-line {out}: the folder {out.parent} does not exist")
             if out.is_dir():
                 raise UserError(f"--per-line {out}: is a folder, name a file")
+            if self.file is not None and is_within(out, Path(self.file)):
+                raise UserError(
+                    f"--per-line {out} is the text being scored (--file {self.file}): writing "
+                    "the scores there would overwrite it; name another file"
+                )
 
     @property
     def scores_lines(self) -> bool:
@@ -240,6 +253,27 @@ def evaluate_perplexity(config: PerplexityConfig) -> list[PerplexityReport]:
             teardown_distributed(ctx)
 
 
+def other_window_note(spec: str, block_size: int, stride: int) -> str | None:
+    """A note when `spec` is a domainlm run (or one of its checkpoints) whose validation used
+    another window: its eval_results.json figure is then not the one printed here."""
+    folder = Path(spec).expanduser()
+    for candidate in (folder / RUN_FILE, folder.parent / RUN_FILE):
+        try:
+            run = json.loads(candidate.read_text(encoding="utf-8"))
+            run_block = int(run["identity"]["block_size"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        run_stride = int(run.get("config", {}).get("eval_stride") or run_block - 1)
+        if (run_block, run_stride) == (block_size, stride):
+            return None
+        return (
+            f"note: {spec} was validated during training with --block-size {run_block} --stride "
+            f"{run_stride}; this scores with --block-size {block_size} --stride {stride}, so its "
+            "figure differs from the run's: pass those to compare"
+        )
+    return None
+
+
 def read_corpus(config: PerplexityConfig) -> Corpus:
     """The texts of --file (or --text), each with where it starts, split as training splits them.
 
@@ -281,6 +315,10 @@ def score_model(
     block_size = loaded.block_size(config.block_size)
     stride = config.stride or block_size - 1
     check_window(block_size, stride)
+    if ctx.is_main and not config.quiet:
+        note = other_window_note(spec, block_size, stride)
+        if note:
+            print(note, file=sys.stderr)
     loss_module = CausalLMLoss(loaded.model.to(device))
     progress = ctx.is_main and not config.quiet
     tokens, unscored = stream_tokens(corpus, loaded, config.convention)

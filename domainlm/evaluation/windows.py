@@ -20,7 +20,7 @@ import torch
 from domainlm.data.blocks import IGNORE_INDEX
 from domainlm.errors import UserError
 from domainlm.model.device import autocast
-from domainlm.model.distributed import SINGLE, DistContext, all_reduce_sum
+from domainlm.model.distributed import SINGLE, DistContext
 
 
 @dataclass(frozen=True)
@@ -125,30 +125,37 @@ def score_windows(
     progress: bool = False,
     unscored: np.ndarray | None = None,
 ) -> np.ndarray:
-    """NLL sum (float64) of each window this rank scores; windows are dealt round-robin to ranks.
+    """NLL sum (float64) of each window this rank scores; batches are dealt round-robin to ranks.
 
-    Every rank runs the same number of batches (an empty window pads the short ones), so sharded
-    models (FSDP) stay in step. Entries of windows other ranks score stay 0.
+    The windows are cut into batches of `batch_size` in order, as one process cuts them, and rank
+    r scores batches r, r + world_size, ...: every window is computed in the same batch (same
+    rows, same padded width) whatever the number of processes, so its float32 result, and with
+    `all_window_sums` every figure built from them, is the single process's to the bit (a
+    window's logits move by float32 rounding with the batch around it: dealing single windows
+    moved a perplexity by 6e-10). Every rank runs the same number of batches (a one-window
+    batch pads the short ones), so sharded models (FSDP) stay in step. Entries of windows other
+    ranks score stay 0.
     """
     sums = np.zeros(len(windows), dtype=np.float64)
-    mine = list(range(ctx.rank, len(windows), ctx.world_size))
-    per_rank = -(-len(windows) // ctx.world_size)
-    mine += [-1] * (per_rank - len(mine))
-    padded = [windows[i] if i >= 0 else Window(0, 1, 1) for i in mine]
+    starts = list(range(0, len(windows), batch_size))
+    mine = starts[ctx.rank :: ctx.world_size]
+    per_rank = -(-len(starts) // ctx.world_size)
+    batches = [list(range(a, min(a + batch_size, len(windows)))) for a in mine]
+    batches += [[]] * (per_rank - len(batches))  # scored, and thrown away
     was_training = loss_module.training
     loss_module.eval()
-    bar = _progress(progress, len(padded), "scoring")
+    bar = _progress(progress, sum(map(len, batches)), "scoring")
     try:
         # One autocast region for the whole evaluation: the weights do not change, so each is
         # cast to the compute dtype once (autocast's cache), not once per batch.
         with autocast(device, precision):
-            for rows, inputs, targets in window_batches(tokens, padded, batch_size, unscored):
+            for batch in batches:
+                chunk = [windows[i] for i in batch] or [Window(0, 1, 1)]
+                ((_, inputs, targets),) = window_batches(tokens, chunk, batch_size, unscored)
                 values = loss_module(inputs.to(device), targets.to(device)).double().cpu().numpy()
-                for row, value in zip(rows, values, strict=True):
-                    if mine[row] >= 0:
-                        sums[mine[row]] = value
+                sums[batch] = values[: len(batch)]
                 if bar is not None:
-                    bar.update(len(rows))
+                    bar.update(len(batch))
     finally:
         loss_module.train(was_training)
         if bar is not None:
@@ -161,6 +168,7 @@ def all_window_sums(sums: np.ndarray, ctx: DistContext, device: torch.device) ->
 
     Each rank filled in only its own windows (the rest are 0), so a float64 sum over ranks is
     exact: per-window results (per-line scores) do not depend on the number of processes.
+    Summed afterwards in one order (`stream_nll`), neither does their total.
     """
     if not ctx.enabled:
         return sums
@@ -213,8 +221,8 @@ def stream_nll(
         unscored=unscored,
     )
     predicted = sum(scored_count(w, unscored) for w in windows)
-    (total,) = all_reduce_sum([float(sums.sum())], ctx, device)
-    return NLLSum(total, predicted)
+    # every window's sum on every rank, then added in one order: the single process's total
+    return NLLSum(float(all_window_sums(sums, ctx, device).sum()), predicted)
 
 
 def _limit(

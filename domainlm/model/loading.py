@@ -192,13 +192,22 @@ def _load_pretrained(
         tokenizer = AutoTokenizer.from_pretrained(
             source, trust_remote_code=trust_remote_code, local_files_only=local_files_only
         )
-        model = AutoModelForCausalLM.from_pretrained(
-            source,
-            dtype=dtype,
-            trust_remote_code=trust_remote_code,
-            use_safetensors=True,  # never unpickle weights (a .bin file can run code)
-            local_files_only=local_files_only,
-        )
+        check_tokenizer(tokenizer, spec)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                source,
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
+                use_safetensors=True,  # never unpickle weights (a .bin file can run code)
+                local_files_only=local_files_only,
+            )
+        except Exception as exc:
+            if type(exc).__name__ != "SafetensorError":  # safetensors' own, not an OSError
+                raise
+            raise UserError(
+                f"could not read the weights of {spec}: {_first_line(exc)}; the .safetensors "
+                "file is damaged or incomplete (an interrupted copy or download?): copy it again"
+            ) from None
         return model, tokenizer
 
     try:
@@ -228,6 +237,18 @@ def _load_pretrained(
             f"model): {_first_line(exc)}. Use a local model folder, or an offline preset such as "
             f"scratch:gpt2 or scratch:tiny"
         ) from exc
+
+
+def check_tokenizer(tokenizer: Any, spec: str) -> None:
+    """Refuse a tokenizer that turns text into nothing: transformers builds an empty one of the
+    config's type from a folder without tokenizer files, and every text would then be zero
+    tokens (a run would train on EOS tokens alone and score a perplexity that looks superb)."""
+    if not tokenizer("a b", add_special_tokens=False)["input_ids"]:
+        raise UserError(
+            f"{spec} has no usable tokenizer: text becomes no tokens (its tokenizer files, e.g. "
+            "tokenizer.json or vocab.json and merges.txt, are missing?); copy the tokenizer "
+            "files of the model it came from into it"
+        )
 
 
 def hub_endpoint() -> str:

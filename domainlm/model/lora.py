@@ -22,14 +22,14 @@ from typing import Any
 
 import torch
 
-from domainlm.errors import UserError
+from domainlm.config import RUN_FILE
+from domainlm.errors import TrainingAborted, UserError
 from domainlm.model.distributed import transformer_blocks
 from domainlm.model.loading import SCRATCH_PREFIX, LoadedModel, load_model
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MERGED_DIR = "merged"  # inside the run folder: the merged model (--merge)
-RUN_FILE = "run_config.json"  # the run's settings (run/checkpoint.py): a scratch base's seed
 # --lora-quantization values. QLoRA's 4-bit base needs bitsandbytes on a CUDA GPU; it would load
 # the base quantized in `quantized_base` and is refused until then.
 QUANTIZATIONS = ("4bit",)
@@ -94,7 +94,9 @@ def check_quantization(quantization: str | None) -> None:
         return
     if quantization not in QUANTIZATIONS:
         raise UserError(
-            f"--lora-quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}"
+            f"--lora-quantization {quantization!r} is not a quantization domainlm knows, and "
+            f"none is supported yet ({', '.join(QUANTIZATIONS)}: QLoRA, planned); train --lora "
+            "on a bf16 base instead (drop the flag)"
         )
     raise UserError(
         f"--lora-quantization {quantization} (QLoRA) is not supported: a quantized base needs "
@@ -149,10 +151,11 @@ def target_modules(model: torch.nn.Module, requested: tuple[str, ...] | None) ->
         for target in requested:
             matches = [n for n in adaptable_names if n == target or n.endswith("." + target)]
             if not matches:
-                leaves = sorted({n.rsplit(".", 1)[-1] for n in adaptable_names})
+                allowed = [n for n in adaptable_names if n not in excluded]
+                leaves = sorted({n.rsplit(".", 1)[-1] for n in allowed})
                 raise UserError(
-                    f"--lora-targets {target} matches no linear layer of the model; its linear "
-                    f"layers are named {', '.join(leaves)}"
+                    f"--lora-targets {target} matches no linear layer of the model; the layers "
+                    f"LoRA can adapt are named {', '.join(leaves)}"
                 )
             if any(m in excluded for m in matches):
                 raise UserError(
@@ -245,19 +248,55 @@ def save_adapter(peft_model: Any, folder: Path) -> None:
     shutil.rmtree(staging)
 
 
-def save_merged(
-    folder: Path, tokenizer: Any, *, seed: int, eos_token: str | None, trust_remote_code: bool
-) -> Path:
-    """`folder/merged`: the adapter saved in `folder` merged into a fresh float32 copy of its
-    base, saved as a plain model folder with the tokenizer."""
-    target = folder / MERGED_DIR
+def merged_model(
+    folder: Path,
+    *,
+    seed: int | None = None,
+    eos_token: str | None = None,
+    trust_remote_code: bool = False,
+) -> torch.nn.Module:
+    """The adapter saved in `folder` merged into a fresh float32 copy of its base: a plain
+    transformers model (W + alpha / r * B @ A in float32, so an update smaller than a bf16 step
+    of W is not rounded away). Needs the base's parameters x 4 bytes of memory."""
     loaded = load_adapter(
         folder, seed=seed, eos_token=eos_token, trust_remote_code=trust_remote_code, peft=True
     )
-    merged = loaded.model.merge_and_unload()
+    return loaded.model.merge_and_unload()
+
+
+def save_merged(
+    folder: Path, tokenizer: Any, *, seed: int, eos_token: str | None, trust_remote_code: bool
+) -> Path:
+    """`folder/merged`: `merged_model(folder)` saved as a plain model folder with the tokenizer.
+
+    Out of memory while merging: a TrainingAborted naming what it needs and the way out (the
+    adapter in `folder` is saved already; `domainlm export` merges it later)."""
+    target = folder / MERGED_DIR
+    try:
+        merged = merged_model(
+            folder, seed=seed, eos_token=eos_token, trust_remote_code=trust_remote_code
+        )
+    except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        if not is_out_of_memory(exc):
+            raise
+        raise TrainingAborted(
+            f"out of memory while merging the adapter into a float32 copy of its base for "
+            f"{target}: the adapter itself is saved in {folder}; merge it where more memory is "
+            f"free with `domainlm export {folder} OUT`, or train with --no-merge"
+        ) from None
     merged.save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An allocation that failed: MemoryError, torch's OutOfMemoryError, or the RuntimeError of a
+    failed CPU allocation or memory map ("Cannot allocate memory", "DefaultCPUAllocator")."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc)
+    return any(s in text for s in ("Cannot allocate memory", "DefaultCPUAllocator: can't allocate",
+                                   "out of memory"))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- adapter folders
@@ -306,7 +345,15 @@ def load_adapter(
         )
     if seed is None:
         seed = scratch_seed(folder) if base.startswith(SCRATCH_PREFIX) else 0
-    loaded = load_model(base, seed=seed, eos_token=eos_token, trust_remote_code=trust_remote_code)
+    try:
+        loaded = load_model(
+            base, seed=seed, eos_token=eos_token, trust_remote_code=trust_remote_code
+        )
+    except UserError as exc:  # say where the base's name came from: the user gave the adapter
+        raise UserError(
+            f"{folder} is a LoRA adapter whose base model {base!r} (base_model_name_or_path in "
+            f"its {ADAPTER_CONFIG}) cannot be loaded: {exc}"
+        ) from None
     # safetensors only: the adapter_model.safetensors checked above is the file peft reads first
     model = peft_lib.PeftModel.from_pretrained(loaded.model.float(), str(folder))
     loaded.model = model if peft else model.get_base_model()

@@ -175,6 +175,10 @@ class MemoryPlan:
     scenarios: dict[str, Terms]  # "full", "full+ckpt", "lora", "lora+ckpt"
     available: int | None = None  # bytes on the device at hand
     device: str = "cpu"
+    # A LoRA run's --merge (the default), after training: a float32 copy of the base in system
+    # RAM (lora.merged_model), beside the run's weights when those are in system RAM too (CPU).
+    merge_bytes: int = 0
+    host_available: int | None = None  # system RAM free (the merge's; = available on the CPU)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -488,11 +492,13 @@ def plan_memory(
         for ckpt in (False, True):
             name = ("lora" if lora else "full") + ("+ckpt" if ckpt else "")
             scenarios[name] = scenario(shape, batch, trainable, adapters, ckpt, chunk)
+    merge = 4 * shape.params + (scenarios["lora"].weights if device != "cuda" else 0)
     return MemoryPlan(
         model=model, shape=shape, batch_size=batch_size, block_size=block_size,
         precision=precision, lora_r=lora_r, lora_targets=targets,
         trainable_full=shape.params, trainable_lora=trainable_lora, scenarios=scenarios,
-        available=available_bytes(device), device=device,
+        available=available_bytes(device), device=device, merge_bytes=merge,
+        host_available=available_bytes("cpu"),
     )  # fmt: skip
 
 
@@ -580,8 +586,20 @@ def fitting_flags(plan: MemoryPlan, replan: Any) -> str:
         for name, flags in SCENARIO_FLAGS.items():
             if current.scenarios[name].fit_bytes <= HEADROOM * plan.available:
                 extra = f"--batch-size {batch} --grad-accum {-(-plan.batch_size // batch)}"
-                return (flags + " " + extra if batch != plan.batch_size else flags) or "as it is"
+                found = (flags + " " + extra if batch != plan.batch_size else flags) or "as it is"
+                return found + merge_note(plan) if name.startswith("lora") else found
         if batch == 1:
             return f"nothing at block size {plan.block_size}: try a smaller --block-size"
         batch = max(1, batch // 2)
         current = replan(batch)
+
+
+def merge_note(plan: MemoryPlan) -> str:
+    """For a LoRA answer: " --no-merge (...)" when the merge at the end would not fit in the
+    system RAM free, else nothing."""
+    if plan.host_available is None or plan.merge_bytes <= HEADROOM * plan.host_available:
+        return ""
+    return (
+        f" --no-merge (merging at the end needs {plan.merge_bytes / GIB:.1f} GiB of system RAM; "
+        "`domainlm export RUN OUT` merges later, where that is free)"
+    )

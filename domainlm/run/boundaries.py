@@ -50,6 +50,7 @@ class Progress:
         self.bar = run.console.progress(run.total_steps, run.start_step)
         self.nll = torch.zeros((), dtype=torch.float64, device=run.device)
         self.tokens, self.start, self.tokens_seen = 0, time.perf_counter(), 0
+        self.process_start = self.start
         self.paused_at: float | None = None
         resumed = run.resumed_window
         if resumed:
@@ -94,6 +95,15 @@ class Progress:
         """The open window as a checkpoint saves it: NLL, target tokens, training seconds."""
         now = self.paused_at if self.paused_at is not None else time.perf_counter()
         return self.nll, self.tokens, now - self.start
+
+    def totals(self) -> dict[str, float]:
+        """Training tokens (all ranks, padding excluded) and seconds of the whole run so far:
+        what the checkpoint it resumed from counted, plus this process's."""
+        before = self.run.resumed_totals
+        return {
+            "tokens": int(before.get("tokens", 0)) + self.tokens_seen,
+            "seconds": float(before.get("seconds", 0.0)) + time.perf_counter() - self.process_start,
+        }
 
     def close(self) -> None:
         self.run.console.close(self.bar)
@@ -204,7 +214,9 @@ class Checkpoints:
 
     def save(self, done: int, perplexity: float | None) -> None:
         start = time.perf_counter()
-        save_training_checkpoint(self.run, done, perplexity, self.progress.window(), self.writer)
+        save_training_checkpoint(
+            self.run, done, perplexity, self.progress.window(), self.writer, self.progress.totals()
+        )
         self.last_stall = time.perf_counter() - start
 
     def save_unless_saved(self, done: int) -> None:
@@ -224,6 +236,7 @@ def save_training_checkpoint(
     eval_perplexity: float | None,
     window: tuple[torch.Tensor, int, float],
     writer: Any = None,
+    totals: dict[str, float] | None = None,
 ) -> CheckpointInfo | None:
     """Write checkpoint-<step> on rank 0 (sharded: every rank its shards), then rotate; other
     ranks wait at a barrier. With `writer` (--async-save), rank 0 hands a host copy to it.
@@ -245,6 +258,8 @@ def save_training_checkpoint(
         "scaler": net.scaler.state_dict() if net.scaler.is_enabled() else None,
         "world_size": ctx.world_size,
         "loss_window": {"nll": nll_sum, "tokens": window_tokens, "seconds": window_seconds},
+        "totals": totals or {},  # the run's training tokens and seconds up to this step
+        "total_steps": run.total_steps,  # what the learning-rate schedule spanned
     }
     if checkpoint_format(run.config.checkpoint_format, net.model) == SHARDED:
         save_sharded_checkpoint(run, step, state, eval_perplexity)  # synchronous (see train.py)

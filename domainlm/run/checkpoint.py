@@ -10,6 +10,7 @@ run wrote here, checkpoints included: all that --overwrite-output-dir may remove
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -21,12 +22,12 @@ from typing import Any
 
 import torch
 
+from domainlm.config import RUN_FILE
 from domainlm.errors import UserError
 
 CHECKPOINT_PREFIX = "checkpoint-"
 MARKER = "checkpoint.json"
 STATE_FILE = "training_state.pt"
-RUN_FILE = "run_config.json"
 SAVE_DELAY_ENV = "DOMAINLM_INJECT_SAVE_DELAY"
 
 
@@ -283,6 +284,34 @@ def owned_entries(output_dir: Path) -> list[str]:
             "which is not a name inside the folder; nothing was removed. Fix or delete that file"
         )
     return list(names)
+
+
+# What a run writes into its folder besides checkpoints (the model and tokenizer files as
+# save_pretrained names them, a LoRA run's adapter and merged/, the logs, results and report;
+# README.md is skipped when not ours, run/report.py): a file of these names that domainlm did not
+# write would be overwritten.
+OUTPUT_NAMES = (
+    "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+    "model-*-of-*.safetensors", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt",
+    "tokenizer.model", "spiece.model", "chat_template.jinja", "adapter_config.json",
+    "adapter_model.safetensors", "merged", "eval_results.json", "metrics.jsonl", "samples.jsonl",
+    "report.html", "summary.md", "training_loss.png", "validation_perplexity.png",
+    "learning_rate.png", "tensorboard", "mlruns", "wandb", "preempted.json",
+)  # fmt: skip
+
+
+def foreign_outputs(output_dir: Path) -> list[str]:
+    """Entries of `output_dir` that a run would write over and domainlm did not write (no earlier
+    run of ours lists them): another tool's model, the user's own files."""
+    if not output_dir.is_dir():
+        return []
+    owned = set(owned_entries(output_dir))
+    return sorted(
+        p.name
+        for p in output_dir.iterdir()
+        if p.name not in owned and any(fnmatch.fnmatchcase(p.name, n) for n in OUTPUT_NAMES)
+    )
 
 
 def remove_owned_files(output_dir: Path) -> list[str]:

@@ -48,6 +48,7 @@ class CheckpointSize:
     optimizer: int
     tokenizer: int
     other: int = SMALL_FILES
+    merged: int = 0  # a LoRA run's merged/ folder (--merge), written with the final folder
 
     @property
     def total(self) -> int:
@@ -55,8 +56,9 @@ class CheckpointSize:
 
     @property
     def model_folder(self) -> int:
-        """The final model folder: weights, tokenizer, the report; no optimizer state."""
-        return self.weights + self.tokenizer + self.other + REPORT_FILES
+        """The final model folder: weights, tokenizer, the report, a LoRA run's merged/ folder;
+        no optimizer state."""
+        return self.weights + self.tokenizer + self.other + REPORT_FILES + self.merged
 
 
 def human(n: float) -> str:
@@ -89,16 +91,31 @@ def tokenizer_bytes(tokenizer: Any) -> int:
     return sum((source / n).stat().st_size for n in names.values() if (source / n).is_file())
 
 
-def estimate_checkpoint(model: torch.nn.Module, tokenizer: Any) -> CheckpointSize:
+def estimate_checkpoint(
+    model: torch.nn.Module, tokenizer: Any, merge: bool = False
+) -> CheckpointSize:
     """One checkpoint's size without writing it: weights in their dtype, AdamW's two moments per
-    trainable parameter (in its dtype) and step, the training state, the tokenizer files."""
+    trainable parameter (in its dtype) and step, the training state, the tokenizer files.
+
+    A LoRA (PEFT) model saves its adapter only; with `merge`, the final folder also holds
+    merged/: the frozen base with the adapter folded in, in float32 (lora.save_merged), and
+    the tokenizer again."""
     tensors = saved_tensors(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    merged = 0
+    if hasattr(model, "peft_config"):  # PeftModel.save_pretrained writes the adapter alone
+        from peft import get_peft_model_state_dict
+
+        frozen = [t for t in tensors if not t.requires_grad]
+        tensors = list(get_peft_model_state_dict(model).values())
+        if merge:
+            merged = sum(4 * t.numel() + SAFETENSORS_PER_TENSOR for t in frozen)
+            merged += tokenizer_bytes(tokenizer) + SMALL_FILES
     weights = sum(t.numel() * t.element_size() for t in tensors)
     weights += SAFETENSORS_PER_TENSOR * len(tensors)
-    trainable = [p for p in model.parameters() if p.requires_grad]
     moments = sum(2 * p.numel() * p.element_size() for p in trainable)
     optimizer = moments + 3 * TORCH_SAVE_PER_TENSOR * len(trainable)  # exp_avg, exp_avg_sq, step
-    return CheckpointSize(weights, optimizer, tokenizer_bytes(tokenizer))
+    return CheckpointSize(weights, optimizer, tokenizer_bytes(tokenizer), merged=merged)
 
 
 @dataclass(frozen=True)
@@ -116,7 +133,13 @@ class SpaceNeed:
             f"{self.at_peak} checkpoint(s) of {human(self.checkpoint.total)} at the worst moment "
             f"(weights {human(self.checkpoint.weights)}, optimizer state "
             f"{human(self.checkpoint.optimizer)}, tokenizer {human(self.checkpoint.tokenizer)}) "
-            f"and the final model ({human(self.checkpoint.model_folder)})"
+            f"and the final model ({human(self.checkpoint.model_folder)}"
+            + (
+                f", of which merged/ {human(self.checkpoint.merged)}"
+                if self.checkpoint.merged
+                else ""
+            )
+            + ")"
         )
 
 
@@ -213,7 +236,7 @@ def check_run_disk_space(
     from domainlm.run.checkpoint import list_checkpoints
 
     output_dir = Path(config.output_dir)
-    size = estimate_checkpoint(model, tokenizer)
+    size = estimate_checkpoint(model, tokenizer, merge=bool(config.lora and config.merge))
     existing = [folder_bytes(c.path) for c in list_checkpoints(output_dir)]
     need = space_needed(
         size, start_step, total_steps, config.save_steps, config.save_total_limit, existing

@@ -54,9 +54,12 @@ class RunData:
         return first[0]["eval_ppl"] if first else self.results.get("initial_perplexity")
 
     def final_perplexity(self) -> float | None:
+        """The finished run's figure, else the latest validation after some training (a run
+        stopped early); None when only the step-0 validation is there (nothing trained yet)."""
         if "perplexity" in self.results:
             return self.results["perplexity"]
-        return self.evals[-1]["eval_ppl"] if self.evals else None
+        trained = [e for e in self.evals if e["step"] > 0]
+        return trained[-1]["eval_ppl"] if trained else None
 
 
 def read_run(path: Path) -> RunData:
@@ -648,6 +651,10 @@ def write_run_report(
     return plots + ([card] if card else []) + [page]
 
 
+# The weights of a finished run's folder (a LoRA run's: the adapter).
+MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+
+
 def run_report(run_dirs: list[Path], output: Path | None = None) -> list[Path]:
     """`domainlm report`: plots, summary.md and report.html of one or more runs (one page
     comparing them); a single run's card refreshed when the output is its own folder."""
@@ -661,8 +668,9 @@ def run_report(run_dirs: list[Path], output: Path | None = None) -> list[Path]:
     table = summary_table(runs)
     (output / SUMMARY_FILE).write_text("# Runs\n\n" + table, encoding="utf-8")
     written = [*plots, output / SUMMARY_FILE]
-    if len(runs) == 1 and output.resolve() == runs[0].path.resolve():
-        card = write_model_card(runs[0])
+    has_model = any((runs[0].path / name).is_file() for name in MODEL_FILES)
+    if len(runs) == 1 and output.resolve() == runs[0].path.resolve() and has_model:
+        card = write_model_card(runs[0])  # a card describes a model: none for a run stopped early
         written += [card] if card else []
     written.append(write_html_report(runs, plots, output, [card_data(run.path) for run in runs]))
     print(table, end="")

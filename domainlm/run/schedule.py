@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 
 def learning_rate(
@@ -31,3 +32,16 @@ def learning_rate(
     if kind == "cosine":
         return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * progress))
     raise ValueError(f"unknown schedule {kind!r}")
+
+
+def schedule_rate(config: Any, step: int, total_steps: int) -> float:
+    """The learning rate of `step` (0-based) under a run's settings (a TrainConfig: --lr,
+    --warmup-steps, --scheduler, --min-lr-ratio) over `total_steps`."""
+    return learning_rate(
+        step,
+        peak=config.lr,
+        warmup_steps=config.warmup_steps,
+        total_steps=total_steps,
+        kind=config.scheduler,
+        min_ratio=config.min_lr_ratio,
+    )

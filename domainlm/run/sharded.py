@@ -31,6 +31,7 @@ import torch
 from domainlm.errors import UserError
 from domainlm.run.checkpoint import (
     CHECKPOINT_PREFIX,
+    MARKER,
     STATE_FILE,
     checkpoint_problem,
     fresh_tmp_dir,
@@ -211,8 +212,23 @@ def load_sharded_checkpoint(
 def export_checkpoint(checkpoint: Path, out: Path) -> Path:
     """Write checkpoint (full or sharded) as a plain Hugging Face folder `out` (model, tokenizer).
 
-    The checkpoint's checksums are checked first; `out` must not hold files already."""
-    problem = checkpoint_problem(checkpoint) if checkpoint.is_dir() else "no such folder"
+    A LoRA adapter (a LoRA run's checkpoint, or its final folder) is merged into a float32 copy
+    of its base (lora.merged_model), as --merge does at the end of a run. The checkpoint's
+    checksums are checked first; `out` must not hold files already."""
+    from domainlm.model.lora import is_adapter_folder, merged_model
+
+    adapter = checkpoint.is_dir() and is_adapter_folder(checkpoint)
+    if not checkpoint.is_dir():
+        problem: str | None = "no such folder"
+    elif adapter and not (checkpoint / MARKER).exists():
+        problem = None  # a LoRA run's final folder: the adapter, no checkpoint marker
+    elif not (checkpoint / MARKER).exists() and (checkpoint / "config.json").is_file():
+        raise UserError(
+            f"{checkpoint} is a model folder already (no checkpoint marker: a finished run's "
+            "folder?), which transformers loads as it is; export takes a checkpoint-<step> folder"
+        )
+    else:
+        problem = checkpoint_problem(checkpoint)
     if problem:
         raise UserError(f"{checkpoint}: cannot export it: {problem}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -223,7 +239,9 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
 
     quiet_transformers()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    if is_sharded_checkpoint(checkpoint):
+    if adapter:
+        model = merged_model(checkpoint)
+    elif is_sharded_checkpoint(checkpoint):
         model = model_from_sharded(checkpoint)
     else:
         from domainlm.model.loading import load_model

@@ -87,3 +87,6 @@ class Run:
     metrics: MetricsLog
     loggers: Any  # trackers.Trackers (--report-to)
     sampler: Any  # text.generate.TrainingSampler, or None
+    # training tokens and seconds of the steps up to the checkpoint ({} if none): a resumed run's
+    # train_tokens and train_runtime count the whole run, not only this process's part
+    resumed_totals: dict[str, float] = field(default_factory=dict)

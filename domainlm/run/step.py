@@ -22,7 +22,7 @@ from domainlm.model.device import autocast
 from domainlm.model.distributed import DistContext
 from domainlm.model.faults import maybe_inject_oom_after_backward
 from domainlm.run import guard
-from domainlm.run.schedule import learning_rate
+from domainlm.run.schedule import schedule_rate
 from domainlm.run.state import Run
 
 
@@ -60,14 +60,7 @@ class TrainStep:
     def __call__(self, step: int) -> StepOutcome:
         """Optimizer step `step` (0-based): set the learning rate, run the global batch, update."""
         config, done = self.config, step + 1
-        lr = learning_rate(
-            step,
-            peak=config.lr,
-            warmup_steps=config.warmup_steps,
-            total_steps=self.total_steps,
-            kind=config.scheduler,
-            min_ratio=config.min_lr_ratio,
-        )
+        lr = schedule_rate(config, step, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         blocks = self.cursor.next_global_batch(self.dataset, self.global_batch, config.seed)

@@ -145,7 +145,11 @@ class Trackers:
             except Exception as exc:  # the tracker's own exception types vary
                 self.close(failed=True)  # those already started
                 reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                raise UserError(f"--report-to {name}: could not start: {reason}") from exc
+                hint = ""
+                if name == "wandb" and "WANDB_MODE" not in os.environ:
+                    hint = "; to log without an account or network, set WANDB_MODE=offline"
+                    reason = reason.rstrip(".")
+                raise UserError(f"--report-to {name}: could not start: {reason}{hint}") from exc
 
     def log(self, event: dict[str, Any]) -> None:
         """One metrics.jsonl event: {step, epoch, loss, lr, tokens_per_s} or {step, epoch,

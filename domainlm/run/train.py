@@ -9,6 +9,7 @@ kind of step changes step.py; neither touches the loop.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from domainlm.config import TrainConfig
@@ -25,7 +27,7 @@ from domainlm.data.corpus import check_input
 from domainlm.data.lint import check_training_data
 from domainlm.data.packing import check_packing_support
 from domainlm.data.tokens import TokenStream, load_token_stream
-from domainlm.errors import UserError
+from domainlm.errors import TrainingAborted, UserError
 from domainlm.evaluation.windows import NLLSum, check_window
 from domainlm.model.device import pick_device, prefer_expandable_cuda_segments, resolve_precision
 from domainlm.model.distributed import DistContext
@@ -52,11 +54,13 @@ from domainlm.run import guard
 from domainlm.run.async_save import background_writer
 from domainlm.run.boundaries import Checkpoints, Evaluation, Progress, Sampling, StopGuard
 from domainlm.run.checkpoint import (
+    CHECKPOINT_PREFIX,
     RUN_FILE,
     best_checkpoint,
     check_output_dir,
     checkpoint_dirs_by_step,
     checkpoint_problem,
+    foreign_outputs,
     list_checkpoints,
     load_training_state,
     owned_entries,
@@ -74,6 +78,7 @@ from domainlm.run.diskspace import (
 from domainlm.run.lock import LOCK_FILE, RunLock
 from domainlm.run.metrics import Console, MetricsLog
 from domainlm.run.report import data_summary, write_run_report
+from domainlm.run.schedule import schedule_rate
 from domainlm.run.sharded import is_sharded_checkpoint, load_sharded_checkpoint
 from domainlm.run.state import DataCursor, Run, RunData, RunModel
 from domainlm.run.step import TrainStep
@@ -81,7 +86,7 @@ from domainlm.run.trackers import Trackers, resolve_report_to, tracker_outputs
 from domainlm.text.generate import SAMPLES_FILE, TrainingSampler
 
 # What makes a checkpoint resumable by a run: the same model, tokenizer and block layout.
-RESUME_KEYS = ("model", "tokenizer", "block_size", "packing", "lora")
+RESUME_KEYS = ("model", "tokenizer", "block_size", "packing", "lora", "train_data")
 
 
 @dataclass
@@ -148,7 +153,10 @@ def fit(run: Run, cleanup: ExitStack) -> TrainResult:
     runtime = time.perf_counter() - started
     final = evaluation.final()
     checkpoints.wait()  # the final model is saved once the last checkpoint is published
-    return finish(run, final, initial, checkpoints.last_saved, runtime, progress.tokens_seen)
+    totals = run.resumed_totals  # the whole run's, when it was resumed
+    runtime += float(totals.get("seconds", 0.0))
+    tokens = int(totals.get("tokens", 0)) + progress.tokens_seen
+    return finish(run, final, initial, checkpoints.last_saved, runtime, tokens)
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -205,6 +213,7 @@ def check_inputs(
     }
     # Data errors (empty, binary, invalid UTF-8) come before anything in output_dir is touched.
     train_stream, valid_stream = load_streams(config, loaded, identity["tokenizer"], console)
+    identity["train_data"] = stream_fingerprint(train_stream)  # a resume reads the same blocks
     # Data lint (domainlm/data/lint.py): warnings, or with --strict an error before any write.
     lint_warnings = check_training_data(
         config, block_size, train_stream, valid_stream, console,
@@ -281,6 +290,7 @@ def start_state(
     total_steps = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
     cursor, start_step = DataCursor(), 0
     resumed_window: dict[str, float] = {}  # the loss window open at the checkpoint
+    resumed_totals: dict[str, float] = {}  # the run's tokens and seconds up to the checkpoint
     if data.resume_from is not None:
         state = load_training_state(data.resume_from)
         if is_sharded_checkpoint(data.resume_from):  # weights and optimizer, resharded by DCP
@@ -291,7 +301,23 @@ def start_state(
         cursor = DataCursor(int(state["epoch"]), int(state["offset"]))
         start_step = int(state["step"])
         resumed_window = state.get("loss_window") or {}
+        resumed_totals = state.get("totals") or {}
         console.info(f"resuming from {data.resume_from} at step {start_step}")
+        planned = int(state.get("total_steps") or total_steps)
+        if planned != total_steps and config.scheduler != "constant":
+            console.warn(
+                f"the {config.scheduler} learning-rate schedule now spans {total_steps} steps, "
+                f"not {planned}: the rate at step {start_step} changes from "
+                f"{schedule_rate(config, start_step, planned):.3g} to "
+                f"{schedule_rate(config, start_step, total_steps):.3g} (the run goes on from "
+                "there; not the run an uninterrupted one would be)"
+            )
+    if config.warmup_steps >= total_steps:
+        console.warn(
+            f"--warmup-steps {config.warmup_steps} is at least the run's {total_steps} steps: the "
+            f"learning rate never reaches --lr {config.lr:g} (it ends at "
+            f"{schedule_rate(config, total_steps - 1, total_steps):.3g})"
+        )
     check_run_disk_space(  # a warning, or with --strict an error before anything is written
         config, ctx, device, console.warn, net.model, data.loaded.tokenizer, start_step, total_steps
     )
@@ -311,7 +337,7 @@ def start_state(
     )
     run = Run(
         config, ctx, device, precision, console, output_dir, data, net,
-        cursor, start_step, total_steps, resumed_window, metrics, loggers, sampler,
+        cursor, start_step, total_steps, resumed_window, metrics, loggers, sampler, resumed_totals,
     )  # fmt: skip
     announce(run, global_batch, steps_per_epoch)
     return run
@@ -384,17 +410,22 @@ def save_model_folder(
     guard.refuse_nonfinite_weights(model, last_saved)  # never save NaN weights as final
     before = set(p.name for p in output_dir.iterdir())
     tokenizer, config = run.data.loaded.tokenizer, run.config
-    size = lambda: estimate_checkpoint(model, tokenizer).model_folder  # noqa: E731
+    merge = bool(config.lora and config.merge)
+    size = lambda: estimate_checkpoint(model, tokenizer, merge).model_folder  # noqa: E731
     with model_folder_write(output_dir, size):  # a full disk: one line, exit 4 (diskspace.py)
         if config.lora:
             save_adapter(model, output_dir)  # the run folder is the adapter; merged/ the model
         else:
             model.save_pretrained(output_dir, state_dict=final_state)
         tokenizer.save_pretrained(output_dir)
-        if config.lora and config.merge:
-            trust = config.trust_remote_code
-            save_merged(output_dir, tokenizer, seed=config.seed, eos_token=config.eos_token,
-                        trust_remote_code=trust)  # fmt: skip
+    merge_failed = None  # out of memory while merging: the rest is written, then the run stops
+    if merge:
+        try:
+            with model_folder_write(output_dir, size):
+                save_merged(output_dir, tokenizer, seed=config.seed, eos_token=config.eos_token,
+                            trust_remote_code=config.trust_remote_code)  # fmt: skip
+        except TrainingAborted as exc:
+            merge_failed = exc
     if final.tokens:
         save_eval_results(output_dir, final, initial, run.metrics, runtime, tokens_seen)
     run.loggers.close()
@@ -402,6 +433,8 @@ def save_model_folder(
     write_run_report(output_dir, summary, run.data.lint_warnings)  # plots, card, report.html
     written = sorted(set(p.name for p in output_dir.iterdir()) - before)
     write_run_file(output_dir, run.config, run.data.identity, written=written)
+    if merge_failed is not None:
+        raise merge_failed
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -497,9 +530,24 @@ def decide_resume(
         if problem:
             raise UserError(f"--resume {config.resume}: cannot resume from it: {problem}")
         check_same_run(path.parent, identity, f"checkpoint {path}")
+        later = later_checkpoints(path, output_dir)
+        if later:
+            raise UserError(
+                f"--resume {config.resume}: --output-dir {output_dir} holds later checkpoints of "
+                f"that run ({', '.join(p.name for p in later)}); going on from an earlier one "
+                "there would mix two histories in one folder: copy the checkpoint to another "
+                "--output-dir and resume there, or remove the later checkpoints first"
+            )
         return path
     if config.overwrite_output_dir:
         owned_entries(output_dir)  # on every rank: a bad run file stops all ranks alike
+        foreign = foreign_outputs(output_dir)
+        if foreign:
+            raise UserError(
+                f"--output-dir {output_dir} holds {', '.join(foreign)}, which domainlm did not "
+                "write and this run would write over; --overwrite-output-dir replaces only an "
+                "earlier domainlm run's files: move them away or choose another --output-dir"
+            )
         if ctx.is_main:
             removed = remove_owned_files(output_dir)
             if removed:
@@ -539,10 +587,65 @@ def check_same_run(folder: Path, identity: dict[str, Any], what: str) -> None:
         if key == "lora" and key not in saved and "model" in saved:
             saved = {**saved, "lora": None}  # a run from before LoRA trained every weight
         if key in saved and saved[key] != identity[key]:
+            if key == "train_data":
+                raise UserError(
+                    f"{what} belongs to a run on other training data (the tokens of "
+                    "--train-file differ: another file, other contents, or another --doc-sep), "
+                    "so its checkpoint's place in the data means nothing here; to go on training "
+                    "its model on this data start a new run with --model set to its last "
+                    "checkpoint, else use another --output-dir or pass --overwrite-output-dir"
+                )
+            if key == "lora":
+                was = lora_flags(saved[key])
+                way = f"give {was} again" if saved[key] else "drop --lora"
+                raise UserError(
+                    f"{what} belongs to a run trained with {was}, and this command has "
+                    f"{lora_flags(identity[key])}; to continue that run {way}, else use another "
+                    "--output-dir or pass --overwrite-output-dir"
+                )
             raise UserError(
                 f"{what} belongs to a run with another {key} ({saved[key]} vs {identity[key]}); "
                 "use another --output-dir or pass --overwrite-output-dir"
             )
+
+
+def later_checkpoints(checkpoint: Path, output_dir: Path) -> list[Path]:
+    """The checkpoints of `output_dir` after `checkpoint`'s step, when `checkpoint` is one of
+    that folder's (a run resumed from an earlier step would write over their history)."""
+    if checkpoint.resolve().parent != output_dir.resolve():
+        return []
+    step = checkpoint.name[len(CHECKPOINT_PREFIX) :]
+    if not step.isdigit():
+        return []
+    return [
+        p
+        for p in checkpoint_dirs_by_step(output_dir)
+        if int(p.name[len(CHECKPOINT_PREFIX) :]) > int(step)
+    ]
+
+
+def stream_fingerprint(stream: TokenStream) -> str:
+    """A fingerprint of a training token stream: its length, its documents' boundaries and
+    about a million of its tokens, evenly spaced (cheap for a corpus of billions of tokens; any
+    other file, edit that moves a boundary, or --doc-sep gives another)."""
+    digest = hashlib.sha256()
+    tokens = stream.tokens
+    digest.update(np.int64(len(tokens)).tobytes())
+    digest.update(np.ascontiguousarray(stream.doc_starts, dtype=np.int64).tobytes())
+    step = max(1, len(tokens) // 2**20)
+    digest.update(np.ascontiguousarray(tokens[::step], dtype=np.int64).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def lora_flags(settings: dict[str, Any] | None) -> str:
+    """A run identity's LoRA settings as the flags that give them ("no --lora" for none)."""
+    if not settings:
+        return "no --lora"
+    targets = " ".join(settings.get("targets") or [])
+    return (
+        f"--lora --lora-r {settings.get('r')} --lora-alpha {settings.get('alpha')} "
+        f"--lora-dropout {settings.get('dropout')} --lora-targets {targets}"
+    )
 
 
 def write_run_file(

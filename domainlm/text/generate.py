@@ -105,7 +105,12 @@ class GenerateConfig:
 
 @dataclass
 class Sample:
-    """One continuation of one prompt, and (when checked) what it copies from the training data."""
+    """One continuation of one prompt, and (when checked) what it copies from the training data.
+
+    `stopped_at_context`: the model's context (n_positions) ended it before `max_new_tokens`.
+    `prompt_tokens`: the positions before the continuation, the start tokens (EOS or BOS)
+    included; with the new tokens they are what the context holds.
+    """
 
     prompt: str
     sample: int
@@ -113,6 +118,8 @@ class Sample:
     tokens: list[int]
     stopped_at_eos: bool
     memorization: dict[str, Any] | None = None
+    stopped_at_context: bool = False
+    prompt_tokens: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -121,6 +128,7 @@ class Sample:
             "text": self.text,
             "new_tokens": len(self.tokens),
             "stopped_at_eos": self.stopped_at_eos,
+            "stopped_at_context": self.stopped_at_context,
             "memorization": self.memorization,
         }
 
@@ -163,6 +171,8 @@ def generate_samples(
     `start`: the tokens before every prompt (`LoadedModel.start_ids`; default the EOS).
 
     `on_text(text)`, if given, receives the growing text of the first sequence of each batch.
+    With `context_length`, a continuation ends where the model's context does (`sample_batch`);
+    such samples are marked `stopped_at_context`.
     """
     import torch
 
@@ -174,6 +184,7 @@ def generate_samples(
     encoded = {p: tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts}
     generator = make_generator(seed, device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    start_tokens = 1 if start is None else len(start)
     was_training = model.training
     model.eval()
     samples: list[Sample] = []
@@ -199,7 +210,14 @@ def generate_samples(
                 )
             for (prompt, k), result in zip(batch, results, strict=True):
                 text = decode_continuation(tokenizer, encoded[prompt], result.tokens)
-                samples.append(Sample(prompt, k, text, result.tokens, result.stopped_at_eos))
+                sample = Sample(prompt, k, text, result.tokens, result.stopped_at_eos)
+                sample.prompt_tokens = start_tokens + len(encoded[prompt])
+                # sample_batch ends a sequence at EOS, at max_new_tokens, or where the context
+                # (less the batch's longest prompt) is full: short of both others, the context.
+                sample.stopped_at_context = context_length is not None and not (
+                    result.stopped_at_eos or len(result.tokens) >= max_new_tokens
+                )
+                samples.append(sample)
     finally:
         model.train(was_training)
     return samples
@@ -277,7 +295,25 @@ def generate(config: GenerateConfig, out: TextIO | None = None) -> list[Sample]:
             out.flush()
     if checker is not None:
         checker.warn(samples)
+    note = context_note(samples, loaded.context_length, config.max_new_tokens)
+    if out is not None and note is not None:
+        print(note, file=sys.stderr)
     return samples
+
+
+def context_note(samples: list[Sample], context_length: int, max_new_tokens: int) -> str | None:
+    """One line for a run whose samples the model's context cut short of --max-new-tokens, else
+    None. The numbers are those of the sample that used the most positions."""
+    stopped = [s for s in samples if s.stopped_at_context]
+    if not stopped:
+        return None
+    fullest = max(stopped, key=lambda s: s.prompt_tokens + len(s.tokens))
+    which = "" if len(samples) == 1 else f"{len(stopped)} of {len(samples)} samples "
+    return (
+        f"domainlm: note: {which}stopped at the model's context of {context_length} positions "
+        f"(prompt {fullest.prompt_tokens} + {len(fullest.tokens)} new tokens), "
+        f"before --max-new-tokens {max_new_tokens}"
+    )
 
 
 def generate_texts(config: GenerateConfig) -> list[str]:
