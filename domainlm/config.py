@@ -28,6 +28,7 @@ TEXT_COLUMN_HELP = (
 )
 CHECKPOINT_FORMATS = ("auto", "full", "sharded")
 LOAD_DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEFAULT_SEED = 42  # train's --seed; perplexity's builds a scratch:NAME preset the same way
 RUN_FILE = "run_config.json"  # a run folder's identity, settings and owned files (run/train.py)
 
 
@@ -113,7 +114,9 @@ class TrainConfig:
         None, "Keep only the newest K checkpoints (plus the best, which is never deleted)."
     )
     logging_steps: int = opt(10, "Log loss, learning rate and tokens/s every N steps.")
-    seed: int = opt(42, "Seed for initialisation, data order, dropout and the validation split.")
+    seed: int = opt(
+        DEFAULT_SEED, "Seed for initialisation, data order, dropout and the validation split."
+    )
     overwrite_output_dir: bool = opt(
         False, "Start afresh in a folder of an earlier run (removes only files domainlm wrote)."
     )
@@ -209,6 +212,12 @@ class TrainConfig:
         for name in ("model", "train_file", "output_dir", "text_column"):
             if not getattr(self, name):
                 raise UserError(f"--{name.replace('_', '-')} is required")
+        for f in dataclasses.fields(self):  # nan slips past every `<= 0` check below
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(
+                    f"--{f.name.replace('_', '-')} must be a finite number, got {value}"
+                )
         positive = ["batch_size", "grad_accum", "save_steps", "logging_steps", "max_bad_steps"]
         positive += ["dist_timeout", "preempt_grace"]
         optional_positive = [

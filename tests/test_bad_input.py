@@ -129,7 +129,7 @@ def test_block_size_over_context(tiny_model_dir: Path, corpus: Path, tmp_path: P
 @pytest.mark.parametrize(
     "flag,value",
     [("--batch-size", "0"), ("--lr", "-1"), ("--max-steps", "0"), ("--grad-accum", "-2"),
-     ("--save-steps", "0"), ("--max-bad-steps", "0")],
+     ("--save-steps", "0"), ("--max-bad-steps", "0"), ("--lr", "nan"), ("--weight-decay", "inf")],
 )  # fmt: skip
 def test_zero_or_negative_numbers(corpus: Path, tmp_path: Path, capsys, flag, value) -> None:
     out = tmp_path / "out"

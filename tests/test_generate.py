@@ -166,6 +166,9 @@ def test_cli_streams_one_prompt_and_prints_json_for_many(
 
     assert main([*base, "--prompts-file", str(tmp_path / "missing.txt")]) == 2
     assert "no such file" in capsys.readouterr().err
+    blank = write_lines(tmp_path / "blank.txt", ["", "  "])
+    assert main([*base, "--prompt", "a", "--prompts-file", str(blank)]) == 2
+    assert f"--prompts-file {blank} holds no prompt" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- the context's end

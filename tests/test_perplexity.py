@@ -345,6 +345,28 @@ def test_plain_convention_on_a_trained_model(tiny_model_dir, tmp_path):
     check_plain_convention(out, model, tokenizer, texts)
 
 
+def test_a_scratch_preset_scores_what_a_default_run_starts_from(tmp_path, capsys):
+    """`perplexity --model scratch:tiny` builds the preset with train's default --seed: the
+    figure is the run's own "before" (it used seed 0 before: another random model)."""
+    from domainlm import TrainConfig, train
+    from domainlm.cli import main
+
+    train_file = write_lines(tmp_path / "train.txt", corpus_lines() * 3)
+    valid_file = write_lines(tmp_path / "valid.txt", corpus_lines())
+    out = tmp_path / "run"
+    result = train(TrainConfig(model="scratch:tiny", train_file=str(train_file),
+                               validation_file=str(valid_file), output_dir=str(out),
+                               block_size=32, max_steps=1, precision="fp32", quiet=True))  # fmt: skip
+    capsys.readouterr()
+    argv = ["perplexity", "--model", "scratch:tiny", "--file", str(valid_file), "--block-size",
+            "32", "--stride", "31", "--json", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    score = json.loads(capsys.readouterr().out)["perplexity"]
+    assert score == pytest.approx(result.initial_perplexity, rel=1e-6)
+    assert main([*argv, "--seed", "0"]) == 0  # another seed, another random model
+    assert json.loads(capsys.readouterr().out)["perplexity"] != pytest.approx(score, rel=1e-3)
+
+
 def test_scoring_a_run_with_another_window_says_so(tiny_model_dir, tmp_path, capsys):
     """The run validated with --block-size 32; `perplexity` defaults to the model's context
     (256): the figures differ, and the command says why and what to pass. With the run's

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from domainlm.config import (
+    DEFAULT_SEED,
     DEVICES,
     DOC_SEPARATORS,
     ENCODING_ERRORS,
@@ -110,6 +111,11 @@ class PerplexityConfig:
         None, "Also score each line on its own and write the scores to this .jsonl or .csv file."
     )
     worst: int | None = opt(None, "Print the K least likely lines (highest per-line perplexity).")
+    seed: int = opt(
+        DEFAULT_SEED,
+        "Seed of a scratch:NAME preset's random weights; the default is train's, so "
+        "`--model scratch:NAME` scores what a run with the default --seed starts from.",
+    )
     encoding_errors: str = opt(
         "strict",
         "strict refuses invalid UTF-8 (with line numbers); replace goes on.",
@@ -310,7 +316,10 @@ def score_model(
 ) -> PerplexityReport:
     """Load one model, check the window against its context, and score the stream (and lines)."""
     loaded = load_any_model(
-        spec, eos_token=config.eos_token, trust_remote_code=config.trust_remote_code
+        spec,
+        seed=config.seed,
+        eos_token=config.eos_token,
+        trust_remote_code=config.trust_remote_code,
     )
     block_size = loaded.block_size(config.block_size)
     stride = config.stride or block_size - 1

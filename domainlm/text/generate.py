@@ -144,7 +144,10 @@ def read_prompts(config: GenerateConfig) -> list[str]:
         if not path.is_file():
             raise UserError(f"--prompts-file {path}: no such file")
         text = path.read_text(encoding="utf-8-sig")
-        prompts += [line.rstrip("\r") for line in text.split("\n") if line.strip()]
+        from_file = [line.rstrip("\r") for line in text.split("\n") if line.strip()]
+        if not from_file:
+            raise UserError(f"--prompts-file {path} holds no prompt (it is empty or blank)")
+        prompts += from_file
     if not prompts:
         raise UserError("give a prompt: --prompt TEXT or --prompts-file FILE (one prompt per line)")
     return prompts
