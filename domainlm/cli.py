@@ -349,12 +349,43 @@ SUBCOMMANDS: list[Callable[[Any], None]] = [
 ]
 
 
+def version_line() -> str:
+    """`domainlm --version`: this package and the libraries a bug report needs, without importing them."""
+    from importlib import metadata
+
+    from domainlm import __version__
+
+    parts = [f"python {sys.version.split()[0]}"]
+    for name in ("torch", "transformers", "peft"):
+        try:
+            parts.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            if name != "peft":  # peft is an extra (--lora); the others are dependencies
+                parts.append(f"{name} not installed")
+    return f"domainlm {__version__} ({', '.join(parts)})"
+
+
+class _PrintVersion(argparse.Action):
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(
+            option_strings,
+            dest,
+            nargs=0,
+            help="show the versions of domainlm, Python, torch, transformers (and peft) and exit",
+        )
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        print(version_line())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="domainlm",
         description="Fine-tune GPT-2 or any Hugging Face causal LM on your own text, and measure it.",
         allow_abbrev=False,
     )
+    parser.add_argument("--version", action=_PrintVersion)
     # torch.distributed.launch puts --local-rank=N right after `-m domainlm`, before the command.
     parser.add_argument(
         "--local-rank", "--local_rank", dest="launcher_local_rank", type=int, help=argparse.SUPPRESS

@@ -80,3 +80,20 @@ def test_help_texts_come_from_the_config_docstrings() -> None:
     )
     assert "--grad-accum" in result.stdout and "Micro-batches accumulated" in result.stdout
     assert "--per_device_train_batch_size" in result.stdout
+
+
+def test_version_names_the_package_and_the_libraries_a_bug_report_needs() -> None:
+    """`domainlm --version` prints the installed package's version (pyproject.toml reads it from
+    domainlm/__init__.py, one place) and torch's and transformers', then exits 0."""
+    import importlib.metadata
+
+    import torch
+    import transformers
+
+    done = subprocess.run([sys.executable, "-m", "domainlm", "--version"], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    line = done.stdout.strip()
+    assert line.startswith(f"domainlm {importlib.metadata.version('domainlm')} (")
+    assert f"torch {torch.__version__}" in line
+    assert f"transformers {transformers.__version__}" in line

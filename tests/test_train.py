@@ -215,7 +215,7 @@ def test_grad_accumulation_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> N
 
 
 def test_resume_auto_continues_and_other_runs_are_protected(
-    tiny_model_dir: Path, corpus, tmp_path: Path
+    tiny_model_dir: Path, corpus, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     train_file, valid_file = corpus
     out = tmp_path / "run"
@@ -225,6 +225,14 @@ def test_resume_auto_continues_and_other_runs_are_protected(
     assert extended.resumed_from == out / "checkpoint-4"
     steps = [e["step"] for e in read_events(out / "metrics.jsonl")]
     assert steps == sorted(steps) and steps.count(6) == 2 and steps.count(4) == 2
+
+    # The same command once more: it says the run is done and trains no step again.
+    losses = [e for e in read_events(out / "metrics.jsonl") if "loss" in e]
+    capsys.readouterr()
+    again = train(base_config(tiny_model_dir, train_file, out, **{**cfg, "max_steps": 6}))
+    assert "reached step 6 already: nothing left to train" in capsys.readouterr().err
+    assert again.final_perplexity == extended.final_perplexity
+    assert [e for e in read_events(out / "metrics.jsonl") if "loss" in e] == losses
 
     # A folder of someone else's files is refused, and nothing in it is touched.
     foreign = tmp_path / "foreign"

@@ -312,7 +312,12 @@ def start_state(
                 f"{schedule_rate(config, start_step, total_steps):.3g} (the run goes on from "
                 "there; not the run an uninterrupted one would be)"
             )
-    if config.warmup_steps >= total_steps:
+    if start_step >= total_steps:
+        console.info(
+            f"the run reached step {total_steps} already: nothing left to train (a larger "
+            "--max-steps or --epochs trains on); the final evaluation and model are written again"
+        )
+    elif config.warmup_steps >= total_steps:
         console.warn(
             f"--warmup-steps {config.warmup_steps} is at least the run's {total_steps} steps: the "
             f"learning rate never reaches --lr {config.lr:g} (it ends at "
