@@ -6,11 +6,13 @@ The help texts are what `domainlm train --help` prints, so the docs and the code
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from domainlm.errors import UserError
@@ -30,6 +32,23 @@ CHECKPOINT_FORMATS = ("auto", "full", "sharded")
 LOAD_DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_SEED = 42  # train's --seed; perplexity's builds a scratch:NAME preset the same way
 RUN_FILE = "run_config.json"  # a run folder's identity, settings and owned files (run/train.py)
+
+
+def read_run_settings(spec: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The run_config.json of a domainlm run folder, or of the run a checkpoint or adapter folder
+    sits in (its parent's), with its path; None for any other model (hub id, scratch:NAME, a
+    plain folder) and for a file that is not a JSON object."""
+    folder = Path(spec).expanduser()
+    if not folder.is_dir():
+        return None
+    for candidate in (folder / RUN_FILE, folder.parent / RUN_FILE):
+        try:
+            run = json.loads(candidate.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(run, dict):
+            return candidate, run
+    return None
 
 
 def opt(default: Any, help: str, **extra: Any) -> Any:

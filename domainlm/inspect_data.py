@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -25,17 +25,22 @@ from domainlm.config import (
     PACKING_MODES,
     PRECISIONS,
     TEXT_COLUMN_HELP,
+    read_run_settings,
 )
 from domainlm.data.blocks import BlockDataset, split_documents
 from domainlm.data.lint import count_long_documents, lint_corpus
 from domainlm.data.tokens import TokenStream, load_token_stream
 from domainlm.errors import UserError
-from domainlm.model.loading import load_model, special_token_texts, tokenizer_fingerprint
+from domainlm.model.loading import special_token_texts, tokenizer_fingerprint
+from domainlm.model.lora import load_any_model
 from domainlm.model.memory import GIB, MemoryPlan, fitting_flags, model_config_of, plan_memory
 
 
 def opt(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
+
+
+DEFAULT_BATCH = 8  # --batch-size when the model is not a domainlm run folder
 
 
 @dataclass
@@ -51,8 +56,16 @@ class InspectConfig:
     model: str = opt(
         "scratch:gpt2", "Model whose tokenizer, shape and speed to use (hub id, folder, scratch:)."
     )
-    block_size: int | None = opt(None, "Tokens per block. Default: the model's context, max 1024.")
-    batch_size: int = opt(8, "Blocks per micro-batch on each device.")
+    block_size: int | None = opt(
+        None,
+        "Tokens per block. Default: the run's when --model is a domainlm run folder, else the "
+        "model's context, max 1024.",
+    )
+    batch_size: int | None = opt(
+        None,
+        "Blocks per micro-batch on each device. Default: the run's when --model is a domainlm "
+        f"run folder, else {DEFAULT_BATCH}.",
+    )
     grad_accum: int = opt(1, "Micro-batches accumulated per optimizer step.")
     nproc: int = opt(1, "Number of devices (torchrun --nproc-per-node).")
     epochs: float = opt(3.0, "Passes over the training blocks.")
@@ -87,7 +100,7 @@ class InspectConfig:
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "nproc", "lora_r"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive")
         if self.block_size is not None and self.block_size < 2:
             raise UserError("--block-size must be at least 2")
@@ -162,6 +175,7 @@ def plan_report(config: InspectConfig) -> dict[str, Any]:
     """`domainlm inspect --model M` without data: the memory plan from the config alone."""
     from domainlm.model.loading import context_length
 
+    config, note = with_run_shape(config)
     model_config = model_config_of(config.model)
     context = context_length(model_config)
     block = config.block_size or min(context, 1024)
@@ -179,6 +193,7 @@ def plan_report(config: InspectConfig) -> dict[str, Any]:
 
     return {
         "model": config.model,
+        "note": note,
         "memory_plan": plan.to_dict(),
         "fits": fitting_flags(plan, replan),
     }
@@ -192,7 +207,7 @@ def time_steps(model: Any, batch: int, block: int, steps: int) -> float:
     from domainlm.model.loss import CausalLMLoss
 
     device = pick_device(None)
-    model = model.to(device).train()
+    model = model.to(device).train().requires_grad_(True)  # an adapter folder loads frozen
     loss = CausalLMLoss(model)
     optim = torch.optim.AdamW(model.parameters(), lr=1e-5)
     vocab = int(model.get_input_embeddings().weight.shape[0])
@@ -211,7 +226,8 @@ def time_steps(model: Any, batch: int, block: int, steps: int) -> float:
 
 def inspect_data(config: InspectConfig) -> dict[str, Any]:
     """The full report as a dict (what --json prints)."""
-    loaded = load_model(config.model)
+    config, note = with_run_shape(config)
+    loaded = load_any_model(config.model)
     block = loaded.block_size(config.block_size, default_cap=1024)
     fingerprint = tokenizer_fingerprint(loaded.tokenizer, loaded.eos_id, loaded.document_prefix)
 
@@ -249,6 +265,7 @@ def inspect_data(config: InspectConfig) -> dict[str, Any]:
     report: dict[str, Any] = {
         "train_file": config.train_file,
         "model": config.model,
+        "note": note,
         "block_size": block,
         "characters": lint.train.characters,
         **stream_stats(train, block),
@@ -300,7 +317,8 @@ def held_out_leaks(stream: TokenStream, train_docs: np.ndarray, held_docs: np.nd
 def format_report(report: dict[str, Any]) -> str:
     """The text form of `inspect_data`'s report."""
     t, v = report["tokens_per_document"], report["validation"]
-    lines = [
+    lines = [report["note"]] if report["note"] else []
+    lines += [
         f"train {report['train_file']} (model {report['model']}, block {report['block_size']})",
         f"  documents {report['documents']:,}, characters {report['characters']:,}, tokens {report['tokens']:,}",
         f"  tokens/document: min {t['min']}, median {t['median']:g}, p95 {t['p95']:g}, max {t['max']}",
@@ -333,7 +351,8 @@ def format_plan(report: dict[str, Any]) -> str:
     shape = plan["shape"]
     avail = plan["available"]
     where = "GPU memory" if plan["device"] == "cuda" else "system RAM"
-    lines = [
+    lines = [report["note"]] if report["note"] else []
+    lines += [
         f"memory plan for {plan['model']}: {shape['params'] / 1e6:,.1f}M parameters "
         f"({shape['layers']} layers, hidden {shape['hidden']}, vocab {shape['vocab']:,}); "
         f"micro-batch {plan['batch_size']} x {plan['block_size']} tokens, precision "
@@ -369,6 +388,37 @@ def format_plan(report: dict[str, Any]) -> str:
     if avail is not None:
         lines.append(f"available: {avail / GIB:.1f} GiB of {where}; fits with: {report['fits']}")
     return "\n".join(lines)
+
+
+def with_run_shape(config: InspectConfig) -> tuple[InspectConfig, str | None]:
+    """`config` with the block and batch size left out taken from the run when --model is a
+    domainlm run folder (or a checkpoint in one): the plan is then the run's, not the model's
+    context (a GPT-2 run at block 256 is planned at 256, not 1024). The note says so."""
+    found = (
+        read_run_settings(config.model)
+        if config.block_size is None or config.batch_size is None
+        else None
+    )
+    run = found[1] if found else {}
+    identity, settings = (
+        run.get(k) if isinstance(run.get(k), dict) else {} for k in ("identity", "config")
+    )
+    run_block, run_batch = identity.get("block_size"), settings.get("batch_size")
+    taken: list[str] = []
+    if config.block_size is None and isinstance(run_block, int):
+        config = replace(config, block_size=run_block)
+        taken.append(f"--block-size {run_block}")
+    if config.batch_size is None and isinstance(run_batch, int):
+        config = replace(config, batch_size=run_batch)
+        taken.append(f"--batch-size {run_batch}")
+    if config.batch_size is None:
+        config = replace(config, batch_size=DEFAULT_BATCH)
+    if not taken or found is None:
+        return config, None
+    return config, (
+        f"note: planned at the run's {' and '.join(taken)} ({found[0]}); pass them to plan "
+        "another shape"
+    )
 
 
 def run_inspect(config: InspectConfig) -> int:

@@ -453,6 +453,42 @@ def test_an_adapter_whose_base_is_gone_names_where_the_base_came_from(
     assert "base_model_name_or_path in its adapter_config.json" in err[0]
 
 
+def test_an_adapter_run_on_a_scratch_base_scores_and_inspects_as_its_base(
+    corpus: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A scratch:NAME base is random weights from the run's seed (run_config.json, beside the
+    adapter or one folder up): with any other seed the adapter sits on another model. The run's
+    own final validation, in memory, is the reference."""
+    out = tmp_path / "scratch-lora"
+    result = train(TrainConfig(
+        model="scratch:tiny", train_file=str(corpus[0]), validation_file=str(corpus[1]),
+        output_dir=str(out), lora=True, merge=False, seed=7, max_steps=2, block_size=32,
+        batch_size=2, precision="fp32", quiet=True,
+    ))  # fmt: skip
+    for model in (out, out / "checkpoint-2"):
+        argv = ["perplexity", "--model", str(model), "--file", str(corpus[1]), "--block-size",
+                "32", "--stride", "31", "--precision", "fp32", "--quiet", "--json"]  # fmt: skip
+        assert main(argv) == 0
+        score = json.loads(capsys.readouterr().out)["perplexity"]
+        assert score == pytest.approx(result.final_perplexity, rel=1e-6)
+    orphan = tmp_path / "orphan"  # the adapter alone: no run file says the seed
+    shutil.copytree(out / "checkpoint-2", orphan)
+    assert main(["perplexity", "--model", str(orphan), "--file", str(corpus[1]), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no run_config.json beside it says the seed" in err[0], err
+    # `inspect` on the adapter run: the base's shape, at the run's block and batch size
+    from domainlm.model.loading import build_scratch_model
+
+    assert main(["inspect", "--model", str(out), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["memory_plan"]
+    params = sum(p.numel() for p in build_scratch_model("tiny").parameters())
+    assert (plan["shape"]["params"], plan["block_size"], plan["batch_size"]) == (params, 32, 2)
+    argv = ["inspect", "--model", str(out), "--train-file", str(corpus[0]), "--time-steps", "1",
+            "--json"]  # fmt: skip
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["time"]["seconds_per_step"] > 0
+
+
 def test_out_of_memory_while_merging_is_one_line_and_keeps_the_run(
     tiny_model_dir: Path, corpus: tuple[Path, Path], tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],

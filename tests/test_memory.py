@@ -154,6 +154,32 @@ def test_inspect_model_prints_the_plan_from_a_config_alone(tmp_path):
     assert float(row[2]) == pytest.approx(params * 4 / 1024**3, abs=0.006)  # weights, GiB
 
 
+def test_inspect_a_run_folder_plans_at_the_runs_block_and_batch(tmp_path, tiny_model_dir, capsys):
+    """A run trained at block 32, batch 3 is planned at 32 x 3, not at the model's context of
+    256 and the default batch of 8; the user's own flags still win."""
+    from domainlm import train
+
+    run = tmp_path / "run"
+    train_file = write_lines(tmp_path / "train.txt", uneven_corpus(30, seed=2))
+    train(TrainConfig(
+        model=str(tiny_model_dir), train_file=str(train_file), output_dir=str(run),
+        block_size=32, batch_size=3, max_steps=2, precision="fp32", quiet=True,
+    ))  # fmt: skip
+    for target in (run, run / "checkpoint-2"):
+        assert main(["inspect", "--model", str(target), "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        plan = report["memory_plan"]
+        assert (plan["block_size"], plan["batch_size"]) == (32, 3)
+        assert "--block-size 32 and --batch-size 3" in report["note"]
+    assert main(["inspect", "--model", str(run), "--json", "--block-size", "16"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["memory_plan"]["block_size"], report["memory_plan"]["batch_size"]) == (16, 3)
+    assert main(["inspect", "--model", str(tiny_model_dir), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)  # not a run: the model's context, batch 8
+    assert (report["memory_plan"]["block_size"], report["memory_plan"]["batch_size"]) == (256, 8)
+    assert report["note"] is None
+
+
 def test_inspect_model_json_plan(tmp_path, capsys):
     folder = tmp_path / "config-only"
     scratch_config("mini").save_pretrained(folder)

@@ -28,10 +28,10 @@ from domainlm.config import (
     DOC_SEPARATORS,
     ENCODING_ERRORS,
     PRECISIONS,
-    RUN_FILE,
     TEXT_COLUMN_HELP,
     check_device,
     opt,
+    read_run_settings,
 )
 from domainlm.data.corpus import chunk_numbered_documents, iter_numbered_documents
 from domainlm.data.tokens import token_dtype, tokenize_documents
@@ -262,22 +262,20 @@ def evaluate_perplexity(config: PerplexityConfig) -> list[PerplexityReport]:
 def other_window_note(spec: str, block_size: int, stride: int) -> str | None:
     """A note when `spec` is a domainlm run (or one of its checkpoints) whose validation used
     another window: its eval_results.json figure is then not the one printed here."""
-    folder = Path(spec).expanduser()
-    for candidate in (folder / RUN_FILE, folder.parent / RUN_FILE):
-        try:
-            run = json.loads(candidate.read_text(encoding="utf-8"))
-            run_block = int(run["identity"]["block_size"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
+    found = read_run_settings(spec)
+    try:
+        run = found[1] if found else {}
+        run_block = int(run["identity"]["block_size"])
         run_stride = int(run.get("config", {}).get("eval_stride") or run_block - 1)
-        if (run_block, run_stride) == (block_size, stride):
-            return None
-        return (
-            f"note: {spec} was validated during training with --block-size {run_block} --stride "
-            f"{run_stride}; this scores with --block-size {block_size} --stride {stride}, so its "
-            "figure differs from the run's: pass those to compare"
-        )
-    return None
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None  # not a domainlm run
+    if (run_block, run_stride) == (block_size, stride):
+        return None
+    return (
+        f"note: {spec} was validated during training with --block-size {run_block} --stride "
+        f"{run_stride}; this scores with --block-size {block_size} --stride {stride}, so its "
+        "figure differs from the run's: pass those to compare"
+    )
 
 
 def read_corpus(config: PerplexityConfig) -> Corpus:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from domainlm.config import RUN_FILE
+from domainlm.config import read_run_settings
 from domainlm.errors import TrainingAborted, UserError
 from domainlm.model.distributed import transformer_blocks
 from domainlm.model.loading import SCRATCH_PREFIX, LoadedModel, load_model
@@ -306,6 +306,15 @@ def is_adapter_folder(spec: str | Path) -> bool:
     return (Path(spec).expanduser() / ADAPTER_CONFIG).is_file()
 
 
+def adapter_base(folder: str | Path) -> str:
+    """The base model an adapter folder names (`base_model_name_or_path`)."""
+    path = Path(folder).expanduser() / ADAPTER_CONFIG
+    try:
+        return str(json.loads(path.read_text(encoding="utf-8"))["base_model_name_or_path"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path} names no base model") from exc
+
+
 def load_any_model(
     spec: str, *, seed: int = 0, eos_token: str | None = None, trust_remote_code: bool = False
 ) -> LoadedModel:
@@ -331,11 +340,7 @@ def load_adapter(
     """
     folder = Path(folder).expanduser()
     peft_lib = require_peft()
-    try:
-        adapter_config = json.loads((folder / ADAPTER_CONFIG).read_text())
-        base = str(adapter_config["base_model_name_or_path"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{folder / ADAPTER_CONFIG} names no base model") from exc
+    base = adapter_base(folder)
     if not (folder / ADAPTER_WEIGHTS).is_file():
         # peft would fall back to a pickled adapter_model.bin (torch.load): never load one
         raise UserError(
@@ -364,15 +369,15 @@ def load_adapter(
 
 def scratch_seed(folder: Path) -> int:
     """The seed of the run whose adapter is in `folder` (a scratch base is its seed's weights)."""
-    for candidate in (folder / RUN_FILE, folder.parent / RUN_FILE):
-        try:
-            return int(json.loads(candidate.read_text())["config"]["seed"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    raise UserError(
-        f"{folder} is an adapter of a random-init scratch base, and no run_config.json beside it "
-        "says the seed that built the base"
-    )
+    found = read_run_settings(folder)
+    settings = found[1].get("config") if found else None
+    seed = settings.get("seed") if isinstance(settings, dict) else None
+    if not isinstance(seed, int):
+        raise UserError(
+            f"{folder} is an adapter of a random-init scratch base, and no run_config.json beside "
+            "it says the seed that built the base"
+        )
+    return seed
 
 
 def lora_identity(config: Any, model: torch.nn.Module) -> dict[str, Any] | None:

@@ -540,6 +540,10 @@ def model_config_of(spec: str, trust_remote_code: bool = False) -> Any:
     if spec.startswith((".", "/", "~")) and not path.is_dir():
         raise UserError(f"model folder {spec} does not exist")
     if path.is_dir() and not (path / "config.json").is_file():
+        from domainlm.model.lora import adapter_base, is_adapter_folder
+
+        if is_adapter_folder(path):  # a LoRA run without --merge: the base's shape
+            return model_config_of(adapter_base(path), trust_remote_code)
         raise UserError(f"{spec} is not a Hugging Face model folder (no config.json in it)")
     source = str(path) if path.is_dir() else spec
 
