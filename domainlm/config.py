@@ -191,7 +191,8 @@ class TrainConfig:
     )
     strict: bool = opt(
         False,
-        "Treat data lint warnings, and too little free disk for the checkpoints, as errors.",
+        "Treat data lint warnings, too little free disk for the checkpoints, and too little "
+        "free memory for the memory plan of the run, as errors.",
     )
     preempt_grace: float = opt(
         60.0,

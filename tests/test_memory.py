@@ -386,3 +386,51 @@ def test_the_cpu_fit_check_asks_for_the_process_bound_not_the_tensor_peak():
     gpu = plan_memory(cfg, model="scratch:tiny", batch_size=8, block_size=256,
                       precision="bf16", device="cuda")  # fmt: skip
     assert all(t.fit_bytes == t.peak for t in gpu.scenarios.values())
+
+
+def test_a_run_that_will_not_fit_is_told_before_the_weights_load(
+    tmp_path, tiny_model_dir, monkeypatch, capsys
+):
+    """Train checks the memory plan of its settings against the memory free before it loads the
+    weights: too little is one warning naming the need, the memory free and the flags that fit
+    (the run goes on), or with --strict exit 2 before anything is loaded or written. The need is
+    the plan's full fine-tuning row, the one `inspect --model M` prints for the same settings."""
+    import domainlm.model.memory as memory
+    import domainlm.run.train as train_module
+
+    train_file = write_lines(tmp_path / "train.txt", uneven_corpus(30, seed=2))
+    shape = ["--block-size", "32", "--batch-size", "4", "--precision", "fp32"]
+    assert main(["inspect", "--model", str(tiny_model_dir), "--json", *shape]) == 0
+    plan = json.loads(capsys.readouterr().out)["memory_plan"]
+    need = plan["scenarios"]["full"]["fit_bytes"]
+    free = need  # short of the 10% headroom: does not fit
+    monkeypatch.setattr(memory, "available_bytes", lambda device: free)
+    loads = []
+    real_load = train_module.load_model
+    monkeypatch.setattr(
+        train_module, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k)
+    )
+    argv = ["train", "--model", str(tiny_model_dir), "--train-file", str(train_file),
+            "--max-steps", "1", "--quiet", *shape]  # fmt: skip
+    out = tmp_path / "strict"
+    assert main([*argv, "--output-dir", str(out), "--strict"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert f"needs about {need / 1024**3:.1f} GiB of system RAM (full fine-tuning" in err[0]
+    assert f"and {free / 1024**3:.1f} GiB are free for it" in err[0]
+    assert "fits with: " in err[0] and "--strict: stopped before loading the model" in err[0]
+    assert not out.exists() and loads == []  # nothing written, no weights read
+    out = tmp_path / "warned"
+    assert main([*argv, "--output-dir", str(out)]) == 0  # advice: the run goes on
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "memory:" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: memory: this run needs")
+    assert (out / "model.safetensors").is_file() and len(loads) == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks on this machine share its RAM
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1.5 * need)
+    assert main([*argv, "--output-dir", str(tmp_path / "two"), "--strict"]) == 2
+    err = capsys.readouterr().err
+    assert "per process (2 on this machine)" in err
+    assert f"and {0.75 * need / 1024**3:.1f} GiB are free for it" in err
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")  # one process, 1.5x its need free: fits, no word
+    assert main([*argv, "--output-dir", str(tmp_path / "fits")]) == 0
+    assert "memory:" not in capsys.readouterr().err

@@ -76,6 +76,7 @@ from domainlm.run.diskspace import (
     says_out_of_space,
 )
 from domainlm.run.lock import LOCK_FILE, RunLock
+from domainlm.run.memory_check import check_run_memory
 from domainlm.run.metrics import Console, MetricsLog
 from domainlm.run.report import data_summary, write_run_report
 from domainlm.run.schedule import schedule_rate
@@ -174,7 +175,7 @@ def set_up(config: TrainConfig, ctx: DistContext, cleanup: ExitStack) -> Run:
     warning = pure_half_warning(load_dtype, lora)
     if warning:
         console.warn(warning)
-    data = check_inputs(config, ctx, console, cleanup, load_dtype)
+    data = check_inputs(config, ctx, console, cleanup, device, precision, load_dtype)
     net = build_model(config, data, ctx, device, precision)
     return start_state(config, ctx, device, precision, console, data, net)
 
@@ -184,6 +185,8 @@ def check_inputs(
     ctx: DistContext,
     console: Console,
     cleanup: ExitStack,
+    device: torch.device,
+    precision: str,
     load_dtype: torch.dtype = torch.float32,
 ) -> RunData:
     """Every input checked and the data loaded before anything in output_dir is written; takes
@@ -194,6 +197,9 @@ def check_inputs(
         check_input(config.validation_file, config.text_column)
     check_output_dir(output_dir)
     resolve_report_to(config.report_to)  # --report-to: known trackers, each installed
+    # The memory plan of these settings against the memory free: a warning (--strict: an error)
+    # before the weights load (run/memory_check.py).
+    check_run_memory(config, ctx, device, precision, console.warn)
     loaded = load_model(
         config.model,
         seed=config.seed,
