@@ -16,6 +16,8 @@ tiny GPT-2 whose byte-level BPE tokenizer is trained here on the test corpus, so
 - A real CUDA out-of-memory error (the allocator capped by `set_per_process_memory_fraction`):
   the micro-batch is halved until it fits, and the run equals one started at that micro-batch.
 - Two torchrun processes on a one-GPU machine: each stops with one line naming both counts.
+- A micro-batch the GPU cannot hold by the memory plan: with --strict one line naming the GPU's
+  free memory, before the weights load.
 """
 
 from __future__ import annotations
@@ -396,6 +398,25 @@ def test_more_ranks_than_gpus_is_one_line_per_rank(
 
 
 # ----------------------------------------------------------------------------- out of memory
+
+
+def test_a_micro_batch_larger_than_the_gpu_is_refused_with_strict_before_loading(
+    model_dir: Path, corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """train's memory check (run/memory_check.py) reads this GPU's free memory: a micro-batch of
+    a million blocks (terabytes of activations by the plan) is one line with --strict, naming the
+    GPU's free memory, before the weights load or anything is written."""
+    out = tmp_path / "out"
+    args = train_args(model_dir, corpus, out, "--device", "cuda", "--precision", "bf16")
+    free = torch.cuda.mem_get_info()[0] / 1024**3
+    assert cli_main([*args, "--batch-size", "1000000", "--strict"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    found = re.search(r"GiB of GPU memory .* and ([0-9.]+) GiB are free for it", err[0])
+    assert found, err[0]
+    assert abs(float(found.group(1)) - free) < 1.0  # the GPU's own figure, not the host's
+    assert "--strict: stopped before loading the model" in err[0]
+    assert not out.exists()
 
 
 def test_real_cuda_oom_halves_the_micro_batch_until_it_fits(
