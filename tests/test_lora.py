@@ -487,6 +487,13 @@ def test_an_adapter_run_on_a_scratch_base_scores_and_inspects_as_its_base(
             "--json"]  # fmt: skip
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out)["time"]["seconds_per_step"] > 0
+    # `train --model` on it: one line saying what it is and what to give instead
+    argv = ["train", "--model", str(out), "--train-file", str(corpus[0]), "--output-dir",
+            str(tmp_path / "on"), "--max-steps", "1"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{out} is a LoRA adapter folder, not a model" in err[0], err
+    assert f"domainlm export {out} MERGED" in err[0] and not (tmp_path / "on").exists()
 
 
 def test_out_of_memory_while_merging_is_one_line_and_keeps_the_run(

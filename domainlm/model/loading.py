@@ -138,6 +138,9 @@ def save_scratch_folder(
     return folder
 
 
+ADAPTER_CONFIG = "adapter_config.json"  # a peft adapter folder (model/lora.py)
+
+
 def context_length(model_config: Any) -> int:
     for key in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
         value = getattr(model_config, key, None)
@@ -185,6 +188,12 @@ def _load_pretrained(
             f"model folder {spec} does not exist; give a hub id, a folder or scratch:tiny"
         )
     if path.is_dir() and not (path / "config.json").is_file():
+        if (path / ADAPTER_CONFIG).is_file():  # perplexity/generate/inspect take it (lora.py)
+            raise UserError(
+                f"{spec} is a LoRA adapter folder, not a model: to train on from it, give its "
+                "merged model (`domainlm export "
+                f"{spec} MERGED` writes one), or its base model with --lora"
+            )
         raise UserError(f"{spec} is not a Hugging Face model folder (no config.json in it)")
     source = str(path) if path.is_dir() else spec
 

@@ -25,9 +25,8 @@ import torch
 from domainlm.config import read_run_settings
 from domainlm.errors import TrainingAborted, UserError
 from domainlm.model.distributed import transformer_blocks
-from domainlm.model.loading import SCRATCH_PREFIX, LoadedModel, load_model
+from domainlm.model.loading import ADAPTER_CONFIG, SCRATCH_PREFIX, LoadedModel, load_model
 
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MERGED_DIR = "merged"  # inside the run folder: the merged model (--merge)
 # --lora-quantization values. QLoRA's 4-bit base needs bitsandbytes on a CUDA GPU; it would load
