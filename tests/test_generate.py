@@ -451,3 +451,66 @@ def test_continuation_keeps_its_leading_space_with_sentencepiece(tmp_path: Path)
     assert [s.prompt + s.text for s in samples] == ["the cat sat sat", "a dog sat sat"]
     printer.finish(one.text)
     assert streamed.getvalue() == "the cat sat sat\n"  # what the terminal shows, as it grows
+
+
+def chinese_wordpiece_tokenizer(folder: Path, text: str):  # type: ignore[no-untyped-def]
+    """A BERT-style tokenizer as the `uer/gpt2-chinese-*` models have: one WordPiece token per
+    Chinese character, `[CLS] text [SEP]`, and a decoder that joins tokens with spaces."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {t: i for i, t in enumerate(specials + sorted(set(text) | {"ai"}))}
+    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[(t, vocab[t]) for t in ("[CLS]", "[SEP]")]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+        pad_token="[PAD]", mask_token="[MASK]",
+    )  # fmt: skip
+
+
+def test_chinese_from_a_bert_style_tokenizer_reads_without_spaces(tmp_path: Path) -> None:
+    """A BERT-style tokenizer decodes "今天天气" as "今 天 天 气"; the text domainlm shows (the
+    terminal, --json, samples.jsonl) is the characters as written. The model here is steered to
+    say the sentence's next character after each one; the reference is the sentence itself."""
+    from domainlm.model.loading import build_scratch_model
+    from domainlm.text.generate import decode_text, spaces_cjk
+
+    sentence = "今天气候很好，我们一起去公园散步吧。"  # no character twice
+    tokenizer = chinese_wordpiece_tokenizer(tmp_path, sentence)
+    assert tokenizer.decode(tokenizer("今天", add_special_tokens=False)["input_ids"]) == "今 天"
+    ids = tokenizer(sentence, add_special_tokens=False)["input_ids"]
+    following = {a: b for a, b in zip(ids[1:-1], ids[2:], strict=True)}  # after "今天": "气候..."
+    model = build_scratch_model("tiny", vocab_size=len(tokenizer)).eval()
+
+    def steer(module, args, kwargs, output):  # type: ignore[no-untyped-def]
+        last = int(kwargs["input_ids"][0, -1])
+        output.logits[0, -1, following.get(last, tokenizer.sep_token_id)] += 1e4
+        return output
+
+    hook = model.register_forward_hook(steer, with_kwargs=True)
+    streamed = io.StringIO()
+    printer = TextPrinter(streamed, "今天")
+    try:
+        (one,) = generate_samples(
+            model, tokenizer, tokenizer.sep_token_id, ["今天"], max_new_tokens=len(ids) - 2,
+            settings=SamplingSettings(temperature=0), seed=0, on_text=printer,
+        )  # fmt: skip
+    finally:
+        hook.remove()
+    assert one.prompt + one.text == sentence
+    printer.finish(one.text)
+    assert streamed.getvalue() == sentence + "\n"  # what the terminal shows, as it grows
+    # Only spaces between two CJK characters go; a Latin word keeps its spaces.
+    mixed = tokenizer("今天ai很好", add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(mixed) == "今 天 ai 很 好"
+    assert decode_text(tokenizer, mixed) == "今天 ai 很好"
+    # Tokenizers that keep CJK text together are left alone.
+    gpt2 = load_model("scratch:tiny").tokenizer
+    assert not spaces_cjk(gpt2) and spaces_cjk(tokenizer)
+    assert decode_text(gpt2, gpt2("今天 天气")["input_ids"]) == "今天 天气"

@@ -125,7 +125,10 @@ def check_run_memory(
             processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
             if plan.available is not None:
                 plan = replace(plan, available=plan.available // processes)
-        messages = memory_shortfalls(config, plan, processes)
+        try:
+            messages = memory_shortfalls(config, plan, processes)
+        except Exception:  # noqa: BLE001 - advice only: never the reason a run fails
+            messages = []
     (short,) = all_reduce_sum([float(bool(messages))], ctx, device)
     if short and config.strict:
         raise UserError(

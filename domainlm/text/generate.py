@@ -9,8 +9,11 @@ in an index of the training tokens (`memorize.py`) and warns when it recites tra
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import sys
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -22,6 +25,7 @@ from domainlm.config import (
     PRECISIONS,
     check_device,
     opt,
+    read_run_settings,
 )
 from domainlm.errors import UserError
 
@@ -226,6 +230,38 @@ def generate_samples(
     return samples
 
 
+# Han ideographs (with extensions A and the compatibility block), CJK punctuation, kana, Hangul
+# syllables and full-width forms: scripts written without spaces between characters.
+_CJK = "\u3000-\u303f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef"
+_SPACE_BETWEEN_CJK = re.compile(f"(?<=[{_CJK}]) (?=[{_CJK}])")
+_ONE_CJK = re.compile(f"[{_CJK}]")
+_SPACES_CJK: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
+def spaces_cjk(tokenizer: Any) -> bool:
+    """Whether `tokenizer.decode` puts a space between CJK characters: BERT-style WordPiece
+    tokenizers do (the `uer/gpt2-chinese-*` models decode "今天" as "今 天"), byte-level BPE and
+    SentencePiece ones do not. Probed once per tokenizer by decoding the tokens of two CJK
+    characters from its vocabulary (none there: no CJK text to join)."""
+    try:
+        return _SPACES_CJK[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    cjk = _ONE_CJK.fullmatch
+    pair = [i for t, i in tokenizer.get_vocab().items() if cjk(t)][:2]  # two characters' tokens
+    found = len(pair) == 2 and bool(_SPACE_BETWEEN_CJK.search(tokenizer.decode(pair)))
+    with contextlib.suppress(TypeError):  # not weak-referenceable: probe again next time
+        _SPACES_CJK[tokenizer] = found
+    return found
+
+
+def decode_text(tokenizer: Any, ids: list[int]) -> str:
+    """`tokenizer.decode(ids)`, without the spaces a BERT-style tokenizer puts between CJK
+    characters (its tokens carry no spaces of their own there, so none are lost)."""
+    text = tokenizer.decode(ids)
+    return _SPACE_BETWEEN_CJK.sub("", text) if spaces_cjk(tokenizer) else text
+
+
 def decode_continuation(tokenizer: Any, prompt_ids: list[int], new_ids: list[int]) -> str:
     """The text that `new_ids` add after the prompt, so that `prompt + text` reads right.
 
@@ -235,13 +271,13 @@ def decode_continuation(tokenizer: Any, prompt_ids: list[int], new_ids: list[int
     does not decode to a prefix (a character split across the join), the continuation alone.
     """
     if not prompt_ids or not new_ids:
-        return tokenizer.decode(new_ids)
+        return decode_text(tokenizer, new_ids)
     context = [int(prompt_ids[-1])]
-    head = tokenizer.decode(context)
-    full = tokenizer.decode(context + list(new_ids))
+    head = decode_text(tokenizer, context)
+    full = decode_text(tokenizer, context + list(new_ids))
     if full.startswith(head):
         return full[len(head) :]
-    return tokenizer.decode(new_ids)
+    return decode_text(tokenizer, new_ids)
 
 
 def generate(config: GenerateConfig, out: TextIO | None = None) -> list[Sample]:
@@ -374,8 +410,9 @@ class MemorizationChecker:
         train_file, cache_dir = config.train_file, config.cache_dir
         doc_sep, errors, column = config.doc_sep, config.encoding_errors, config.text_column
         if train_file is None:
-            run = run_config_of(config.model)
-            if run is None:
+            found = read_run_settings(config.model)  # a run folder, or a checkpoint in one
+            run = found[1].get("config") if found else None
+            if not isinstance(run, dict) or not run.get("train_file"):
                 raise UserError(
                     "--check-memorization needs --train-file (or --model a domainlm run's folder)"
                 )
@@ -418,12 +455,12 @@ class MemorizationChecker:
             "copied_tokens": span.length,
             "over_threshold": span.length >= self.threshold,
             "sample_token_start": span.sample_start,
-            "copied_text": self.tokenizer.decode(
-                tokens[span.sample_start : span.sample_start + span.length]
+            "copied_text": decode_text(
+                self.tokenizer, tokens[span.sample_start : span.sample_start + span.length]
             ),
             "train_document": span.document + 1,
             "train_line": source_line(self.train_file, span.document, self.doc_sep),
-            "train_text": self.tokenizer.decode(line_tokens.tolist())[:SHOWN_TRAINING_CHARS],
+            "train_text": decode_text(self.tokenizer, line_tokens.tolist())[:SHOWN_TRAINING_CHARS],
         }
 
     def describe(self, result: dict[str, Any] | None) -> str:
@@ -451,17 +488,6 @@ class MemorizationChecker:
         if result.get("train_line"):
             return f"{self.train_file} line {result['train_line']}"
         return f"{self.train_file} document {result['train_document']}"
-
-
-def run_config_of(model: str) -> dict[str, Any] | None:
-    """The training configuration saved in a run's folder (run_config.json), if `model` is one."""
-    path = Path(model) / "run_config.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())["config"]
-    except (ValueError, KeyError):
-        return None
 
 
 # ----------------------------------------------------------------------------- while training
