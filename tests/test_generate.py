@@ -362,6 +362,17 @@ def test_cli_memorization_check(
     no_train = ["generate", "--model", str(tiny_model_dir), "--prompt", "a", "--check-memorization"]
     assert main(no_train) == 2
     assert "--train-file" in capsys.readouterr().err
+    # A run's folder, or a checkpoint in it, names its own training file (run_config.json).
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_model_dir), "--train-file", str(train_file),
+                 "--output-dir", str(run), "--max-steps", "2", "--save-steps", "2",
+                 "--block-size", "32", "--quiet"]) == 0  # fmt: skip
+    capsys.readouterr()
+    for model in (run, run / "checkpoint-2"):
+        argv = ["generate", "--model", str(model), "--prompt", "the cat", "--max-new-tokens", "8",
+                "--check-memorization", "--json"]  # fmt: skip
+        assert main(argv) == 0
+        assert json.loads(capsys.readouterr().out)["memorization"] is not None
 
 
 def test_sampling_with_dropout_leaves_the_rng_and_train_mode_alone(tmp_path: Path) -> None:
