@@ -194,6 +194,20 @@ def test_perplexity_and_generate_on_the_adapter_folder_equal_the_merged_folder(
     assert texts[0] == texts[1]
 
 
+def test_a_finished_lora_run_started_again_does_nothing(
+    lora_run: dict, tiny_model_dir: Path, corpus: tuple[Path, Path], capsys
+) -> None:
+    """The same command on a finished LoRA run: no evaluation, no adapter saved, no merge."""
+    out = lora_run["out"]
+    written = [out / "adapter_model.safetensors", out / "merged" / "model.safetensors"]
+    stamps = [p.stat().st_mtime_ns for p in written]
+    capsys.readouterr()
+    again = train(config(tiny_model_dir, corpus, out, sample_prompts=["the"], sample_every=3))
+    assert "nothing to do" in capsys.readouterr().err
+    assert again.final_perplexity == lora_run["result"].final_perplexity
+    assert [p.stat().st_mtime_ns for p in written] == stamps
+
+
 def test_report_on_a_lora_run_and_no_merge(
     lora_run: dict, tiny_model_dir: Path, corpus: tuple[Path, Path], tmp_path: Path
 ) -> None:

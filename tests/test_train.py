@@ -226,13 +226,32 @@ def test_resume_auto_continues_and_other_runs_are_protected(
     steps = [e["step"] for e in read_events(out / "metrics.jsonl")]
     assert steps == sorted(steps) and steps.count(6) == 2 and steps.count(4) == 2
 
-    # The same command once more: it says the run is done and trains no step again.
-    losses = [e for e in read_events(out / "metrics.jsonl") if "loss" in e]
+    # The same command once more: the run is done; it says so and does nothing: no step, no
+    # evaluation, no file written (the final model's bytes and times unchanged).
+    events = read_events(out / "metrics.jsonl")
+    files = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.is_file()}
     capsys.readouterr()
     again = train(base_config(tiny_model_dir, train_file, out, **{**cfg, "max_steps": 6}))
-    assert "reached step 6 already: nothing left to train" in capsys.readouterr().err
+    assert "finished at step 6 already, with these settings and data: nothing to do" in (
+        capsys.readouterr().err
+    )
     assert again.final_perplexity == extended.final_perplexity
-    assert [e for e in read_events(out / "metrics.jsonl") if "loss" in e] == losses
+    assert (again.steps, again.eval_tokens) == (6, extended.eval_tokens)
+    assert read_events(out / "metrics.jsonl") == events
+    lock = ".domainlm.lock"  # taken and released by every run
+    now = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.is_file()}
+    assert {k: v for k, v in now.items() if k != lock} == {
+        k: v for k, v in files.items() if k != lock
+    }
+    # The validation file edited (same path, same flags): the final model is scored on it and
+    # written again, no step.
+    write_lines(valid_file, uneven_corpus(12, seed=9))
+    rescored = train(base_config(tiny_model_dir, train_file, out, **{**cfg, "max_steps": 6}))
+    assert "reached step 6 already: nothing left to train" in capsys.readouterr().err
+    assert rescored.final_perplexity != extended.final_perplexity
+    assert [e for e in read_events(out / "metrics.jsonl") if "loss" in e] == [
+        e for e in events if "loss" in e
+    ]
 
     # A folder of someone else's files is refused, and nothing in it is touched.
     foreign = tmp_path / "foreign"

@@ -116,6 +116,8 @@ def train(config: TrainConfig) -> TrainResult:
     cleanup = ExitStack()  # the run lock and the signal handlers, released on every exit
     try:
         run = set_up(config, ctx, cleanup)
+        if isinstance(run, TrainResult):
+            return run
         cleanup.callback(run.loggers.close, failed=True)  # a no-op after finish closed them
         return fit(run, cleanup)
     except OSError as exc:  # a write outside a checkpoint or the model folder (metrics.jsonl)
@@ -163,8 +165,9 @@ def fit(run: Run, cleanup: ExitStack) -> TrainResult:
 # ----------------------------------------------------------------------------- set-up
 
 
-def set_up(config: TrainConfig, ctx: DistContext, cleanup: ExitStack) -> Run:
-    """Check the inputs and load the data (nothing written yet), build the model, restore state."""
+def set_up(config: TrainConfig, ctx: DistContext, cleanup: ExitStack) -> Run | TrainResult:
+    """Check the inputs and load the data (nothing written yet), build the model, restore state;
+    for a run that finished with these settings and data already, its result instead."""
     device = pick_device(ctx.local_rank if ctx.enabled else None, config.device)
     if device.type == "cuda":  # metrics.jsonl's peak_gpu_memory_gib: this run's, not the process's
         torch.cuda.reset_peak_memory_stats(device)
@@ -176,6 +179,9 @@ def set_up(config: TrainConfig, ctx: DistContext, cleanup: ExitStack) -> Run:
     if warning:
         console.warn(warning)
     data = check_inputs(config, ctx, console, cleanup, device, precision, load_dtype)
+    done = finished_result(config, ctx, device, console, data)
+    if done is not None:  # the same command on a finished run: nothing evaluated or written
+        return done
     net = build_model(config, data, ctx, device, precision)
     return start_state(config, ctx, device, precision, console, data, net)
 
@@ -291,9 +297,7 @@ def start_state(
     run's outputs opened: the run file, metrics.jsonl, the loggers, the sampler."""
     from domainlm.model.distributed import load_optimizer_state
 
-    global_batch = config.batch_size * config.grad_accum * ctx.world_size
-    steps_per_epoch = math.ceil(len(data.dataset) / global_batch)
-    total_steps = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
+    steps_per_epoch, total_steps = count_steps(config, ctx, data.dataset)
     cursor, start_step = DataCursor(), 0
     resumed_window: dict[str, float] = {}  # the loss window open at the checkpoint
     resumed_totals: dict[str, float] = {}  # the run's tokens and seconds up to the checkpoint
@@ -350,15 +354,16 @@ def start_state(
         config, ctx, device, precision, console, output_dir, data, net,
         cursor, start_step, total_steps, resumed_window, metrics, loggers, sampler, resumed_totals,
     )  # fmt: skip
-    announce(run, global_batch, steps_per_epoch)
+    announce(run, steps_per_epoch)
     return run
 
 
-def announce(run: Run, global_batch: int, steps_per_epoch: int) -> None:
+def announce(run: Run, steps_per_epoch: int) -> None:
     """The two start lines: the model and where it runs; the data and the batch arithmetic."""
     from domainlm.model.distributed import is_sharded
 
     config, model, dataset = run.config, run.net.model, run.data.dataset
+    global_batch = config.batch_size * config.grad_accum * run.ctx.world_size
     run.console.info(
         f"model {config.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) "
         f"on {run.device.type} x{run.ctx.world_size}, precision {run.precision}"
@@ -443,7 +448,8 @@ def save_model_folder(
     summary = data_summary(run.data.train_stream, run.data.valid_stream)
     write_run_report(output_dir, summary, run.data.lint_warnings)  # plots, card, report.html
     written = sorted(set(p.name for p in output_dir.iterdir()) - before)
-    write_run_file(output_dir, run.config, run.data.identity, written=written)
+    finished = None if merge_failed else finish_marker(run.total_steps, run.data.valid_stream)
+    write_run_file(output_dir, run.config, run.data.identity, written=written, finished=finished)
     if merge_failed is not None:
         raise merge_failed
 
@@ -660,13 +666,99 @@ def lora_flags(settings: dict[str, Any] | None) -> str:
 
 
 def write_run_file(
-    output_dir: Path, config: TrainConfig, identity: dict[str, Any], written: list[str]
+    output_dir: Path,
+    config: TrainConfig,
+    identity: dict[str, Any],
+    written: list[str],
+    finished: dict[str, Any] | None = None,
 ) -> None:
+    """run_config.json: the run's identity, settings and owned files; `finished` only once the
+    final model, eval_results.json and the report are written (a run started again with the
+    same settings and data then does nothing: `finished_result`)."""
     previous = read_run_file(output_dir) or {}
     owned = sorted(set(previous.get("written", [])) | set(written) | {"metrics.jsonl"})
-    write_json_atomic(
-        output_dir / RUN_FILE, {"identity": identity, "config": config.to_dict(), "written": owned}
+    run = {"identity": identity, "config": config.to_dict(), "written": owned}
+    write_json_atomic(output_dir / RUN_FILE, {**run, "finished": finished} if finished else run)
+
+
+def finish_marker(total_steps: int, valid_stream: TokenStream) -> dict[str, Any]:
+    """What a finished run records: its last step and the validation data it was scored on."""
+    return {"step": total_steps, "validation": stream_fingerprint(valid_stream)}
+
+
+def count_steps(config: TrainConfig, ctx: DistContext, dataset: BlockDataset) -> tuple[int, int]:
+    """Optimizer steps per epoch, and in the whole run (--max-steps, else --epochs)."""
+    global_batch = config.batch_size * config.grad_accum * ctx.world_size
+    steps_per_epoch = math.ceil(len(dataset) / global_batch)
+    return steps_per_epoch, config.max_steps or math.ceil(config.epochs * steps_per_epoch)
+
+
+def finished_result(
+    config: TrainConfig, ctx: DistContext, device: torch.device, console: Console, data: RunData
+) -> TrainResult | None:
+    """A run started again that finished already with the same settings (every flag), model,
+    tokenizer and training and validation data: its result read back from eval_results.json,
+    and nothing more done: no checkpoint loaded, no evaluation, nothing written (no merge).
+    Otherwise None (a
+    larger --max-steps trains on; another validation file is scored again). Rank 0 decides for
+    every rank."""
+    from domainlm.model.distributed import all_reduce_sum
+
+    output_dir = Path(config.output_dir)
+    total_steps = count_steps(config, ctx, data.dataset)[1]
+    results: dict[str, Any] = {}
+    done = False
+    if ctx.is_main and config.resume == "auto" and not config.overwrite_output_dir:
+        run = read_run_file(output_dir) or {}
+        as_json = lambda value: json.loads(json.dumps(value))  # noqa: E731 - tuples as lists
+        try:
+            results = json.loads((output_dir / "eval_results.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            results = {}
+        done = (
+            run.get("finished") == finish_marker(total_steps, data.valid_stream)
+            and run.get("identity") == as_json(data.identity)
+            and run.get("config") == as_json(config.to_dict())
+            and isinstance(results, dict)
+            and isinstance(results.get("perplexity"), (int, float))
+            and final_model_present(output_dir, config)
+        )
+    (agreed,) = all_reduce_sum([float(done)], ctx, device)
+    if not agreed:
+        return None
+    console.info(
+        f"the run finished at step {total_steps} already, with these settings and data: "
+        f"nothing to do (its model and eval_results.json are in {output_dir}; a larger "
+        "--max-steps or --epochs trains on)"
     )
+    best = best_checkpoint(list_checkpoints(output_dir)) if ctx.is_main else None
+    result = TrainResult(
+        output_dir=output_dir,
+        steps=total_steps,
+        initial_perplexity=results.get("initial_perplexity"),
+        final_perplexity=results.get("perplexity"),
+        eval_tokens=int(results.get("eval_tokens") or 0),
+        train_tokens=int(results.get("train_tokens") or 0),
+        train_runtime=float(results.get("train_runtime") or 0.0),
+        best_checkpoint=best.path if best else None,
+    )
+    console.summary(result)
+    return result
+
+
+def final_model_present(output_dir: Path, config: TrainConfig) -> bool:
+    """The final model's files are there: its config and weights (one file or a sharded index;
+    for LoRA the adapter), and with --merge the merged folder's."""
+    from domainlm.model.lora import ADAPTER_WEIGHTS, MERGED_DIR
+
+    def has_model(folder: Path) -> bool:
+        weights = ("model.safetensors", "model.safetensors.index.json")
+        return (folder / "config.json").is_file() and any((folder / w).is_file() for w in weights)
+
+    if not config.lora:
+        return has_model(output_dir)
+    adapter = (output_dir / ADAPTER_WEIGHTS).is_file()
+    return adapter and (not config.merge or has_model(output_dir / MERGED_DIR))
 
 
 def save_eval_results(
