@@ -33,7 +33,14 @@ from domainlm.data.tokens import TokenStream, load_token_stream
 from domainlm.errors import UserError
 from domainlm.model.loading import special_token_texts, tokenizer_fingerprint
 from domainlm.model.lora import load_any_model
-from domainlm.model.memory import GIB, MemoryPlan, fitting_flags, model_config_of, plan_memory
+from domainlm.model.memory import (
+    GIB,
+    HEADROOM,
+    MemoryPlan,
+    fitting_flags,
+    model_config_of,
+    plan_memory,
+)
 
 
 def opt(default: Any, help: str, **extra: Any) -> Any:
@@ -224,10 +231,35 @@ def time_steps(model: Any, batch: int, block: int, steps: int) -> float:
     return float(np.median(times[1:]))
 
 
+def time_estimate(
+    config: InspectConfig, model_config: Any, block: int, total_steps: int
+) -> dict[str, Any]:
+    """Seconds per optimizer step from timing real steps of the model here (its weights read
+    now), or why not: full fine-tuning's step would not fit in the memory free (the plan)."""
+    plan = memory_plan(config, model_config, block)
+    need = plan.scenarios["full"].fit_bytes
+    if plan.available is not None and need > HEADROOM * plan.available:
+        return {
+            "skipped": f"a full fine-tuning step of b={config.batch_size}, T={block} needs about "
+            f"{need / GIB:.1f} GiB and {plan.available / GIB:.1f} GiB are free here: not timed "
+            f"(`domainlm inspect --model {config.model}` says what fits)"
+        }
+    model = load_any_model(config.model).model
+    micro = time_steps(model, config.batch_size, block, config.time_steps)
+    step = micro * config.grad_accum
+    return {
+        "seconds_per_step": step,
+        "total_hours": step * total_steps / 3600,
+        "rule": f"median of {config.time_steps} timed steps of b={config.batch_size}, "
+        f"T={block} x {config.grad_accum} accum; ranks assumed as fast and in parallel; "
+        "evaluation not included",
+    }
+
+
 def inspect_data(config: InspectConfig) -> dict[str, Any]:
     """The full report as a dict (what --json prints)."""
     config, note = with_run_shape(config)
-    loaded = load_any_model(config.model)
+    loaded = load_any_model(config.model, weights=False)  # the tokenizer and the shapes only
     block = loaded.block_size(config.block_size, default_cap=1024)
     fingerprint = tokenizer_fingerprint(loaded.tokenizer, loaded.eos_id, loaded.document_prefix)
 
@@ -286,15 +318,7 @@ def inspect_data(config: InspectConfig) -> dict[str, Any]:
         "warnings": lint.warnings(config.doc_sep, block),
     }
     if config.time_steps:
-        micro = time_steps(loaded.model, config.batch_size, block, config.time_steps)
-        step = micro * config.grad_accum
-        report["time"] = {
-            "seconds_per_step": step,
-            "total_hours": step * total_steps / 3600,
-            "rule": f"median of {config.time_steps} timed steps of b={config.batch_size}, "
-            f"T={block} x {config.grad_accum} accum; ranks assumed as fast and in parallel; "
-            "evaluation not included",
-        }
+        report["time"] = time_estimate(config, loaded.model.config, block, total_steps)
     if config.strict and report["warnings"]:
         raise UserError(
             f"--strict: {len(report['warnings'])} data problem(s): "
@@ -335,8 +359,10 @@ def format_report(report: dict[str, Any]) -> str:
         f"{m['optimizer_gib']:.2f}, activations {m['activations_gib']:.2f} GiB, and the loss's "
         "and autocast's temporaries (`domainlm inspect --model M` prints the whole plan)"
     )
-    if "time" in report:
-        tm = report["time"]
+    tm = report.get("time")
+    if tm and "skipped" in tm:
+        lines.append(f"time estimate: {tm['skipped']}")
+    elif tm:
         lines.append(
             f"time estimate: {tm['seconds_per_step']:.3g} s/step x {report['total_steps']:,} steps "
             f"= {tm['total_hours']:.3g} h ({tm['rule']})"

@@ -10,7 +10,7 @@ from conftest import uneven_corpus, write_lines
 
 from domainlm.cli import main
 from domainlm.errors import UserError
-from domainlm.inspect_data import InspectConfig, inspect_data
+from domainlm.inspect_data import InspectConfig, format_report, inspect_data
 from domainlm.model.loading import gpt2_tokenizer, load_model
 
 BLOCK = 32
@@ -137,3 +137,33 @@ def test_folder_and_blank_separated_documents(tmp_path, tiny_model_dir):
     assert report["documents"] == 3
     assert report["tokens"] == _reference_tokens(docs)
     assert report["leaked_lines"] == 2  # both lines of b.txt are also in the folder
+
+
+def test_the_data_report_reads_weights_only_to_time_steps(tmp_path, tiny_model_dir, monkeypatch):
+    """The counts, lint and memory line need the tokenizer and the model's shapes, not its
+    weights: an 8B model's report must not first load 32 GB of float32 weights. The weights are
+    read only to time real steps, and not at all when the plan says a step would not fit."""
+    import transformers
+
+    import domainlm.model.memory as memory
+
+    train = write_lines(tmp_path / "train.txt", uneven_corpus(40, seed=6))
+    reads = []
+    real = transformers.AutoModelForCausalLM.from_pretrained.__func__
+
+    def counting(cls, *args, **kwargs):  # type: ignore[no-untyped-def]
+        reads.append(args[0])
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(counting))
+    settings = dict(train_file=str(train), model=str(tiny_model_dir), block_size=BLOCK)
+    untimed = inspect_data(InspectConfig(**settings, time_steps=0))
+    assert reads == [] and "time" not in untimed
+    timed = inspect_data(InspectConfig(**settings, time_steps=1))
+    assert len(reads) == 1 and timed["time"]["seconds_per_step"] > 0
+    for key in ("documents", "tokens", "blocks", "memory", "lint"):
+        assert untimed[key] == timed[key]
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1024)  # 1 KiB free
+    short = inspect_data(InspectConfig(**settings, time_steps=1))
+    assert len(reads) == 1 and "not timed" in short["time"]["skipped"]
+    assert "time estimate: a full fine-tuning step of b=8" in format_report(short)

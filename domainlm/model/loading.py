@@ -156,15 +156,22 @@ def load_model(
     eos_token: str | None = None,
     trust_remote_code: bool = False,
     dtype: torch.dtype = torch.float32,
+    weights: bool = True,
 ) -> LoadedModel:
     """Load model and tokenizer from a hub id, a folder or a `scratch:NAME` preset, the weights
-    in `dtype` (model/memory.py's load_dtype_for decides it for a run)."""
+    in `dtype` (model/memory.py's load_dtype_for decides it for a run). With `weights=False`
+    the model is built from its config on PyTorch's meta device: its shapes and layers, no
+    weights read and no memory taken (`inspect`: the tokenizer and the shapes are all it needs)."""
     quiet_transformers()
     if spec.startswith(SCRATCH_PREFIX):
-        model = build_scratch_model(spec[len(SCRATCH_PREFIX) :], seed=seed).to(dtype)
+        name = spec[len(SCRATCH_PREFIX) :]
+        if weights:
+            model = build_scratch_model(name, seed=seed).to(dtype)
+        else:
+            model = meta_model_of(scratch_config(name), trust_remote_code)
         tokenizer = gpt2_tokenizer()
     else:
-        model, tokenizer = _load_pretrained(spec, trust_remote_code, dtype)
+        model, tokenizer = _load_pretrained(spec, trust_remote_code, dtype, weights)
     eos_id = resolve_eos_id(tokenizer, eos_token)
     return LoadedModel(
         model=model,
@@ -176,10 +183,18 @@ def load_model(
     )
 
 
+def meta_model_of(model_config: Any, trust_remote_code: bool = False) -> Any:
+    """The model of `model_config` on the meta device: shapes only, no memory, no weights."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+
+
 def _load_pretrained(
-    spec: str, trust_remote_code: bool, dtype: torch.dtype = torch.float32
+    spec: str, trust_remote_code: bool, dtype: torch.dtype = torch.float32, weights: bool = True
 ) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(spec).expanduser()
     looks_local = spec.startswith((".", "/", "~")) or path.exists() or spec.count("/") > 1
@@ -202,6 +217,11 @@ def _load_pretrained(
             source, trust_remote_code=trust_remote_code, local_files_only=local_files_only
         )
         check_tokenizer(tokenizer, spec)
+        if not weights:
+            model_config = AutoConfig.from_pretrained(
+                source, trust_remote_code=trust_remote_code, local_files_only=local_files_only
+            )
+            return meta_model_of(model_config, trust_remote_code), tokenizer
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 source,

@@ -315,12 +315,21 @@ def adapter_base(folder: str | Path) -> str:
 
 
 def load_any_model(
-    spec: str, *, seed: int = 0, eos_token: str | None = None, trust_remote_code: bool = False
+    spec: str,
+    *,
+    seed: int = 0,
+    eos_token: str | None = None,
+    trust_remote_code: bool = False,
+    weights: bool = True,
 ) -> LoadedModel:
-    """`load_model`, or for an adapter folder its base with the adapter on top."""
+    """`load_model`, or for an adapter folder its base with the adapter on top (with
+    `weights=False`: the base's shapes on the meta device, no adapter)."""
+    kwargs: dict[str, Any] = dict(eos_token=eos_token, trust_remote_code=trust_remote_code)
     if is_adapter_folder(spec):
-        return load_adapter(spec, eos_token=eos_token, trust_remote_code=trust_remote_code)
-    return load_model(spec, seed=seed, eos_token=eos_token, trust_remote_code=trust_remote_code)
+        if not weights:
+            return load_model(adapter_base(spec), seed=seed, weights=False, **kwargs)
+        return load_adapter(spec, **kwargs)
+    return load_model(spec, seed=seed, weights=weights, **kwargs)
 
 
 def load_adapter(

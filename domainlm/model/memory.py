@@ -186,10 +186,9 @@ class MemoryPlan:
 
 def meta_model(model_config: Any) -> torch.nn.Module:
     """The model of `model_config` on the meta device: shapes only, no memory, no weights read."""
-    from transformers import AutoModelForCausalLM
+    from domainlm.model.loading import meta_model_of
 
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(model_config)
+    return meta_model_of(model_config)
 
 
 def model_shape(model: torch.nn.Module) -> ModelShape:
