@@ -39,7 +39,7 @@ from domainlm.model.memory import (
     MemoryPlan,
     fitting_flags,
     model_config_of,
-    plan_memory,
+    plan_for_settings,
 )
 
 
@@ -151,24 +151,15 @@ def memory_plan(config: InspectConfig, model_config: Any, block: int) -> MemoryP
     from domainlm.model.device import pick_device, resolve_precision
 
     device = pick_device(None, config.device)
-    return plan_memory(
-        model_config,
-        model=config.model,
-        batch_size=config.batch_size,
-        block_size=block,
-        precision=resolve_precision(config.precision, device),
-        device=device.type,
-        load_dtype=config.load_dtype,
-        lora_r=config.lora_r,
-        lora_targets=config.lora_targets,
-        lora_dropout=config.lora_dropout,
-    )
+    return plan_for_settings(
+        model_config, config, batch_size=config.batch_size, block_size=block,
+        precision=resolve_precision(config.precision, device), device=device.type,
+    )  # fmt: skip
 
 
-def memory_estimate(config: InspectConfig, model_config: Any, block: int) -> dict[str, float]:
+def memory_estimate(plan: MemoryPlan, gradient_checkpointing: bool) -> dict[str, float]:
     """Full fine-tuning's part of the plan, in GiB (the data report's memory line)."""
-    plan = memory_plan(config, model_config, block)
-    terms = plan.scenarios["full+ckpt" if config.gradient_checkpointing else "full"]
+    terms = plan.scenarios["full+ckpt" if gradient_checkpointing else "full"]
     return {
         "weights_gib": terms.weights / GIB,
         "gradients_gib": terms.gradients / GIB,
@@ -191,11 +182,9 @@ def plan_report(config: InspectConfig) -> dict[str, Any]:
     plan = memory_plan(config, model_config, block)
 
     def replan(batch: int) -> MemoryPlan:
-        return plan_memory(
-            model_config, model=config.model, batch_size=batch, block_size=block,
-            precision=plan.precision, device=plan.device, load_dtype=config.load_dtype,
-            lora_r=config.lora_r, lora_targets=config.lora_targets,
-            lora_dropout=config.lora_dropout,
+        return plan_for_settings(
+            model_config, config, batch_size=batch, block_size=block,
+            precision=plan.precision, device=plan.device,
         )  # fmt: skip
 
     return {
@@ -231,12 +220,10 @@ def time_steps(model: Any, batch: int, block: int, steps: int) -> float:
     return float(np.median(times[1:]))
 
 
-def time_estimate(
-    config: InspectConfig, model_config: Any, block: int, total_steps: int
-) -> dict[str, Any]:
+def time_estimate(config: InspectConfig, plan: MemoryPlan, total_steps: int) -> dict[str, Any]:
     """Seconds per optimizer step from timing real steps of the model here (its weights read
-    now), or why not: full fine-tuning's step would not fit in the memory free (the plan)."""
-    plan = memory_plan(config, model_config, block)
+    now), or why not: full fine-tuning's step would not fit in the memory free (`plan`)."""
+    block = plan.block_size
     need = plan.scenarios["full"].fit_bytes
     if plan.available is not None and need > HEADROOM * plan.available:
         return {
@@ -294,6 +281,7 @@ def inspect_data(config: InspectConfig) -> dict[str, Any]:
     global_batch = config.batch_size * config.grad_accum * config.nproc
     steps_per_epoch = math.ceil(len(dataset) / global_batch)
     total_steps = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
+    plan = memory_plan(config, loaded.model.config, block)  # the memory line and the timing's
     report: dict[str, Any] = {
         "train_file": config.train_file,
         "model": config.model,
@@ -310,7 +298,7 @@ def inspect_data(config: InspectConfig) -> dict[str, Any]:
             "source": config.validation_file or f"held out {config.validation_split:.0%} of train",
             **stream_stats(valid, block),
         },
-        "memory": memory_estimate(config, loaded.model.config, block),
+        "memory": memory_estimate(plan, config.gradient_checkpointing),
         "lint": {
             "train": lint.train.to_dict(),
             "validation": lint.validation.to_dict() if lint.validation else None,
@@ -318,7 +306,7 @@ def inspect_data(config: InspectConfig) -> dict[str, Any]:
         "warnings": lint.warnings(config.doc_sep, block),
     }
     if config.time_steps:
-        report["time"] = time_estimate(config, loaded.model.config, block, total_steps)
+        report["time"] = time_estimate(config, plan, total_steps)
     if config.strict and report["warnings"]:
         raise UserError(
             f"--strict: {len(report['warnings'])} data problem(s): "

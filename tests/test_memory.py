@@ -412,13 +412,17 @@ def test_a_run_that_will_not_fit_is_told_before_the_weights_load(
     )
     argv = ["train", "--model", str(tiny_model_dir), "--train-file", str(train_file),
             "--max-steps", "1", "--quiet", *shape]  # fmt: skip
+    assert main(["inspect", "--model", str(tiny_model_dir), "--json", *shape]) == 0
+    fits = json.loads(capsys.readouterr().out)["fits"]  # inspect's answer, same memory free
     out = tmp_path / "strict"
     assert main([*argv, "--output-dir", str(out), "--strict"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Traceback" not in err[0], err
     assert f"needs about {need / 1024**3:.1f} GiB of system RAM (full fine-tuning" in err[0]
     assert f"and {free / 1024**3:.1f} GiB are free for it" in err[0]
-    assert "fits with: " in err[0] and "--strict: stopped before loading the model" in err[0]
+    assert (
+        f"fits with: {fits} (" in err[0] and "--strict: stopped before loading the model" in err[0]
+    )
     assert not out.exists() and loads == []  # nothing written, no weights read
     out = tmp_path / "warned"
     assert main([*argv, "--output-dir", str(out)]) == 0  # advice: the run goes on

@@ -501,6 +501,25 @@ def plan_memory(
     )  # fmt: skip
 
 
+def plan_for_settings(
+    model_config: Any,
+    settings: Any,
+    *,
+    batch_size: int,
+    block_size: int,
+    precision: str,
+    device: str,
+) -> MemoryPlan:
+    """`plan_memory` with the model name, --load-dtype and LoRA settings of a command's flags
+    (`settings`: a TrainConfig or an InspectConfig, whose fields have the same names)."""
+    return plan_memory(
+        model_config, model=settings.model, batch_size=batch_size, block_size=block_size,
+        precision=precision, device=device, load_dtype=settings.load_dtype,
+        lora_r=settings.lora_r, lora_targets=settings.lora_targets,
+        lora_dropout=settings.lora_dropout,
+    )  # fmt: skip
+
+
 def _full_load(load_dtype: str) -> str:
     """Full fine-tuning's load dtype in a plan: float16 (LoRA only) is planned as float32."""
     return "float32" if load_dtype == "float16" else load_dtype

@@ -32,7 +32,7 @@ from domainlm.model.memory import (
     MemoryPlan,
     fitting_flags,
     model_config_of,
-    plan_memory,
+    plan_for_settings,
 )
 
 SCENARIO_LABELS = {
@@ -43,8 +43,9 @@ SCENARIO_LABELS = {
 }
 
 
-def run_plan(config: Any, precision: str, device: str) -> MemoryPlan | None:
-    """The memory plan of this run's settings, or None where the config alone cannot give one."""
+def run_plan(config: Any, precision: str, device: str) -> tuple[Any, MemoryPlan] | None:
+    """The model's config and the memory plan of this run's settings, or None where the config
+    alone cannot give one."""
     from domainlm.model.loading import context_length
 
     if config.strategy == "fsdp":
@@ -52,29 +53,27 @@ def run_plan(config: Any, precision: str, device: str) -> MemoryPlan | None:
     try:
         model_config = model_config_of(config.model, config.trust_remote_code)
         block = config.block_size or min(context_length(model_config), 1024)
-        return plan_memory(
-            model_config, model=config.model, batch_size=config.batch_size, block_size=block,
-            precision=precision, device=device, load_dtype=config.load_dtype,
-            lora_r=config.lora_r, lora_targets=config.lora_targets,
-            lora_dropout=config.lora_dropout,
+        plan = plan_for_settings(
+            model_config, config, batch_size=config.batch_size, block_size=block,
+            precision=precision, device=device,
         )  # fmt: skip
     except Exception:  # noqa: BLE001 - advice only: the model's own load reports what is wrong
         return None
+    return model_config, plan
 
 
-def memory_shortfalls(config: Any, plan: MemoryPlan, processes: int = 1) -> list[str]:
+def memory_shortfalls(
+    config: Any, plan: MemoryPlan, replan: Callable[[int], MemoryPlan], processes: int = 1
+) -> list[str]:
     """The messages for what will not fit: the training step, then a LoRA run's merge.
 
     `plan.available` is the memory free for this process: the GPU's, or on the CPU the machine's
-    share of each of the `processes` on it."""
+    share of each of the `processes` on it; `replan(batch)` is the plan at a smaller micro-batch
+    (the search for flags that fit)."""
     messages = []
     key = ("lora" if config.lora else "full") + ("+ckpt" if config.gradient_checkpointing else "")
     need, available = plan.scenarios[key].fit_bytes, plan.available
     if available is not None and need > HEADROOM * available:
-
-        def replan(batch: int) -> MemoryPlan:
-            return replace(plan_memory_at(config, plan, batch), available=available)
-
         where = "GPU memory" if plan.device == "cuda" else "system RAM"
         each = f" per process ({processes} on this machine)" if processes > 1 else ""
         messages.append(
@@ -95,16 +94,6 @@ def memory_shortfalls(config: Any, plan: MemoryPlan, processes: int = 1) -> list
     return messages
 
 
-def plan_memory_at(config: Any, plan: MemoryPlan, batch: int) -> MemoryPlan:
-    """`plan` at another micro-batch size (the fit search's smaller batches)."""
-    model_config = model_config_of(config.model, config.trust_remote_code)
-    return plan_memory(
-        model_config, model=config.model, batch_size=batch, block_size=plan.block_size,
-        precision=plan.precision, device=plan.device, load_dtype=config.load_dtype,
-        lora_r=config.lora_r, lora_targets=config.lora_targets, lora_dropout=config.lora_dropout,
-    )  # fmt: skip
-
-
 def check_run_memory(
     config: Any,
     ctx: DistContext,
@@ -115,9 +104,10 @@ def check_run_memory(
     """Before the weights load: warn (with --strict: raise UserError) when the run's planned
     memory exceeds what is free for it. Every rank calls this; with --strict a shortfall on any
     rank stops every rank alike. Returns the messages (empty when the run fits)."""
-    plan = run_plan(config, precision, device.type)
+    found = run_plan(config, precision, device.type)
     messages: list[str] = []
-    if plan is not None:
+    if found is not None:
+        model_config, plan = found
         processes = 1
         if device.type == "cuda":  # this rank's GPU (the plan read the current one)
             plan = replace(plan, available=int(torch.cuda.mem_get_info(device)[0]))
@@ -125,8 +115,17 @@ def check_run_memory(
             processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
             if plan.available is not None:
                 plan = replace(plan, available=plan.available // processes)
+        available = plan.available
+
+        def replan(batch: int) -> MemoryPlan:  # the same config and memory free, smaller batch
+            smaller = plan_for_settings(
+                model_config, config, batch_size=batch, block_size=plan.block_size,
+                precision=plan.precision, device=plan.device,
+            )  # fmt: skip
+            return replace(smaller, available=available)
+
         try:
-            messages = memory_shortfalls(config, plan, processes)
+            messages = memory_shortfalls(config, plan, replan, processes)
         except Exception:  # noqa: BLE001 - advice only: never the reason a run fails
             messages = []
     (short,) = all_reduce_sum([float(bool(messages))], ctx, device)
