@@ -117,6 +117,12 @@ class TrainConfig:
     max_eval_tokens: int | None = opt(
         None, "Score at most this many validation tokens at intermediate evaluations."
     )
+    early_stopping_patience: int | None = opt(
+        None,
+        "Stop once N evaluations in a row (every --eval-steps) score no lower validation "
+        "perplexity than the best before them; the run ends at that step as at its last "
+        "(checkpoint, full evaluation, model folder) and names its best checkpoint.",
+    )
     save_steps: int = opt(500, "Write a checkpoint every N steps.")
     async_save: bool = opt(
         False,
@@ -249,6 +255,7 @@ class TrainConfig:
             "save_total_limit",
             "max_eval_tokens",
             "sample_every",
+            "early_stopping_patience",
         ]
         for name in positive:
             _require_positive(name, getattr(self, name))

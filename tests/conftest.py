@@ -42,6 +42,23 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
+@pytest.fixture
+def weight_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The folders (or hub ids) whose weights `AutoModelForCausalLM.from_pretrained` reads from
+    here on, in order: a test asserts what a command reads, not only what it prints."""
+    import transformers
+
+    reads: list[str] = []
+    real = transformers.AutoModelForCausalLM.from_pretrained.__func__
+
+    def counting(cls, *args, **kwargs):  # type: ignore[no-untyped-def]
+        reads.append(str(args[0]))
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(counting))
+    return reads
+
+
 def write_lines(path: Path, lines: list[str], newline: str = "\n") -> Path:
     path.write_text(newline.join(lines) + newline, encoding="utf-8")
     return path

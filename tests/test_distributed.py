@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -184,6 +185,26 @@ def test_two_ranks_equal_one_rank_with_accumulation(
     moved = load_file(ddp_out / "model.safetensors")["transformer.h.0.mlp.c_fc.weight"]
     assert not torch.equal(moved, load_file(ddp_out / "checkpoint-2" / "model.safetensors")[
         "transformer.h.0.mlp.c_fc.weight"])  # fmt: skip
+
+
+def test_two_ranks_stop_early_at_the_step_one_rank_does(
+    data: dict[str, Path], tmp_path: Path
+) -> None:
+    """--early-stopping-patience under DDP: every rank decides on the same all-reduced
+    perplexity, so both stop after the same step (no rank left waiting in a collective), the
+    step one process with the same global batch stops at, with its weights."""
+    early = dict(max_steps=12, lr=3e-2, eval_steps=1, save_steps=1, scheduler="constant",
+                 warmup_steps=0, early_stopping_patience=2)  # fmt: skip
+    os.environ["DOMAINLM_CACHE"] = str(data["cache"])
+    single = train(replace(one_process_config(data, tmp_path / "single"), **early))
+    assert single.stopped_early and single.steps < 12
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in early.items()]
+    launcher = ["torch.distributed.run", "--nproc_per_node=2", f"--master-port={free_port()}"]
+    out = tmp_path / "ddp"
+    log = run_ok(torchrun_cmd(launcher, data, out, *flags), launch_env(data["cache"]))
+    assert f"step {single.steps}: stopping early" in log
+    assert max(eval_events(out)) == single.steps
+    assert_same_weights(out, single.output_dir, rel_max=1e-3)  # lr 3e-2 amplifies rounding
 
 
 @pytest.fixture(scope="module")

@@ -139,23 +139,16 @@ def test_folder_and_blank_separated_documents(tmp_path, tiny_model_dir):
     assert report["leaked_lines"] == 2  # both lines of b.txt are also in the folder
 
 
-def test_the_data_report_reads_weights_only_to_time_steps(tmp_path, tiny_model_dir, monkeypatch):
+def test_the_data_report_reads_weights_only_to_time_steps(
+    tmp_path, tiny_model_dir, monkeypatch, weight_reads
+):
     """The counts, lint and memory line need the tokenizer and the model's shapes, not its
     weights: an 8B model's report must not first load 32 GB of float32 weights. The weights are
     read only to time real steps, and not at all when the plan says a step would not fit."""
-    import transformers
-
     import domainlm.model.memory as memory
 
     train = write_lines(tmp_path / "train.txt", uneven_corpus(40, seed=6))
-    reads = []
-    real = transformers.AutoModelForCausalLM.from_pretrained.__func__
-
-    def counting(cls, *args, **kwargs):  # type: ignore[no-untyped-def]
-        reads.append(args[0])
-        return real(cls, *args, **kwargs)
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(counting))
+    reads = weight_reads
     settings = dict(train_file=str(train), model=str(tiny_model_dir), block_size=BLOCK)
     untimed = inspect_data(InspectConfig(**settings, time_steps=0))
     assert reads == [] and "time" not in untimed

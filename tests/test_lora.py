@@ -195,9 +195,10 @@ def test_perplexity_and_generate_on_the_adapter_folder_equal_the_merged_folder(
 
 
 def test_a_finished_lora_run_started_again_does_nothing(
-    lora_run: dict, tiny_model_dir: Path, corpus: tuple[Path, Path], capsys
+    lora_run: dict, tiny_model_dir: Path, corpus: tuple[Path, Path], capsys, weight_reads
 ) -> None:
-    """The same command on a finished LoRA run: no evaluation, no adapter saved, no merge."""
+    """The same command on a finished LoRA run: no base weights read, no evaluation, no adapter
+    saved, no merge."""
     out = lora_run["out"]
     written = [out / "adapter_model.safetensors", out / "merged" / "model.safetensors"]
     stamps = [p.stat().st_mtime_ns for p in written]
@@ -206,6 +207,7 @@ def test_a_finished_lora_run_started_again_does_nothing(
     assert "nothing to do" in capsys.readouterr().err
     assert again.final_perplexity == lora_run["result"].final_perplexity
     assert [p.stat().st_mtime_ns for p in written] == stamps
+    assert weight_reads == []
 
 
 def test_report_on_a_lora_run_and_no_merge(

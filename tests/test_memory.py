@@ -389,14 +389,13 @@ def test_the_cpu_fit_check_asks_for_the_process_bound_not_the_tensor_peak():
 
 
 def test_a_run_that_will_not_fit_is_told_before_the_weights_load(
-    tmp_path, tiny_model_dir, monkeypatch, capsys
+    tmp_path, tiny_model_dir, monkeypatch, capsys, weight_reads
 ):
     """Train checks the memory plan of its settings against the memory free before it loads the
     weights: too little is one warning naming the need, the memory free and the flags that fit
     (the run goes on), or with --strict exit 2 before anything is loaded or written. The need is
     the plan's full fine-tuning row, the one `inspect --model M` prints for the same settings."""
     import domainlm.model.memory as memory
-    import domainlm.run.train as train_module
 
     train_file = write_lines(tmp_path / "train.txt", uneven_corpus(30, seed=2))
     shape = ["--block-size", "32", "--batch-size", "4", "--precision", "fp32"]
@@ -405,11 +404,7 @@ def test_a_run_that_will_not_fit_is_told_before_the_weights_load(
     need = plan["scenarios"]["full"]["fit_bytes"]
     free = need  # short of the 10% headroom: does not fit
     monkeypatch.setattr(memory, "available_bytes", lambda device: free)
-    loads = []
-    real_load = train_module.load_model
-    monkeypatch.setattr(
-        train_module, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k)
-    )
+    loads = weight_reads  # the weights read (conftest.py)
     argv = ["train", "--model", str(tiny_model_dir), "--train-file", str(train_file),
             "--max-steps", "1", "--quiet", *shape]  # fmt: skip
     assert main(["inspect", "--model", str(tiny_model_dir), "--json", *shape]) == 0

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import uneven_corpus, write_lines
+from tiny_families import save_family_folder
 
 from domainlm.cli import main as cli_main
 from domainlm.errors import UserError
@@ -69,6 +70,14 @@ def test_overwrite_keeps_a_foreign_trainer_run_and_removes_our_earlier_run(
     (out / ".checkpoint-6.tmp" / "model.safetensors").write_text("cut short")
     (out / f".{ckpt.RUN_FILE}.tmp").write_text("{")  # a run-file update cut short
     capsys.readouterr()
+
+    # A run refused at its last check, one that needs the weights (--packing docs, an OPT model,
+    # whose attention ignores restarting position ids), removes nothing of the earlier run.
+    opt = save_family_folder("opt", tmp_path / "opt")
+    refused = seed_style(opt, corpus, out, "--max_steps", "2", "--packing", "docs")
+    assert cli_main(refused) == 2
+    assert "domainlm: error: --packing docs:" in capsys.readouterr().err
+    assert (out / "checkpoint-3" / ckpt.MARKER).is_file() and (out / ".checkpoint-6.tmp").is_dir()
 
     # The seed's command again, another length: our earlier run goes, the Trainer's stays.
     second = seed_style(tiny_model_dir, corpus, out, "--max_steps", "2", "--save_steps", "2")
@@ -130,7 +139,7 @@ def test_only_rank_zero_removes_and_every_rank_waits(
     from domainlm.config import TrainConfig
     from domainlm.model import distributed
     from domainlm.run.metrics import Console
-    from domainlm.run.train import decide_resume
+    from domainlm.run.resume import clear_earlier_run, decide_resume
 
     out = tmp_path / "model"
     out.mkdir()
@@ -144,5 +153,7 @@ def test_only_rank_zero_removes_and_every_rank_waits(
     for rank in (1, 0):
         ctx = distributed.DistContext(rank=rank, world_size=2)
         assert decide_resume(config, out, {}, Console(enabled=False), ctx) is None
+        assert (out / "metrics.jsonl").exists()  # deciding removes nothing
+        clear_earlier_run(config, out, Console(enabled=False), ctx)
         assert (out / "metrics.jsonl").exists() == (rank == 1)  # rank 1 removed nothing
     assert waited == [1, 0]

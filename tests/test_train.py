@@ -215,14 +215,17 @@ def test_grad_accumulation_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> N
 
 
 def test_resume_auto_continues_and_other_runs_are_protected(
-    tiny_model_dir: Path, corpus, tmp_path: Path, capsys: pytest.CaptureFixture
+    tiny_model_dir: Path, corpus, tmp_path: Path, capsys: pytest.CaptureFixture, weight_reads
 ) -> None:
     train_file, valid_file = corpus
     out = tmp_path / "run"
     cfg = dict(validation_file=str(valid_file), max_steps=4, save_steps=2)
     train(base_config(tiny_model_dir, train_file, out, **cfg))
+    assert weight_reads == [str(tiny_model_dir)]
     extended = train(base_config(tiny_model_dir, train_file, out, **{**cfg, "max_steps": 6}))
     assert extended.resumed_from == out / "checkpoint-4"
+    # Resumed, full fine-tuning reads the checkpoint's weights alone, not the model's first.
+    assert weight_reads[1:] == [str(out / "checkpoint-4")]
     steps = [e["step"] for e in read_events(out / "metrics.jsonl")]
     assert steps == sorted(steps) and steps.count(6) == 2 and steps.count(4) == 2
 
@@ -238,6 +241,7 @@ def test_resume_auto_continues_and_other_runs_are_protected(
     assert again.final_perplexity == extended.final_perplexity
     assert (again.steps, again.eval_tokens) == (6, extended.eval_tokens)
     assert read_events(out / "metrics.jsonl") == events
+    assert len(weight_reads) == 2  # no weights read: the tokenizer and the config said it all
     lock = ".domainlm.lock"  # taken and released by every run
     now = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.is_file()}
     assert {k: v for k, v in now.items() if k != lock} == {

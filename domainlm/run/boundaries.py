@@ -4,6 +4,8 @@
   metrics.jsonl and the progress bar. The window is saved in checkpoints for an exact resume.
 - `Evaluation`: validation perplexity before training, at --eval-steps and at the end; the last
   result goes with the checkpoint of its step (which the best checkpoint is chosen by).
+- `EarlyStopping`: --early-stopping-patience, from the evaluations so far (metrics.jsonl's on
+  resume: the decision is the same as without the interruption).
 - `Checkpoints`: checkpoint-<step> at --save-steps and at the final step, rotated.
 - `Sampling`: samples from --sample-prompts (text.generate.TrainingSampler).
 - `StopGuard`: a SIGINT/SIGTERM stops the run after the step, with a checkpoint.
@@ -69,6 +71,11 @@ class Progress:
         else:
             self.run.console.advance(self.bar, step.done)
 
+    def end_early(self, step: StepOutcome) -> None:
+        """The run ends at this step (early stopping): log its window unless `after_step` did."""
+        if step.done % self.run.config.logging_steps:
+            self.log(step)
+
     def log(self, step: StepOutcome) -> None:
         run = self.run
         (nll_sum,) = all_reduce_sum([float(self.nll)], run.ctx, run.device)
@@ -117,6 +124,8 @@ class Evaluation:
         self.run = run
         self.batch_size = run.config.eval_batch_size or run.config.batch_size
         self.last: tuple[int, NLLSum] | None = None  # (step, result) of the latest evaluation
+        self.last_whole = False  # the latest evaluation scored the whole validation set
+        self.early = EarlyStopping(run.config.early_stopping_patience, run.metrics.events)
 
     def __call__(self, limit: int | None) -> NLLSum:
         """The validation NLL over at most `limit` tokens (None: all)."""
@@ -145,7 +154,7 @@ class Evaluation:
         if self.run.start_step != 0:
             return None
         initial = self(self.run.config.max_eval_tokens)
-        self.run.metrics.log_eval(0, 0.0, initial)
+        self.log(0, 0.0, initial)
         self.run.console.info(
             f"validation perplexity before training: {initial.perplexity:.3f} "
             f"({initial.tokens:,} tokens)"
@@ -155,26 +164,75 @@ class Evaluation:
     def after_step(self, step: StepOutcome) -> None:
         if step.done % self.run.config.eval_steps == 0 or step.final:
             # The last evaluation scores the whole validation set, whatever --max-eval-tokens.
-            result = self(None if step.final else self.run.config.max_eval_tokens)
-            self.run.metrics.log_eval(step.done, step.epoch, result)
+            limit = None if step.final else self.run.config.max_eval_tokens
+            result = self(limit)
+            self.log(step.done, step.epoch, result)
             self.run.console.info(
                 f"step {step.done}: validation perplexity {result.perplexity:.3f}"
             )
-            self.last = (step.done, result)
+            self.last, self.last_whole = (step.done, result), limit is None
+
+    def log(self, done: int, epoch: float, result: NLLSum) -> None:
+        self.run.metrics.log_eval(done, epoch, result)
+        self.early.observe(done, result.perplexity)
+
+    def stops_run(self, step: StepOutcome) -> bool:
+        """Whether --early-stopping-patience ends the run at this step, decided after an
+        evaluation only (a run resumed with a larger --max-steps trains to its next one)."""
+        evaluated = self.last is not None and self.last[0] == step.done
+        if step.final or not evaluated or not self.early.spent():
+            return False
+        best_step, best = self.early.best  # type: ignore[misc]
+        self.run.console.info(
+            f"step {step.done}: stopping early: {self.early.patience} evaluations in a row "
+            f"without a validation perplexity below {best:.3f} (step {best_step})"
+        )
+        return True
 
     def perplexity_at(self, done: int) -> float | None:
         """The perplexity evaluated at step `done`, if there was an evaluation then."""
         return self.last[1].perplexity if self.last and self.last[0] == done else None
 
-    def final(self) -> NLLSum:
-        """The final step's full evaluation; a run with nothing left to train evaluates now."""
+    def final(self, done: int) -> NLLSum:
+        """The whole validation set's score at the run's last step `done`: that step's own
+        evaluation; a run stopped early whose last evaluation was cut by --max-eval-tokens, or
+        with nothing left to train, evaluates now."""
         run = self.run
-        if self.last is not None and self.last[0] == run.total_steps:
+        if self.last is not None and self.last[0] == done and self.last_whole:
             return self.last[1]
-        final = self(None)  # nothing left to train (a finished run started again)
-        if not any("eval_ppl" in e and e["step"] == run.total_steps for e in run.metrics.events):
-            run.metrics.log_eval(run.total_steps, run.cursor.epoch_float(run.data.dataset), final)
+        final = self(None)
+        logged = any("eval_ppl" in e and e["step"] == done for e in run.metrics.events)
+        if not logged or (self.last is not None and self.last[0] == done):
+            run.metrics.log_eval(done, run.cursor.epoch_float(run.data.dataset), final)
         return final
+
+
+class EarlyStopping:
+    """--early-stopping-patience N: the run is over once N evaluations in a row have scored no
+    lower validation perplexity than the best before them (the one before training included).
+    Read from the evaluations logged so far, so a resumed run (its metrics.jsonl cut at the
+    checkpoint's step) decides at the same step as one never interrupted."""
+
+    def __init__(self, patience: int | None, events: list[dict[str, Any]]) -> None:
+        self.patience = patience or 0
+        self.best: tuple[int, float] | None = None  # (step, perplexity)
+        self.without_gain = 0  # evaluations since the best
+        self.seen = -1  # the last step observed: an evaluation logged twice counts once
+        for event in events:
+            if "eval_ppl" in event:
+                self.observe(int(event["step"]), float(event["eval_ppl"]))
+
+    def observe(self, step: int, perplexity: float) -> None:
+        if step <= self.seen:
+            return
+        self.seen = step
+        if self.best is None or perplexity < self.best[1]:
+            self.best, self.without_gain = (step, perplexity), 0
+        else:
+            self.without_gain += 1
+
+    def spent(self) -> bool:
+        return self.patience > 0 and self.without_gain >= self.patience
 
 
 def eager_evaluation(compiled: bool) -> Any:

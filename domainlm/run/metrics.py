@@ -154,6 +154,11 @@ class Console:
         if after is not None:
             change = f"{before:.3f} -> {after:.3f}" if before is not None else f"{after:.3f}"
             lines.append(f"validation perplexity {change} ({result.eval_tokens:,} tokens)")
+        if getattr(result, "stopped_early", False):
+            lines.append(
+                f"stopped early at step {result.steps} (--early-stopping-patience): the model "
+                "saved is that step's; the best checkpoint holds the lowest validation perplexity"
+            )
         if result.best_checkpoint is not None:
             lines.append(f"best checkpoint: {result.best_checkpoint}")
         for line in lines:

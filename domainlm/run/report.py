@@ -365,6 +365,7 @@ CARD_SETTINGS = (
     "grad_accum",
     "epochs",
     "max_steps",
+    "early_stopping_patience",
     "lr",
     "scheduler",
     "warmup_steps",
@@ -392,6 +393,12 @@ def card_results_section(run: RunData) -> list[str]:
         lines.append(
             f"Validation perplexity: {change}"
             + (f" ({tokens:,} tokens, every token scored once)." if tokens else ".")
+        )
+    stopped = run.results.get("stopped_early")
+    if isinstance(stopped, dict):
+        lines.append(
+            f"Training stopped early at step {stopped.get('step')} of {stopped.get('of_steps')}: "
+            "the validation perplexity had stopped falling (`--early-stopping-patience`)."
         )
     lines += ["", summary_table([run]).rstrip(), ""]
     for filename in PLOTS:

@@ -44,10 +44,11 @@ class DataCursor:
 
 @dataclass
 class RunData:
-    """The checked inputs: the model as loaded, the run's identity, the token streams, blocks."""
+    """The checked inputs: the model (its config's on the meta device until `load_weights` reads
+    the weights), the run's identity, the token streams, the blocks."""
 
     loaded: LoadedModel
-    identity: dict[str, Any]  # what a resumed run must share (train.RESUME_KEYS)
+    identity: dict[str, Any]  # what a resumed run must share (resume.RESUME_KEYS)
     block_size: int
     eval_stride: int
     train_stream: TokenStream

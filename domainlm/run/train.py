@@ -1,7 +1,8 @@
 """The training run: `train()` sets the run up, runs its step loop, and finishes it.
 
 Read top to bottom: `train` (processes and cleanup), `set_up` (check the inputs and load the data
-before anything is written, build the model, restore the state), `fit` (the step loop: one
+before anything is written or any weights read, stop there for a finished run, decide the resume
+(resume.py), read the weights, build the model, restore the state), `fit` (the step loop: one
 optimizer step, step.py, then the parts that act at step boundaries, boundaries.py), `finish`
 (the model folder and the results). A new kind of model (an adapter) changes `build_model`; a new
 kind of step changes step.py; neither touches the loop.
@@ -9,16 +10,14 @@ kind of step changes step.py; neither touches the loop.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from domainlm.config import TrainConfig
@@ -27,7 +26,7 @@ from domainlm.data.corpus import check_input
 from domainlm.data.lint import check_training_data
 from domainlm.data.packing import check_packing_support
 from domainlm.data.tokens import TokenStream, load_token_stream
-from domainlm.errors import TrainingAborted, UserError
+from domainlm.errors import TrainingAborted
 from domainlm.evaluation.windows import NLLSum, check_window
 from domainlm.model.device import pick_device, prefer_expandable_cuda_segments, resolve_precision
 from domainlm.model.distributed import DistContext
@@ -54,19 +53,11 @@ from domainlm.run import guard
 from domainlm.run.async_save import background_writer
 from domainlm.run.boundaries import Checkpoints, Evaluation, Progress, Sampling, StopGuard
 from domainlm.run.checkpoint import (
-    CHECKPOINT_PREFIX,
-    RUN_FILE,
     best_checkpoint,
     check_output_dir,
-    checkpoint_dirs_by_step,
-    checkpoint_problem,
-    foreign_outputs,
     list_checkpoints,
     load_training_state,
-    owned_entries,
     read_run_file,
-    remove_owned_files,
-    write_json_atomic,
 )
 from domainlm.run.diskspace import (
     check_run_disk_space,
@@ -75,19 +66,23 @@ from domainlm.run.diskspace import (
     run_out_of_space,
     says_out_of_space,
 )
-from domainlm.run.lock import LOCK_FILE, RunLock
+from domainlm.run.lock import RunLock
 from domainlm.run.memory_check import check_run_memory
 from domainlm.run.metrics import Console, MetricsLog
 from domainlm.run.report import data_summary, write_run_report
+from domainlm.run.resume import (
+    clear_earlier_run,
+    decide_resume,
+    finish_marker,
+    stream_fingerprint,
+    write_run_file,
+)
 from domainlm.run.schedule import schedule_rate
 from domainlm.run.sharded import is_sharded_checkpoint, load_sharded_checkpoint
 from domainlm.run.state import DataCursor, Run, RunData, RunModel
 from domainlm.run.step import TrainStep
 from domainlm.run.trackers import Trackers, resolve_report_to, tracker_outputs
 from domainlm.text.generate import SAMPLES_FILE, TrainingSampler
-
-# What makes a checkpoint resumable by a run: the same model, tokenizer and block layout.
-RESUME_KEYS = ("model", "tokenizer", "block_size", "packing", "lora", "train_data")
 
 
 @dataclass
@@ -104,6 +99,7 @@ class TrainResult:
     best_checkpoint: Path | None
     resumed_from: Path | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    stopped_early: bool = False  # --early-stopping-patience ended it before its last step
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -143,31 +139,41 @@ def fit(run: Run, cleanup: ExitStack) -> TrainResult:
     checkpoints = Checkpoints(run, progress, evaluation, background_writer(run, cleanup))
     step = TrainStep(run, last_saved=lambda: checkpoints.last_saved)
     stop = StopGuard(run, cleanup, checkpoints, progress)  # handlers installed from here on
-    paused = [evaluation, checkpoints, Sampling(run.sampler)]  # their time is not training time
+    sampling = Sampling(run.sampler)
+    done = run.start_step  # the run's last step, once the loop is over
     for index in range(run.start_step, run.total_steps):
         outcome = step(index)
         progress.after_step(outcome)
+        with progress.paused():  # the parts' time is not training time
+            evaluation.after_step(outcome)
+        if evaluation.stops_run(outcome):  # --early-stopping-patience: this step is the last
+            outcome = replace(outcome, final=True)
+            progress.end_early(outcome)
         with progress.paused():
-            for part in paused:
-                part.after_step(outcome)
+            checkpoints.after_step(outcome)
+            sampling.after_step(outcome)
         guard.step_delay()  # fault injection: tests slow a run down to signal it mid-way
         stop.after_step(outcome)
+        done = outcome.done
+        if outcome.final:
+            break
     progress.close()
     runtime = time.perf_counter() - started
-    final = evaluation.final()
+    final = evaluation.final(done)
     checkpoints.wait()  # the final model is saved once the last checkpoint is published
     totals = run.resumed_totals  # the whole run's, when it was resumed
     runtime += float(totals.get("seconds", 0.0))
     tokens = int(totals.get("tokens", 0)) + progress.tokens_seen
-    return finish(run, final, initial, checkpoints.last_saved, runtime, tokens)
+    return finish(run, done, final, initial, checkpoints.last_saved, runtime, tokens)
 
 
 # ----------------------------------------------------------------------------- set-up
 
 
 def set_up(config: TrainConfig, ctx: DistContext, cleanup: ExitStack) -> Run | TrainResult:
-    """Check the inputs and load the data (nothing written yet), build the model, restore state;
-    for a run that finished with these settings and data already, its result instead."""
+    """Check the inputs and load the data (nothing written, no weights read yet); for a run that
+    finished with these settings and data already, its result; else read the weights, clear an
+    earlier run (--overwrite-output-dir), build the model and restore the state."""
     device = pick_device(ctx.local_rank if ctx.enabled else None, config.device)
     if device.type == "cuda":  # metrics.jsonl's peak_gpu_memory_gib: this run's, not the process's
         torch.cuda.reset_peak_memory_stats(device)
@@ -178,10 +184,16 @@ def set_up(config: TrainConfig, ctx: DistContext, cleanup: ExitStack) -> Run | T
     warning = pure_half_warning(load_dtype, lora)
     if warning:
         console.warn(warning)
-    data = check_inputs(config, ctx, console, cleanup, device, precision, load_dtype)
+    data = check_inputs(config, ctx, console, cleanup, device, precision)
     done = finished_result(config, ctx, device, console, data)
-    if done is not None:  # the same command on a finished run: nothing evaluated or written
+    if done is not None:  # the same command on a finished run: nothing read, evaluated or written
         return done
+    output_dir = Path(config.output_dir)
+    data.resume_from = decide_resume(config, output_dir, data.identity, console, ctx)
+    data.loaded.model = load_weights(config, data.resume_from, load_dtype)
+    if config.packing == "docs":  # runs the model: refused before anything is removed
+        check_packing_support(data.loaded.model)
+    clear_earlier_run(config, output_dir, console, ctx)  # --overwrite-output-dir
     net = build_model(config, data, ctx, device, precision)
     return start_state(config, ctx, device, precision, console, data, net)
 
@@ -193,10 +205,10 @@ def check_inputs(
     cleanup: ExitStack,
     device: torch.device,
     precision: str,
-    load_dtype: torch.dtype = torch.float32,
 ) -> RunData:
-    """Every input checked and the data loaded before anything in output_dir is written; takes
-    the run lock and decides the checkpoint to resume from."""
+    """Every input checked and the data loaded before anything in output_dir is written, and
+    before any weights are read (the model is its config's, on the meta device); takes the run
+    lock. The checkpoint to resume from is decided after (`decide_resume`)."""
     output_dir = Path(config.output_dir)
     check_input(config.train_file, config.text_column)
     if config.validation_file:
@@ -211,7 +223,7 @@ def check_inputs(
         seed=config.seed,
         eos_token=config.eos_token,
         trust_remote_code=config.trust_remote_code,
-        dtype=load_dtype,
+        weights=False,  # the tokenizer and the shapes: the weights are read by load_weights
     )
     block_size = loaded.block_size(config.block_size, default_cap=1024)
     eval_stride = config.eval_stride or block_size - 1
@@ -231,16 +243,32 @@ def check_inputs(
         config, block_size, train_stream, valid_stream, console,
         special_token_texts(loaded.tokenizer),
     )  # fmt: skip
-    if config.packing == "docs":
-        check_packing_support(loaded.model)
-    if ctx.is_main:  # one run per output dir; taken before decide_resume may remove anything
+    if ctx.is_main:  # one run per output dir; taken before the run file is read
         cleanup.enter_context(RunLock(output_dir))
-    resume_from = decide_resume(config, output_dir, identity, console, ctx)
     dataset = BlockDataset(train_stream, block_size, config.packing)
     return RunData(
-        loaded, identity, block_size, eval_stride, train_stream, valid_stream, dataset, resume_from,
-        lint_warnings,
+        loaded, identity, block_size, eval_stride, train_stream, valid_stream, dataset,
+        resume_from=None, lint_warnings=lint_warnings,
     )  # fmt: skip
+
+
+def load_weights(
+    config: TrainConfig, resume_from: Path | None, load_dtype: torch.dtype
+) -> torch.nn.Module:
+    """The weights the run starts from, read once it has something to do, in `load_dtype`:
+    for full fine-tuning resumed from a checkpoint saved whole, that checkpoint's alone (the
+    model's own are never read); otherwise the model's (a LoRA run's base, which its adapters'
+    checkpoint goes on top of; a sharded checkpoint's shards load into it later)."""
+    source = config.model
+    if not config.lora and resume_from is not None and not is_sharded_checkpoint(resume_from):
+        source = str(resume_from)
+    return load_model(
+        source,
+        seed=config.seed,
+        eos_token=config.eos_token,
+        trust_remote_code=config.trust_remote_code,
+        dtype=load_dtype,
+    ).model
 
 
 def build_model(
@@ -259,14 +287,6 @@ def build_model(
             base_name=base_record(config.model),
             resume_from=data.resume_from,
         )
-    elif data.resume_from is not None and not is_sharded_checkpoint(data.resume_from):
-        resumed = load_model(
-            str(data.resume_from),
-            eos_token=config.eos_token,
-            trust_remote_code=config.trust_remote_code,
-            dtype=loaded.model.dtype,
-        )
-        loaded.model = resumed.model
     # from_pretrained returns a model in eval mode: dropout must be on while training, in a
     # fresh run from a folder as in a resumed one (else resume is not exact).
     model = loaded.model.to(device).train()
@@ -333,6 +353,13 @@ def start_state(
             f"learning rate never reaches --lr {config.lr:g} (it ends at "
             f"{schedule_rate(config, total_steps - 1, total_steps):.3g})"
         )
+    patience, evaluations = config.early_stopping_patience, (total_steps - 1) // config.eval_steps
+    if patience and evaluations < patience:
+        console.warn(
+            f"--early-stopping-patience {patience}: the run evaluates {evaluations} times before "
+            f"its last step (every --eval-steps {config.eval_steps} of {total_steps} steps), too "
+            "few to stop early; give a smaller --eval-steps"
+        )
     check_run_disk_space(  # a warning, or with --strict an error before anything is written
         config, ctx, device, console.warn, net.model, data.loaded.tokenizer, start_step, total_steps
     )
@@ -383,23 +410,25 @@ def announce(run: Run, steps_per_epoch: int) -> None:
 
 def finish(
     run: Run,
+    done: int,
     final: NLLSum,
     initial: NLLSum | None,
     last_saved: Path | None,
     runtime: float,
     tokens_seen: int,
 ) -> TrainResult:
-    """Save the model folder (rank 0; every rank gathers FSDP shards) and report the results."""
+    """Save the model folder (rank 0; every rank gathers FSDP shards) and report the results of
+    the run ended at step `done` (before its last with --early-stopping-patience)."""
     from domainlm.model.distributed import full_model_state_dict
 
     best = None
     final_state = full_model_state_dict(run.net.model, run.ctx)  # FSDP: gathered; else None
     if run.ctx.is_main:
-        save_model_folder(run, final, initial, last_saved, runtime, tokens_seen, final_state)
+        save_model_folder(run, done, final, initial, last_saved, runtime, tokens_seen, final_state)
         best = best_checkpoint(list_checkpoints(run.output_dir))
     result = TrainResult(
         output_dir=run.output_dir,
-        steps=run.total_steps,
+        steps=done,
         initial_perplexity=initial.perplexity if initial else run.metrics.initial_perplexity(),
         final_perplexity=final.perplexity,
         eval_tokens=final.tokens,
@@ -407,6 +436,7 @@ def finish(
         train_runtime=runtime,
         best_checkpoint=best.path if best else None,
         resumed_from=run.data.resume_from,
+        stopped_early=done < run.total_steps,
     )
     run.console.summary(result)
     return result
@@ -414,6 +444,7 @@ def finish(
 
 def save_model_folder(
     run: Run,
+    done: int,
     final: NLLSum,
     initial: NLLSum | None,
     last_saved: Path | None,
@@ -443,12 +474,13 @@ def save_model_folder(
         except TrainingAborted as exc:
             merge_failed = exc
     if final.tokens:
-        save_eval_results(output_dir, final, initial, run.metrics, runtime, tokens_seen)
+        stopped = {"step": done, "of_steps": run.total_steps} if done < run.total_steps else None
+        save_eval_results(output_dir, final, initial, run.metrics, runtime, tokens_seen, stopped)
     run.loggers.close()
     summary = data_summary(run.data.train_stream, run.data.valid_stream)
     write_run_report(output_dir, summary, run.data.lint_warnings)  # plots, card, report.html
     written = sorted(set(p.name for p in output_dir.iterdir()) - before)
-    finished = None if merge_failed else finish_marker(run.total_steps, run.data.valid_stream)
+    finished = None if merge_failed else finish_marker(done, run.total_steps, run.data.valid_stream)
     write_run_file(output_dir, run.config, run.data.identity, written=written, finished=finished)
     if merge_failed is not None:
         raise merge_failed
@@ -526,166 +558,6 @@ def load_streams(
     return train_stream.select(train_docs), train_stream.select(held_docs)
 
 
-def decide_resume(
-    config: TrainConfig,
-    output_dir: Path,
-    identity: dict[str, Any],
-    console: Console,
-    ctx: DistContext | None = None,
-) -> Path | None:
-    """The checkpoint to continue from, or None to start afresh. Refuses to clobber other runs.
-
-    Every rank calls this. With --overwrite-output-dir every rank checks the run file's names (so a
-    bad one stops all ranks alike), rank 0 alone removes them and the others wait at a barrier.
-    """
-    from domainlm.model.distributed import SINGLE, barrier
-
-    ctx = ctx or SINGLE
-    if config.resume not in ("auto", "never"):
-        path = Path(config.resume)
-        problem = checkpoint_problem(path) if path.is_dir() else "no such folder"
-        if problem:
-            raise UserError(f"--resume {config.resume}: cannot resume from it: {problem}")
-        check_same_run(path.parent, identity, f"checkpoint {path}")
-        later = later_checkpoints(path, output_dir)
-        if later:
-            raise UserError(
-                f"--resume {config.resume}: --output-dir {output_dir} holds later checkpoints of "
-                f"that run ({', '.join(p.name for p in later)}); going on from an earlier one "
-                "there would mix two histories in one folder: copy the checkpoint to another "
-                "--output-dir and resume there, or remove the later checkpoints first"
-            )
-        return path
-    if config.overwrite_output_dir:
-        owned_entries(output_dir)  # on every rank: a bad run file stops all ranks alike
-        foreign = foreign_outputs(output_dir)
-        if foreign:
-            raise UserError(
-                f"--output-dir {output_dir} holds {', '.join(foreign)}, which domainlm did not "
-                "write and this run would write over; --overwrite-output-dir replaces only an "
-                "earlier domainlm run's files: move them away or choose another --output-dir"
-            )
-        if ctx.is_main:
-            removed = remove_owned_files(output_dir)
-            if removed:
-                console.info(
-                    f"--overwrite-output-dir: removed {len(removed)} entries of an earlier run"
-                )
-        barrier(ctx)  # nobody reads the folder while rank 0 empties it
-        return None
-    if not output_dir.is_dir() or not any(p.name != LOCK_FILE for p in output_dir.iterdir()):
-        return None
-    run = read_run_file(output_dir)
-    if run is None:
-        raise UserError(
-            f"--output-dir {output_dir} is not empty and holds no domainlm run; choose an empty "
-            "folder (or pass --overwrite-output-dir to write beside its files)"
-        )
-    check_same_run(output_dir, identity, f"--output-dir {output_dir}")
-    if config.resume == "never":
-        raise UserError(
-            f"--output-dir {output_dir} holds an earlier run; pass --overwrite-output-dir to start "
-            "afresh or --resume auto to continue it"
-        )
-    for candidate in reversed(checkpoint_dirs_by_step(output_dir)):  # newest first, marked or not
-        problem = checkpoint_problem(candidate)
-        if problem is None:
-            return candidate
-        console.warn(f"skipping {candidate.name}: {problem}")
-    # Killed before its first checkpoint: the same run starts again from step 0.
-    console.warn(f"--output-dir {output_dir}: no complete checkpoint to resume; starting at step 0")
-    return None
-
-
-def check_same_run(folder: Path, identity: dict[str, Any], what: str) -> None:
-    run = read_run_file(folder) or {}
-    saved = run.get("identity", {})
-    for key in RESUME_KEYS:
-        if key == "lora" and key not in saved and "model" in saved:
-            saved = {**saved, "lora": None}  # a run from before LoRA trained every weight
-        if key in saved and saved[key] != identity[key]:
-            if key == "train_data":
-                raise UserError(
-                    f"{what} belongs to a run on other training data (the tokens of "
-                    "--train-file differ: another file, other contents, or another --doc-sep), "
-                    "so its checkpoint's place in the data means nothing here; to go on training "
-                    "its model on this data start a new run with --model set to its last "
-                    "checkpoint, else use another --output-dir or pass --overwrite-output-dir"
-                )
-            if key == "lora":
-                was = lora_flags(saved[key])
-                way = f"give {was} again" if saved[key] else "drop --lora"
-                raise UserError(
-                    f"{what} belongs to a run trained with {was}, and this command has "
-                    f"{lora_flags(identity[key])}; to continue that run {way}, else use another "
-                    "--output-dir or pass --overwrite-output-dir"
-                )
-            raise UserError(
-                f"{what} belongs to a run with another {key} ({saved[key]} vs {identity[key]}); "
-                "use another --output-dir or pass --overwrite-output-dir"
-            )
-
-
-def later_checkpoints(checkpoint: Path, output_dir: Path) -> list[Path]:
-    """The checkpoints of `output_dir` after `checkpoint`'s step, when `checkpoint` is one of
-    that folder's (a run resumed from an earlier step would write over their history)."""
-    if checkpoint.resolve().parent != output_dir.resolve():
-        return []
-    step = checkpoint.name[len(CHECKPOINT_PREFIX) :]
-    if not step.isdigit():
-        return []
-    return [
-        p
-        for p in checkpoint_dirs_by_step(output_dir)
-        if int(p.name[len(CHECKPOINT_PREFIX) :]) > int(step)
-    ]
-
-
-def stream_fingerprint(stream: TokenStream) -> str:
-    """A fingerprint of a training token stream: its length, its documents' boundaries and
-    about a million of its tokens, evenly spaced (cheap for a corpus of billions of tokens; any
-    other file, edit that moves a boundary, or --doc-sep gives another)."""
-    digest = hashlib.sha256()
-    tokens = stream.tokens
-    digest.update(np.int64(len(tokens)).tobytes())
-    digest.update(np.ascontiguousarray(stream.doc_starts, dtype=np.int64).tobytes())
-    step = max(1, len(tokens) // 2**20)
-    digest.update(np.ascontiguousarray(tokens[::step], dtype=np.int64).tobytes())
-    return digest.hexdigest()[:16]
-
-
-def lora_flags(settings: dict[str, Any] | None) -> str:
-    """A run identity's LoRA settings as the flags that give them ("no --lora" for none)."""
-    if not settings:
-        return "no --lora"
-    targets = " ".join(settings.get("targets") or [])
-    return (
-        f"--lora --lora-r {settings.get('r')} --lora-alpha {settings.get('alpha')} "
-        f"--lora-dropout {settings.get('dropout')} --lora-targets {targets}"
-    )
-
-
-def write_run_file(
-    output_dir: Path,
-    config: TrainConfig,
-    identity: dict[str, Any],
-    written: list[str],
-    finished: dict[str, Any] | None = None,
-) -> None:
-    """run_config.json: the run's identity, settings and owned files; `finished` only once the
-    final model, eval_results.json and the report are written (a run started again with the
-    same settings and data then does nothing: `finished_result`)."""
-    previous = read_run_file(output_dir) or {}
-    owned = sorted(set(previous.get("written", [])) | set(written) | {"metrics.jsonl"})
-    run = {"identity": identity, "config": config.to_dict(), "written": owned}
-    write_json_atomic(output_dir / RUN_FILE, {**run, "finished": finished} if finished else run)
-
-
-def finish_marker(total_steps: int, valid_stream: TokenStream) -> dict[str, Any]:
-    """What a finished run records: its last step and the validation data it was scored on."""
-    return {"step": total_steps, "validation": stream_fingerprint(valid_stream)}
-
-
 def count_steps(config: TrainConfig, ctx: DistContext, dataset: BlockDataset) -> tuple[int, int]:
     """Optimizer steps per epoch, and in the whole run (--max-steps, else --epochs)."""
     global_batch = config.batch_size * config.grad_accum * ctx.world_size
@@ -707,6 +579,7 @@ def finished_result(
     total_steps = count_steps(config, ctx, data.dataset)[1]
     results: dict[str, Any] = {}
     done = False
+    end = total_steps  # or the step --early-stopping-patience ended the run at
     if ctx.is_main and config.resume == "auto" and not config.overwrite_output_dir:
         run = read_run_file(output_dir) or {}
         as_json = lambda value: json.loads(json.dumps(value))  # noqa: E731 - tuples as lists
@@ -714,8 +587,11 @@ def finished_result(
             results = json.loads((output_dir / "eval_results.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             results = {}
+        marker = run.get("finished")
+        if isinstance(marker, dict) and isinstance(marker.get("step"), int):
+            end = min(marker["step"], total_steps)
         done = (
-            run.get("finished") == finish_marker(total_steps, data.valid_stream)
+            marker == finish_marker(end, total_steps, data.valid_stream)
             and run.get("identity") == as_json(data.identity)
             and run.get("config") == as_json(config.to_dict())
             and isinstance(results, dict)
@@ -725,21 +601,25 @@ def finished_result(
     (agreed,) = all_reduce_sum([float(done)], ctx, device)
     if not agreed:
         return None
+    (end,) = all_reduce_sum([float(end) if ctx.is_main else 0.0], ctx, device)
+    end = int(end)
+    early = " (stopped early)" if end < total_steps else ""
     console.info(
-        f"the run finished at step {total_steps} already, with these settings and data: "
+        f"the run finished at step {end}{early} already, with these settings and data: "
         f"nothing to do (its model and eval_results.json are in {output_dir}; a larger "
         "--max-steps or --epochs trains on)"
     )
     best = best_checkpoint(list_checkpoints(output_dir)) if ctx.is_main else None
     result = TrainResult(
         output_dir=output_dir,
-        steps=total_steps,
+        steps=end,
         initial_perplexity=results.get("initial_perplexity"),
         final_perplexity=results.get("perplexity"),
         eval_tokens=int(results.get("eval_tokens") or 0),
         train_tokens=int(results.get("train_tokens") or 0),
         train_runtime=float(results.get("train_runtime") or 0.0),
         best_checkpoint=best.path if best else None,
+        stopped_early=end < total_steps,
     )
     console.summary(result)
     return result
@@ -767,8 +647,11 @@ def save_eval_results(
     metrics: MetricsLog,
     runtime: float,
     train_tokens: int,
+    stopped_early: dict[str, int] | None = None,
 ) -> None:
-    results = {
+    """eval_results.json; `stopped_early` (the step --early-stopping-patience ended the run at,
+    of the steps it would have run) only for such a run: the card says it."""
+    results: dict[str, Any] = {
         "eval_loss": final.nll,
         "perplexity": final.perplexity,
         "eval_tokens": final.tokens,
@@ -776,4 +659,6 @@ def save_eval_results(
         "train_runtime": runtime,
         "train_tokens": train_tokens,
     }
+    if stopped_early:
+        results["stopped_early"] = stopped_early
     (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -1,0 +1,210 @@
+"""Which run an output folder holds, and where a run started on it goes on.
+
+`run_config.json` (the run file) records a run's identity (model, tokenizer, block layout, LoRA
+settings, a fingerprint of its training tokens), its settings, the files it wrote and, once its
+final model is written, `finished`. From it: the checkpoint to resume from (`decide_resume`),
+refusals of another run's folder or an earlier checkpoint with later ones beside it
+(`check_same_run`, `later_checkpoints`), and `--overwrite-output-dir`'s removal of an earlier
+run's files, after every check (`clear_earlier_run`). docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from domainlm.config import TrainConfig
+from domainlm.data.tokens import TokenStream
+from domainlm.errors import UserError
+from domainlm.model.distributed import DistContext
+from domainlm.run.checkpoint import (
+    CHECKPOINT_PREFIX,
+    RUN_FILE,
+    checkpoint_dirs_by_step,
+    checkpoint_problem,
+    foreign_outputs,
+    owned_entries,
+    read_run_file,
+    remove_owned_files,
+    write_json_atomic,
+)
+from domainlm.run.lock import LOCK_FILE
+from domainlm.run.metrics import Console
+
+# What makes a checkpoint resumable by a run: the same model, tokenizer and block layout.
+RESUME_KEYS = ("model", "tokenizer", "block_size", "packing", "lora", "train_data")
+
+
+def decide_resume(
+    config: TrainConfig,
+    output_dir: Path,
+    identity: dict[str, Any],
+    console: Console,
+    ctx: DistContext | None = None,
+) -> Path | None:
+    """The checkpoint to continue from, or None to start afresh. Refuses to clobber other runs;
+    removes nothing. Every rank calls this: with --overwrite-output-dir every rank checks the run
+    file's names, so a bad one stops all ranks alike."""
+    from domainlm.model.distributed import SINGLE
+
+    ctx = ctx or SINGLE
+    if config.resume not in ("auto", "never"):
+        path = Path(config.resume)
+        problem = checkpoint_problem(path) if path.is_dir() else "no such folder"
+        if problem:
+            raise UserError(f"--resume {config.resume}: cannot resume from it: {problem}")
+        check_same_run(path.parent, identity, f"checkpoint {path}")
+        later = later_checkpoints(path, output_dir)
+        if later:
+            raise UserError(
+                f"--resume {config.resume}: --output-dir {output_dir} holds later checkpoints of "
+                f"that run ({', '.join(p.name for p in later)}); going on from an earlier one "
+                "there would mix two histories in one folder: copy the checkpoint to another "
+                "--output-dir and resume there, or remove the later checkpoints first"
+            )
+        return path
+    if config.overwrite_output_dir:
+        owned_entries(output_dir)  # on every rank: a bad run file stops all ranks alike
+        foreign = foreign_outputs(output_dir)
+        if foreign:
+            raise UserError(
+                f"--output-dir {output_dir} holds {', '.join(foreign)}, which domainlm did not "
+                "write and this run would write over; --overwrite-output-dir replaces only an "
+                "earlier domainlm run's files: move them away or choose another --output-dir"
+            )
+        return None  # its files are removed once the run's last check passed: clear_earlier_run
+    if not output_dir.is_dir() or not any(p.name != LOCK_FILE for p in output_dir.iterdir()):
+        return None
+    run = read_run_file(output_dir)
+    if run is None:
+        raise UserError(
+            f"--output-dir {output_dir} is not empty and holds no domainlm run; choose an empty "
+            "folder (or pass --overwrite-output-dir to write beside its files)"
+        )
+    check_same_run(output_dir, identity, f"--output-dir {output_dir}")
+    if config.resume == "never":
+        raise UserError(
+            f"--output-dir {output_dir} holds an earlier run; pass --overwrite-output-dir to start "
+            "afresh or --resume auto to continue it"
+        )
+    for candidate in reversed(checkpoint_dirs_by_step(output_dir)):  # newest first, marked or not
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            return candidate
+        console.warn(f"skipping {candidate.name}: {problem}")
+    # Killed before its first checkpoint: the same run starts again from step 0.
+    console.warn(f"--output-dir {output_dir}: no complete checkpoint to resume; starting at step 0")
+    return None
+
+
+def clear_earlier_run(
+    config: TrainConfig, output_dir: Path, console: Console, ctx: DistContext | None = None
+) -> None:
+    """--overwrite-output-dir: the earlier run's files removed (those its run file names, which
+    `decide_resume` checked), by rank 0 alone while the others wait at a barrier."""
+    from domainlm.model.distributed import SINGLE, barrier
+
+    if not config.overwrite_output_dir or config.resume not in ("auto", "never"):
+        return
+    ctx = ctx or SINGLE
+    if ctx.is_main:
+        removed = remove_owned_files(output_dir)
+        if removed:
+            console.info(
+                f"--overwrite-output-dir: removed {len(removed)} entries of an earlier run"
+            )
+    barrier(ctx)  # nobody reads the folder while rank 0 empties it
+
+
+def check_same_run(folder: Path, identity: dict[str, Any], what: str) -> None:
+    run = read_run_file(folder) or {}
+    saved = run.get("identity", {})
+    for key in RESUME_KEYS:
+        if key == "lora" and key not in saved and "model" in saved:
+            saved = {**saved, "lora": None}  # a run from before LoRA trained every weight
+        if key in saved and saved[key] != identity[key]:
+            if key == "train_data":
+                raise UserError(
+                    f"{what} belongs to a run on other training data (the tokens of "
+                    "--train-file differ: another file, other contents, or another --doc-sep), "
+                    "so its checkpoint's place in the data means nothing here; to go on training "
+                    "its model on this data start a new run with --model set to its last "
+                    "checkpoint, else use another --output-dir or pass --overwrite-output-dir"
+                )
+            if key == "lora":
+                was = lora_flags(saved[key])
+                way = f"give {was} again" if saved[key] else "drop --lora"
+                raise UserError(
+                    f"{what} belongs to a run trained with {was}, and this command has "
+                    f"{lora_flags(identity[key])}; to continue that run {way}, else use another "
+                    "--output-dir or pass --overwrite-output-dir"
+                )
+            raise UserError(
+                f"{what} belongs to a run with another {key} ({saved[key]} vs {identity[key]}); "
+                "use another --output-dir or pass --overwrite-output-dir"
+            )
+
+
+def later_checkpoints(checkpoint: Path, output_dir: Path) -> list[Path]:
+    """The checkpoints of `output_dir` after `checkpoint`'s step, when `checkpoint` is one of
+    that folder's (a run resumed from an earlier step would write over their history)."""
+    if checkpoint.resolve().parent != output_dir.resolve():
+        return []
+    step = checkpoint.name[len(CHECKPOINT_PREFIX) :]
+    if not step.isdigit():
+        return []
+    return [
+        p
+        for p in checkpoint_dirs_by_step(output_dir)
+        if int(p.name[len(CHECKPOINT_PREFIX) :]) > int(step)
+    ]
+
+
+def stream_fingerprint(stream: TokenStream) -> str:
+    """A fingerprint of a training token stream: its length, its documents' boundaries and
+    about a million of its tokens, evenly spaced (cheap for a corpus of billions of tokens; any
+    other file, edit that moves a boundary, or --doc-sep gives another)."""
+    digest = hashlib.sha256()
+    tokens = stream.tokens
+    digest.update(np.int64(len(tokens)).tobytes())
+    digest.update(np.ascontiguousarray(stream.doc_starts, dtype=np.int64).tobytes())
+    step = max(1, len(tokens) // 2**20)
+    digest.update(np.ascontiguousarray(tokens[::step], dtype=np.int64).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def lora_flags(settings: dict[str, Any] | None) -> str:
+    """A run identity's LoRA settings as the flags that give them ("no --lora" for none)."""
+    if not settings:
+        return "no --lora"
+    targets = " ".join(settings.get("targets") or [])
+    return (
+        f"--lora --lora-r {settings.get('r')} --lora-alpha {settings.get('alpha')} "
+        f"--lora-dropout {settings.get('dropout')} --lora-targets {targets}"
+    )
+
+
+def write_run_file(
+    output_dir: Path,
+    config: TrainConfig,
+    identity: dict[str, Any],
+    written: list[str],
+    finished: dict[str, Any] | None = None,
+) -> None:
+    """run_config.json: the run's identity, settings and owned files; `finished` only once the
+    final model, eval_results.json and the report are written (a run started again with the
+    same settings and data then does nothing: `finished_result`)."""
+    previous = read_run_file(output_dir) or {}
+    owned = sorted(set(previous.get("written", [])) | set(written) | {"metrics.jsonl"})
+    run = {"identity": identity, "config": config.to_dict(), "written": owned}
+    write_json_atomic(output_dir / RUN_FILE, {**run, "finished": finished} if finished else run)
+
+
+def finish_marker(done: int, total_steps: int, valid_stream: TokenStream) -> dict[str, Any]:
+    """What a finished run records: its last step (`done`; before `total_steps` when
+    --early-stopping-patience ended it) and the validation data it was scored on."""
+    marker = {"step": done, "validation": stream_fingerprint(valid_stream)}
+    return {**marker, "stopped_early": True} if done < total_steps else marker

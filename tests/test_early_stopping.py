@@ -1,0 +1,161 @@
+"""--early-stopping-patience: the run ends after N evaluations in a row without a new best.
+
+The reference is a run without the flag (the same settings, so the same trajectory): its
+metrics.jsonl says, by the rule written out below, where a patient run must stop, and its
+checkpoint of that step holds the weights the early-stopped run must save as its model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import uneven_corpus, write_lines
+from safetensors.torch import load_file
+
+from domainlm import TrainConfig, train
+from domainlm.run.metrics import read_events
+
+PATIENCE = 2
+MAX_STEPS = 14
+
+
+def settings(model: Path, train_file: Path, valid_file: Path, out: Path, **kw) -> TrainConfig:
+    values = dict(
+        model=str(model),
+        train_file=str(train_file),
+        validation_file=str(valid_file),
+        output_dir=str(out),
+        block_size=32,
+        batch_size=2,
+        lr=3e-2,  # large: the validation perplexity falls, then rises for a while
+        scheduler="constant",  # a shorter run's rates are the longer one's (the resume below)
+        warmup_steps=0,
+        max_steps=MAX_STEPS,
+        eval_steps=1,
+        save_steps=1,
+        logging_steps=4,  # the stop's step is logged too, though not a multiple
+        precision="fp32",
+        quiet=True,
+    )
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+def stop_step_by_hand(evals: list[tuple[int, float]], patience: int) -> int | None:
+    """The first step whose evaluation is the `patience`-th in a row not below the best
+    before it (the evaluation before training counts), never the last step."""
+    best, without_gain = float("inf"), 0
+    for step, perplexity in evals:
+        if perplexity < best:
+            best, without_gain = perplexity, 0
+        else:
+            without_gain += 1
+        if without_gain >= patience and step < MAX_STEPS:
+            return step
+    return None
+
+
+def evals_of(out: Path) -> list[tuple[int, float]]:
+    return [
+        (e["step"], e["eval_ppl"]) for e in read_events(out / "metrics.jsonl") if "eval_ppl" in e
+    ]
+
+
+def weights(folder: Path) -> dict:
+    return load_file(folder / "model.safetensors")
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> tuple[Path, Path]:
+    return (
+        write_lines(tmp_path / "train.txt", uneven_corpus(40, seed=0)),
+        write_lines(tmp_path / "valid.txt", uneven_corpus(8, seed=5)),
+    )
+
+
+def test_a_patient_run_stops_where_the_rule_says_with_that_steps_model(
+    tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path, capsys
+) -> None:
+    reference = tmp_path / "reference"
+    train(settings(tiny_model_dir, *data, reference))
+    stop = stop_step_by_hand(evals_of(reference), PATIENCE)
+    assert stop is not None and stop < MAX_STEPS, evals_of(reference)  # the test means something
+
+    out = tmp_path / "patient"
+    capsys.readouterr()
+    result = train(settings(tiny_model_dir, *data, out, early_stopping_patience=PATIENCE))
+    err = capsys.readouterr().err
+    assert result.steps == stop and result.stopped_early
+    assert f"step {stop}: stopping early: {PATIENCE} evaluations in a row" in err
+    assert f"stopped early at step {stop} (--early-stopping-patience)" in err
+    # The model saved is step `stop`'s, bit for bit; its perplexity is the reference's there.
+    expected = weights(reference / f"checkpoint-{stop}")
+    got = weights(out)
+    assert got.keys() == expected.keys()
+    assert all((got[k] == expected[k]).all() for k in got)
+    assert result.final_perplexity == dict(evals_of(reference))[stop]
+    assert evals_of(out) == [(s, p) for s, p in evals_of(reference) if s <= stop]
+    logged = [e["step"] for e in read_events(out / "metrics.jsonl") if "loss" in e]
+    assert logged[-1] == stop and stop % 4, logged
+    assert (out / f"checkpoint-{stop}").is_dir() and not (out / f"checkpoint-{stop + 1}").exists()
+    best_step = min(evals_of(reference)[1:], key=lambda e: e[1])[0]
+    assert result.best_checkpoint == out / f"checkpoint-{best_step}"
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["stopped_early"] == {"step": stop, "of_steps": MAX_STEPS}
+    assert (
+        f"Training stopped early at step {stop} of {MAX_STEPS}" in (out / "README.md").read_text()
+    )
+
+    # The same command again: finished, nothing to do, nothing written.
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+    again = train(settings(tiny_model_dir, *data, out, early_stopping_patience=PATIENCE))
+    assert f"finished at step {stop} (stopped early) already" in capsys.readouterr().err
+    assert (again.steps, again.stopped_early) == (stop, True)
+    assert again.final_perplexity == result.final_perplexity
+    now = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+    assert {k: v for k, v in now.items() if k != ".domainlm.lock"} == {
+        k: v for k, v in stamps.items() if k != ".domainlm.lock"
+    }
+
+    # Interrupted one step before the stop and resumed: the patience counted so far is read
+    # back from metrics.jsonl, and the run stops at the same step with the same weights.
+    resumed = tmp_path / "resumed"
+    train(settings(tiny_model_dir, *data, resumed, early_stopping_patience=PATIENCE,
+                   max_steps=stop - 1))  # fmt: skip
+    again = train(settings(tiny_model_dir, *data, resumed, early_stopping_patience=PATIENCE))
+    assert again.resumed_from == resumed / f"checkpoint-{stop - 1}"
+    assert (again.steps, again.stopped_early) == (stop, True)
+    got = weights(resumed)
+    assert all((got[k] == expected[k]).all() for k in got)
+
+
+def test_patience_longer_than_the_evaluations_is_said(
+    tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "run"
+    config = settings(
+        tiny_model_dir, *data, out, max_steps=4, eval_steps=2, early_stopping_patience=2
+    )
+    result = train(config)
+    assert "--early-stopping-patience 2: the run evaluates 1 times before its last step" in (
+        capsys.readouterr().err
+    )
+    assert result.steps == 4 and not result.stopped_early
+
+
+def test_a_run_stopped_after_a_cut_evaluation_scores_the_whole_validation_set(
+    tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """--max-eval-tokens cuts the evaluations the stop is decided on; the model's result is
+    still the whole validation set's, logged after the cut one at the same step."""
+    out = tmp_path / "cut"
+    result = train(
+        settings(tiny_model_dir, *data, out, early_stopping_patience=PATIENCE, max_eval_tokens=64)
+    )
+    assert result.stopped_early
+    at_stop = [e for e in read_events(out / "metrics.jsonl") if "eval_ppl" in e][-2:]
+    assert [e["step"] for e in at_stop] == [result.steps] * 2
+    assert at_stop[0]["eval_tokens"] < at_stop[1]["eval_tokens"] == result.eval_tokens
+    assert result.final_perplexity == at_stop[1]["eval_ppl"]
