@@ -123,6 +123,11 @@ class TrainConfig:
         "perplexity than the best before them; the run ends at that step as at its last "
         "(checkpoint, full evaluation, model folder) and names its best checkpoint.",
     )
+    load_best_model_at_end: bool = opt(
+        False,
+        "Save as the model the best checkpoint's weights (lowest validation perplexity), "
+        "scored on the whole validation set, instead of the last step's (full checkpoints).",
+    )
     save_steps: int = opt(500, "Write a checkpoint every N steps.")
     async_save: bool = opt(
         False,
@@ -296,8 +301,22 @@ class TrainConfig:
         if self.sample_every is not None and not self.sample_prompts:
             raise UserError("--sample-every needs --sample-prompts")
         check_lora_fields(self)
+        if self.load_best_model_at_end and (
+            self.strategy == "fsdp" or self.checkpoint_format == "sharded"
+        ):
+            raise UserError(
+                "--load-best-model-at-end reads a full checkpoint back into a whole model, not "
+                "under --strategy fsdp or --checkpoint-format sharded; `domainlm export` the "
+                "best checkpoint instead"
+            )
         if self.eval_steps is None:
             self.eval_steps = self.save_steps
+        if self.load_best_model_at_end and self.save_steps % self.eval_steps:
+            raise UserError(
+                f"--load-best-model-at-end picks among checkpoints by their validation "
+                f"perplexity, and --save-steps {self.save_steps} is not a multiple of "
+                f"--eval-steps {self.eval_steps} (a checkpoint would have none): make it one"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

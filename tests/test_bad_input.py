@@ -129,12 +129,31 @@ def test_block_size_over_context(tiny_model_dir: Path, corpus: Path, tmp_path: P
 @pytest.mark.parametrize(
     "flag,value",
     [("--batch-size", "0"), ("--lr", "-1"), ("--max-steps", "0"), ("--grad-accum", "-2"),
-     ("--save-steps", "0"), ("--max-bad-steps", "0"), ("--lr", "nan"), ("--weight-decay", "inf")],
+     ("--save-steps", "0"), ("--max-bad-steps", "0"), ("--lr", "nan"), ("--weight-decay", "inf"),
+     ("--early-stopping-patience", "0")],
 )  # fmt: skip
 def test_zero_or_negative_numbers(corpus: Path, tmp_path: Path, capsys, flag, value) -> None:
     out = tmp_path / "out"
     args = args_for("scratch:tiny", corpus / "train.txt", out, flag, value)
     refused(capsys, args, out, flag)
+
+
+@pytest.mark.parametrize("sharded", [["--strategy", "fsdp"], ["--checkpoint-format", "sharded"]])
+def test_load_best_model_at_end_with_sharded_checkpoints_is_refused(
+    corpus: Path, tmp_path: Path, capsys, sharded
+) -> None:
+    out = tmp_path / "out"
+    args = args_for("scratch:tiny", corpus / "train.txt", out, "--load-best-model-at-end", *sharded)
+    refused(capsys, args, out, "--load-best-model-at-end reads a full checkpoint back", "export")
+
+
+def test_load_best_model_at_end_needs_every_checkpoint_evaluated(
+    corpus: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "out"
+    args = args_for("scratch:tiny", corpus / "train.txt", out, "--load-best-model-at-end",
+                    "--save-steps", "3", "--eval-steps", "2")  # fmt: skip
+    refused(capsys, args, out, "--save-steps 3 is not a multiple of --eval-steps 2")
 
 
 def test_output_dir_is_a_file(tiny_model_dir: Path, corpus: Path, tmp_path: Path, capsys):

@@ -18,6 +18,7 @@ wrong average, moves every element by about lr per step: 10x over the bound.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -192,19 +193,26 @@ def test_two_ranks_stop_early_at_the_step_one_rank_does(
 ) -> None:
     """--early-stopping-patience under DDP: every rank decides on the same all-reduced
     perplexity, so both stop after the same step (no rank left waiting in a collective), the
-    step one process with the same global batch stops at, with its weights."""
+    step one process with the same global batch stops at. With --load-best-model-at-end rank 0
+    reads the best checkpoint and rank 1 receives its weights: the model saved and its score
+    are the single process's."""
     early = dict(max_steps=12, lr=3e-2, eval_steps=1, save_steps=1, scheduler="constant",
-                 warmup_steps=0, early_stopping_patience=2)  # fmt: skip
+                 warmup_steps=0, early_stopping_patience=2,
+                 load_best_model_at_end=True)  # fmt: skip
     os.environ["DOMAINLM_CACHE"] = str(data["cache"])
     single = train(replace(one_process_config(data, tmp_path / "single"), **early))
-    assert single.stopped_early and single.steps < 12
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in early.items()]
+    assert single.stopped_early and single.steps < 12 and single.model_step < single.steps
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in early.items() if v is not True]
+    flags.append("--load-best-model-at-end")
     launcher = ["torch.distributed.run", "--nproc_per_node=2", f"--master-port={free_port()}"]
     out = tmp_path / "ddp"
     log = run_ok(torchrun_cmd(launcher, data, out, *flags), launch_env(data["cache"]))
     assert f"step {single.steps}: stopping early" in log
     assert max(eval_events(out)) == single.steps
     assert_same_weights(out, single.output_dir, rel_max=1e-3)  # lr 3e-2 amplifies rounding
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["model_checkpoint"]["step"] == single.model_step
+    assert results["perplexity"] == pytest.approx(single.final_perplexity, rel=1e-4)
 
 
 @pytest.fixture(scope="module")

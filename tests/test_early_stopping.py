@@ -7,6 +7,7 @@ checkpoint of that step holds the weights the early-stopped run must save as its
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
@@ -159,3 +160,54 @@ def test_a_run_stopped_after_a_cut_evaluation_scores_the_whole_validation_set(
     assert [e["step"] for e in at_stop] == [result.steps] * 2
     assert at_stop[0]["eval_tokens"] < at_stop[1]["eval_tokens"] == result.eval_tokens
     assert result.final_perplexity == at_stop[1]["eval_ppl"]
+
+
+def test_load_best_model_at_end_saves_the_best_checkpoints_weights_and_score(
+    tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path, capsys
+) -> None:
+    """With --load-best-model-at-end the model folder is the lowest-perplexity checkpoint's,
+    bit for bit, and its result is that checkpoint's whole-set score, as logged at its step."""
+    out = tmp_path / "best"
+    result = train(
+        settings(tiny_model_dir, *data, out, early_stopping_patience=PATIENCE,
+                 load_best_model_at_end=True)
+    )  # fmt: skip
+    evals = evals_of(out)
+    best_step, best_perplexity = min(evals[1:], key=lambda e: (e[1], -e[0]))
+    assert best_step < result.steps and result.stopped_early  # the last step is not the best
+    assert result.model_step == best_step
+    assert result.final_perplexity == best_perplexity  # scored again on the restored weights
+    expected, got = weights(out / f"checkpoint-{best_step}"), weights(out)
+    assert all((got[k] == expected[k]).all() for k in expected)
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["perplexity"] == best_perplexity
+    assert results["model_checkpoint"] == {"step": best_step, "last_step_perplexity": evals[-1][1]}
+    card = (out / "README.md").read_text()
+    assert f"The model is checkpoint-{best_step}'s, the lowest validation perplexity" in card
+    page = html.unescape((out / "report.html").read_text())
+    assert f"The model is checkpoint-{best_step}'s, the lowest validation perplexity" in page
+    assert f"Training stopped early at step {result.steps} of {MAX_STEPS}" in page
+    assert f"the model saved is checkpoint-{best_step}'s" in capsys.readouterr().err
+
+
+def test_load_best_model_at_end_with_lora_saves_the_best_checkpoints_adapters(
+    tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Validated on text unlike the training text (numbers), so the adapters' best
+    checkpoint comes before the last step."""
+    numbers = [" ".join(str((7 * i + 3 * j) % 1000) for j in range(12)) for i in range(8)]
+    valid = write_lines(tmp_path / "numbers.txt", numbers)
+    out = tmp_path / "lora"
+    result = train(
+        settings(tiny_model_dir, data[0], valid, out, lora=True, lr=0.3,
+                 load_best_model_at_end=True)
+    )  # fmt: skip
+    evals = evals_of(out)
+    best_step, best_perplexity = min(evals[1:], key=lambda e: (e[1], -e[0]))
+    assert best_step < MAX_STEPS and result.model_step == best_step, evals
+    assert result.final_perplexity == best_perplexity
+    adapters = "adapter_model.safetensors"
+    expected = load_file(out / f"checkpoint-{best_step}" / adapters)
+    got = load_file(out / adapters)
+    assert got.keys() == expected.keys() and all((got[k] == expected[k]).all() for k in got)
+    assert (out / "merged" / "model.safetensors").is_file()

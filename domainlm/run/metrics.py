@@ -154,11 +154,19 @@ class Console:
         if after is not None:
             change = f"{before:.3f} -> {after:.3f}" if before is not None else f"{after:.3f}"
             lines.append(f"validation perplexity {change} ({result.eval_tokens:,} tokens)")
+        model_step = getattr(result, "model_step", None)
         if getattr(result, "stopped_early", False):
+            whose = (
+                f"checkpoint-{model_step}'s"
+                if model_step is not None
+                else "that step's; the best checkpoint holds the lowest validation perplexity"
+            )
             lines.append(
                 f"stopped early at step {result.steps} (--early-stopping-patience): the model "
-                "saved is that step's; the best checkpoint holds the lowest validation perplexity"
+                f"saved is {whose}"
             )
+        elif model_step is not None:
+            lines.append(f"the model saved is checkpoint-{model_step}'s (--load-best-model-at-end)")
         if result.best_checkpoint is not None:
             lines.append(f"best checkpoint: {result.best_checkpoint}")
         for line in lines:

@@ -366,6 +366,7 @@ CARD_SETTINGS = (
     "epochs",
     "max_steps",
     "early_stopping_patience",
+    "load_best_model_at_end",
     "lr",
     "scheduler",
     "warmup_steps",
@@ -394,17 +395,33 @@ def card_results_section(run: RunData) -> list[str]:
             f"Validation perplexity: {change}"
             + (f" ({tokens:,} tokens, every token scored once)." if tokens else ".")
         )
-    stopped = run.results.get("stopped_early")
-    if isinstance(stopped, dict):
-        lines.append(
-            f"Training stopped early at step {stopped.get('step')} of {stopped.get('of_steps')}: "
-            "the validation perplexity had stopped falling (`--early-stopping-patience`)."
-        )
+    notes = result_notes(run)
+    if notes:
+        lines += ["", *notes]
     lines += ["", summary_table([run]).rstrip(), ""]
     for filename in PLOTS:
         if (run.path / filename).is_file():
             lines.append(f"![{filename[:-4].replace('_', ' ')}]({filename})")
     return lines
+
+
+def result_notes(run: RunData) -> list[str]:
+    """What eval_results.json says about where the run stopped and whose weights the model
+    holds, as sentences (the card and report.html show them)."""
+    notes = []
+    stopped, chosen = run.results.get("stopped_early"), run.results.get("model_checkpoint")
+    if isinstance(stopped, dict):
+        notes.append(
+            f"Training stopped early at step {stopped.get('step')} of {stopped.get('of_steps')}: "
+            "the validation perplexity had stopped falling (--early-stopping-patience)."
+        )
+    if isinstance(chosen, dict):
+        notes.append(
+            f"The model is checkpoint-{chosen.get('step')}'s, the lowest validation perplexity "
+            f"of the run (--load-best-model-at-end; the last step's was "
+            f"{_fmt(chosen.get('last_step_perplexity'))})."
+        )
+    return notes
 
 
 def card_data(folder: Path) -> dict[str, Any] | None:
@@ -530,6 +547,7 @@ def _run_details(
         if best
         else '<p class="muted">Best checkpoint: none kept with a validation perplexity.</p>'
     )
+    out += [f"<p>{_e(note)}</p>" for note in result_notes(run)]
     out.append(plots)
     out.append("<h3>Data</h3>")
     rows = [["training file", str(run.config.get("train_file", "?"))]]

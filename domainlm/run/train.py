@@ -51,6 +51,7 @@ from domainlm.model.malloc import reuse_freed_host_memory
 from domainlm.model.memory import enable_gradient_checkpointing, load_dtype_for, pure_half_warning
 from domainlm.run import guard
 from domainlm.run.async_save import background_writer
+from domainlm.run.best_model import BestModel, restore_best_model
 from domainlm.run.boundaries import Checkpoints, Evaluation, Progress, Sampling, StopGuard
 from domainlm.run.checkpoint import (
     best_checkpoint,
@@ -100,6 +101,7 @@ class TrainResult:
     resumed_from: Path | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     stopped_early: bool = False  # --early-stopping-patience ended it before its last step
+    model_step: int | None = None  # --load-best-model-at-end: the checkpoint the model is
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -161,10 +163,13 @@ def fit(run: Run, cleanup: ExitStack) -> TrainResult:
     runtime = time.perf_counter() - started
     final = evaluation.final(done)
     checkpoints.wait()  # the final model is saved once the last checkpoint is published
+    best = None
+    if run.config.load_best_model_at_end:  # the best checkpoint's weights and whole-set score
+        best = restore_best_model(run, done, final, evaluation)
     totals = run.resumed_totals  # the whole run's, when it was resumed
     runtime += float(totals.get("seconds", 0.0))
     tokens = int(totals.get("tokens", 0)) + progress.tokens_seen
-    return finish(run, done, final, initial, checkpoints.last_saved, runtime, tokens)
+    return finish(run, done, final, initial, checkpoints.last_saved, runtime, tokens, best)
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -416,16 +421,26 @@ def finish(
     last_saved: Path | None,
     runtime: float,
     tokens_seen: int,
+    best: BestModel | None = None,
 ) -> TrainResult:
     """Save the model folder (rank 0; every rank gathers FSDP shards) and report the results of
-    the run ended at step `done` (before its last with --early-stopping-patience)."""
+    the run ended at step `done` (before its last with --early-stopping-patience); with `best`
+    (--load-best-model-at-end) the model and its result are that checkpoint's."""
     from domainlm.model.distributed import full_model_state_dict
 
-    best = None
+    notes: dict[str, Any] = {}  # eval_results.json's: where the run stopped, whose model it is
+    if done < run.total_steps:
+        notes["stopped_early"] = {"step": done, "of_steps": run.total_steps}
+    if best is not None:
+        notes["model_checkpoint"] = {"step": best.step, "last_step_perplexity": final.perplexity}
+        final = best.result
+    kept = None
     final_state = full_model_state_dict(run.net.model, run.ctx)  # FSDP: gathered; else None
     if run.ctx.is_main:
-        save_model_folder(run, done, final, initial, last_saved, runtime, tokens_seen, final_state)
-        best = best_checkpoint(list_checkpoints(run.output_dir))
+        save_model_folder(
+            run, done, final, initial, last_saved, runtime, tokens_seen, final_state, notes
+        )
+        kept = best_checkpoint(list_checkpoints(run.output_dir))
     result = TrainResult(
         output_dir=run.output_dir,
         steps=done,
@@ -434,9 +449,10 @@ def finish(
         eval_tokens=final.tokens,
         train_tokens=tokens_seen,
         train_runtime=runtime,
-        best_checkpoint=best.path if best else None,
+        best_checkpoint=kept.path if kept else None,
         resumed_from=run.data.resume_from,
         stopped_early=done < run.total_steps,
+        model_step=best.step if best else None,
     )
     run.console.summary(result)
     return result
@@ -451,6 +467,7 @@ def save_model_folder(
     runtime: float,
     tokens_seen: int,
     final_state: dict[str, Any] | None,
+    notes: dict[str, Any] | None = None,
 ) -> None:
     """The trained model and tokenizer, eval_results.json, the run report; all recorded as owned."""
     model, output_dir = run.net.model, run.output_dir
@@ -474,8 +491,7 @@ def save_model_folder(
         except TrainingAborted as exc:
             merge_failed = exc
     if final.tokens:
-        stopped = {"step": done, "of_steps": run.total_steps} if done < run.total_steps else None
-        save_eval_results(output_dir, final, initial, run.metrics, runtime, tokens_seen, stopped)
+        save_eval_results(output_dir, final, initial, run.metrics, runtime, tokens_seen, notes)
     run.loggers.close()
     summary = data_summary(run.data.train_stream, run.data.valid_stream)
     write_run_report(output_dir, summary, run.data.lint_warnings)  # plots, card, report.html
@@ -620,6 +636,7 @@ def finished_result(
         train_runtime=float(results.get("train_runtime") or 0.0),
         best_checkpoint=best.path if best else None,
         stopped_early=end < total_steps,
+        model_step=(results.get("model_checkpoint") or {}).get("step"),
     )
     console.summary(result)
     return result
@@ -647,10 +664,11 @@ def save_eval_results(
     metrics: MetricsLog,
     runtime: float,
     train_tokens: int,
-    stopped_early: dict[str, int] | None = None,
+    notes: dict[str, Any] | None = None,
 ) -> None:
-    """eval_results.json; `stopped_early` (the step --early-stopping-patience ended the run at,
-    of the steps it would have run) only for such a run: the card says it."""
+    """eval_results.json; with `notes` of a run stopped early (`stopped_early`: its step, of
+    the steps it would have run) or saving its best checkpoint's weights (`model_checkpoint`:
+    its step, and the last step's perplexity): the card says them."""
     results: dict[str, Any] = {
         "eval_loss": final.nll,
         "perplexity": final.perplexity,
@@ -659,6 +677,5 @@ def save_eval_results(
         "train_runtime": runtime,
         "train_tokens": train_tokens,
     }
-    if stopped_early:
-        results["stopped_early"] = stopped_early
+    results.update(notes or {})
     (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
