@@ -301,14 +301,6 @@ class TrainConfig:
         if self.sample_every is not None and not self.sample_prompts:
             raise UserError("--sample-every needs --sample-prompts")
         check_lora_fields(self)
-        if self.load_best_model_at_end and (
-            self.strategy == "fsdp" or self.checkpoint_format == "sharded"
-        ):
-            raise UserError(
-                "--load-best-model-at-end reads a full checkpoint back into a whole model, not "
-                "under --strategy fsdp or --checkpoint-format sharded; `domainlm export` the "
-                "best checkpoint instead"
-            )
         if self.eval_steps is None:
             self.eval_steps = self.save_steps
         if self.load_best_model_at_end and self.save_steps % self.eval_steps:

@@ -138,15 +138,6 @@ def test_zero_or_negative_numbers(corpus: Path, tmp_path: Path, capsys, flag, va
     refused(capsys, args, out, flag)
 
 
-@pytest.mark.parametrize("sharded", [["--strategy", "fsdp"], ["--checkpoint-format", "sharded"]])
-def test_load_best_model_at_end_with_sharded_checkpoints_is_refused(
-    corpus: Path, tmp_path: Path, capsys, sharded
-) -> None:
-    out = tmp_path / "out"
-    args = args_for("scratch:tiny", corpus / "train.txt", out, "--load-best-model-at-end", *sharded)
-    refused(capsys, args, out, "--load-best-model-at-end reads a full checkpoint back", "export")
-
-
 def test_load_best_model_at_end_needs_every_checkpoint_evaluated(
     corpus: Path, tmp_path: Path, capsys
 ) -> None:

@@ -10,8 +10,10 @@ model of an FSDP run is a plain Hugging Face folder (its weights gathered), as b
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -121,3 +123,30 @@ def test_sharded_checkpoint_of_1_process_resumed_by_2_fsdp_ranks(
     assert_same_losses(train_losses(out), train_losses(single))
     assert_same_weights(out, single)
     assert_same_weights(out, fsdp_run)
+
+
+@pytest.mark.parametrize("checkpoint_format", ["sharded", "full"])
+def test_load_best_model_at_end_under_fsdp_equals_one_process(
+    data: dict[str, Path], tmp_path: Path, checkpoint_format: str
+) -> None:
+    """--load-best-model-at-end under FSDP: a sharded best checkpoint is read by each rank (its
+    own part), a full one by rank 0 and scattered to the shards; either way the model saved and
+    its score are one process's, whose best checkpoint is the same step."""
+    best = dict(max_steps=12, lr=3e-2, eval_steps=1, save_steps=1, scheduler="constant",
+                warmup_steps=0, early_stopping_patience=2)  # fmt: skip
+    os.environ["DOMAINLM_CACHE"] = str(data["cache"])
+    single = train(replace(one_process_config(data, tmp_path / "single"), **best,
+                           load_best_model_at_end=True))  # fmt: skip
+    assert single.model_step is not None and single.model_step < single.steps  # not the last
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in best.items()]
+    launcher = ["torch.distributed.run", "--nproc_per_node=2", f"--master-port={free_port()}"]
+    out = tmp_path / "fsdp"
+    cmd = torchrun_cmd(launcher, data, out, "--strategy", "fsdp", *flags,
+                       f"--checkpoint-format={checkpoint_format}", "--load-best-model-at-end")  # fmt: skip
+    log = run_ok(cmd, launch_env(data["cache"]))
+    assert f"the model saved is checkpoint-{single.model_step}'s" in log
+    assert is_sharded_checkpoint(out / "checkpoint-1") == (checkpoint_format == "sharded")
+    assert_same_weights(out, single.output_dir, rel_max=1e-3)  # lr 3e-2 amplifies rounding
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["model_checkpoint"]["step"] == single.model_step
+    assert results["perplexity"] == pytest.approx(single.final_perplexity, rel=1e-4)

@@ -5,8 +5,9 @@ checkpoint.best_checkpoint). At the end of the run, after the last step's own ev
 logged, rank 0 reads that checkpoint's trained weights (the whole model, or a LoRA run's
 adapters) into the model, every other rank receives them by broadcast (a checkpoint on rank 0's
 disk alone is enough, as on several machines without a shared file system), and the whole
-validation set is scored on them: that is the run's result. Sharded checkpoints (FSDP) are not
-read back this way; the flag is refused with them (config.py).
+validation set is scored on them: that is the run's result. Sharded checkpoints are read by
+every rank, each its own part, as a resume reads them; under FSDP a full checkpoint read by
+rank 0 is scattered to the ranks' shards.
 """
 
 from __future__ import annotations
@@ -67,27 +68,47 @@ def restore_best_model(
 
 
 def load_trained_weights(run: Run, checkpoint: Path) -> None:
-    """The checkpoint's trained parameters into the model: read by rank 0, broadcast to the
-    others. Full fine-tuning: every weight of the checkpoint's model folder; LoRA: the
-    adapters (the frozen base is the same on every rank and in every checkpoint)."""
+    """The checkpoint's trained parameters into the model. A sharded checkpoint: every rank
+    reads its own part (DCP reshards, as on resume). A full one: rank 0 reads it and the other
+    ranks receive it (under FSDP each rank keeps its shard of the broadcast). Full fine-tuning:
+    every weight; LoRA: the adapters (the frozen base is the same everywhere)."""
+    from domainlm.model.distributed import is_sharded
+    from domainlm.run.sharded import is_sharded_checkpoint, load_sharded_model
+
     model = run.net.model
-    if run.ctx.is_main:
-        if run.config.lora:
-            from domainlm.model.lora import load_adapter_weights
+    if is_sharded_checkpoint(checkpoint):
+        load_sharded_model(checkpoint, model)
+    elif is_sharded(model):  # FSDP, full checkpoints: rank 0's whole state, scattered
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+        )
 
-            load_adapter_weights(model, checkpoint)
-        else:
-            from domainlm.model.loading import load_model
+        whole = read_model_folder(run, checkpoint, model).state_dict() if run.ctx.is_main else {}
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, whole, options=options)
+    else:
+        if run.ctx.is_main:
+            if run.config.lora:
+                from domainlm.model.lora import load_adapter_weights
 
-            saved = load_model(
-                str(checkpoint),
-                eos_token=run.config.eos_token,
-                trust_remote_code=run.config.trust_remote_code,
-                dtype=next(model.parameters()).dtype,
-            ).model
-            model.load_state_dict(saved.state_dict())
-    if run.ctx.enabled:
-        with torch.no_grad():
-            for parameter in model.parameters():
-                if parameter.requires_grad:
-                    torch.distributed.broadcast(parameter.data, src=0)
+                load_adapter_weights(model, checkpoint)
+            else:
+                model.load_state_dict(read_model_folder(run, checkpoint, model).state_dict())
+        if run.ctx.enabled:
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    if parameter.requires_grad:
+                        torch.distributed.broadcast(parameter.data, src=0)
+
+
+def read_model_folder(run: Run, folder: Path, like: torch.nn.Module) -> torch.nn.Module:
+    """A full checkpoint's model, read as `from_pretrained` reads it, in `like`'s dtype."""
+    from domainlm.model.loading import load_model
+
+    return load_model(
+        str(folder),
+        eos_token=run.config.eos_token,
+        trust_remote_code=run.config.trust_remote_code,
+        dtype=next(like.parameters()).dtype,
+    ).model

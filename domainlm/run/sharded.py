@@ -206,6 +206,16 @@ def load_sharded_checkpoint(
     )
 
 
+def load_sharded_model(path: Path, model: torch.nn.Module) -> None:
+    """Load a sharded checkpoint's model state alone (--load-best-model-at-end: the optimizer
+    goes no further); each rank reads the chunks of its own shards, as `load_sharded_checkpoint`."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    state = {"model": get_model_state_dict(model)}
+    dcp_load(state, path)
+    set_model_state_dict(model, state["model"])
+
+
 # ----------------------------------------------------------------------------- export
 
 
