@@ -126,7 +126,7 @@ class TrainConfig:
     load_best_model_at_end: bool = opt(
         False,
         "Save as the model the best checkpoint's weights (lowest validation perplexity), "
-        "scored on the whole validation set, instead of the last step's (full checkpoints).",
+        "scored on the whole validation set, instead of the last step's.",
     )
     save_steps: int = opt(500, "Write a checkpoint every N steps.")
     async_save: bool = opt(

@@ -112,7 +112,9 @@ def test_a_patient_run_stops_where_the_rule_says_with_that_steps_model(
     # The same command again: finished, nothing to do, nothing written.
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
     again = train(settings(tiny_model_dir, *data, out, early_stopping_patience=PATIENCE))
-    assert f"finished at step {stop} (stopped early) already" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"finished at step {stop} (stopped early) already" in err
+    assert "a larger --early-stopping-patience trains on" in err
     assert (again.steps, again.stopped_early) == (stop, True)
     assert again.final_perplexity == result.final_perplexity
     now = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}

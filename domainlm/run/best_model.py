@@ -51,8 +51,8 @@ def restore_best_model(
     step = best_step(run)
     if step is None:
         run.console.warn(
-            "--load-best-model-at-end: no checkpoint has a validation perplexity (--eval-steps "
-            "and --save-steps never met): the model saved is the last step's"
+            f"--load-best-model-at-end: no checkpoint in {run.output_dir} has a validation "
+            "perplexity (removed by hand?): the model saved is the last step's"
         )
         return None
     if step == done:

@@ -614,16 +614,16 @@ def finished_result(
             and isinstance(results.get("perplexity"), (int, float))
             and final_model_present(output_dir, config)
         )
-    (agreed,) = all_reduce_sum([float(done)], ctx, device)
+    agreed, last = all_reduce_sum([float(done), float(end) if ctx.is_main else 0.0], ctx, device)
     if not agreed:
         return None
-    (end,) = all_reduce_sum([float(end) if ctx.is_main else 0.0], ctx, device)
-    end = int(end)
+    end = int(last)
     early = " (stopped early)" if end < total_steps else ""
+    more = "--early-stopping-patience" if early else "--max-steps or --epochs"
     console.info(
         f"the run finished at step {end}{early} already, with these settings and data: "
         f"nothing to do (its model and eval_results.json are in {output_dir}; a larger "
-        "--max-steps or --epochs trains on)"
+        f"{more} trains on)"
     )
     best = best_checkpoint(list_checkpoints(output_dir)) if ctx.is_main else None
     result = TrainResult(
