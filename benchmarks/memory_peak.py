@@ -1,6 +1,7 @@
 """Measured peak training memory on the CPU against `domainlm inspect`'s plan (model/memory.py).
 
-    PYTHONPATH=. python benchmarks/memory_peak.py [--quick] [--json out.json]
+    PYTHONPATH=. python benchmarks/memory_peak.py [--quick | --lora-only | --fsdp] [--only 0,3]
+        [--json out.json]
 
 Each configuration runs in a fresh subprocess (the project's malloc settings, as `train()` sets
 them): the model is built (random init) in the dtype a run loads it in (model/memory.py's
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import weakref
@@ -53,6 +55,25 @@ CONFIGS = [
     ("124M", "gpt2:gpt2", "bf16", True, True, 4, 256),
     ("llama-small", "llama", "bf16", False, True, 4, 256, "float32"),
     ("llama-small", "llama", "bf16", False, False, 4, 256, "bfloat16"),  # pure bf16
+    # a small micro-batch: the end of the backward is the peak (a tied head's two gradients)
+    ("124M", "gpt2:gpt2", "fp32", True, False, 1, 64),
+]
+# Under `--strategy fsdp` (--fsdp): full fine-tuning, sharded over 2 or 3 gloo ranks on this CPU.
+# The small micro-batches (1 x 64) make the backward's moment the peak: the sharded gradients,
+# the root's whole gradients and the layers gathered in the backward.
+FSDP_CONFIGS = [
+    # ranks, then the fields of CONFIGS
+    (2, ("tiny", "gpt2:tiny", "fp32", False, False, 8, 256)),
+    (2, ("mini", "gpt2:mini", "bf16", True, False, 8, 256)),
+    (2, ("124M", "gpt2:gpt2", "fp32", False, False, 4, 256)),
+    (2, ("124M", "gpt2:gpt2", "bf16", False, False, 4, 256)),
+    (2, ("124M", "gpt2:gpt2", "bf16", True, False, 4, 256)),
+    (2, ("124M", "gpt2:gpt2", "fp32", True, False, 1, 64)),
+    (3, ("124M", "gpt2:gpt2", "fp32", True, False, 1, 64)),
+    (2, ("llama-small", "llama", "bf16", False, False, 4, 256)),
+    (2, ("llama-small", "llama", "fp32", True, False, 1, 64)),
+    (3, ("llama-small", "llama", "bf16", True, False, 1, 64)),
+    (2, ("llama-small", "llama", "bf16", True, False, 1, 64, "bfloat16")),  # pure bf16
 ]
 RSS_STEPS = 4
 QUICK = [c for c in CONFIGS if c[0] in ("tiny", "mini")]
@@ -82,11 +103,11 @@ def rss_kib(field: str) -> int:
 
 class LiveTensorBytes:
     """A dispatch mode that follows every new CPU storage to its release; `peak` is the most
-    bytes alive at once (plus `base`, the bytes alive when it started)."""
+    bytes alive at once. Storages are known by their StorageImpl (`_cdata`, stable while FSDP
+    resizes one to 0 bytes and back: `resized`, which `follow_storage_resizes` calls); a
+    DTensor counts as its local shard."""
 
-    def __init__(self, base: int, known: set[int]) -> None:
-        """`known`: the storages alive at the start (parameters, AdamW state), counted in `base`;
-        a view of one (a transposed weight) is not a new allocation."""
+    def __init__(self) -> None:
         from torch.utils._python_dispatch import TorchDispatchMode
 
         tracker = self
@@ -97,39 +118,69 @@ class LiveTensorBytes:
                 tracker.seen(out)
                 return out
 
-        self.mode, self.live, self.seen_keys, self.known = Mode(), base, set(), known
-        self.peak = base
+        self.mode, self.live, self.peak, self.sizes = Mode(), 0, 0, {}
+
+    def add(self, tensor) -> None:  # type: ignore[no-untyped-def]
+        """Count `tensor`'s storage from now until it is released (once, however many views)."""
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(tensor, DTensor):
+            tensor = tensor.to_local()
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key in self.sizes or storage.nbytes() == 0:
+            return
+        self.sizes[key] = storage.nbytes()
+        self.live += storage.nbytes()
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self.release, key)
 
     def seen(self, out) -> None:  # type: ignore[no-untyped-def]
         import torch
         from torch.utils._pytree import tree_leaves
 
         for t in tree_leaves(out):
-            if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
-                continue
-            storage = t.untyped_storage()
-            key = storage.data_ptr()
-            if key in self.seen_keys or key in self.known or storage.nbytes() == 0:
-                continue
-            self.seen_keys.add(key)
-            self.live += storage.nbytes()
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self.release, key, storage.nbytes())
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                self.add(t)
 
-    def release(self, key: int, nbytes: int) -> None:
-        self.seen_keys.discard(key)
-        self.live -= nbytes
+    def resized(self, storage, nbytes: int) -> None:  # type: ignore[no-untyped-def]
+        key = storage._cdata
+        if key not in self.sizes:
+            self.sizes[key] = 0
+            weakref.finalize(storage, self.release, key)
+        self.live += nbytes - self.sizes[key]
+        self.sizes[key] = nbytes
+        self.peak = max(self.peak, self.live)
+
+    def release(self, key: int) -> None:
+        self.live -= self.sizes.pop(key, 0)
 
 
-def build(spec: dict, cfg):  # type: ignore[no-untyped-def]
+def follow_storage_resizes(tracker: LiveTensorBytes) -> None:
+    """FSDP frees a gathered parameter by resizing its storage to 0 bytes and gathers it again
+    into the same storage (`UntypedStorage.resize_`, outside the dispatcher): tell the tracker."""
+    import torch
+
+    resize = torch.UntypedStorage.resize_
+
+    def resize_and_count(storage, nbytes):  # type: ignore[no-untyped-def]
+        out = resize(storage, nbytes)
+        tracker.resized(storage, int(nbytes))
+        return out
+
+    torch.UntypedStorage.resize_ = resize_and_count  # type: ignore[method-assign]
+
+
+def build(spec: dict, cfg, ctx):  # type: ignore[no-untyped-def]
     """The model, loss and optimizer of a configuration, built by the run's own `build_model`
-    (run/train.py) from a TrainConfig, on weights in the dtype a run loads them in."""
+    (run/train.py) from a TrainConfig, on weights in the dtype a run loads them in; under
+    torchrun (`ctx`) sharded by FSDP, as `--strategy fsdp` does."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from domainlm.config import TrainConfig
-    from domainlm.model.distributed import DistContext
-    from domainlm.model.loading import LoadedModel
+    from domainlm.model.distributed import weights_from_rank_0
+    from domainlm.model.loading import LoadedModel, meta_model_of
     from domainlm.model.memory import load_dtype_for
     from domainlm.run.train import build_model
 
@@ -137,40 +188,49 @@ def build(spec: dict, cfg):  # type: ignore[no-untyped-def]
         model=spec["model"], train_file="unused.txt", output_dir="unused", device="cpu",
         precision=spec["precision"], batch_size=spec["batch"], block_size=spec["block"],
         gradient_checkpointing=spec["ckpt"], lora=spec["lora"], load_dtype=spec["load_dtype"],
+        strategy="fsdp" if ctx.enabled else "auto",
     )  # fmt: skip
     dtype = load_dtype_for(config.load_dtype, spec["precision"], spec["lora"])
     torch.manual_seed(0)
-    # as model/loading.py's load_model builds a scratch: preset: random init, cast to the dtype
-    model = AutoModelForCausalLM.from_config(cfg).to(dtype)
+    # as model/loading.py's load_model builds a scratch: preset: random init, cast to the dtype;
+    # under FSDP as a run does: rank 0 alone, the others on meta (their shards come from rank 0)
+    if weights_from_rank_0(config.strategy, ctx) and not ctx.is_main:
+        model = meta_model_of(cfg).to(dtype)
+    else:
+        model = AutoModelForCausalLM.from_config(cfg).to(dtype)
     loaded = LoadedModel(model, None, 0, spec["block"], spec["model"])
     data = SimpleNamespace(loaded=loaded, resume_from=None)  # what build_model reads of RunData
-    return build_model(config, data, DistContext(), torch.device("cpu"), spec["precision"])  # type: ignore[arg-type]
+    return build_model(config, data, ctx, torch.device("cpu"), spec["precision"])  # type: ignore[arg-type]
 
 
 def child(spec: dict) -> dict:
-    """One configuration in this process: the measured peaks and the plan's."""
+    """One configuration in this process (under torchrun: one rank of it, sharded by FSDP):
+    the measured peaks and the plan's (under torchrun: the highest of any rank's)."""
     from domainlm.model.malloc import reuse_freed_host_memory
 
     reuse_freed_host_memory()
     import torch
 
     from domainlm.model.device import autocast
+    from domainlm.model.distributed import DistContext, setup_distributed
     from domainlm.model.memory import plan_memory
 
-    torch.set_num_threads(2)
+    ranks = spec.get("ranks", 1)
+    ctx = setup_distributed(device="cpu", strategy="fsdp") if ranks > 1 else DistContext()
+    torch.set_num_threads(max(1, 2 // ranks))
     cfg = model_config(spec["model"])
     plan = plan_memory(cfg, model=spec["model"], batch_size=spec["batch"],
                        block_size=spec["block"], precision=spec["precision"],
-                       load_dtype=spec["load_dtype"])  # fmt: skip
+                       load_dtype=spec["load_dtype"], fsdp_ranks=ranks)  # fmt: skip
     baseline = rss_kib("VmRSS")
-    net = build(spec, cfg)
-    model, loss_module, optim = net.model, net.loss_module, net.optimizer
+    net = build(spec, cfg, ctx)
+    model, train_module, optim = net.model, net.train_module, net.optimizer
     device = torch.device("cpu")
     ids = torch.randint(0, cfg.vocab_size, (spec["batch"], spec["block"] + 1))
 
     def step() -> None:
         with autocast(device, spec["precision"]):
-            nll = loss_module(ids[:, :-1], ids[:, 1:]).sum()
+            nll = train_module(ids[:, :-1], ids[:, 1:]).sum()
         (nll / ids[:, 1:].numel()).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optim.step()
@@ -179,19 +239,40 @@ def child(spec: dict) -> dict:
     for _ in range(RSS_STEPS):  # glibc's heap reaches its plateau by the third step
         step()
     rss_peak = (rss_kib("VmHWM") - baseline) * 1024
-    alive = [p.untyped_storage() for p in model.parameters()]
-    alive += [v.untyped_storage() for s in optim.state.values() for v in s.values()
-              if isinstance(v, torch.Tensor)]  # fmt: skip
-    known = {s.data_ptr(): s.nbytes() for s in alive}
-    tracker = LiveTensorBytes(sum(known.values()), set(known))
+    tracker = LiveTensorBytes()  # parameters and AdamW state alive from the start
+    for param in model.parameters():
+        tracker.add(param)
+    for state in optim.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor) and value.dim():
+                tracker.add(value)
+    follow_storage_resizes(tracker)
     with tracker.mode:
         step()
     name = ("lora" if spec["lora"] else "full") + ("+ckpt" if spec["ckpt"] else "")
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {**spec, "tensor_peak": tracker.peak, "rss_peak": rss_peak, "trainable": trainable,
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # DTensor: global
+    tensor_peak = tracker.peak
+    if ranks > 1:  # the rank with the highest peaks (the ranks differ by padding only)
+        import torch.distributed as dist
+
+        peaks = torch.tensor([tensor_peak, rss_peak], dtype=torch.float64)
+        dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+        tensor_peak, rss_peak = (int(v) for v in peaks.tolist())
+    return {**spec, "tensor_peak": tensor_peak, "rss_peak": rss_peak,
+            "trainable": trainable,
             "plan_trainable": plan.trainable_lora if spec["lora"] else plan.trainable_full,
             "plan_peak": plan.scenarios[name].peak,
             "plan_process_bound": plan.scenarios[name].fit_bytes}  # fmt: skip
+
+
+def run_child(spec: dict) -> dict:
+    """`child(spec)` in a fresh process, or in `spec["ranks"]` under torchrun (rank 0's row)."""
+    command = [sys.executable, __file__, "--child", json.dumps(spec)]
+    if spec.get("ranks", 1) > 1:
+        command[1:1] = ["-m", "torch.distributed.run", "--standalone",
+                        f"--nproc-per-node={spec['ranks']}"]  # fmt: skip
+    out = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -199,11 +280,20 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="the small configurations only")
     parser.add_argument("--lora-only", action="store_true", help="the LoRA configurations only")
-    parser.add_argument("--only", help="the configurations at these 0-based indexes (1,4,...)")
+    parser.add_argument(
+        "--only", help="the configurations at these 0-based indexes (1,4,...) of the chosen list"
+    )
+    parser.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="the FSDP configurations (one rank's peaks, under torchrun)",
+    )
     parser.add_argument("--json", help="write the rows here too")
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(json.loads(args.child))))
+        row = child(json.loads(args.child))
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(row))
         return
     rows = []
     print(
@@ -212,19 +302,21 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     chosen = QUICK if args.quick else LORA_ONLY if args.lora_only else CONFIGS
+    ranked = [(1, c) for c in chosen]
+    if args.fsdp:
+        ranked = FSDP_CONFIGS
     if args.only:
-        chosen = [CONFIGS[int(i)] for i in args.only.split(",")]
-    for name, model, precision, ckpt, lora, batch, block, *load in chosen:
+        ranked = [ranked[int(i)] for i in args.only.split(",")]
+    for ranks, (name, model, precision, ckpt, lora, batch, block, *load) in ranked:
         spec = dict(
             name=name, model=model, precision=precision, ckpt=ckpt, lora=lora, batch=batch,
-            block=block, load_dtype=load[0] if load else "auto",
+            block=block, load_dtype=load[0] if load else "auto", ranks=ranks,
         )  # fmt: skip
-        out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
-                             capture_output=True, text=True, check=True)  # fmt: skip
-        row = json.loads(out.stdout.strip().splitlines()[-1])
+        row = run_child(spec)
         rows.append(row)
         mib = 1024**2
         tuning = ("LoRA r=8" if lora else "full") + (f", {load[0]} weights" if load else "")
+        tuning += f", FSDP {ranks} ranks (one rank)" if ranks > 1 else ""
         print(f"| {name} | {tuning} | {precision} | {'yes' if ckpt else 'no'} | {batch} x {block} "
               f"| {row['plan_peak'] / mib:.0f} | {row['tensor_peak'] / mib:.0f} "
               f"| {row['plan_peak'] / row['tensor_peak']:.3f} | {row['rss_peak'] / mib:.0f} "

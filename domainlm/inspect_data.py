@@ -24,6 +24,7 @@ from domainlm.config import (
     LOAD_DTYPES,
     PACKING_MODES,
     PRECISIONS,
+    STRATEGIES,
     TEXT_COLUMN_HELP,
     read_run_settings,
 )
@@ -75,6 +76,12 @@ class InspectConfig:
     )
     grad_accum: int = opt(1, "Micro-batches accumulated per optimizer step.")
     nproc: int = opt(1, "Number of devices (torchrun --nproc-per-node).")
+    strategy: str = opt(
+        "auto",
+        "Distributed strategy to plan for: fsdp plans full fine-tuning per rank, sharded over "
+        "--nproc ranks.",
+        choices=STRATEGIES,
+    )
     epochs: float = opt(3.0, "Passes over the training blocks.")
     max_steps: int | None = opt(None, "Optimizer steps; overrides --epochs.")
     validation_split: float = opt(0.05, "Share held out when no validation file is given.")
@@ -118,7 +125,8 @@ class InspectConfig:
         if self.time_steps < 0:
             raise UserError("--time-steps must be 0 or more")
         for name, choices in (
-            ("precision", PRECISIONS), ("load_dtype", LOAD_DTYPES), ("device", (*DEVICES, None))
+            ("precision", PRECISIONS), ("load_dtype", LOAD_DTYPES), ("device", (*DEVICES, None)),
+            ("strategy", STRATEGIES),
         ):  # fmt: skip
             if getattr(self, name) not in choices:
                 raise UserError(
@@ -147,20 +155,29 @@ def stream_stats(stream: TokenStream, block_size: int) -> dict[str, Any]:
 
 
 def memory_plan(config: InspectConfig, model_config: Any, block: int) -> MemoryPlan:
-    """The MemoryPlan of `config.model` for this run's shape on the device at hand."""
+    """The MemoryPlan of `config.model` for this run's shape on the device at hand (one rank's
+    under --strategy fsdp)."""
     from domainlm.model.device import pick_device, resolve_precision
 
     device = pick_device(None, config.device)
     return plan_for_settings(
         model_config, config, batch_size=config.batch_size, block_size=block,
         precision=resolve_precision(config.precision, device), device=device.type,
+        fsdp_ranks=fsdp_ranks(config),
     )  # fmt: skip
 
 
+def fsdp_ranks(config: InspectConfig) -> int:
+    """The ranks the weights are sharded over: --nproc under --strategy fsdp, else 1."""
+    return config.nproc if config.strategy == "fsdp" else 1
+
+
 def memory_estimate(plan: MemoryPlan, gradient_checkpointing: bool) -> dict[str, float]:
-    """Full fine-tuning's part of the plan, in GiB (the data report's memory line)."""
+    """Full fine-tuning's part of the plan, in GiB (the data report's memory line; one rank's
+    under --strategy fsdp: `fsdp_ranks`)."""
     terms = plan.scenarios["full+ckpt" if gradient_checkpointing else "full"]
     return {
+        "fsdp_ranks": plan.fsdp_ranks,
         "weights_gib": terms.weights / GIB,
         "gradients_gib": terms.gradients / GIB,
         "optimizer_gib": terms.optimizer / GIB,
@@ -184,7 +201,7 @@ def plan_report(config: InspectConfig) -> dict[str, Any]:
     def replan(batch: int) -> MemoryPlan:
         return plan_for_settings(
             model_config, config, batch_size=batch, block_size=block,
-            precision=plan.precision, device=plan.device,
+            precision=plan.precision, device=plan.device, fsdp_ranks=plan.fsdp_ranks,
         )  # fmt: skip
 
     return {
@@ -305,8 +322,10 @@ def inspect_data(config: InspectConfig) -> dict[str, Any]:
         },
         "warnings": lint.warnings(config.doc_sep, block),
     }
-    if config.time_steps:
-        report["time"] = time_estimate(config, plan, total_steps)
+    if config.time_steps:  # it times unsharded steps here: the unsharded plan says if they fit
+        unsharded = replace(config, strategy="auto")
+        timed = plan if plan.fsdp_ranks == 1 else memory_plan(unsharded, loaded.model.config, block)
+        report["time"] = time_estimate(config, timed, total_steps)
     if config.strict and report["warnings"]:
         raise UserError(
             f"--strict: {len(report['warnings'])} data problem(s): "
@@ -342,7 +361,13 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     m = report["memory"]
     lines.append(
-        f"memory estimate: peak {m['total_gib']:.2f} GiB, the largest moment of a step (not a "
+        f"memory estimate: peak {m['total_gib']:.2f} GiB"
+        + (
+            f" per rank (--strategy fsdp over {m['fsdp_ranks']} ranks)"
+            if m["fsdp_ranks"] > 1
+            else ""
+        )
+        + ", the largest moment of a step (not a "
         f"sum): weights {m['weights_gib']:.2f}, gradients {m['gradients_gib']:.2f}, AdamW "
         f"{m['optimizer_gib']:.2f}, activations {m['activations_gib']:.2f} GiB, and the loss's "
         "and autocast's temporaries (`domainlm inspect --model M` prints the whole plan)"
@@ -365,28 +390,40 @@ def format_plan(report: dict[str, Any]) -> str:
     shape = plan["shape"]
     avail = plan["available"]
     where = "GPU memory" if plan["device"] == "cuda" else "system RAM"
+    ranks = plan["fsdp_ranks"]
+    sharded = f", one rank of {ranks} (fsdp)" if ranks > 1 else ""
+    names = {
+        "full": "full fine-tuning" + sharded,
+        "full+ckpt": "full + --gradient-checkpointing" + (" (fsdp)" if ranks > 1 else ""),
+        "lora": f"LoRA r={plan['lora_r']} ({plan['trainable_lora'] / 1e6:.2f}M trained)",
+        "lora+ckpt": "LoRA + --gradient-checkpointing",
+    }
+    width = max(34, 2 + max(len(label) for label in names.values()))
     lines = [report["note"]] if report["note"] else []
     lines += [
         f"memory plan for {plan['model']}: {shape['params'] / 1e6:,.1f}M parameters "
         f"({shape['layers']} layers, hidden {shape['hidden']}, vocab {shape['vocab']:,}); "
         f"micro-batch {plan['batch_size']} x {plan['block_size']} tokens, precision "
         f"{plan['precision']}, on {plan['device']}",
-        f"  {'GiB':<34}{'weights':>9}{'grads':>9}{'AdamW':>9}{'activ.':>9}{'peak':>9}"
+        f"  {'GiB':<{width}}{'weights':>9}{'grads':>9}{'AdamW':>9}{'activ.':>9}{'peak':>9}"
         + ("" if plan["device"] == "cuda" else f"{'process':>9}"),
     ]
-    names = {
-        "full": "full fine-tuning",
-        "full+ckpt": "full + --gradient-checkpointing",
-        "lora": f"LoRA r={plan['lora_r']} ({plan['trainable_lora'] / 1e6:.2f}M trained)",
-        "lora+ckpt": "LoRA + --gradient-checkpointing",
-    }
     for key, label in names.items():
         t = plan["scenarios"][key]
         cells = [
-            t["weights"] + t["weight_copies"], t["gradients"], t["optimizer"],
+            t["weights"] + t["weight_copies"] + t["gathered"], t["gradients"], t["optimizer"],
             t["activations"] + t["loss_buffers"], t["peak"],
         ] + ([] if plan["device"] == "cuda" else [t["fit_bytes"]])  # fmt: skip
-        lines.append(f"  {label:<34}" + "".join(f"{c / GIB:>9.2f}" for c in cells))
+        lines.append(f"  {label:<{width}}" + "".join(f"{c / GIB:>9.2f}" for c in cells))
+    if ranks > 1:
+        root = plan["scenarios"]["full"]["gathered"]
+        lines.append(
+            f"  --strategy fsdp over {ranks} ranks: full fine-tuning's weights, gradients and "
+            "AdamW state are one rank's share;\n  its weights column adds what every rank holds "
+            f"whole: the root unit's parameters (embeddings, final norm, head: {root / GIB:.2f} "
+            "GiB)\n  and autocast's half-precision copies of the layers' matrices. LoRA is "
+            "planned under ddp (--lora with --strategy fsdp is refused)"
+        )
     lines.append(f"  LoRA targets: {', '.join(plan['lora_targets'])}")
     lines.append(
         f"  LoRA --merge (the default), after training: {plan['merge_bytes'] / GIB:.2f} GiB of "

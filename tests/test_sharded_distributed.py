@@ -30,6 +30,7 @@ from test_distributed import (
     torchrun_cmd,
     train_losses,
 )
+from tiny_families import save_family_folder
 
 from domainlm.run import checkpoint as ckpt
 from domainlm.run.sharded import is_sharded_checkpoint
@@ -123,6 +124,86 @@ def test_sharded_checkpoint_of_1_process_resumed_by_2_fsdp_ranks(
     assert_same_losses(train_losses(out), train_losses(single))
     assert_same_weights(out, single)
     assert_same_weights(out, fsdp_run)
+
+
+SEES_A_GPU = """import torch
+
+torch._C._get_accelerator = lambda: torch.device("cuda")  # what FSDP asks on a GPU machine
+"""
+
+
+def test_a_cpu_fsdp_run_on_a_machine_with_a_gpu_keeps_its_shards_on_the_cpu(
+    data: dict[str, Path], fsdp_run: Path, tmp_path: Path
+) -> None:
+    """FSDP's default device mesh is the machine's accelerator, whatever the run's device: on a
+    GPU machine a `--device cpu --strategy fsdp` run (gloo) had its shards moved to the GPU. The
+    mesh is now the run's device. Here every process is told, as on a GPU machine, that the
+    accelerator is CUDA (a sitecustomize.py); the run trains on the CPU as the plain run does."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SEES_A_GPU)
+    env = launch_env(data["cache"])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH")) if p)
+    out = tmp_path / "cpu"
+    launcher = ["torch.distributed.run", "--nproc_per_node=2", f"--master-port={free_port()}"]
+    run_ok(torchrun_cmd(launcher, data, out, "--strategy", "fsdp", "--device", "cpu"), env)
+    assert train_losses(out) == train_losses(fsdp_run)
+
+
+COUNTS_WEIGHT_READS = """import os
+
+import safetensors
+
+_open = safetensors.safe_open
+
+
+def safe_open(path, *args, **kwargs):  # transformers reads model.safetensors through this
+    if os.path.basename(str(path)) == "model.safetensors":
+        with open(os.environ["WEIGHT_READS_LOG"], "a") as log:
+            log.write(os.environ.get("RANK", "-") + "\\n")
+    return _open(path, *args, **kwargs)
+
+
+safetensors.safe_open = safe_open
+"""
+
+
+def test_under_fsdp_rank_0_alone_reads_the_weights_and_a_llama_equals_one_process(
+    data: dict[str, Path], tmp_path: Path
+) -> None:
+    """Under --strategy fsdp every rank read the whole model into system RAM before sharding it
+    (8 copies of an 8B model on a machine of 8 GPUs). Now rank 0 reads it; the other ranks build
+    it on the meta device and receive their shards, and the buffers (a Llama's rotary
+    frequencies, which no state dict carries), from rank 0. The weights file is opened by rank 0
+    alone (a sitecustomize.py logs each rank's reads), and a tiny Llama trained so on 2 ranks
+    equals one process."""
+    model = save_family_folder("llama", tmp_path / "llama")
+    llama = {**data, "model": model}
+    os.environ["DOMAINLM_CACHE"] = str(data["cache"])
+    single = train(one_process_config(llama, tmp_path / "single"))
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(COUNTS_WEIGHT_READS)
+    reads = tmp_path / "reads.log"
+    env = launch_env(data["cache"])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH")) if p)
+    env["WEIGHT_READS_LOG"] = str(reads)
+    out = tmp_path / "fsdp"
+    launcher = ["torch.distributed.run", "--nproc_per_node=2", f"--master-port={free_port()}"]
+    run_ok(torchrun_cmd(launcher, llama, out, "--strategy", "fsdp"), env)
+    assert reads.read_text().split() == ["0"]
+    assert_same_weights(out, single.output_dir)
+    assert_same_losses(train_losses(out), train_losses(single.output_dir))
+    # Pure bf16: rank 0 reads bfloat16 weights but float32 rotary frequencies; the meta model
+    # takes rank 0's dtype tensor by tensor (a bf16 buffer would not match rank 0's float32 one)
+    pure = dict(precision="bf16", load_dtype="bfloat16")
+    single = train(replace(one_process_config(llama, tmp_path / "single-bf16"), **pure))
+    out = tmp_path / "fsdp-bf16"
+    launcher = ["torch.distributed.run", "--nproc_per_node=2", f"--master-port={free_port()}"]
+    flags = ["--strategy", "fsdp", "--precision", "bf16", "--load-dtype", "bfloat16"]
+    run_ok(torchrun_cmd(launcher, llama, out, *flags), env)
+    assert reads.read_text().split() == ["0", "0"]
+    assert_same_losses(train_losses(out), train_losses(single.output_dir), rel=1e-2)
 
 
 @pytest.mark.parametrize("checkpoint_format", ["sharded", "full"])

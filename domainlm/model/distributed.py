@@ -133,24 +133,69 @@ def wrap_model(
     `auto` and `ddp` replicate the model on every rank; `fsdp` shards parameters, gradients and
     optimizer state over the ranks (each transformer block is a unit, then the rest at the root),
     for models that do not fit on one device. FSDP changes `module` in place: its parameters
-    become DTensors, so build the optimizer after this call.
+    become DTensors, so build the optimizer after this call. Each unit is moved to `device` as
+    it is sharded (a module still on the CPU is never whole on the GPU).
     """
     if not ctx.enabled:
         return module
     if strategy == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        # The run's device, named: FSDP's default mesh is the machine's accelerator, which
+        # would move a --device cpu run's shards to a GPU the run does not use.
+        mesh = init_device_mesh(device.type, (ctx.world_size,))
         for block in transformer_blocks(module):
-            fully_shard(block)
+            fully_shard(block, mesh=mesh)
         # The root reshards after forward too (FSDP's default keeps it whole): after a no-grad
         # validation pass its whole parameters would otherwise stay registered in place of the
         # shards the optimizer holds, and the state dicts could not name them.
-        fully_shard(module, reshard_after_forward=True)
+        fully_shard(module, mesh=mesh, reshard_after_forward=True)
         return module
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=device_ids)
+
+
+def weights_from_rank_0(strategy: str, ctx: DistContext) -> bool:
+    """Whether rank 0 alone reads the weights: under FSDP with several ranks. The other ranks
+    build the model on the meta device and receive their shards from rank 0 once it is wrapped
+    (`fill_shards_from_rank_0`), so a machine holds one whole copy of the model in system RAM,
+    not one per rank."""
+    return strategy == "fsdp" and ctx.world_size > 1
+
+
+def take_rank_0_dtypes(model: torch.nn.Module, ctx: DistContext) -> None:
+    """Before `wrap_model`: each parameter and buffer of a rank's meta model in the dtype rank 0
+    read it in (from_pretrained keeps some in float32: a rotary embedding's frequencies, an
+    architecture's `_keep_in_fp32_modules`), so that every rank's shards and buffers match."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    dtypes = [{name: t.dtype for name, t in tensors} if ctx.is_main else None]
+    dist.broadcast_object_list(dtypes, src=0)
+    if not ctx.is_main:
+        with torch.no_grad():
+            for name, tensor in tensors:
+                if tensor.dtype != dtypes[0][name]:
+                    tensor.data = tensor.data.to(dtypes[0][name])
+
+
+def fill_shards_from_rank_0(
+    model: torch.nn.Module, whole: dict[str, torch.Tensor], ctx: DistContext, device: torch.device
+) -> None:
+    """After `wrap_model` under FSDP: every rank's shards from rank 0's whole state dict
+    (`whole`; empty on the other ranks, whose parameters are on the meta device until now,
+    given memory on `device` here), and every buffer from rank 0's, the non-persistent ones
+    too (a rotary embedding's frequencies), which no state dict carries."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if not ctx.is_main:
+        model.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, whole, options=options)
+    with torch.no_grad():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def transformer_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:

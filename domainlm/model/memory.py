@@ -27,8 +27,11 @@ checkpointing. The estimate counts what a training step keeps alive, term by ter
 
 The peak is the largest of three moments of a step: the end of the forward (all activations and
 the loss's buffers), the end of the backward (all gradients, the first layer recomputed when
-checkpointing) and the optimizer update (gradients and moments). docs/memory.md compares the plan
-with measured peaks (benchmarks/memory_peak.py).
+checkpointing) and the optimizer update (gradients and moments); a head tied to the embedding
+adds, at the end of the backward, its two gradients and their sum. Under `--strategy fsdp` the
+plan is one rank's (`sharded_terms`): weights, gradients and AdamW state sharded, the root unit
+and a few layers whole. docs/memory.md compares the plan with measured peaks
+(benchmarks/memory_peak.py, with and without --fsdp).
 """
 
 from __future__ import annotations
@@ -142,6 +145,13 @@ class ModelShape:
     dropout: bool  # any dropout in the blocks (GPT-2: on CPU the eager attention keeps a mask)
     gated: bool  # RMSNorm + gated MLP (Llama-style) rather than LayerNorm + GELU MLP
     linears: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (in, out) per layer
+    layer_params: int = 0  # parameters of one transformer layer (FSDP's unit)
+
+    @property
+    def root_params(self) -> int:
+        """Parameters outside the transformer layers: embeddings, final norm, an untied head
+        (what FSDP's root unit holds)."""
+        return self.params - self.layers * self.layer_params
 
 
 @dataclass
@@ -156,6 +166,7 @@ class Terms:
     loss_buffers: int  # the chunked loss's hidden states, their gradient, the head's gradient
     peak: int  # of live tensor bytes (CUDA's max_memory_allocated)
     fit_bytes: int  # what must be free: the peak on a GPU, host_bound(...) on the CPU
+    gathered: int = 0  # under FSDP: the root unit's whole parameters (forward to end of backward)
 
 
 @dataclass
@@ -179,6 +190,9 @@ class MemoryPlan:
     # RAM (lora.merged_model), beside the run's weights when those are in system RAM too (CPU).
     merge_bytes: int = 0
     host_available: int | None = None  # system RAM free (the merge's; = available on the CPU)
+    # --strategy fsdp over this many ranks: full fine-tuning's rows are one rank's (LoRA's are
+    # unsharded: LoRA runs under DDP, `--strategy fsdp --lora` is refused).
+    fsdp_ranks: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -199,6 +213,7 @@ def model_shape(model: torch.nn.Module) -> ModelShape:
     embed = model.get_input_embeddings()
     head_weight = head.weight if head is not None else embed.weight
     linears = layer_linears(model)
+    first_layer = repeated_layer(model)
     layers = _first(cfg, "num_hidden_layers", "n_layer", "num_layers")
     hidden = _first(cfg, "hidden_size", "n_embd", "d_model")
     heads = _first(cfg, "num_attention_heads", "n_head")
@@ -220,6 +235,7 @@ def model_shape(model: torch.nn.Module) -> ModelShape:
         dropout=any(float(d) > 0 for d in drops if isinstance(d, (int, float))),
         gated=gated,
         linears=linears,
+        layer_params=sum(p.numel() for p in first_layer.parameters()) if first_layer else 0,
     )
 
 
@@ -231,15 +247,18 @@ def _first(cfg: Any, *names: str) -> int:
     return 0
 
 
-def layer_linears(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
-    """The linear maps of the first transformer layer: short name -> (in, out) features.
-
-    The layers are the model's largest `ModuleList`; a linear map is an nn.Linear or
-    transformers' Conv1D (GPT-2), whose weight is stored (in, out)."""
+def repeated_layer(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The first transformer layer: the first member of the model's largest `ModuleList`."""
     lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
-    if not lists:
+    return max(lists, key=len)[0] if lists else None
+
+
+def layer_linears(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """The linear maps of the first transformer layer: short name -> (in, out) features; a
+    linear map is an nn.Linear or transformers' Conv1D (GPT-2), whose weight is stored (in, out)."""
+    layer = repeated_layer(model)
+    if layer is None:
         return {}
-    layer = max(lists, key=len)[0]
     found: dict[str, tuple[int, int]] = {}
     for name, module in layer.named_modules():
         if isinstance(module, torch.nn.Linear):
@@ -378,13 +397,16 @@ def scenario(
     adapters: Adapters | None,
     checkpointing: bool,
     chunk: int,
+    ranks: int = 1,
 ) -> Terms:
     """The Terms of one way to train: full fine-tuning (`adapters` None; trainable = all
     parameters, in the weight dtype) or LoRA (trainable = the adapters, float32; the base
     frozen), with or without gradient checkpointing. The peak is the largest of the moments in
     the module docstring. Under autocast, the half-precision copies of float32 weights: of the
     layers' matrices (a frozen one's copy too: the backward needs it for the input's gradient)
-    and of LoRA's float32 adapters; a bf16 base has none."""
+    and of LoRA's float32 adapters; a bf16 base has none.
+
+    `ranks` > 1: one rank of full fine-tuning under `--strategy fsdp` (`sharded_terms`)."""
     lora = adapters is not None
     weights = s.params * b.weight + (trainable * 4 if lora else 0)
     grad_bytes = 4 if lora else b.weight
@@ -403,14 +425,83 @@ def scenario(
     activations = kept_layers + outside
     kept, transient = loss_terms(s, b, not lora, chunk, cuda=b.cuda)
     head_grad = 0 if lora else s.head_params * b.weight
+    # A head tied to the embedding gets two gradients, the head's (at the start of the backward)
+    # and the embedding's (at its end); autograd adds them into a third tensor.
+    tied_sum = 2 * head_grad if s.tied_head else 0
+    recompute = layer + layer_copies if checkpointing else 0
+    forward = (0 if checkpointing else copies) + activations + kept  # kept for the backward
+    if ranks > 1 and not lora:
+        return sharded_terms(
+            s, b, ranks, (weights, copies, gradients, optimizer, activations, kept),
+            forward_end=copies + activations + kept + transient,
+            backward_start=forward + head_grad,
+            backward_end=max(tied_sum, s.root_params * b.weight) + outside,
+        )  # fmt: skip
     base = weights + optimizer
     forward_end = base + copies + activations + kept + transient
-    backward_start = base + (0 if checkpointing else copies) + activations + kept + head_grad
-    recompute = layer + layer_copies if checkpointing else 0
-    backward_end = base + gradients + recompute + outside
+    backward_start = base + forward + head_grad
+    backward_end = base + gradients + max(recompute, tied_sum) + outside
     peak = max(forward_end, backward_start, backward_end, base + gradients)
     fit = peak if b.cuda else host_bound(peak, base)
     return Terms(weights, copies, gradients, optimizer, activations, kept, peak, fit)
+
+
+def sharded_terms(
+    s: ModelShape,
+    b: BatchShape,
+    ranks: int,
+    whole: tuple[int, int, int, int, int, int],
+    *,
+    forward_end: int,
+    backward_start: int,
+    backward_end: int,
+) -> Terms:
+    """One rank's Terms of full fine-tuning under `--strategy fsdp` over `ranks` ranks
+    (model/distributed.py's `wrap_model`: each transformer layer a unit, the rest the root).
+
+    `whole` is the unsharded run's (weights, copies, gradients, AdamW, activations, loss
+    buffers); the moments' arguments are their bytes beyond the weights, AdamW state and
+    gradients. Sharded over the ranks: weights, gradients and AdamW state (each rank holds
+    1/ranks of every parameter). Not sharded: the activations and the loss's buffers (each rank
+    runs its own micro-batch), and autocast's half-precision copies of float32 matrices, which
+    the backward keeps whatever FSDP frees. Gathered whole: the root unit's parameters
+    (embeddings, final norm, head), from the root's forward to the end of the backward; during
+    a layer's backward up to `FSDP_LAYER_BUFFERS` layers' worth (the layer, the next one
+    prefetched, its whole gradients and the reduce-scatter's copy of them); at the end of the
+    backward the root's whole gradients and then their reduce-scatter's copy (`backward_end`
+    has the larger of that copy and a tied head's two gradients), beside the layers' gradient
+    shares and one layer."""
+    weights, copies, gradients, optimizer, activations, kept = whole
+    weight_share, optimizer_share = -(-weights // ranks), -(-optimizer // ranks)
+    gradient_share = -(-gradients // ranks)
+    layer_gradient_share = -(-(s.layers * s.layer_params * b.weight) // ranks)
+    root = s.root_params * b.weight
+    unit = s.layer_params * b.weight
+    base = weight_share + optimizer_share + root
+    peak = max(
+        base + forward_end,
+        base + backward_start + FSDP_LAYER_BUFFERS * unit,
+        base + layer_gradient_share + root + unit + backward_end,
+        weight_share + optimizer_share + gradient_share,
+    )  # fmt: skip
+    fit = peak
+    if not b.cuda:  # the whole model read on rank 0, the heap's share of gloo's gathers
+        fit = host_bound(peak, weight_share + optimizer_share) + FSDP_HOST_MODELS * weights
+    return Terms(
+        weight_share, copies, gradient_share, optimizer_share, activations, kept, peak, fit, root
+    )
+
+
+# Under FSDP on the CPU, a rank's resident memory is further above its tensors than one
+# process's: 3.4 to 5 whole models' weights above them for GPT-2 124M and a small Llama (rank 0
+# reads the whole model before sharding it; the heap keeps the space of the layers gathered
+# and scattered over gloo). host_bound plus this many models' weights was 1.13 to 1.84 times
+# the resident peak on 11 configurations (benchmarks/memory_peak.py --fsdp), host_bound alone
+# as low as 0.70.
+FSDP_HOST_MODELS = 3
+# Under FSDP, layers' worth of whole tensors alive during the backward (sharded_terms): the
+# layer in its backward and the next one, the layer's gradients and their reduce-scatter copy.
+FSDP_LAYER_BUFFERS = 4
 
 
 # The CPU process's own needs beyond the plan's tensors: the runtime's buffers and code pages
@@ -458,9 +549,11 @@ def plan_memory(
     lora_r: int = 8,
     lora_targets: list[str] | None = None,
     lora_dropout: float = 0.05,
+    fsdp_ranks: int = 1,
 ) -> MemoryPlan:
     """The MemoryPlan of `model_config` (a transformers config) at this batch shape, from the
-    config alone (the model is built on the meta device)."""
+    config alone (the model is built on the meta device); `fsdp_ranks` > 1: full fine-tuning
+    planned per rank under `--strategy fsdp` over that many ranks."""
     shape = model_shape(meta_model(model_config))
     targets = lora_targets or default_lora_targets(shape)
     unknown = sorted(set(targets) - {k.split(".")[-1] for k in shape.linears})
@@ -490,14 +583,16 @@ def plan_memory(
         adapters = lora_adapters(shape, lora_r, targets, lora_dropout) if lora else None
         for ckpt in (False, True):
             name = ("lora" if lora else "full") + ("+ckpt" if ckpt else "")
-            scenarios[name] = scenario(shape, batch, trainable, adapters, ckpt, chunk)
+            scenarios[name] = scenario(
+                shape, batch, trainable, adapters, ckpt, chunk, ranks=fsdp_ranks
+            )
     merge = 4 * shape.params + (scenarios["lora"].weights if device != "cuda" else 0)
     return MemoryPlan(
         model=model, shape=shape, batch_size=batch_size, block_size=block_size,
         precision=precision, lora_r=lora_r, lora_targets=targets,
         trainable_full=shape.params, trainable_lora=trainable_lora, scenarios=scenarios,
         available=available_bytes(device), device=device, merge_bytes=merge,
-        host_available=available_bytes("cpu"),
+        host_available=available_bytes("cpu"), fsdp_ranks=fsdp_ranks,
     )  # fmt: skip
 
 
@@ -509,6 +604,7 @@ def plan_for_settings(
     block_size: int,
     precision: str,
     device: str,
+    fsdp_ranks: int = 1,
 ) -> MemoryPlan:
     """`plan_memory` with the model name, --load-dtype and LoRA settings of a command's flags
     (`settings`: a TrainConfig or an InspectConfig, whose fields have the same names)."""
@@ -516,7 +612,7 @@ def plan_for_settings(
         model_config, model=settings.model, batch_size=batch_size, block_size=block_size,
         precision=precision, device=device, load_dtype=settings.load_dtype,
         lora_r=settings.lora_r, lora_targets=settings.lora_targets,
-        lora_dropout=settings.lora_dropout,
+        lora_dropout=settings.lora_dropout, fsdp_ranks=fsdp_ranks,
     )  # fmt: skip
 
 
@@ -606,6 +702,8 @@ def fitting_flags(plan: MemoryPlan, replan: Any) -> str:
     current = plan
     while True:
         for name, flags in SCENARIO_FLAGS.items():
+            if name.startswith("lora") and plan.fsdp_ranks > 1:
+                flags += " --strategy ddp"  # LoRA replicates its base (FSDP + LoRA is refused)
             if current.scenarios[name].fit_bytes <= HEADROOM * plan.available:
                 extra = f"--batch-size {batch} --grad-accum {-(-plan.batch_size // batch)}"
                 found = (flags + " " + extra if batch != plan.batch_size else flags) or "as it is"

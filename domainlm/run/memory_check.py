@@ -11,8 +11,9 @@ base in system RAM) will not fit is warned likewise.
 
 The check is advice and never stops a run on its own: where the plan cannot be made from the
 config (a hub model not cached offline, an architecture the meta device cannot build), or does
-not apply (`--strategy fsdp` shards the weights and state over the ranks), it says nothing and
-the run goes on as before.
+not apply, it says nothing and the run goes on as before. Under `--strategy fsdp` the plan is
+one rank's: weights, gradients and AdamW state sharded over the run's ranks (model/memory.py's
+`sharded_terms`).
 """
 
 from __future__ import annotations
@@ -43,19 +44,20 @@ SCENARIO_LABELS = {
 }
 
 
-def run_plan(config: Any, precision: str, device: str) -> tuple[Any, MemoryPlan] | None:
-    """The model's config and the memory plan of this run's settings, or None where the config
-    alone cannot give one."""
+def run_plan(
+    config: Any, precision: str, device: str, ranks: int = 1
+) -> tuple[Any, MemoryPlan] | None:
+    """The model's config and the memory plan of this run's settings (one rank's of `ranks`
+    under --strategy fsdp), or None where the config alone cannot give one."""
     from domainlm.model.loading import context_length
 
-    if config.strategy == "fsdp":
-        return None  # sharded over the ranks: the plan is of one unsharded model
+    fsdp_ranks = ranks if config.strategy == "fsdp" else 1
     try:
         model_config = model_config_of(config.model, config.trust_remote_code)
         block = config.block_size or min(context_length(model_config), 1024)
         plan = plan_for_settings(
             model_config, config, batch_size=config.batch_size, block_size=block,
-            precision=precision, device=device,
+            precision=precision, device=device, fsdp_ranks=fsdp_ranks,
         )  # fmt: skip
     except Exception:  # noqa: BLE001 - advice only: the model's own load reports what is wrong
         return None
@@ -75,7 +77,10 @@ def memory_shortfalls(
     need, available = plan.scenarios[key].fit_bytes, plan.available
     if available is not None and need > HEADROOM * available:
         where = "GPU memory" if plan.device == "cuda" else "system RAM"
-        each = f" per process ({processes} on this machine)" if processes > 1 else ""
+        shared = [f"--strategy fsdp over {plan.fsdp_ranks} ranks"] if plan.fsdp_ranks > 1 else []
+        shared += [f"{processes} on this machine"] if processes > 1 else []
+        per = "rank" if plan.fsdp_ranks > 1 else "process"
+        each = f" per {per} ({', '.join(shared)})" if shared else ""
         messages.append(
             f"memory: this run needs about {need / GIB:.1f} GiB of {where}{each} "
             f"({SCENARIO_LABELS[key]}, micro-batch {plan.batch_size} x {plan.block_size} "
@@ -104,7 +109,7 @@ def check_run_memory(
     """Before the weights load: warn (with --strict: raise UserError) when the run's planned
     memory exceeds what is free for it. Every rank calls this; with --strict a shortfall on any
     rank stops every rank alike. Returns the messages (empty when the run fits)."""
-    found = run_plan(config, precision, device.type)
+    found = run_plan(config, precision, device.type, ctx.world_size)
     messages: list[str] = []
     if found is not None:
         model_config, plan = found
@@ -120,7 +125,7 @@ def check_run_memory(
         def replan(batch: int) -> MemoryPlan:  # the same config and memory free, smaller batch
             smaller = plan_for_settings(
                 model_config, config, batch_size=batch, block_size=plan.block_size,
-                precision=plan.precision, device=plan.device,
+                precision=plan.precision, device=plan.device, fsdp_ranks=plan.fsdp_ranks,
             )  # fmt: skip
             return replace(smaller, available=available)
 

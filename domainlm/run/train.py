@@ -26,10 +26,10 @@ from domainlm.data.corpus import check_input
 from domainlm.data.lint import check_training_data
 from domainlm.data.packing import check_packing_support
 from domainlm.data.tokens import TokenStream, load_token_stream
-from domainlm.errors import TrainingAborted
+from domainlm.errors import TrainingAborted, UserError
 from domainlm.evaluation.windows import NLLSum, check_window
 from domainlm.model.device import pick_device, prefer_expandable_cuda_segments, resolve_precision
-from domainlm.model.distributed import DistContext
+from domainlm.model.distributed import DistContext, all_reduce_sum, weights_from_rank_0
 from domainlm.model.fastpath import use_fast_kernels
 from domainlm.model.loading import (
     LoadedModel,
@@ -195,9 +195,10 @@ def set_up(config: TrainConfig, ctx: DistContext, cleanup: ExitStack) -> Run | T
         return done
     output_dir = Path(config.output_dir)
     data.resume_from = decide_resume(config, output_dir, data.identity, console, ctx)
-    data.loaded.model = load_weights(config, data.resume_from, load_dtype)
+    if not weights_from_rank_0(config.strategy, ctx) or ctx.is_main:  # else it stays on meta
+        data.loaded.model = load_weights(config, data.resume_from, load_dtype)
     if config.packing == "docs":  # runs the model: refused before anything is removed
-        check_packing_support(data.loaded.model)
+        check_packed_documents(data.loaded.model, config, ctx, device)
     clear_earlier_run(config, output_dir, console, ctx)  # --overwrite-output-dir
     net = build_model(config, data, ctx, device, precision)
     return start_state(config, ctx, device, precision, console, data, net)
@@ -276,12 +277,38 @@ def load_weights(
     ).model
 
 
+def check_packed_documents(
+    model: torch.nn.Module, config: TrainConfig, ctx: DistContext, device: torch.device
+) -> None:
+    """`--packing docs`' proof that the model separates packed documents (it runs the model):
+    on every rank, or where rank 0 alone holds the weights, on rank 0, and the other ranks stop
+    with it."""
+    if not weights_from_rank_0(config.strategy, ctx):
+        check_packing_support(model)
+        return
+    refused = None
+    if ctx.is_main:
+        try:
+            check_packing_support(model)
+        except UserError as exc:
+            refused = exc
+    (count,) = all_reduce_sum([float(refused is not None)], ctx, device)
+    if refused is not None:
+        raise refused
+    if count:
+        raise UserError("--packing docs: refused on rank 0 (its message says why)")
+
+
 def build_model(
     config: TrainConfig, data: RunData, ctx: DistContext, device: torch.device, precision: str
 ) -> RunModel:
     """The model (the checkpoint's weights on resume) on its device in train mode, with fast
     kernels, the loss around it, compiled if asked, wrapped for DDP/FSDP, and its optimizer."""
-    from domainlm.model.distributed import wrap_model
+    from domainlm.model.distributed import (
+        fill_shards_from_rank_0,
+        take_rank_0_dtypes,
+        wrap_model,
+    )
 
     loaded = data.loaded
     if config.lora:  # the base frozen in the run's precision, adapters on top (model/lora.py)
@@ -294,7 +321,10 @@ def build_model(
         )
     # from_pretrained returns a model in eval mode: dropout must be on while training, in a
     # fresh run from a folder as in a resumed one (else resume is not exact).
-    model = loaded.model.to(device).train()
+    model = loaded.model.train()
+    if not (config.strategy == "fsdp" and ctx.enabled):
+        model = model.to(device)  # FSDP moves each unit to the device as it shards it: a GPU
+        # never holds the whole model (model/distributed.py's wrap_model)
     if config.packing == "concat":
         model.config.use_cache = False
     use_fast_kernels(model)  # same function, fused kernels (domainlm/model/fastpath.py)
@@ -303,7 +333,14 @@ def build_model(
     loss_module = CausalLMLoss(model.get_base_model() if config.lora else model)
     if config.compile:
         compile_model(loss_module)
+    from_rank_0 = weights_from_rank_0(config.strategy, ctx)
+    if from_rank_0:  # the other ranks' model is rank 0's on meta: its dtypes, then its shards
+        take_rank_0_dtypes(model, ctx)
+    whole = model.state_dict() if from_rank_0 and ctx.is_main else {}  # the weights read
     train_module = wrap_model(loss_module, ctx, device, config.strategy)
+    if from_rank_0:  # the other ranks' model is on meta until here
+        fill_shards_from_rank_0(model, whole, ctx, device)
+        del whole
     optimizer = make_optimizer(model, config, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     return RunModel(model, loss_module, train_module, optimizer, scaler)
