@@ -168,15 +168,15 @@ safetensors.safe_open = safe_open
 """
 
 
-def test_under_fsdp_rank_0_alone_reads_the_weights_and_a_llama_equals_one_process(
+def test_rank_0_alone_reads_the_weights_under_fsdp_and_ddp_and_a_llama_equals_one_process(
     data: dict[str, Path], tmp_path: Path
 ) -> None:
-    """Under --strategy fsdp every rank read the whole model into system RAM before sharding it
-    (8 copies of an 8B model on a machine of 8 GPUs). Now rank 0 reads it; the other ranks build
-    it on the meta device and receive their shards, and the buffers (a Llama's rotary
-    frequencies, which no state dict carries), from rank 0. The weights file is opened by rank 0
-    alone (a sitecustomize.py logs each rank's reads), and a tiny Llama trained so on 2 ranks
-    equals one process."""
+    """Every rank read the whole model into system RAM (8 copies of an 8B model on a machine of
+    8 GPUs). Now rank 0 reads it; the other ranks build it on the meta device and receive it
+    from rank 0: under FSDP their shards and the buffers (a Llama's rotary frequencies, which no
+    state dict carries), under DDP everything, by DDP's own broadcast. The weights file is opened
+    by rank 0 alone (a sitecustomize.py logs each rank's reads), and a tiny Llama trained so on 2
+    ranks equals one process: FSDP in float32 and in pure bf16, DDP in float32."""
     model = save_family_folder("llama", tmp_path / "llama")
     llama = {**data, "model": model}
     os.environ["DOMAINLM_CACHE"] = str(data["cache"])
@@ -204,6 +204,11 @@ def test_under_fsdp_rank_0_alone_reads_the_weights_and_a_llama_equals_one_proces
     run_ok(torchrun_cmd(launcher, llama, out, *flags), env)
     assert reads.read_text().split() == ["0", "0"]
     assert_same_losses(train_losses(out), train_losses(single.output_dir), rel=1e-2)
+    out = tmp_path / "ddp"  # the default strategy under torchrun
+    launcher = ["torch.distributed.run", "--nproc_per_node=2", f"--master-port={free_port()}"]
+    run_ok(torchrun_cmd(launcher, llama, out), env)
+    assert reads.read_text().split() == ["0", "0", "0"]
+    assert_same_weights(out, tmp_path / "single")
 
 
 @pytest.mark.parametrize("checkpoint_format", ["sharded", "full"])

@@ -158,12 +158,13 @@ def wrap_model(
     return DistributedDataParallel(module, device_ids=device_ids)
 
 
-def weights_from_rank_0(strategy: str, ctx: DistContext) -> bool:
-    """Whether rank 0 alone reads the weights: under FSDP with several ranks. The other ranks
-    build the model on the meta device and receive their shards from rank 0 once it is wrapped
-    (`fill_shards_from_rank_0`), so a machine holds one whole copy of the model in system RAM,
-    not one per rank."""
-    return strategy == "fsdp" and ctx.world_size > 1
+def weights_from_rank_0(strategy: str, ctx: DistContext, lora: bool) -> bool:
+    """Whether rank 0 alone reads the weights: with several ranks, under FSDP, and under DDP for
+    full fine-tuning (a LoRA run's ranks each read the base). The other ranks build the model on
+    the meta device and receive it from rank 0 (FSDP: `fill_shards_from_rank_0`; DDP: its own
+    broadcast of every parameter and buffer when it wraps the model), so the whole model is in
+    system RAM once, not once per rank."""
+    return ctx.world_size > 1 and (strategy == "fsdp" or not lora)
 
 
 def take_rank_0_dtypes(model: torch.nn.Module, ctx: DistContext) -> None:
@@ -178,6 +179,22 @@ def take_rank_0_dtypes(model: torch.nn.Module, ctx: DistContext) -> None:
             for name, tensor in tensors:
                 if tensor.dtype != dtypes[0][name]:
                     tensor.data = tensor.data.to(dtypes[0][name])
+
+
+def empty_on(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """A meta model given (uninitialised) memory on `device` for rank 0's weights to land in;
+    parameters shared between modules (a head tied to the embedding) stay shared, which
+    `to_empty` alone would split in two."""
+    shared: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(param), []).append(name)
+    model.to_empty(device=device)
+    for first, *others in shared.values():
+        param = model.get_parameter(first)
+        for name in others:
+            owner, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(owner), attribute, param)
+    return model
 
 
 def fill_shards_from_rank_0(

@@ -195,7 +195,7 @@ def set_up(config: TrainConfig, ctx: DistContext, cleanup: ExitStack) -> Run | T
         return done
     output_dir = Path(config.output_dir)
     data.resume_from = decide_resume(config, output_dir, data.identity, console, ctx)
-    if not weights_from_rank_0(config.strategy, ctx) or ctx.is_main:  # else it stays on meta
+    if not weights_from_rank_0(config.strategy, ctx, lora) or ctx.is_main:  # else on meta
         data.loaded.model = load_weights(config, data.resume_from, load_dtype)
     if config.packing == "docs":  # runs the model: refused before anything is removed
         check_packed_documents(data.loaded.model, config, ctx, device)
@@ -283,7 +283,7 @@ def check_packed_documents(
     """`--packing docs`' proof that the model separates packed documents (it runs the model):
     on every rank, or where rank 0 alone holds the weights, on rank 0, and the other ranks stop
     with it."""
-    if not weights_from_rank_0(config.strategy, ctx):
+    if not weights_from_rank_0(config.strategy, ctx, config.lora):
         check_packing_support(model)
         return
     refused = None
@@ -305,6 +305,7 @@ def build_model(
     """The model (the checkpoint's weights on resume) on its device in train mode, with fast
     kernels, the loss around it, compiled if asked, wrapped for DDP/FSDP, and its optimizer."""
     from domainlm.model.distributed import (
+        empty_on,
         fill_shards_from_rank_0,
         take_rank_0_dtypes,
         wrap_model,
@@ -322,9 +323,13 @@ def build_model(
     # from_pretrained returns a model in eval mode: dropout must be on while training, in a
     # fresh run from a folder as in a resumed one (else resume is not exact).
     model = loaded.model.train()
-    if not (config.strategy == "fsdp" and ctx.enabled):
-        model = model.to(device)  # FSDP moves each unit to the device as it shards it: a GPU
-        # never holds the whole model (model/distributed.py's wrap_model)
+    from_rank_0 = weights_from_rank_0(config.strategy, ctx, config.lora)
+    if from_rank_0:  # the other ranks' model is rank 0's on meta: its dtypes first
+        take_rank_0_dtypes(model, ctx)
+    sharded = config.strategy == "fsdp" and ctx.enabled
+    if not sharded:  # FSDP moves each unit to the device as it shards it (wrap_model)
+        receives = from_rank_0 and not ctx.is_main  # DDP broadcasts rank 0's model at wrapping
+        model = empty_on(model, device) if receives else model.to(device)
     if config.packing == "concat":
         model.config.use_cache = False
     use_fast_kernels(model)  # same function, fused kernels (domainlm/model/fastpath.py)
@@ -333,12 +338,10 @@ def build_model(
     loss_module = CausalLMLoss(model.get_base_model() if config.lora else model)
     if config.compile:
         compile_model(loss_module)
-    from_rank_0 = weights_from_rank_0(config.strategy, ctx)
-    if from_rank_0:  # the other ranks' model is rank 0's on meta: its dtypes, then its shards
-        take_rank_0_dtypes(model, ctx)
-    whole = model.state_dict() if from_rank_0 and ctx.is_main else {}  # the weights read
+    fills = from_rank_0 and sharded
+    whole = model.state_dict() if fills and ctx.is_main else {}  # the weights rank 0 read
     train_module = wrap_model(loss_module, ctx, device, config.strategy)
-    if from_rank_0:  # the other ranks' model is on meta until here
+    if fills:  # the other ranks' shards are on meta until here
         fill_shards_from_rank_0(model, whole, ctx, device)
         del whole
     optimizer = make_optimizer(model, config, device)
