@@ -194,7 +194,7 @@ def build(spec: dict, cfg, ctx):  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
     # as model/loading.py's load_model builds a scratch: preset: random init, cast to the dtype;
     # under FSDP as a run does: rank 0 alone, the others on meta (their shards come from rank 0)
-    if weights_from_rank_0(config.strategy, ctx, config.lora) and not ctx.is_main:
+    if weights_from_rank_0(ctx) and not ctx.is_main:
         model = meta_model_of(cfg).to(dtype)
     else:
         model = AutoModelForCausalLM.from_config(cfg).to(dtype)

@@ -6,6 +6,9 @@ on 1 rank (2 -> 1) within the bounds tests/test_distributed.py uses for runs who
 different order; a 1-process sharded checkpoint resumes on 2 FSDP ranks (1 -> 2) within them
 too. The tiny model is dropout-free (the runs must agree), 4 steps of 4 blocks, fp32. The final
 model of an FSDP run is a plain Hugging Face folder (its weights gathered), as before.
+
+Also here, what FSDP and DDP runs read and where they shard: rank 0 alone reads the weights,
+and a `--device cpu` FSDP run keeps its shards on the CPU where a GPU is seen.
 """
 
 from __future__ import annotations
@@ -176,7 +179,7 @@ def test_rank_0_alone_reads_the_weights_under_fsdp_and_ddp_and_a_llama_equals_on
     from rank 0: under FSDP their shards and the buffers (a Llama's rotary frequencies, which no
     state dict carries), under DDP everything, by DDP's own broadcast. The weights file is opened
     by rank 0 alone (a sitecustomize.py logs each rank's reads), and a tiny Llama trained so on 2
-    ranks equals one process: FSDP in float32 and in pure bf16, DDP in float32."""
+    ranks equals one process: FSDP in float32 and in pure bf16, DDP in float32, full and LoRA."""
     model = save_family_folder("llama", tmp_path / "llama")
     llama = {**data, "model": model}
     os.environ["DOMAINLM_CACHE"] = str(data["cache"])
@@ -209,6 +212,27 @@ def test_rank_0_alone_reads_the_weights_under_fsdp_and_ddp_and_a_llama_equals_on
     run_ok(torchrun_cmd(launcher, llama, out), env)
     assert reads.read_text().split() == ["0", "0", "0"]
     assert_same_weights(out, tmp_path / "single")
+    # LoRA under DDP: rank 0 reads the base (and again to merge); rank 1's base and adapters,
+    # frozen or not, arrive by DDP's broadcast
+    single = train(replace(one_process_config(llama, tmp_path / "single-lora"), lora=True))
+    out = tmp_path / "ddp-lora"
+    launcher = ["torch.distributed.run", "--nproc_per_node=2", f"--master-port={free_port()}"]
+    run_ok(torchrun_cmd(launcher, llama, out, "--lora"), env)
+    lora_reads = reads.read_text().split()[3:]
+    assert lora_reads and set(lora_reads) == {"0"}
+    assert_same_losses(train_losses(out), train_losses(single.output_dir))
+    assert_same_weights(out / "merged", single.output_dir / "merged")
+    # resumed from checkpoint-2: rank 0 reads the checkpoint's adapters, rank 1 receives them
+    resumed = tmp_path / "ddp-lora-resumed"
+    shutil.copytree(out, resumed)
+    shutil.rmtree(resumed / "checkpoint-4")
+    shutil.rmtree(resumed / "merged")
+    (resumed / "adapter_model.safetensors").unlink()
+    launcher = ["torch.distributed.run", "--nproc_per_node=2", f"--master-port={free_port()}"]
+    run_ok(torchrun_cmd(launcher, llama, resumed, "--lora"), env)
+    assert "1" not in reads.read_text().split()
+    assert_same_losses(train_losses(resumed), train_losses(out))
+    assert_same_weights(resumed / "merged", out / "merged")
 
 
 @pytest.mark.parametrize("checkpoint_format", ["sharded", "full"])

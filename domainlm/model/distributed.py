@@ -158,13 +158,12 @@ def wrap_model(
     return DistributedDataParallel(module, device_ids=device_ids)
 
 
-def weights_from_rank_0(strategy: str, ctx: DistContext, lora: bool) -> bool:
-    """Whether rank 0 alone reads the weights: with several ranks, under FSDP, and under DDP for
-    full fine-tuning (a LoRA run's ranks each read the base). The other ranks build the model on
-    the meta device and receive it from rank 0 (FSDP: `fill_shards_from_rank_0`; DDP: its own
-    broadcast of every parameter and buffer when it wraps the model), so the whole model is in
-    system RAM once, not once per rank."""
-    return ctx.world_size > 1 and (strategy == "fsdp" or not lora)
+def weights_from_rank_0(ctx: DistContext) -> bool:
+    """Whether rank 0 alone reads the weights: with several ranks, under FSDP and DDP, full or
+    LoRA. The other ranks build the model on the meta device and receive it from rank 0 (FSDP:
+    `fill_shards_from_rank_0`; DDP: its own broadcast of every parameter and buffer, frozen or
+    not, when it wraps the model), so the whole model is in system RAM once, not once per rank."""
+    return ctx.world_size > 1
 
 
 def take_rank_0_dtypes(model: torch.nn.Module, ctx: DistContext) -> None:

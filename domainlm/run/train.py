@@ -195,7 +195,7 @@ def set_up(config: TrainConfig, ctx: DistContext, cleanup: ExitStack) -> Run | T
         return done
     output_dir = Path(config.output_dir)
     data.resume_from = decide_resume(config, output_dir, data.identity, console, ctx)
-    if not weights_from_rank_0(config.strategy, ctx, lora) or ctx.is_main:  # else on meta
+    if not weights_from_rank_0(ctx) or ctx.is_main:  # else on meta, filled from rank 0
         data.loaded.model = load_weights(config, data.resume_from, load_dtype)
     if config.packing == "docs":  # runs the model: refused before anything is removed
         check_packed_documents(data.loaded.model, config, ctx, device)
@@ -283,7 +283,7 @@ def check_packed_documents(
     """`--packing docs`' proof that the model separates packed documents (it runs the model):
     on every rank, or where rank 0 alone holds the weights, on rank 0, and the other ranks stop
     with it."""
-    if not weights_from_rank_0(config.strategy, ctx, config.lora):
+    if not weights_from_rank_0(ctx):
         check_packing_support(model)
         return
     refused = None
@@ -303,7 +303,8 @@ def build_model(
     config: TrainConfig, data: RunData, ctx: DistContext, device: torch.device, precision: str
 ) -> RunModel:
     """The model (the checkpoint's weights on resume) on its device in train mode, with fast
-    kernels, the loss around it, compiled if asked, wrapped for DDP/FSDP, and its optimizer."""
+    kernels, the loss around it, compiled if asked, wrapped for DDP/FSDP, and its optimizer.
+    Under torchrun the weights are rank 0's, sent to the others (`weights_from_rank_0`)."""
     from domainlm.model.distributed import (
         empty_on,
         fill_shards_from_rank_0,
@@ -312,23 +313,24 @@ def build_model(
     )
 
     loaded = data.loaded
+    from_rank_0 = weights_from_rank_0(ctx)
+    receives = from_rank_0 and not ctx.is_main  # its model is on meta until rank 0's arrives
     if config.lora:  # the base frozen in the run's precision, adapters on top (model/lora.py)
         loaded.model = attach_lora(
             loaded.model,  # loaded in the run's precision (--load-dtype auto, model/memory.py)
             LoraSettings.from_config(config),  # type: ignore[arg-type]
             seed=config.seed,
             base_name=base_record(config.model),
-            resume_from=data.resume_from,
+            resume_from=None if receives else data.resume_from,  # rank 0's adapters arrive
         )
     # from_pretrained returns a model in eval mode: dropout must be on while training, in a
     # fresh run from a folder as in a resumed one (else resume is not exact).
     model = loaded.model.train()
-    from_rank_0 = weights_from_rank_0(config.strategy, ctx, config.lora)
     if from_rank_0:  # the other ranks' model is rank 0's on meta: its dtypes first
         take_rank_0_dtypes(model, ctx)
     sharded = config.strategy == "fsdp" and ctx.enabled
     if not sharded:  # FSDP moves each unit to the device as it shards it (wrap_model)
-        receives = from_rank_0 and not ctx.is_main  # DDP broadcasts rank 0's model at wrapping
+        # DDP broadcasts rank 0's parameters and buffers when it wraps the model
         model = empty_on(model, device) if receives else model.to(device)
     if config.packing == "concat":
         model.config.use_cache = False
