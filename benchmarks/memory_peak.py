@@ -193,9 +193,10 @@ def build(spec: dict, cfg, ctx):  # type: ignore[no-untyped-def]
     dtype = load_dtype_for(config.load_dtype, spec["precision"], spec["lora"])
     torch.manual_seed(0)
     # as model/loading.py's load_model builds a scratch: preset: random init, cast to the dtype;
-    # under FSDP as a run does: rank 0 alone, the others on meta (their shards come from rank 0)
+    # under torchrun as a run does: rank 0 alone, the others on meta (build_model gives them
+    # rank 0's dtypes and weights)
     if weights_from_rank_0(ctx) and not ctx.is_main:
-        model = meta_model_of(cfg).to(dtype)
+        model = meta_model_of(cfg)
     else:
         model = AutoModelForCausalLM.from_config(cfg).to(dtype)
     loaded = LoadedModel(model, None, 0, spec["block"], spec["model"])

@@ -163,13 +163,8 @@ def memory_plan(config: InspectConfig, model_config: Any, block: int) -> MemoryP
     return plan_for_settings(
         model_config, config, batch_size=config.batch_size, block_size=block,
         precision=resolve_precision(config.precision, device), device=device.type,
-        fsdp_ranks=fsdp_ranks(config),
+        ranks=config.nproc,
     )  # fmt: skip
-
-
-def fsdp_ranks(config: InspectConfig) -> int:
-    """The ranks the weights are sharded over: --nproc under --strategy fsdp, else 1."""
-    return config.nproc if config.strategy == "fsdp" else 1
 
 
 def memory_estimate(plan: MemoryPlan, gradient_checkpointing: bool) -> dict[str, float]:
@@ -201,7 +196,7 @@ def plan_report(config: InspectConfig) -> dict[str, Any]:
     def replan(batch: int) -> MemoryPlan:
         return plan_for_settings(
             model_config, config, batch_size=batch, block_size=block,
-            precision=plan.precision, device=plan.device, fsdp_ranks=plan.fsdp_ranks,
+            precision=plan.precision, device=plan.device, ranks=config.nproc,
         )  # fmt: skip
 
     return {

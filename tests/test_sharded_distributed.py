@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import torch
 from conftest import uneven_corpus, write_lines
 from safetensors.torch import load_file
 from test_distributed import (
+    LAUNCH_TIMEOUT,
     assert_same_losses,
     assert_same_weights,
     free_port,
@@ -233,6 +235,27 @@ def test_rank_0_alone_reads_the_weights_under_fsdp_and_ddp_and_a_llama_equals_on
     assert "1" not in reads.read_text().split()
     assert_same_losses(train_losses(resumed), train_losses(out))
     assert_same_weights(resumed / "merged", out / "merged")
+
+
+def test_packing_docs_refused_on_rank_0_stops_every_rank(data: dict[str, Path], tmp_path: Path):
+    """`--packing docs`' check runs the model, which only rank 0 holds under torchrun: rank 0
+    refuses an OPT model (its attention ignores restarting position ids) with its own line, the
+    other rank stops with one that points to it; both say what to use, nothing is written."""
+    opt = {**data, "model": save_family_folder("opt", tmp_path / "opt")}
+    out = tmp_path / "refused"
+    launcher = ["torch.distributed.run", "--nproc_per_node=2", f"--master-port={free_port()}"]
+    cmd = torchrun_cmd(launcher, opt, out, "--packing", "docs")
+    proc = subprocess.run(cmd, env=launch_env(data["cache"]), capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT)  # fmt: skip
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "domainlm: error:" in line]
+    assert any("does not separate packed documents" in line for line in errors), proc.stderr
+    assert any("refused on rank 0 (its message says why)" in line for line in errors)
+    assert all("use --packing concat" in line for line in errors) and len(errors) == 2
+    frames = [line for line in proc.stderr.splitlines() if line.lstrip().startswith('File "')]
+    package = str(Path(__file__).resolve().parents[1] / "domainlm") + os.sep
+    assert not [f for f in frames if package in f], proc.stderr  # torchrun's own report only
+    assert not (out / "run_config.json").exists()
 
 
 @pytest.mark.parametrize("checkpoint_format", ["sharded", "full"])

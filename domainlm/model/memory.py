@@ -604,10 +604,12 @@ def plan_for_settings(
     block_size: int,
     precision: str,
     device: str,
-    fsdp_ranks: int = 1,
+    ranks: int = 1,
 ) -> MemoryPlan:
-    """`plan_memory` with the model name, --load-dtype and LoRA settings of a command's flags
-    (`settings`: a TrainConfig or an InspectConfig, whose fields have the same names)."""
+    """`plan_memory` with the model name, --load-dtype, LoRA settings and --strategy of a
+    command's flags (`settings`: a TrainConfig or an InspectConfig, whose fields have the same
+    names), for a run of `ranks` processes: under --strategy fsdp the plan is one rank's."""
+    fsdp_ranks = ranks if settings.strategy == "fsdp" else 1
     return plan_memory(
         model_config, model=settings.model, batch_size=batch_size, block_size=block_size,
         precision=precision, device=device, load_dtype=settings.load_dtype,

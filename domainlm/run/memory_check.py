@@ -51,13 +51,12 @@ def run_plan(
     under --strategy fsdp), or None where the config alone cannot give one."""
     from domainlm.model.loading import context_length
 
-    fsdp_ranks = ranks if config.strategy == "fsdp" else 1
     try:
         model_config = model_config_of(config.model, config.trust_remote_code)
         block = config.block_size or min(context_length(model_config), 1024)
         plan = plan_for_settings(
             model_config, config, batch_size=config.batch_size, block_size=block,
-            precision=precision, device=device, fsdp_ranks=fsdp_ranks,
+            precision=precision, device=device, ranks=ranks,
         )  # fmt: skip
     except Exception:  # noqa: BLE001 - advice only: the model's own load reports what is wrong
         return None
@@ -125,7 +124,7 @@ def check_run_memory(
         def replan(batch: int) -> MemoryPlan:  # the same config and memory free, smaller batch
             smaller = plan_for_settings(
                 model_config, config, batch_size=batch, block_size=plan.block_size,
-                precision=plan.precision, device=plan.device, fsdp_ranks=plan.fsdp_ranks,
+                precision=plan.precision, device=plan.device, ranks=plan.fsdp_ranks,
             )  # fmt: skip
             return replace(smaller, available=available)
 

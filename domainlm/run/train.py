@@ -296,7 +296,9 @@ def check_packed_documents(
     if refused is not None:
         raise refused
     if count:
-        raise UserError("--packing docs: refused on rank 0 (its message says why)")
+        raise UserError(
+            "--packing docs: refused on rank 0 (its message says why); use --packing concat"
+        )
 
 
 def build_model(
