@@ -352,6 +352,8 @@ def test_fsdp_with_one_rank_finishes_and_saves_a_loadable_model(
     from domainlm.model.loading import load_model
 
     out = tmp_path / "out"
+    # --precision auto: bf16 on a GPU that has it, so the blocks are gathered in bf16 and their
+    # norms in float32 (model/distributed.py's block_mixed_precision), on NCCL
     args = train_args(model_dir, corpus, out, "--device", "cuda", "--strategy", "fsdp")
     cmd = torchrun(1, *args, "--max-steps", "6", "--lr", "1e-3")
     done = subprocess.run(

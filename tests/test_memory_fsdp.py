@@ -25,9 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_fsdp_plan_is_one_ranks_share_and_the_root_stays_whole():
     """Over 4 ranks, full fine-tuning's weights, gradients and AdamW state are a quarter of the
-    unsharded plan's; activations, the loss's buffers and autocast's copies are each rank's own;
-    what every rank holds whole is the root unit: the parameters outside the transformer layers,
-    counted here from the real model by name. LoRA's rows (LoRA runs under ddp) do not change."""
+    unsharded plan's; activations and the loss's buffers are each rank's own; autocast's copies
+    are gone (the layers are gathered in bf16: `block_mixed_precision`); what every rank holds
+    whole is the root unit: the parameters outside the transformer layers, counted here from
+    the real model by name. LoRA's rows (LoRA runs under ddp) do not change."""
     cfg = scratch_config("tiny")
     model = AutoModelForCausalLM.from_config(cfg)
     root = sum(p.numel() for n, p in model.named_parameters() if ".h." not in n)
@@ -45,9 +46,8 @@ def test_the_fsdp_plan_is_one_ranks_share_and_the_root_stays_whole():
             -(-x // 4) for x in (w.weights, w.gradients, w.optimizer)
         )
         assert s.gathered == 4 * root and w.gathered == 0  # float32 weights, whole on every rank
-        assert (s.activations, s.loss_buffers, s.weight_copies) == (
-            w.activations, w.loss_buffers, w.weight_copies,
-        )  # fmt: skip
+        assert (s.activations, s.loss_buffers) == (w.activations, w.loss_buffers)
+        assert s.weight_copies == 0 < w.weight_copies
         assert s.peak < w.peak
     assert sharded.scenarios["lora"] == whole.scenarios["lora"]
     # LoRA is the answer only under ddp: the flags say so
@@ -112,24 +112,27 @@ def test_inspect_plans_one_rank_of_fsdp(tmp_path, capsys):
 
 
 def test_fsdp_plan_against_measured_peaks_on_the_cpu(tmp_path):
-    """benchmarks/memory_peak.py --fsdp on two rows, each one rank of 2 gloo ranks trained 4
-    steps: GPT-2 tiny (the loss's buffers dominate) and GPT-2 124M at 1 x 64 tokens with
+    """benchmarks/memory_peak.py --fsdp on three rows, each one rank of 2 gloo ranks trained 4
+    steps: GPT-2 tiny (the loss's buffers dominate), GPT-2 124M at 1 x 64 tokens with
     gradient checkpointing (the sharded state, the root held whole and the layers gathered in
-    the backward dominate): the plan's peak within 15% of the measured peak of live tensor
+    the backward dominate) and a small Llama in bf16 with float32 weights (its layers gathered
+    in bf16, no autocast copies): the plan's peak within 15% of the measured peak of live tensor
     bytes (FSDP's storage resizes followed), and the CPU process bound at or above the
-    measured resident peak. The issue asks for 15%; these rows are within 2% (the bytes are
+    measured resident peak. The issue asks for 15%; these rows are within 4% (the bytes are
     counted, not timed: the same on any machine with this PyTorch), and 6% is what catches a
-    missing term (the root unit held whole: -10%; a tied head's two gradients: -10%)."""
+    wrong term (the root unit not held whole: -10%; a tied head's two gradients left out:
+    -10%; autocast's copies counted under mixed precision: +8.5%)."""
     out = tmp_path / "rows.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "memory_peak.py"), "--fsdp", "--only", "0,5",
+        [sys.executable, str(ROOT / "benchmarks" / "memory_peak.py"), "--fsdp", "--only", "0,5,7",
          "--json", str(out)],
         check=True, capture_output=True, env=env, timeout=600,
     )  # fmt: skip
     rows = json.loads(out.read_text())
-    assert [(r["model"], r["ranks"], r["ckpt"], r["batch"]) for r in rows] == [
-        ("gpt2:tiny", 2, False, 8), ("gpt2:gpt2", 2, True, 1),
+    assert [(r["model"], r["precision"], r["ranks"], r["ckpt"], r["batch"]) for r in rows] == [
+        ("gpt2:tiny", "fp32", 2, False, 8), ("gpt2:gpt2", "fp32", 2, True, 1),
+        ("llama", "bf16", 2, False, 4),
     ]  # fmt: skip
     for row in rows:
         assert 0.94 <= row["plan_peak"] / row["tensor_peak"] <= 1.06, row

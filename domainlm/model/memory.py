@@ -7,7 +7,7 @@ checkpointing. The estimate counts what a training step keeps alive, term by ter
 
 - weights: every parameter in its load dtype; under bf16/fp16 autocast with float32 weights, the
   half-precision copies of the layers' matrices that autocast makes and the backward keeps
-  (2 bytes per matrix parameter);
+  (2 bytes per matrix parameter; none under FSDP, which gathers the layers in the half dtype);
 - gradients (trainable parameters, their dtype) and AdamW's two moments (PyTorch keeps them in
   the parameter's dtype: 8 B/param for float32 weights);
 - activations per micro-batch: the tensors the backward keeps, counted per transformer layer from
@@ -412,7 +412,10 @@ def scenario(
     grad_bytes = 4 if lora else b.weight
     gradients = trainable * grad_bytes
     optimizer = 2 * trainable * grad_bytes  # AdamW's moments, in the parameter's dtype
-    copies = 2 * s.matrix_params if (b.autocast and b.weight == 4) else 0
+    sharded = ranks > 1 and not lora
+    # FSDP gathers a mixed-precision run's matrices in the half dtype: no autocast copies
+    mixed_fsdp = sharded and b.autocast and b.weight == 4
+    copies = 2 * s.matrix_params if (b.autocast and b.weight == 4 and not mixed_fsdp) else 0
     copies += 2 * trainable if (b.autocast and lora) else 0
     layer_copies = copies // max(s.layers, 1)
     layer = layer_activations(s, b, adapters)
@@ -430,9 +433,10 @@ def scenario(
     tied_sum = 2 * head_grad if s.tied_head else 0
     recompute = layer + layer_copies if checkpointing else 0
     forward = (0 if checkpointing else copies) + activations + kept  # kept for the backward
-    if ranks > 1 and not lora:
+    if sharded:
         return sharded_terms(
             s, b, ranks, (weights, copies, gradients, optimizer, activations, kept),
+            gathered_bytes=2 if mixed_fsdp else b.weight,
             forward_end=copies + activations + kept + transient,
             backward_start=forward + head_grad,
             backward_end=max(tied_sum, s.root_params * b.weight) + outside,
@@ -452,6 +456,7 @@ def sharded_terms(
     ranks: int,
     whole: tuple[int, int, int, int, int, int],
     *,
+    gathered_bytes: int,
     forward_end: int,
     backward_start: int,
     backward_end: int,
@@ -463,11 +468,13 @@ def sharded_terms(
     buffers); the moments' arguments are their bytes beyond the weights, AdamW state and
     gradients. Sharded over the ranks: weights, gradients and AdamW state (each rank holds
     1/ranks of every parameter). Not sharded: the activations and the loss's buffers (each rank
-    runs its own micro-batch), and autocast's half-precision copies of float32 matrices, which
-    the backward keeps whatever FSDP frees. Gathered whole: the root unit's parameters
-    (embeddings, final norm, head), from the root's forward to the end of the backward; during
-    a layer's backward up to `FSDP_LAYER_BUFFERS` layers' worth (the layer, the next one
-    prefetched, its whole gradients and the reduce-scatter's copy of them); at the end of the
+    runs its own micro-batch). A layer is gathered in `gathered_bytes` per parameter: the half
+    dtype under mixed precision (`block_mixed_precision`, which leaves autocast no copies to
+    make: `whole` has none then), else the weights' dtype. Gathered whole: the root unit's
+    parameters (embeddings, final norm, head), from the root's forward to the end of the
+    backward; during a layer's backward the layer and the next one prefetched, the layer's whole
+    gradients (in the gathered dtype) and the reduce-scatter's copy of them (in the weights'
+    dtype: four layers' worth without mixed precision); at the end of the
     backward the root's whole gradients and then their reduce-scatter's copy (`backward_end`
     has the larger of that copy and a tied head's two gradients), beside the layers' gradient
     shares and one layer."""
@@ -476,11 +483,12 @@ def sharded_terms(
     gradient_share = -(-gradients // ranks)
     layer_gradient_share = -(-(s.layers * s.layer_params * b.weight) // ranks)
     root = s.root_params * b.weight
-    unit = s.layer_params * b.weight
+    unit = s.layer_params * gathered_bytes
+    layer_backward = 3 * unit + s.layer_params * b.weight  # gathered x2, gradients, their copy
     base = weight_share + optimizer_share + root
     peak = max(
         base + forward_end,
-        base + backward_start + FSDP_LAYER_BUFFERS * unit,
+        base + backward_start + layer_backward,
         base + layer_gradient_share + root + unit + backward_end,
         weight_share + optimizer_share + gradient_share,
     )  # fmt: skip
@@ -499,9 +507,6 @@ def sharded_terms(
 # the resident peak on 11 configurations (benchmarks/memory_peak.py --fsdp), host_bound alone
 # as low as 0.70.
 FSDP_HOST_MODELS = 3
-# Under FSDP, layers' worth of whole tensors alive during the backward (sharded_terms): the
-# layer in its backward and the next one, the layer's gradients and their reduce-scatter copy.
-FSDP_LAYER_BUFFERS = 4
 
 
 # The CPU process's own needs beyond the plan's tensors: the runtime's buffers and code pages

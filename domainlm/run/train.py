@@ -344,7 +344,7 @@ def build_model(
         compile_model(loss_module)
     fills = from_rank_0 and sharded
     whole = model.state_dict() if fills and ctx.is_main else {}  # the weights rank 0 read
-    train_module = wrap_model(loss_module, ctx, device, config.strategy)
+    train_module = wrap_model(loss_module, ctx, device, config.strategy, precision)
     if fills:  # the other ranks' shards are on meta until here
         fill_shards_from_rank_0(model, whole, ctx, device)
         del whole
