@@ -281,6 +281,14 @@ class TrainConfig:
             raise UserError("--validation-split must be between 0 and 1, e.g. 0.05")
         if not 0 <= self.min_lr_ratio <= 1:
             raise UserError("--min-lr-ratio must be between 0 and 1")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UserError(
+                    f"--{name.replace('_', '-')} must be at least 0 and below 1, e.g. 0.9 or "
+                    f"0.999, got {getattr(self, name)}"
+                )
+        check_seed(self.seed)
+        _require_positive("sample_max_new_tokens", self.sample_max_new_tokens)
         for name in (
             "precision", "scheduler", "strategy", "packing", "doc_sep", "encoding_errors",
             "load_dtype", "checkpoint_format",
@@ -312,6 +320,16 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# --seed: a 32-bit word, which every generator seeded from it (numpy, torch) takes
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(seed: int | None) -> None:
+    """--seed is a whole number from 0 to MAX_SEED (None: none given)."""
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise UserError(f"--seed must be a whole number from 0 to {MAX_SEED}, got {seed}")
 
 
 def check_device(device: str | None) -> None:

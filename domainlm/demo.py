@@ -12,6 +12,7 @@ import sysconfig
 from pathlib import Path
 
 from domainlm.config import TrainConfig
+from domainlm.errors import UserError
 
 MIN_CHARS, MAX_CHARS = 40, 2000
 
@@ -58,21 +59,44 @@ def word_documents(n: int, seed: int = 0) -> list[str]:
     ]
 
 
-def write_demo_corpus(folder: Path, seed: int = 0) -> tuple[Path, Path]:
+# Written into a demo's --output-dir: the folder is the demo's, its files may be rewritten.
+DEMO_MARKER = ".domainlm-demo"
+
+
+def write_demo_corpus(folder: Path, seed: int = 0, owned: bool = True) -> tuple[Path, Path]:
+    """data/train.txt and valid.txt of the demo; a file already there with other text is
+    rewritten only when the folder is a demo's (`owned`), else refused (it is the user's)."""
     docs = stdlib_docstrings()
     random.Random(seed).shuffle(docs)
     n_valid = max(1, len(docs) // 20)
-    folder.mkdir(parents=True, exist_ok=True)
     train_file, valid_file = folder / "train.txt", folder / "valid.txt"
-    train_file.write_text("\n".join(docs[n_valid:]) + "\n", encoding="utf-8")
-    valid_file.write_text("\n".join(docs[:n_valid]) + "\n", encoding="utf-8")
+    texts = {
+        train_file: "\n".join(docs[n_valid:]) + "\n",
+        valid_file: "\n".join(docs[:n_valid]) + "\n",
+    }
+    for path, text in texts.items():
+        if not owned and path.exists() and path.read_bytes() != text.encode("utf-8"):
+            raise UserError(
+                f"{path} exists and was not written by `domainlm demo`: the demo would replace "
+                "it; pass another --output-dir"
+            )
+    folder.mkdir(parents=True, exist_ok=True)
+    for path, text in texts.items():
+        path.write_text(text, encoding="utf-8")
     return train_file, valid_file
+
+
+DEMO_STEPS = 180
 
 
 def run_demo(output_dir: Path, max_steps: int | None = None, model: str = "scratch:mini") -> None:
     from domainlm.run.train import train
 
-    train_file, valid_file = write_demo_corpus(output_dir / "data")
+    if max_steps is not None and max_steps <= 0:
+        raise UserError(f"--max-steps must be a positive number, got {max_steps}")
+    marker = output_dir / DEMO_MARKER
+    train_file, valid_file = write_demo_corpus(output_dir / "data", owned=marker.is_file())
+    marker.write_text("written by `domainlm demo`: its data/ and model/ may be rewritten\n")
     print(f"demo corpus: Python standard library docstrings -> {train_file}, {valid_file}")
     config = TrainConfig(
         model=model,
@@ -86,7 +110,7 @@ def run_demo(output_dir: Path, max_steps: int | None = None, model: str = "scrat
         scheduler="cosine",
         min_lr_ratio=0.1,
         weight_decay=0.1,
-        max_steps=max_steps or 180,
+        max_steps=max_steps or DEMO_STEPS,
         eval_steps=60,
         save_steps=60,
         save_total_limit=2,

@@ -130,7 +130,8 @@ def test_block_size_over_context(tiny_model_dir: Path, corpus: Path, tmp_path: P
     "flag,value",
     [("--batch-size", "0"), ("--lr", "-1"), ("--max-steps", "0"), ("--grad-accum", "-2"),
      ("--save-steps", "0"), ("--max-bad-steps", "0"), ("--lr", "nan"), ("--weight-decay", "inf"),
-     ("--early-stopping-patience", "0")],
+     ("--early-stopping-patience", "0"), ("--seed", "-1"), ("--seed", "99999999999999999999"),
+     ("--adam-beta1", "1.5"), ("--adam-beta2", "-0.1"), ("--sample-max-new-tokens", "0")],
 )  # fmt: skip
 def test_zero_or_negative_numbers(corpus: Path, tmp_path: Path, capsys, flag, value) -> None:
     out = tmp_path / "out"
@@ -351,3 +352,95 @@ def test_resume_from_an_earlier_checkpoint_of_the_folder_is_refused(
     assert cli_main(args_for(tiny_model_dir, train, branch, "--save-steps", "1", *back)) == 0
     assert f"resuming from {out / 'checkpoint-2'} at step 2" in capsys.readouterr().err
     assert sorted(p.name for p in branch.glob("checkpoint-*")) == ["checkpoint-3"]
+
+
+def test_a_cache_dir_that_is_a_file_or_cannot_be_made(corpus: Path, tmp_path: Path, capsys):
+    out = tmp_path / "out"
+    cache = tmp_path / "cache.txt"
+    cache.write_text("mine")
+    args = args_for("scratch:tiny", corpus / "train.txt", out, "--cache-dir", str(cache))
+    refused(capsys, args, out, f"the token cache {cache} is a file", "--cache-dir")
+    assert cache.read_text() == "mine"
+    below_a_file = cache / "sub"
+    args = args_for("scratch:tiny", corpus / "train.txt", out, "--cache-dir", str(below_a_file))
+    refused(capsys, args, out, f"cannot create the token cache folder {below_a_file}")
+
+
+def test_a_file_given_as_a_folder_is_named_a_file(corpus: Path, tmp_path: Path, capsys):
+    out = tmp_path / "out"
+    text = corpus / "valid.txt"
+    args = args_for(text, corpus / "train.txt", out)
+    refused(capsys, args, out, f"model folder {text} is a file, not a folder")
+    args = args_for("scratch:tiny", corpus / "train.txt", out, "--resume", str(text))
+    refused(capsys, args, out, f"--resume {text}", "a file, not a checkpoint folder")
+
+
+def test_resume_from_another_models_checkpoint_names_the_fix(
+    tiny_model_dir: Path, corpus: Path, tmp_path: Path, capsys
+) -> None:
+    """A --resume checkpoint of another run says to give another --resume, not to change
+    --output-dir (which would not help)."""
+    first = tmp_path / "first"
+    assert cli_main(args_for(tiny_model_dir, corpus / "train.txt", first)) == 0
+    capsys.readouterr()
+    out = tmp_path / "out"
+    args = args_for("scratch:tiny", corpus / "train.txt", out,
+                    "--resume", str(first / "checkpoint-1"))  # fmt: skip
+    line = refused(capsys, args, out, "belongs to a run with another model")
+    assert line.endswith("pass --resume a checkpoint of a run with this command's settings "
+                         "(or drop --resume)")  # fmt: skip
+
+
+def test_a_llama_folder_without_tokenizer_files_is_refused(tmp_path: Path, corpus: Path, capsys):
+    """Without any tokenizer file transformers fails to build a Llama's tokenizer (a cut-off
+    message before); the line says what is missing and what to do."""
+    from tiny_families import save_family_folder
+
+    model = save_family_folder("llama", tmp_path / "llama")
+    for path in model.iterdir():
+        if "tokenizer" in path.name or path.name in ("vocab.json", "merges.txt"):
+            path.unlink()
+    out = tmp_path / "out"
+    refused(capsys, args_for(model, corpus / "train.txt", out), out, "has no usable tokenizer",
+            "copy the tokenizer files")  # fmt: skip
+
+
+def test_inspect_refuses_a_run_of_no_steps(corpus: Path, tmp_path: Path, capsys) -> None:
+    base = ["inspect", "--model", "scratch:tiny", "--train-file", str(corpus / "train.txt"),
+            "--time-steps", "0"]  # fmt: skip
+    refused(capsys, [*base, "--epochs", "-3"], tmp_path / "none", "--epochs must be positive")
+    refused(capsys, [*base, "--max-steps", "0"], tmp_path / "none", "--max-steps must be positive")
+    refused(capsys, [*base, "--seed", "-1"], tmp_path / "none", "--seed must be a whole number")
+
+
+def test_generate_refuses_invalid_utf8_prompts_and_nan_settings(
+    tiny_model_dir: Path, tmp_path: Path, capsys
+) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"hello world\nbad \xff\xfe bytes\nfine\n")
+    base = ["generate", "--model", str(tiny_model_dir), "--max-new-tokens", "2"]
+    refused(capsys, [*base, "--prompts-file", str(prompts)], tmp_path / "none",
+            f"--prompts-file {prompts}: invalid UTF-8 on line(s) 2")  # fmt: skip
+    for flag in ("--temperature", "--repetition-penalty"):
+        refused(capsys, [*base, "--prompt", "a", flag, "nan"], tmp_path / "none", flag)
+
+
+def test_resume_with_another_seed_is_refused(corpus: Path, tmp_path: Path, capsys) -> None:
+    """The seed orders the blocks of every epoch: a run resumed with another one would repeat
+    some blocks and skip others, so it is refused, naming the seed to give; the run's own seed
+    resumes (and a run recorded before the seed was part of its identity resumes too)."""
+    import json
+
+    out = tmp_path / "out"
+    args = args_for("scratch:tiny", corpus / "train.txt", out, "--seed", "3")
+    assert cli_main(args) == 0
+    capsys.readouterr()
+    longer = args_for("scratch:tiny", corpus / "train.txt", out, "--max-steps", "2")
+    refused(capsys, [*longer, "--seed", "7"], out, "belongs to a run with --seed 3",
+            "give --seed 3 again")  # fmt: skip
+    run_file = out / "run_config.json"
+    record = json.loads(run_file.read_text())
+    del record["identity"]["seed"]  # as written before
+    run_file.write_text(json.dumps(record))
+    assert cli_main([*longer, "--seed", "3"]) == 0
+    assert "resuming from" in capsys.readouterr().err

@@ -343,6 +343,30 @@ def test_too_many_bad_steps_stop_with_exit_3_and_no_final_model(
         )
 
 
+def test_a_model_that_diverged_on_its_last_step_is_not_saved(
+    tiny_model_dir: Path, corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--lr 1e10: step 1 leaves finite weights whose outputs overflow, step 2 is skipped as bad
+    (one of --max-bad-steps), and the last step's validation perplexity is NaN. The run used to
+    exit 0 with that model saved, its NaN checkpoint named the best; now it stops with exit 3,
+    no model folder, and no NaN checkpoint counts as the best."""
+    out = tmp_path / "out"
+    args = small_run(tiny_model_dir, corpus, out, "--max-steps", "2", "--save-steps", "1",
+                     "--lr", "1e10")  # fmt: skip
+    assert cli_main(args) == 3
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("domainlm:")]
+    assert len(lines) == 1 and "Traceback" not in lines[0]
+    assert "the model of step 2 scores a validation perplexity of nan" in lines[0]
+    assert "(the training diverged) and was not saved" in lines[0] and "Lower --lr" in lines[0]
+    assert not (out / "model.safetensors").exists() and not (out / "eval_results.json").exists()
+    scores = {c.step: c.eval_perplexity for c in ckpt.list_checkpoints(out)}
+    assert math.isnan(scores[2])
+    best = ckpt.best_checkpoint(ckpt.list_checkpoints(out))
+    assert best is None or math.isfinite(best.eval_perplexity or math.nan)
+    if best is not None:
+        assert f"the best checkpoint is {best.path}" in lines[0]
+
+
 # ----------------------------------------------------------------------------- out of memory
 
 

@@ -162,7 +162,7 @@ def load_token_stream(
     """
     from domainlm.data.corpus import corpus_fingerprint, tokenize_to_files
 
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache = writable_cache_dir(Path(cache_dir) if cache_dir else default_cache_dir())
     key_text = "|".join(
         [
             CACHE_FORMAT_VERSION,
@@ -192,6 +192,23 @@ def load_token_stream(
     )  # fmt: skip
     stream = TokenStream(np.load(tokens_file, mmap_mode="r"), np.load(starts_file), len(prefix))
     return CachedStream(stream, False, key)
+
+
+def writable_cache_dir(cache: Path) -> Path:
+    """The token cache folder, created if missing; a clear error where it cannot be."""
+    if cache.exists() and not cache.is_dir():
+        raise UserError(
+            f"the token cache {cache} is a file, not a folder: pass --cache-dir a folder "
+            "(or set DOMAINLM_CACHE)"
+        )
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(
+            f"cannot create the token cache folder {cache} ({exc.strerror or exc}): pass "
+            "--cache-dir a folder you can write to (or set DOMAINLM_CACHE)"
+        ) from exc
+    return cache
 
 
 def token_dtype(vocab_size: int) -> Any:

@@ -30,6 +30,7 @@ from domainlm.config import (
     PRECISIONS,
     TEXT_COLUMN_HELP,
     check_device,
+    check_seed,
     opt,
     read_run_settings,
 )
@@ -141,6 +142,7 @@ class PerplexityConfig:
                     f"--{name.replace('_', '-')} must be a positive number, got {value}"
                 )
         check_device(self.device)
+        check_seed(self.seed)
         if self.block_size is not None:
             check_window(self.block_size, self.stride or self.block_size - 1)
         for name, choices in (
@@ -166,6 +168,11 @@ class PerplexityConfig:
                 raise UserError(
                     f"--per-line {out} is the text being scored (--file {self.file}): writing "
                     "the scores there would overwrite it; name another file"
+                )
+            if out.is_file() and not is_line_scores_file(out):
+                raise UserError(
+                    f"--per-line {out} exists and is not a per-line scores file written by "
+                    "perplexity: it would be overwritten; name another file"
                 )
 
     @property
@@ -473,6 +480,22 @@ def score_lines(
 
 
 LINE_FIELDS = ["model", "file", "line", "tokens", "nll", "perplexity"]
+
+
+def is_line_scores_file(path: Path) -> bool:
+    """Whether `path` holds nothing, or per-line scores as `write_line_scores` writes them (a
+    later run may replace those; any other file is the user's)."""
+    with open(path, "rb") as file:
+        first = file.readline(1 << 16).decode("utf-8", errors="replace").strip()
+    if not first:
+        return path.stat().st_size == 0 or not path.read_bytes().strip()
+    if path.suffix == ".csv":
+        return first == ",".join(LINE_FIELDS)
+    try:
+        record = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and sorted(record) == sorted(LINE_FIELDS)
 
 
 def write_line_scores(path: Path, reports: list[PerplexityReport]) -> None:

@@ -199,9 +199,8 @@ def _load_pretrained(
     path = Path(spec).expanduser()
     looks_local = spec.startswith((".", "/", "~")) or path.exists() or spec.count("/") > 1
     if looks_local and not path.is_dir():
-        raise UserError(
-            f"model folder {spec} does not exist; give a hub id, a folder or scratch:tiny"
-        )
+        problem = "is a file, not a folder" if path.exists() else "does not exist"
+        raise UserError(f"model folder {spec} {problem}; give a hub id, a folder or scratch:tiny")
     if path.is_dir() and not (path / "config.json").is_file():
         if (path / ADAPTER_CONFIG).is_file():  # perplexity/generate/inspect take it (lora.py)
             raise UserError(
@@ -255,6 +254,8 @@ def _load_pretrained(
             )
         return load(local_files_only=False)
     except (OSError, ValueError) as exc:
+        if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
+            raise UserError(no_tokenizer_message(spec)) from None
         if path.is_dir():
             raise UserError(f"could not load the model in {spec}: {_first_line(exc)}") from exc
         if "trust_remote_code" in str(exc):
@@ -273,11 +274,19 @@ def check_tokenizer(tokenizer: Any, spec: str) -> None:
     config's type from a folder without tokenizer files, and every text would then be zero
     tokens (a run would train on EOS tokens alone and score a perplexity that looks superb)."""
     if not tokenizer("a b", add_special_tokens=False)["input_ids"]:
-        raise UserError(
-            f"{spec} has no usable tokenizer: text becomes no tokens (its tokenizer files, e.g. "
-            "tokenizer.json or vocab.json and merges.txt, are missing?); copy the tokenizer "
-            "files of the model it came from into it"
-        )
+        raise UserError(no_tokenizer_message(spec))
+
+
+# The files a tokenizer is read from, one of which a model folder holds (vocab.txt: BERT-style)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def no_tokenizer_message(spec: str) -> str:
+    return (
+        f"{spec} has no usable tokenizer: text becomes no tokens (its tokenizer files, e.g. "
+        "tokenizer.json or vocab.json and merges.txt, are missing?); copy the tokenizer "
+        "files of the model it came from into it"
+    )
 
 
 def hub_endpoint() -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -198,7 +199,9 @@ def checkpoint_dirs_by_step(output_dir: Path) -> list[Path]:
 
 
 def best_checkpoint(checkpoints: list[CheckpointInfo]) -> CheckpointInfo | None:
-    scored = [c for c in checkpoints if c.eval_perplexity is not None]
+    scored = [
+        c for c in checkpoints if c.eval_perplexity is not None and math.isfinite(c.eval_perplexity)
+    ]  # a diverged checkpoint's NaN is never the best
     return min(scored, key=lambda c: (c.eval_perplexity, -c.step)) if scored else None
 
 

@@ -680,6 +680,41 @@ def write_run_report(
 MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
 
 
+def check_report_output(output: Path, runs: list[RunData]) -> None:
+    """Before anything is written: `output` is not another training run's folder (its own
+    report would be replaced), and every file the report writes there is absent or one a
+    report wrote (a later report may replace those; any other file is the user's)."""
+    if not output.is_dir():
+        return
+    if (output / "run_config.json").is_file() and all(
+        output.resolve() != run.path.resolve() for run in runs
+    ):
+        raise UserError(
+            f"--output {output} is another training run's folder: its own report would be "
+            "replaced; give another folder"
+        )
+    for name in [*PLOTS, SUMMARY_FILE, REPORT_FILE]:
+        path = output / name
+        if path.exists() and not written_by_a_report(path):
+            raise UserError(
+                f"--output {output}: {name} there was not written by domainlm and would be "
+                "replaced; give another folder"
+            )
+
+
+def written_by_a_report(path: Path) -> bool:
+    """A plot (a PNG matplotlib wrote), summary.md or report.html as a report writes them."""
+    if not path.is_file():
+        return False
+    with open(path, "rb") as file:
+        head = file.read(4096)
+    if path.suffix == ".png":
+        return head.startswith(b"\x89PNG") and b"matplotlib" in head.lower()
+    if path.name == SUMMARY_FILE:
+        return head.startswith(b"# Runs\n")
+    return head.startswith(b"<!DOCTYPE html>") and b"domainlm report</title>" in head
+
+
 def run_report(run_dirs: list[Path], output: Path | None = None) -> list[Path]:
     """`domainlm report`: plots, summary.md and report.html of one or more runs (one page
     comparing them); a single run's card refreshed when the output is its own folder."""
@@ -688,6 +723,7 @@ def run_report(run_dirs: list[Path], output: Path | None = None) -> list[Path]:
         output = run_dirs[0] if len(run_dirs) == 1 else Path("report")
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} is a file; give a folder")
+    check_report_output(output, runs)
     output.mkdir(parents=True, exist_ok=True)
     plots = plot_runs(runs, output)
     table = summary_table(runs)

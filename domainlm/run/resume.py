@@ -34,8 +34,10 @@ from domainlm.run.checkpoint import (
 from domainlm.run.lock import LOCK_FILE
 from domainlm.run.metrics import Console
 
-# What makes a checkpoint resumable by a run: the same model, tokenizer and block layout.
-RESUME_KEYS = ("model", "tokenizer", "block_size", "packing", "lora", "train_data")
+# What makes a checkpoint resumable by a run: the same model, tokenizer, block layout, seed
+# (the blocks' order; checked before the data: without --validation-file it also picks the
+# held-out split) and training data.
+RESUME_KEYS = ("model", "tokenizer", "block_size", "packing", "lora", "seed", "train_data")
 
 
 def decide_resume(
@@ -53,10 +55,14 @@ def decide_resume(
     ctx = ctx or SINGLE
     if config.resume not in ("auto", "never"):
         path = Path(config.resume)
-        problem = checkpoint_problem(path) if path.is_dir() else "no such folder"
+        problem = (
+            checkpoint_problem(path)
+            if path.is_dir()
+            else ("a file, not a checkpoint folder" if path.exists() else "no such folder")
+        )
         if problem:
             raise UserError(f"--resume {config.resume}: cannot resume from it: {problem}")
-        check_same_run(path.parent, identity, f"checkpoint {path}")
+        check_same_run(path.parent, identity, f"checkpoint {path}", OTHER_RESUME)
         later = later_checkpoints(path, output_dir)
         if later:
             raise UserError(
@@ -119,7 +125,16 @@ def clear_earlier_run(
     barrier(ctx)  # nobody reads the folder while rank 0 empties it
 
 
-def check_same_run(folder: Path, identity: dict[str, Any], what: str) -> None:
+# What to do when the run found is another run's, by where it was found.
+OTHER_OUTPUT_DIR = "use another --output-dir or pass --overwrite-output-dir"
+OTHER_RESUME = "pass --resume a checkpoint of a run with this command's settings (or drop --resume)"
+
+
+def check_same_run(
+    folder: Path, identity: dict[str, Any], what: str, remedy: str = OTHER_OUTPUT_DIR
+) -> None:
+    """`folder`'s run (run_config.json) is this command's: same model, data, block, LoRA...;
+    else a UserError ending with `remedy`."""
     run = read_run_file(folder) or {}
     saved = run.get("identity", {})
     for key in RESUME_KEYS:
@@ -132,19 +147,24 @@ def check_same_run(folder: Path, identity: dict[str, Any], what: str) -> None:
                     "--train-file differ: another file, other contents, or another --doc-sep), "
                     "so its checkpoint's place in the data means nothing here; to go on training "
                     "its model on this data start a new run with --model set to its last "
-                    "checkpoint, else use another --output-dir or pass --overwrite-output-dir"
+                    f"checkpoint, else {remedy}"
                 )
             if key == "lora":
                 was = lora_flags(saved[key])
                 way = f"give {was} again" if saved[key] else "drop --lora"
                 raise UserError(
                     f"{what} belongs to a run trained with {was}, and this command has "
-                    f"{lora_flags(identity[key])}; to continue that run {way}, else use another "
-                    "--output-dir or pass --overwrite-output-dir"
+                    f"{lora_flags(identity[key])}; to continue that run {way}, else {remedy}"
+                )
+            if key == "seed":
+                raise UserError(
+                    f"{what} belongs to a run with --seed {saved[key]}, and this command has "
+                    f"--seed {identity[key]}: the order of the blocks in each epoch comes from "
+                    f"it; to continue that run give --seed {saved[key]} again, else {remedy}"
                 )
             raise UserError(
                 f"{what} belongs to a run with another {key} ({saved[key]} vs {identity[key]}); "
-                "use another --output-dir or pass --overwrite-output-dir"
+                f"{remedy}"
             )
 
 

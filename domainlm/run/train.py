@@ -166,10 +166,26 @@ def fit(run: Run, cleanup: ExitStack) -> TrainResult:
     best = None
     if run.config.load_best_model_at_end:  # the best checkpoint's weights and whole-set score
         best = restore_best_model(run, done, final, evaluation)
+    refuse_diverged_model(run, done, best.result if best else final)
     totals = run.resumed_totals  # the whole run's, when it was resumed
     runtime += float(totals.get("seconds", 0.0))
     tokens = int(totals.get("tokens", 0)) + progress.tokens_seen
     return finish(run, done, final, initial, checkpoints.last_saved, runtime, tokens, best)
+
+
+def refuse_diverged_model(run: Run, done: int, result: NLLSum) -> None:
+    """Stop (exit 3) instead of saving a model whose validation perplexity is NaN/Inf: the
+    weights are finite but its outputs overflow (a diverged run's last steps can be skipped as
+    bad without reaching --max-bad-steps). Its checkpoints stay; the message names the best."""
+    if math.isfinite(result.perplexity):
+        return
+    best = best_checkpoint(list_checkpoints(run.output_dir)) if run.ctx.is_main else None
+    where = f"the best checkpoint is {best.path}" if best else "no checkpoint has a finite one"
+    raise TrainingAborted(
+        f"the model of step {done} scores a validation perplexity of {result.perplexity} (the "
+        f"training diverged) and was not saved; {where}. Lower --lr",
+        exit_code=guard.BAD_STEPS_EXIT,
+    )
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -240,6 +256,7 @@ def check_inputs(
         "block_size": block_size,
         "packing": config.packing,
         "lora": lora_identity(config, loaded.model),  # None for full fine-tuning
+        "seed": config.seed,  # the order of the blocks in every epoch
     }
     # Data errors (empty, binary, invalid UTF-8) come before anything in output_dir is touched.
     train_stream, valid_stream = load_streams(config, loaded, identity["tokenizer"], console)

@@ -24,6 +24,7 @@ from domainlm.config import (
     ENCODING_ERRORS,
     PRECISIONS,
     check_device,
+    check_seed,
     opt,
     read_run_settings,
 )
@@ -92,6 +93,7 @@ class GenerateConfig:
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be a positive number")
         self.settings()  # checks temperature, top-k, top-p and the penalty
+        check_seed(self.seed)
         if self.precision not in PRECISIONS:
             raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}")
         check_device(self.device)
@@ -147,7 +149,17 @@ def read_prompts(config: GenerateConfig) -> list[str]:
         path = Path(config.prompts_file)
         if not path.is_file():
             raise UserError(f"--prompts-file {path}: no such file")
-        text = path.read_text(encoding="utf-8-sig")
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            from domainlm.data.corpus import invalid_utf8_lines
+
+            bad = invalid_utf8_lines(raw, 1)
+            shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
+            raise UserError(
+                f"--prompts-file {path}: invalid UTF-8 on line(s) {shown}; save it as UTF-8"
+            ) from None
         from_file = [line.rstrip("\r") for line in text.split("\n") if line.strip()]
         if not from_file:
             raise UserError(f"--prompts-file {path} holds no prompt (it is empty or blank)")

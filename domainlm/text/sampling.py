@@ -28,13 +28,13 @@ class SamplingSettings:
     repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # nan too
             raise UserError(f"--temperature must be 0 (greedy) or more, got {self.temperature}")
         if self.top_k is not None and self.top_k < 0:
             raise UserError(f"--top-k must be 0 (off) or more, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
+        if not self.repetition_penalty > 0:  # nan too
             raise UserError(f"--repetition-penalty must be positive, got {self.repetition_penalty}")
 
 

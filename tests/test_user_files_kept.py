@@ -1,0 +1,104 @@
+"""What a command writes never replaces a file of the user's: `demo --output-dir`,
+`report --output` and `perplexity --per-line` refuse a file there that they did not write (one
+line, exit 2, the file intact), and replace their own when run again."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import uneven_corpus, write_lines
+
+from domainlm.cli import main as cli_main
+from domainlm.demo import DEMO_MARKER
+
+
+def refused(capsys: pytest.CaptureFixture[str], args: list[str], *expected: str) -> str:
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("domainlm: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+def test_demo_keeps_a_users_data_and_rewrites_its_own(tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "u"
+    (folder / "data").mkdir(parents=True)
+    mine = folder / "data" / "train.txt"
+    mine.write_text("MINE\n")
+    demo = ["demo", "--output-dir", str(folder), "--preset", "scratch:tiny"]
+    refused(capsys, [*demo, "--max-steps", "1"], f"{mine} exists and was not written by")
+    assert mine.read_text() == "MINE\n" and not (folder / "model").exists()
+    refused(capsys, [*demo, "--max-steps", "0"], "--max-steps must be a positive number")
+    own = tmp_path / "demo"
+    assert cli_main(["demo", "--output-dir", str(own), "--preset", "scratch:tiny",
+                     "--max-steps", "1"]) == 0  # fmt: skip
+    assert (own / DEMO_MARKER).is_file() and (own / "model" / "model.safetensors").is_file()
+    (own / "data" / "valid.txt").write_text("edited by the demo's owner\n")
+    assert cli_main(["demo", "--output-dir", str(own), "--preset", "scratch:tiny",
+                     "--max-steps", "1"]) == 0  # its own folder: rewritten  # fmt: skip
+    assert (own / "data" / "valid.txt").read_text() != "edited by the demo's owner\n"
+
+
+@pytest.fixture(scope="module")
+def run_folder(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("kept")
+    train = write_lines(root / "train.txt", uneven_corpus(30, seed=0))
+    valid = write_lines(root / "valid.txt", uneven_corpus(6, seed=1))
+    out = root / "run"
+    assert cli_main(["train", "--model", str(tiny_model_dir), "--train-file", str(train),
+                     "--validation-file", str(valid), "--output-dir", str(out),
+                     "--block-size", "32", "--batch-size", "2", "--max-steps", "2",
+                     "--precision", "fp32", "--quiet"]) == 0  # fmt: skip
+    return out
+
+
+def test_report_keeps_a_users_files_and_another_runs_report(
+    run_folder: Path, tmp_path: Path, capsys
+) -> None:
+    folder = tmp_path / "d"
+    folder.mkdir()
+    (folder / "summary.md").write_text("mine\n")
+    refused(capsys, ["report", str(run_folder), "--output", str(folder)],
+            "summary.md there was not written by domainlm")  # fmt: skip
+    assert (folder / "summary.md").read_text() == "mine\n"
+    assert sorted(p.name for p in folder.iterdir()) == ["summary.md"]
+    other = tmp_path / "other"
+    (other).mkdir()
+    (other / "run_config.json").write_text("{}")
+    (other / "report.html").write_text("<!DOCTYPE html>\n<title>other - domainlm report</title>")
+    refused(capsys, ["report", str(run_folder), "--output", str(other)],
+            "is another training run's folder")  # fmt: skip
+    fresh = tmp_path / "fresh"
+    for _ in range(2):  # its own files: replaced
+        assert cli_main(["report", str(run_folder), "--output", str(fresh)]) == 0
+    assert (fresh / "report.html").is_file() and (fresh / "summary.md").is_file()
+    assert cli_main(["report", str(run_folder)]) == 0  # the run's own folder: refreshed
+
+
+def test_per_line_scores_keep_a_users_file_and_replace_their_own(
+    run_folder: Path, tmp_path: Path, capsys
+) -> None:
+    metrics = run_folder / "metrics.jsonl"
+    before = metrics.read_bytes()
+    valid = run_folder.parent / "valid.txt"
+    base = ["perplexity", "--model", str(run_folder), "--file", str(valid), "--quiet"]
+    refused(capsys, [*base, "--per-line", str(metrics)],
+            f"--per-line {metrics} exists and is not a per-line scores file")  # fmt: skip
+    assert metrics.read_bytes() == before
+    notes = tmp_path / "notes.csv"
+    notes.write_text("a,b\n1,2\n")
+    refused(capsys, [*base, "--per-line", str(notes)], "name another file")
+    assert notes.read_text() == "a,b\n1,2\n"
+    for suffix in ("jsonl", "csv"):
+        scores = tmp_path / f"scores.{suffix}"
+        for _ in range(2):  # written, then replaced by the same command
+            assert cli_main([*base, "--per-line", str(scores)]) == 0
+        lines = scores.read_text().splitlines()
+        assert len(lines) == 6 + (suffix == "csv")
+        if suffix == "jsonl":
+            assert json.loads(lines[0])["line"] == 1
+    capsys.readouterr()
