@@ -254,7 +254,6 @@ class TrainConfig:
         optional_positive = [
             "block_size",
             "eval_batch_size",
-            "max_steps",
             "eval_steps",
             "eval_stride",
             "save_total_limit",
@@ -263,13 +262,12 @@ class TrainConfig:
             "early_stopping_patience",
         ]
         for name in positive:
-            _require_positive(name, getattr(self, name))
+            require_positive(name, getattr(self, name))
         for name in optional_positive:
             value = getattr(self, name)
             if value is not None:
-                _require_positive(name, value)
-        if self.epochs <= 0 and self.max_steps is None:
-            raise UserError("--epochs must be positive (or set --max-steps)")
+                require_positive(name, value)
+        check_run_length(self.epochs, self.max_steps)
         if self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
         for name in ("warmup_steps",):
@@ -288,7 +286,7 @@ class TrainConfig:
                     f"0.999, got {getattr(self, name)}"
                 )
         check_seed(self.seed)
-        _require_positive("sample_max_new_tokens", self.sample_max_new_tokens)
+        require_positive("sample_max_new_tokens", self.sample_max_new_tokens)
         for name in (
             "precision", "scheduler", "strategy", "packing", "doc_sep", "encoding_errors",
             "load_dtype", "checkpoint_format",
@@ -332,6 +330,14 @@ def check_seed(seed: int | None) -> None:
         raise UserError(f"--seed must be a whole number from 0 to {MAX_SEED}, got {seed}")
 
 
+def check_run_length(epochs: float, max_steps: int | None) -> None:
+    """--max-steps, when given, is positive; else --epochs is."""
+    if max_steps is not None:
+        require_positive("max_steps", max_steps)
+    elif not epochs > 0:
+        raise UserError("--epochs must be positive (or set --max-steps)")
+
+
 def check_device(device: str | None) -> None:
     """--device is one of DEVICES, or None ($DOMAINLM_DEVICE or auto, checked when used)."""
     if device is not None and device not in DEVICES:
@@ -351,8 +357,8 @@ def check_lora_fields(config: TrainConfig) -> None:
         if not config.merge:
             raise UserError("--no-merge needs --lora (only a LoRA run has an adapter to merge)")
         return
-    _require_positive("lora_r", config.lora_r)
-    _require_positive("lora_alpha", config.lora_alpha)
+    require_positive("lora_r", config.lora_r)
+    require_positive("lora_alpha", config.lora_alpha)
     if not 0 <= config.lora_dropout < 1:
         raise UserError(f"--lora-dropout must be at least 0 and below 1, got {config.lora_dropout}")
     if config.strategy == "fsdp":
@@ -438,6 +444,6 @@ def _field_meta(name: str) -> dict[str, Any]:
     return {f.name: f.metadata for f in dataclasses.fields(TrainConfig)}[name]
 
 
-def _require_positive(name: str, value: float) -> None:
+def require_positive(name: str, value: float) -> None:
     if value <= 0:
         raise UserError(f"--{name.replace('_', '-')} must be a positive number, got {value}")

@@ -11,7 +11,7 @@ import random
 import sysconfig
 from pathlib import Path
 
-from domainlm.config import TrainConfig
+from domainlm.config import TrainConfig, require_positive
 from domainlm.errors import UserError
 
 MIN_CHARS, MAX_CHARS = 40, 2000
@@ -92,8 +92,8 @@ DEMO_STEPS = 180
 def run_demo(output_dir: Path, max_steps: int | None = None, model: str = "scratch:mini") -> None:
     from domainlm.run.train import train
 
-    if max_steps is not None and max_steps <= 0:
-        raise UserError(f"--max-steps must be a positive number, got {max_steps}")
+    if max_steps is not None:
+        require_positive("max_steps", max_steps)
     marker = output_dir / DEMO_MARKER
     train_file, valid_file = write_demo_corpus(output_dir / "data", owned=marker.is_file())
     marker.write_text("written by `domainlm demo`: its data/ and model/ may be rewritten\n")

@@ -26,6 +26,7 @@ from domainlm.config import (
     PRECISIONS,
     STRATEGIES,
     TEXT_COLUMN_HELP,
+    check_run_length,
     check_seed,
     read_run_settings,
 )
@@ -125,10 +126,7 @@ class InspectConfig:
             )
         if self.time_steps < 0:
             raise UserError("--time-steps must be 0 or more")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise UserError("--max-steps must be positive")
-        if not self.epochs > 0 and self.max_steps is None:
-            raise UserError("--epochs must be positive (or set --max-steps)")
+        check_run_length(self.epochs, self.max_steps)
         check_seed(self.seed)
         for name, choices in (
             ("precision", PRECISIONS), ("load_dtype", LOAD_DTYPES), ("device", (*DEVICES, None)),

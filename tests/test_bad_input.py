@@ -409,7 +409,12 @@ def test_inspect_refuses_a_run_of_no_steps(corpus: Path, tmp_path: Path, capsys)
     base = ["inspect", "--model", "scratch:tiny", "--train-file", str(corpus / "train.txt"),
             "--time-steps", "0"]  # fmt: skip
     refused(capsys, [*base, "--epochs", "-3"], tmp_path / "none", "--epochs must be positive")
-    refused(capsys, [*base, "--max-steps", "0"], tmp_path / "none", "--max-steps must be positive")
+    refused(
+        capsys,
+        [*base, "--max-steps", "0"],
+        tmp_path / "none",
+        "--max-steps must be a positive number",
+    )
     refused(capsys, [*base, "--seed", "-1"], tmp_path / "none", "--seed must be a whole number")
 
 
@@ -423,6 +428,9 @@ def test_generate_refuses_invalid_utf8_prompts_and_nan_settings(
             f"--prompts-file {prompts}: invalid UTF-8 on line(s) 2")  # fmt: skip
     for flag in ("--temperature", "--repetition-penalty"):
         refused(capsys, [*base, "--prompt", "a", flag, "nan"], tmp_path / "none", flag)
+    refused(capsys, [*base, "--prompt", "a", "--seed", "-1"], tmp_path / "none", "--seed must be")
+    scores = ["perplexity", "--model", str(tiny_model_dir), "--text", "a b", "--seed", "-1"]
+    refused(capsys, scores, tmp_path / "none", "--seed must be a whole number")
 
 
 def test_resume_with_another_seed_is_refused(corpus: Path, tmp_path: Path, capsys) -> None:

@@ -162,11 +162,16 @@ def decode_chunk(file: Path, first_line: int, chunk: bytes, encoding_errors: str
     except UnicodeDecodeError:
         if encoding_errors == "replace":
             return chunk.decode(codec, errors="replace")
-    bad = invalid_utf8_lines(chunk, first_line)
-    shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
     raise UserError(
-        f"{file}: invalid UTF-8 on line(s) {shown}; fix the file or pass --encoding-errors replace"
+        f"{file}: invalid UTF-8 on line(s) {invalid_utf8_lines_shown(chunk, first_line)}; fix "
+        "the file or pass --encoding-errors replace"
     )
+
+
+def invalid_utf8_lines_shown(chunk: bytes, first_line: int) -> str:
+    """The numbers of the chunk's lines that are not UTF-8, the first ten, for a message."""
+    bad = invalid_utf8_lines(chunk, first_line)
+    return ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
 
 
 def invalid_utf8_lines(chunk: bytes, first_line: int) -> list[int]:

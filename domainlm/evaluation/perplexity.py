@@ -488,7 +488,7 @@ def is_line_scores_file(path: Path) -> bool:
     with open(path, "rb") as file:
         first = file.readline(1 << 16).decode("utf-8", errors="replace").strip()
     if not first:
-        return path.stat().st_size == 0 or not path.read_bytes().strip()
+        return not path.read_bytes().strip()  # empty or blank
     if path.suffix == ".csv":
         return first == ",".join(LINE_FIELDS)
     try:

@@ -413,9 +413,10 @@ def scenario(
     gradients = trainable * grad_bytes
     optimizer = 2 * trainable * grad_bytes  # AdamW's moments, in the parameter's dtype
     sharded = ranks > 1 and not lora
-    # FSDP gathers a mixed-precision run's matrices in the half dtype: no autocast copies
-    mixed_fsdp = sharded and b.autocast and b.weight == 4
-    copies = 2 * s.matrix_params if (b.autocast and b.weight == 4 and not mixed_fsdp) else 0
+    half_of_float32 = b.autocast and b.weight == 4  # autocast computes in half from float32
+    # FSDP gathers such a run's matrices in the half dtype: autocast makes no copies then
+    mixed_fsdp = sharded and half_of_float32
+    copies = 2 * s.matrix_params if (half_of_float32 and not sharded) else 0
     copies += 2 * trainable if (b.autocast and lora) else 0
     layer_copies = copies // max(s.layers, 1)
     layer = layer_activations(s, b, adapters)

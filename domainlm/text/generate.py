@@ -153,12 +153,11 @@ def read_prompts(config: GenerateConfig) -> list[str]:
         try:
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError:
-            from domainlm.data.corpus import invalid_utf8_lines
+            from domainlm.data.corpus import invalid_utf8_lines_shown
 
-            bad = invalid_utf8_lines(raw, 1)
-            shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
             raise UserError(
-                f"--prompts-file {path}: invalid UTF-8 on line(s) {shown}; save it as UTF-8"
+                f"--prompts-file {path}: invalid UTF-8 on line(s) "
+                f"{invalid_utf8_lines_shown(raw, 1)}; save it as UTF-8"
             ) from None
         from_file = [line.rstrip("\r") for line in text.split("\n") if line.strip()]
         if not from_file:
