@@ -272,7 +272,12 @@ def run_child(spec: dict) -> dict:
     if spec.get("ranks", 1) > 1:
         command[1:1] = ["-m", "torch.distributed.run", "--standalone",
                         f"--nproc-per-node={spec['ranks']}"]  # fmt: skip
-    out = subprocess.run(command, capture_output=True, text=True, check=True)
+    out = subprocess.run(command, capture_output=True, text=True)
+    if out.returncode != 0:  # what the child said, for whoever reads the failure
+        raise RuntimeError(
+            f"{spec['name']} ({spec['precision']}, {spec.get('ranks', 1)} rank(s)) failed with "
+            f"exit code {out.returncode}:\n{out.stderr[-4000:]}"
+        )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -124,11 +124,12 @@ def test_fsdp_plan_against_measured_peaks_on_the_cpu(tmp_path):
     -10%; autocast's copies counted under mixed precision: +8.5%)."""
     out = tmp_path / "rows.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run(
+    measured = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "memory_peak.py"), "--fsdp", "--only", "0,5,7",
          "--json", str(out)],
-        check=True, capture_output=True, env=env, timeout=600,
+        capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
+    assert measured.returncode == 0, measured.stderr[-6000:]  # the failing row's own stderr
     rows = json.loads(out.read_text())
     assert [(r["model"], r["precision"], r["ranks"], r["ckpt"], r["batch"]) for r in rows] == [
         ("gpt2:tiny", "fp32", 2, False, 8), ("gpt2:gpt2", "fp32", 2, True, 1),
