@@ -210,14 +210,23 @@ def child(spec: dict) -> dict:
     from domainlm.model.malloc import reuse_freed_host_memory
 
     reuse_freed_host_memory()
+    from domainlm.model.distributed import DistContext, setup_distributed, teardown_distributed
+
+    ctx = setup_distributed(device="cpu", strategy="fsdp") if spec["ranks"] > 1 else DistContext()
+    try:
+        return measure(spec, ctx)
+    finally:  # as a run does: a gloo rank that exits with its group alive can die of SIGABRT
+        teardown_distributed(ctx)  # at exit now and then (pytorch/pytorch#190489)
+
+
+def measure(spec: dict, ctx) -> dict:  # type: ignore[no-untyped-def]
+    """`child`'s measurement, in a process group already joined (`ctx`) or none."""
     import torch
 
     from domainlm.model.device import autocast
-    from domainlm.model.distributed import DistContext, setup_distributed
     from domainlm.model.memory import plan_memory
 
-    ranks = spec.get("ranks", 1)
-    ctx = setup_distributed(device="cpu", strategy="fsdp") if ranks > 1 else DistContext()
+    ranks = spec["ranks"]
     torch.set_num_threads(max(1, 2 // ranks))
     cfg = model_config(spec["model"])
     plan = plan_memory(cfg, model=spec["model"], batch_size=spec["batch"],
@@ -269,13 +278,13 @@ def child(spec: dict) -> dict:
 def run_child(spec: dict) -> dict:
     """`child(spec)` in a fresh process, or in `spec["ranks"]` under torchrun (rank 0's row)."""
     command = [sys.executable, __file__, "--child", json.dumps(spec)]
-    if spec.get("ranks", 1) > 1:
+    if spec["ranks"] > 1:
         command[1:1] = ["-m", "torch.distributed.run", "--standalone",
                         f"--nproc-per-node={spec['ranks']}"]  # fmt: skip
     out = subprocess.run(command, capture_output=True, text=True)
     if out.returncode != 0:  # what the child said, for whoever reads the failure
         raise RuntimeError(
-            f"{spec['name']} ({spec['precision']}, {spec.get('ranks', 1)} rank(s)) failed with "
+            f"{spec['name']} ({spec['precision']}, {spec['ranks']} rank(s)) failed with "
             f"exit code {out.returncode}:\n{out.stderr[-4000:]}"
         )
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -32,6 +32,13 @@ CHECKPOINT_FORMATS = ("auto", "full", "sharded")
 LOAD_DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_SEED = 42  # train's --seed; perplexity's builds a scratch:NAME preset the same way
 RUN_FILE = "run_config.json"  # a run folder's identity, settings and owned files (run/train.py)
+# The settings that shape the updates a run makes: the model card's table, and what a resumed
+# run records when it changes them (run_config.json's "history", run/resume.py)
+TRAINING_SETTINGS = (
+    "block_size", "batch_size", "grad_accum", "epochs", "max_steps", "early_stopping_patience",
+    "load_best_model_at_end", "lr", "scheduler", "warmup_steps", "min_lr_ratio", "weight_decay",
+    "adam_beta1", "adam_beta2", "max_grad_norm", "precision", "load_dtype", "packing", "seed",
+)  # fmt: skip
 
 
 def read_run_settings(spec: str | Path) -> tuple[Path, dict[str, Any]] | None:
@@ -49,6 +56,20 @@ def read_run_settings(spec: str | Path) -> tuple[Path, dict[str, Any]] | None:
         if isinstance(run, dict):
             return candidate, run
     return None
+
+
+def valid_history(value: Any) -> list[dict[str, Any]]:
+    """The well-formed entries of a run file's "history" (run/resume.py's `resume_history`:
+    `{"step": int, "changed": {setting: [before, after]}}`, by step); others are left out."""
+    entries = value if isinstance(value, list) else []
+    return [
+        entry
+        for entry in entries
+        if isinstance(entry, dict)
+        and isinstance(entry.get("step"), int)
+        and isinstance(entry.get("changed"), dict)
+        and all(isinstance(pair, list) and len(pair) == 2 for pair in entry["changed"].values())
+    ]
 
 
 def opt(default: Any, help: str, **extra: Any) -> Any:

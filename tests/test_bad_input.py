@@ -85,6 +85,21 @@ def test_binary_file(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
     refused(capsys, args_for(tiny_model_dir, train, out), out, str(train), "binary")
 
 
+def test_a_stray_nul_byte_names_its_lines(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    """A text file with NUL bytes on a few lines is refused with those lines' numbers (counted
+    here by hand) and the way to remove them, not only "binary"."""
+    train = tmp_path / "train.txt"
+    lines = [b"plain line %d" % n for n in range(1, 13)]
+    for number in (3, 7):
+        lines[number - 1] += b"\x00tail"
+    train.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "out"
+    refused(
+        capsys, args_for(tiny_model_dir, train, out), out, str(train),
+        "NUL bytes on line(s) 3, 7;", "tr -d",
+    )  # fmt: skip
+
+
 def test_invalid_utf8_names_lines_and_replace_goes_on(
     tiny_model_dir: Path, tmp_path: Path, capsys
 ) -> None:
@@ -120,10 +135,25 @@ def test_unknown_model_offline(tmp_path: Path, corpus: Path, capsys, monkeypatch
     assert "unreachable" in line
 
 
-def test_block_size_over_context(tiny_model_dir: Path, corpus: Path, tmp_path: Path, capsys):
+def test_block_size_over_context(
+    tiny_model_dir: Path, corpus: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """The error alone: no memory warning for a block size the model cannot take, even where
+    memory is short (the plan is made only once the block size is known good)."""
+    import domainlm.model.memory as memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1)  # no plan fits
     out = tmp_path / "out"
     args = args_for(tiny_model_dir, corpus / "train.txt", out, "--block-size", "512")
-    refused(capsys, args, out, "--block-size 512", "context of 256", "at most 256")
+    before = snapshot(out)
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    for text in ("domainlm: error: --block-size 512", "context of 256", "at most 256"):
+        assert text in err[0], err[0]
+    assert snapshot(out) == before
+    assert cli_main(args_for(tiny_model_dir, corpus / "train.txt", out)) == 0  # planted short
+    assert "warning: memory: this run needs" in capsys.readouterr().err  # memory is warned
 
 
 @pytest.mark.parametrize(

@@ -49,6 +49,7 @@ FULL_HASH_BYTES = 64 << 20
 SAMPLES = 64
 SAMPLE_BYTES = 64 << 10
 PROGRESS_MIN_BYTES = 32 << 20
+MAX_LINE_NUMBERS = 10  # line numbers shown in one message or warning
 TEXT_SUFFIXES = (".txt", ".jsonl", ".text")
 FOLDER_SUFFIXES = (*TEXT_SUFFIXES, ".parquet", ".csv")
 
@@ -156,7 +157,11 @@ def decode_chunk(file: Path, first_line: int, chunk: bytes, encoding_errors: str
     """UTF-8 text of a chunk (a BOM dropped at the file start); bad bytes name their lines."""
     codec = "utf-8-sig" if first_line == 1 else "utf-8"
     if first_line == 1 and b"\x00" in chunk[: 1 << 20]:
-        raise UserError(f"{file}: looks like a binary file (it contains NUL bytes), not text")
+        raise UserError(
+            f"{file}: looks like a binary file, not text: NUL bytes on line(s) "
+            f"{lines_shown(nul_lines(chunk[: 1 << 20], first_line))}; give a text file, or if "
+            "this is one remove its NUL bytes (tr -d '\\000')"
+        )
     try:
         return chunk.decode(codec)
     except UnicodeDecodeError:
@@ -170,8 +175,18 @@ def decode_chunk(file: Path, first_line: int, chunk: bytes, encoding_errors: str
 
 def invalid_utf8_lines_shown(chunk: bytes, first_line: int) -> str:
     """The numbers of the chunk's lines that are not UTF-8, the first ten, for a message."""
-    bad = invalid_utf8_lines(chunk, first_line)
-    return ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
+    return lines_shown(invalid_utf8_lines(chunk, first_line))
+
+
+def lines_shown(numbers: list[int]) -> str:
+    """Line numbers for a message: the first MAX_LINE_NUMBERS, then "..." if there are more."""
+    shown = ", ".join(map(str, numbers[:MAX_LINE_NUMBERS]))
+    return shown + (" ..." if len(numbers) > MAX_LINE_NUMBERS else "")
+
+
+def nul_lines(chunk: bytes, first_line: int) -> list[int]:
+    """The numbers of the chunk's lines that hold a NUL byte."""
+    return [n for n, line in enumerate(chunk.split(b"\n"), start=first_line) if b"\x00" in line]
 
 
 def invalid_utf8_lines(chunk: bytes, first_line: int) -> list[int]:

@@ -28,14 +28,19 @@ from typing import Any
 
 import numpy as np
 
-from domainlm.data.corpus import corpus_fingerprint, iter_chunks, text_files
+from domainlm.data.corpus import (
+    MAX_LINE_NUMBERS,
+    corpus_fingerprint,
+    iter_chunks,
+    lines_shown,
+    text_files,
+)
 from domainlm.data.formats import DEFAULT_TEXT_COLUMN, is_table, iter_text_batches
 from domainlm.data.tokens import default_cache_dir
 
 LINT_VERSION = "2"
 SHORT_LINE_CHARS = 10  # a non-empty line under this many characters is "very short"
 MAX_EXAMPLES = 3
-MAX_LINE_NUMBERS = 10
 CONTROL_CHARS = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
@@ -85,7 +90,7 @@ def file_warnings(lint: FileLint, doc_sep: str, block_size: int | None) -> list[
     if lint.invalid_utf8_count:
         out.append(
             f"{p}: {lint.invalid_utf8_count} line(s) of invalid UTF-8, e.g. line(s) "
-            f"{_numbers(lint.invalid_utf8_lines)}"
+            f"{lines_shown(lint.invalid_utf8_lines)}"
         )
     if lint.empty_lines and doc_sep == "line":
         out.append(f"{p}: {lint.empty_lines} empty line(s) (skipped)")
@@ -108,13 +113,13 @@ def file_warnings(lint: FileLint, doc_sep: str, block_size: int | None) -> list[
         seen = ", ".join(lint.special_token_texts)
         out.append(
             f"{p}: {lint.special_token_count} line(s) contain special-token text ({seen}), e.g. "
-            f"line(s) {_numbers(lint.special_token_lines)}; it is read as plain text, not as the "
+            f"line(s) {lines_shown(lint.special_token_lines)}; it is read as plain text, not as the "
             "special token (documents end only where --doc-sep says)"
         )
     if lint.control_char_count:
         out.append(
             f"{p}: {lint.control_char_count} line(s) with control characters, e.g. line(s) "
-            f"{_numbers(lint.control_char_lines)}"
+            f"{lines_shown(lint.control_char_lines)}"
         )
     if lint.crlf_lines:
         out.append(f"{p}: {lint.crlf_lines} line(s) end in CRLF (Windows); the CR is dropped")
@@ -125,12 +130,6 @@ def file_warnings(lint: FileLint, doc_sep: str, block_size: int | None) -> list[
             f"{p}: {lint.short_lines} very short line(s) (under {SHORT_LINE_CHARS} characters)"
         )
     return out
-
-
-def _numbers(numbers: list[int]) -> str:
-    return ", ".join(map(str, numbers[:MAX_LINE_NUMBERS])) + (
-        " ..." if len(numbers) > MAX_LINE_NUMBERS else ""
-    )
 
 
 def _short(text: str, limit: int = 60) -> str:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from domainlm.config import TRAINING_SETTINGS, valid_history
 from domainlm.errors import UserError
 from domainlm.run.metrics import read_events
 
@@ -44,6 +45,7 @@ class RunData:
     evals: list[dict[str, Any]]
     config: dict[str, Any] = field(default_factory=dict)
     results: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)  # settings changed on resume
 
     @property
     def name(self) -> str:
@@ -78,7 +80,11 @@ def read_run(path: Path) -> RunData:
             payload = json.loads((path / name).read_text())
         except (OSError, ValueError):
             continue
+        if not isinstance(payload, dict):  # not a file domainlm wrote
+            continue
         setattr(run, attr, payload.get("config", {}) if attr == "config" else payload)
+        if attr == "config":
+            run.history = valid_history(payload.get("history"))
     return run
 
 
@@ -287,7 +293,7 @@ def model_card(run: RunData, data: dict[str, Any] | None = None) -> str:
     lines += [f"# {run.name}", ""]
     lines += [f"A causal language model fine-tuned from `{base}` with domainlm.", ""]
     lines += card_data_section(run, data)
-    lines += card_training_section(run.config)
+    lines += card_training_section(run.config, run.history)
     lines += card_results_section(run)
     lines += [
         "",
@@ -359,29 +365,30 @@ def card_data_section(run: RunData, data: dict[str, Any] | None) -> list[str]:
     return lines
 
 
-CARD_SETTINGS = (
-    "block_size",
-    "batch_size",
-    "grad_accum",
-    "epochs",
-    "max_steps",
-    "early_stopping_patience",
-    "load_best_model_at_end",
-    "lr",
-    "scheduler",
-    "warmup_steps",
-    "min_lr_ratio",
-    "weight_decay",
-    "max_grad_norm",
-    "precision",
-    "packing",
-    "seed",
-)
-
-
-def card_training_section(config: dict[str, Any]) -> list[str]:
+def card_training_section(config: dict[str, Any], history: list[dict[str, Any]]) -> list[str]:
+    """The settings table (the last command's values), then the changes made on resume."""
     lines = ["", "## Training hyperparameters", "", "| setting | value |", "|---|---|"]
-    lines += [f"| {key} | {config[key]} |" for key in CARD_SETTINGS if key in config]
+    lines += [f"| {key} | {config[key]} |" for key in TRAINING_SETTINGS if key in config]
+    if history:
+        lines += [
+            "",
+            "The run was resumed with other settings (the table shows the last ones):",
+            "",
+        ]
+        lines += [f"- {line}" for line in history_lines(history)]
+    return lines
+
+
+def history_lines(history: list[dict[str, Any]]) -> list[str]:
+    """One line per resume that changed settings (run_config.json's history): "from step 500:
+    lr 5e-05 -> 0.0001"."""
+    lines = []
+    for entry in history:
+        changed = entry["changed"]
+        order = {key: index for index, key in enumerate(TRAINING_SETTINGS)}
+        keys = sorted(changed, key=lambda key: order.get(key, len(order)))  # the table's order
+        pairs = ", ".join(f"{key} {changed[key][0]} -> {changed[key][1]}" for key in keys)
+        lines.append(f"from step {entry['step']}: {pairs}")
     return lines
 
 
@@ -494,6 +501,11 @@ def _table(
     return "\n".join(out + ["</table>"])
 
 
+def _list(items: list[str]) -> str:
+    """An HTML bullet list of plain-text items (escaped here)."""
+    return "<ul>" + "".join(f"<li>{_e(item)}</li>" for item in items) + "</ul>"
+
+
 def _plot_images(plots: list[Path]) -> str:
     """The PNGs inline as data: URLs (the page needs no other file)."""
     parts = ['<div class="plots">']
@@ -586,6 +598,9 @@ def _run_details(
     out.append("<h3>Settings (run_config.json)</h3>")
     if run.config:
         out.append(_table(["setting", "value"], [[k, _setting(v)] for k, v in run.config.items()]))
+        if run.history:
+            out.append("<p>Resumed with other settings (the table shows the last ones):</p>")
+            out.append(_list(history_lines(run.history)))
     else:
         out.append('<p class="muted">No run_config.json.</p>')
     return "\n".join(out)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from domainlm.config import TrainConfig
+from domainlm.config import TRAINING_SETTINGS, TrainConfig, valid_history
 from domainlm.data.tokens import TokenStream
 from domainlm.errors import UserError
 from domainlm.model.distributed import DistContext
@@ -213,14 +213,55 @@ def write_run_file(
     identity: dict[str, Any],
     written: list[str],
     finished: dict[str, Any] | None = None,
+    history: list[dict[str, Any]] | None = None,
 ) -> None:
-    """run_config.json: the run's identity, settings and owned files; `finished` only once the
-    final model, eval_results.json and the report are written (a run started again with the
-    same settings and data then does nothing: `finished_result`)."""
+    """run_config.json: the run's identity, settings (the latest command's), owned files and
+    `history` (the settings changed on resume, `resume_history`; None keeps the file's);
+    `finished` only once the final model, eval_results.json and the report are written (a run
+    started again with the same settings and data then does nothing: `finished_result`)."""
     previous = read_run_file(output_dir) or {}
     owned = sorted(set(previous.get("written", [])) | set(written) | {"metrics.jsonl"})
     run = {"identity": identity, "config": config.to_dict(), "written": owned}
+    history = valid_history(previous.get("history")) if history is None else history
+    run = {**run, "history": history} if history else run
     write_json_atomic(output_dir / RUN_FILE, {**run, "finished": finished} if finished else run)
+
+
+def resume_history(
+    previous: dict[str, Any] | None, config: TrainConfig, step: int
+) -> tuple[list[dict[str, Any]], dict[str, list[Any]]]:
+    """The run file's history for a run resumed at `step`, and what this command changes there.
+
+    The history lists, by step, the training settings (config.TRAINING_SETTINGS) a resumed run
+    changed: `{"step": 500, "changed": {"lr": [5e-05, 0.0001]}}` (before, after). Entries after
+    `step` (a run resumed from an earlier checkpoint trains those steps again) are dropped and
+    their changes undone, so "before" is what trained up to `step`; a second change at the same
+    step joins the first, and a setting set back to its value is no change."""
+    previous = previous if isinstance(previous, dict) else {}
+    before = dict(previous.get("config") or {})
+    history = valid_history(previous.get("history"))
+    kept = [entry for entry in history if entry["step"] <= step]
+    for entry in reversed(history[len(kept) :]):  # undone, latest first: retrained from `step`
+        for key, (old, _) in entry["changed"].items():
+            before[key] = old
+    if not before:
+        return kept, {}
+    after = config.to_dict()
+    changed = {key: [before[key], after.get(key)] for key in TRAINING_SETTINGS if key in before}
+    if kept and kept[-1]["step"] == step:  # resumed again at the same step: one change
+        for key, (old, _) in kept.pop()["changed"].items():
+            changed[key] = [old, after.get(key)]
+    changed = {key: pair for key, pair in changed.items() if pair[0] != pair[1]}
+    return kept + ([{"step": step, "changed": changed}] if changed else []), changed
+
+
+def changes_shown(changed: dict[str, list[Any]]) -> str:
+    """`--lr 5e-05 -> 0.0001, --batch-size 8 -> 4`, for a message."""
+    shown = lambda value: "(unset)" if value is None else value  # noqa: E731
+    return ", ".join(
+        f"--{key.replace('_', '-')} {shown(before)} -> {shown(after)}"
+        for key, (before, after) in changed.items()
+    )
 
 
 def finish_marker(done: int, total_steps: int, valid_stream: TokenStream) -> dict[str, Any]:

@@ -72,9 +72,11 @@ from domainlm.run.memory_check import check_run_memory
 from domainlm.run.metrics import Console, MetricsLog
 from domainlm.run.report import data_summary, write_run_report
 from domainlm.run.resume import (
+    changes_shown,
     clear_earlier_run,
     decide_resume,
     finish_marker,
+    resume_history,
     stream_fingerprint,
     write_run_file,
 )
@@ -237,9 +239,6 @@ def check_inputs(
         check_input(config.validation_file, config.text_column)
     check_output_dir(output_dir)
     resolve_report_to(config.report_to)  # --report-to: known trackers, each installed
-    # The memory plan of these settings against the memory free: a warning (--strict: an error)
-    # before the weights load (run/memory_check.py).
-    check_run_memory(config, ctx, device, precision, console.warn)
     loaded = load_model(
         config.model,
         seed=config.seed,
@@ -250,6 +249,10 @@ def check_inputs(
     block_size = loaded.block_size(config.block_size, default_cap=1024)
     eval_stride = config.eval_stride or block_size - 1
     check_window(block_size, eval_stride)
+    # The memory plan of these settings against the memory free: a warning (--strict: an error)
+    # once the block size is known good, before the data is tokenized and the weights load
+    # (run/memory_check.py).
+    check_run_memory(config, ctx, device, precision, console.warn)
     identity = {
         "model": config.model,
         "tokenizer": tokenizer_fingerprint(loaded.tokenizer, loaded.eos_id, loaded.document_prefix),
@@ -432,9 +435,10 @@ def start_state(
     output_dir = Path(config.output_dir)
     trackers = resolve_report_to(config.report_to)  # run/trackers.py: TensorBoard, MLflow, W&B
     if ctx.is_main:
+        history = settings_history(config, data, start_step, total_steps, console)
         output_dir.mkdir(parents=True, exist_ok=True)
         owned = tracker_outputs(trackers) + ([SAMPLES_FILE] if config.sample_prompts else [])
-        write_run_file(output_dir, config, data.identity, written=owned)
+        write_run_file(output_dir, config, data.identity, written=owned, history=history)
     metrics = MetricsLog(output_dir / "metrics.jsonl", enabled=ctx.is_main, resume_step=start_step)
     loggers = Trackers(trackers, output_dir, config.to_dict(), start_step)
     if ctx.is_main:
@@ -449,6 +453,25 @@ def start_state(
     )  # fmt: skip
     announce(run, steps_per_epoch)
     return run
+
+
+def settings_history(
+    config: TrainConfig, data: RunData, start_step: int, total_steps: int, console: Console
+) -> list[dict[str, Any]]:
+    """run_config.json's history (run/resume.py's `resume_history`): none for a fresh run; on
+    resume the earlier one, with the training settings this command changes at its step, which
+    are warned about in one line."""
+    if data.resume_from is None:
+        return []
+    history, changed = resume_history(read_run_file(data.resume_from.parent), config, start_step)
+    if changed:
+        used = "the steps from here use them" if start_step < total_steps else "no step is left"
+        console.warn(
+            f"resuming at step {start_step} with other settings than the run's so far: "
+            f"{changes_shown(changed)}; {used} (run_config.json's history and the model card "
+            "record the change)"
+        )
+    return history
 
 
 def announce(run: Run, steps_per_epoch: int) -> None:

@@ -1,0 +1,99 @@
+"""A run resumed with other training settings says so and keeps a record: one warning naming each
+change, run_config.json's "history" (run/resume.py's `resume_history`), and the model card's
+list under its settings table. Before, the card showed only the last command's values, as if
+the whole run had used them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import uneven_corpus, write_lines
+
+from domainlm import TrainConfig, train
+from domainlm.run.metrics import read_events
+from domainlm.run.resume import resume_history
+
+
+def config(model: Path, train_file: Path, out: Path, **kw: object) -> TrainConfig:
+    values: dict[str, object] = dict(
+        model=str(model), train_file=str(train_file), output_dir=str(out), block_size=32,
+        batch_size=2, lr=1e-3, max_steps=4, save_steps=4, eval_steps=100, logging_steps=1,
+        precision="fp32", quiet=True,
+    )  # fmt: skip
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+def test_a_resume_with_other_settings_is_warned_and_recorded(tiny_model_dir, tmp_path, capsys):
+    train_file = write_lines(tmp_path / "train.txt", uneven_corpus(40, seed=5))
+    out = tmp_path / "run"
+    train(config(tiny_model_dir, train_file, out))
+    assert "history" not in json.loads((out / "run_config.json").read_text())
+    capsys.readouterr()
+    train(config(tiny_model_dir, train_file, out, max_steps=8, lr=5e-4))  # goes on from step 4
+    warned = [x for x in capsys.readouterr().err.splitlines() if "other settings" in x]
+    assert len(warned) == 1, warned
+    assert "resuming at step 4" in warned[0]
+    assert "--max-steps 4 -> 8, --lr 0.001 -> 0.0005" in warned[0]
+    run = json.loads((out / "run_config.json").read_text())
+    assert run["history"] == [{"step": 4, "changed": {"max_steps": [4, 8], "lr": [0.001, 0.0005]}}]
+    assert run["config"]["lr"] == 5e-4
+    card = (out / "README.md").read_text()
+    assert "- from step 4: max_steps 4 -> 8, lr 0.001 -> 0.0005" in card
+    assert "other settings" in (out / "report.html").read_text()
+    # the steps after 4 did use the new rate: none logged above it, and before 4 some were
+    rates = {e["step"]: e["lr"] for e in read_events(out / "metrics.jsonl") if "lr" in e}
+    assert sorted(rates) == list(range(1, 9))
+    assert max(rates[s] for s in range(5, 9)) <= 5e-4 < max(rates[s] for s in range(1, 5))
+    capsys.readouterr()
+    train(config(tiny_model_dir, train_file, out, max_steps=8, lr=5e-4))  # the same: no change
+    assert "other settings" not in capsys.readouterr().err
+    assert json.loads((out / "run_config.json").read_text())["history"] == run["history"]
+    train(config(tiny_model_dir, train_file, out, max_steps=8, lr=2e-4))  # finished: no step left
+    warned = [x for x in capsys.readouterr().err.splitlines() if "other settings" in x]
+    assert len(warned) == 1 and "resuming at step 8" in warned[0], warned
+    assert "--lr 0.0005 -> 0.0002; no step is left" in warned[0]
+    history = json.loads((out / "run_config.json").read_text())["history"]
+    assert history == [*run["history"], {"step": 8, "changed": {"lr": [0.0005, 0.0002]}}]
+
+
+def test_a_longer_run_records_only_its_step_count(tiny_model_dir, tmp_path, capsys):
+    train_file = write_lines(tmp_path / "train.txt", uneven_corpus(40, seed=5))
+    out = tmp_path / "run"
+    train(config(tiny_model_dir, train_file, out))
+    train(config(tiny_model_dir, train_file, out, max_steps=6))  # a longer run, nothing else
+    run = json.loads((out / "run_config.json").read_text())
+    assert run["history"] == [{"step": 4, "changed": {"max_steps": [4, 6]}}]
+    assert "- from step 4: max_steps 4 -> 6" in (out / "README.md").read_text()
+
+
+def previous(history: list[dict], **settings: object) -> dict:
+    """A run file's contents: the last command's settings and the history so far."""
+    base = config(Path("m"), Path("t.txt"), Path("o")).to_dict()
+    return {"config": {**base, **settings}, "history": history}
+
+
+def test_history_joins_changes_at_one_step_and_drops_retrained_steps():
+    """Written out by hand: a second resume at the same step joins the first change (and a
+    setting set back is no change); a resume from an earlier checkpoint drops the later entries
+    and compares with what trained up to its step."""
+    at_4 = {"step": 4, "changed": {"lr": [0.001, 0.0005]}}
+    later = config(Path("m"), Path("t.txt"), Path("o"), lr=5e-4, batch_size=4)
+    history, changed = resume_history(previous([at_4], lr=5e-4), later, 4)
+    assert changed == {"batch_size": [2, 4], "lr": [0.001, 0.0005]}
+    assert history == [{"step": 4, "changed": {"batch_size": [2, 4], "lr": [0.001, 0.0005]}}]
+    back = config(Path("m"), Path("t.txt"), Path("o"), lr=1e-3)  # lr set back at step 4
+    assert resume_history(previous([at_4], lr=5e-4), back, 4) == ([], {})
+    at_8 = {"step": 8, "changed": {"batch_size": [2, 4], "lr": [0.0005, 0.0002]}}
+    from_6 = config(Path("m"), Path("t.txt"), Path("o"), lr=5e-4, batch_size=8)
+    history, changed = resume_history(previous([at_4, at_8], lr=2e-4, batch_size=4), from_6, 6)
+    assert changed == {"batch_size": [2, 8]}  # up to step 6 it trained with batch 2, lr 5e-4
+    assert history == [at_4, {"step": 6, "changed": {"batch_size": [2, 8]}}]
+    from_2 = config(Path("m"), Path("t.txt"), Path("o"), lr=2e-4, batch_size=4)
+    history, changed = resume_history(previous([at_4, at_8], lr=2e-4, batch_size=4), from_2, 2)
+    assert changed == {"batch_size": [2, 4], "lr": [0.001, 0.0002]}  # both changes undone
+    assert history == [{"step": 2, "changed": changed}]
+    assert resume_history(None, from_6, 6) == ([], {})  # no run file: nothing to compare
+    broken = [{"step": "4"}, {"step": 4, "changed": {"lr": 1}}, "x"]  # hand-edited: left out
+    assert resume_history(previous(broken, lr=5e-4, batch_size=8), from_6, 6) == ([], {})
