@@ -39,6 +39,9 @@ TRAINING_SETTINGS = (
     "load_best_model_at_end", "lr", "scheduler", "warmup_steps", "min_lr_ratio", "weight_decay",
     "adam_beta1", "adam_beta2", "max_grad_norm", "precision", "load_dtype", "packing", "seed",
 )  # fmt: skip
+# The settings of a command, not of its run: how it shows its progress, how long it waits, where
+# its token cache is. A finished run started again with only these changed has nothing to do.
+COMMAND_SETTINGS = ("quiet", "strict", "dist_timeout", "cache_dir", "preempt_grace")
 
 
 def read_run_settings(spec: str | Path) -> tuple[Path, dict[str, Any]] | None:

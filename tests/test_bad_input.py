@@ -482,3 +482,23 @@ def test_resume_with_another_seed_is_refused(corpus: Path, tmp_path: Path, capsy
     run_file.write_text(json.dumps(record))
     assert cli_main([*longer, "--seed", "3"]) == 0
     assert "resuming from" in capsys.readouterr().err
+
+
+def test_output_into_a_pipe_its_reader_closed_ends_quietly(tiny_model_dir: Path) -> None:
+    """`domainlm perplexity ... --json | head -0`: the reader is gone before the command
+    writes. It ends with exit code 141 (128 + SIGPIPE, as `yes | head` ends `yes`) and says
+    nothing: no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "domainlm", "perplexity", "--model", str(tiny_model_dir),
+             "--text", "the cat sat on the mat", "--json", "--quiet"],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (141, "")

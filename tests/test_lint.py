@@ -74,6 +74,29 @@ def test_leakage_counts_validation_lines_found_in_train(tmp_path):
     assert report.train.leaked_lines is None
 
 
+def test_a_jsonl_file_is_linted_on_its_text_field(tmp_path):
+    """A .jsonl file's texts are its records' "text" fields, as training reads them: duplicates
+    and leaks are found among them (records differ by their other fields), examples quote the
+    text, not the JSON, and characters count the texts as a .csv's rows are counted."""
+    import csv
+    import json
+
+    docs = uneven_corpus(12, seed=3)
+    texts = docs + docs[:4]  # 4 repeated texts, each record with its own id
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts)))
+    valid = write_lines(tmp_path / "valid.txt", [docs[5], "a brand new validation sentence"])
+    report = lint_corpus(train, valid, cache_dir=tmp_path / "cache")
+    assert report.train.duplicate_lines == 4
+    assert report.validation.leaked_lines == 1
+    assert report.validation.leaked_examples == [docs[5]]
+    assert report.train.lines == len(texts)
+    with open(tmp_path / "train.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([["text"], *([t] for t in texts)])
+    table = lint_corpus(tmp_path / "train.csv", cache_dir=tmp_path / "cache").train
+    assert report.train.characters == table.characters == sum(len(t) for t in texts)
+
+
 def test_long_documents_from_token_lengths():
     # documents of 3, 9 and 4 tokens (+ EOS each): starts 1, 5, 15, 20
     assert count_long_documents(np.array([1, 5, 15, 20]), block_size=8) == 1

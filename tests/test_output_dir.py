@@ -91,6 +91,39 @@ def test_overwrite_keeps_a_foreign_trainer_run_and_removes_our_earlier_run(
     assert "checkpoint-500" not in ckpt.read_run_file(out)["written"]
 
 
+def test_overwrite_refuses_another_tools_files_of_the_names_this_run_writes(
+    tiny_model_dir: Path, corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Another tool's checkpoint-3 where a 3-step run saves its last checkpoint is refused (any
+    step of the run may be saved: an interrupt saves there), as a foreign config.json is; one
+    beyond the run's steps stays (checkpoint-500 above). A run_config.json that is not a domainlm
+    run's is the user's file: refused too. Nothing is written or removed by a refused run."""
+    out = tmp_path / "model"
+    (out / "checkpoint-3").mkdir(parents=True)
+    state = out / "checkpoint-3" / "trainer_state.json"
+    state.write_text('{"global_step": 3}')
+    command = seed_style(tiny_model_dir, corpus, out, "--max_steps", "3")
+    assert cli_main(command) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"domainlm: error: --output-dir {out} holds checkpoint-3, which domainlm did not write"
+        in err
+    )
+    assert state.read_text() == '{"global_step": 3}' and not (out / ckpt.RUN_FILE).exists()
+
+    (out / "checkpoint-3").rename(out / "checkpoint-4")  # beyond the run's 3 steps
+    (out / ckpt.RUN_FILE).write_text("USER CONTENT")
+    assert cli_main(command) == 2
+    err = capsys.readouterr().err
+    assert f"--output-dir {out} holds run_config.json, which domainlm did not write" in err
+    assert (out / ckpt.RUN_FILE).read_text() == "USER CONTENT"
+
+    (out / ckpt.RUN_FILE).unlink()
+    assert cli_main(command) == 0
+    assert (out / "checkpoint-3" / ckpt.MARKER).is_file()
+    assert (out / "checkpoint-4" / "trainer_state.json").read_text() == '{"global_step": 3}'
+
+
 @pytest.mark.parametrize("bad", ["../outside", "ABSOLUTE", "sub/../../outside", "..", ""])
 def test_run_file_names_outside_the_folder_delete_nothing(
     tiny_model_dir: Path,

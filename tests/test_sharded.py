@@ -184,6 +184,17 @@ def test_export_refuses_a_corrupt_checkpoint_and_a_used_folder(
     err = capsys.readouterr().err
     assert "is a model folder already" in err and "being written" not in err
     assert not (tmp_path / "again").exists()
+    # A file, and a folder of other things (a report's): each said as it is, nothing written.
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "report.html").write_text("<html></html>")
+    (tmp_path / "notes.txt").write_text("mine")
+    for given, problem in [
+        ("notes.txt", "a file, not a folder"),
+        ("report", "not a checkpoint folder"),
+    ]:
+        assert cli_main(["export", str(tmp_path / given), str(tmp_path / "x")]) == 2
+        assert f"{tmp_path / given}: cannot export it: {problem}" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 # ----------------------------------------------------------------------------- security

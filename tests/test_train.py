@@ -229,15 +229,17 @@ def test_resume_auto_continues_and_other_runs_are_protected(
     steps = [e["step"] for e in read_events(out / "metrics.jsonl")]
     assert steps == sorted(steps) and steps.count(6) == 2 and steps.count(4) == 2
 
-    # The same command once more: the run is done; it says so and does nothing: no step, no
-    # evaluation, no file written (the final model's bytes and times unchanged).
+    # The same command once more (--quiet changed: the command's, not the run's): the run is
+    # done; it says so and does nothing: no step, no evaluation, no file written (the final
+    # model's bytes and times unchanged), and it does not say it saved the model.
     events = read_events(out / "metrics.jsonl")
     files = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.is_file()}
     capsys.readouterr()
-    again = train(base_config(tiny_model_dir, train_file, out, **{**cfg, "max_steps": 6}))
-    assert "finished at step 6 already, with these settings and data: nothing to do" in (
-        capsys.readouterr().err
-    )
+    rerun = {**cfg, "max_steps": 6, "quiet": not base_config(tiny_model_dir, train_file, out).quiet}
+    again = train(base_config(tiny_model_dir, train_file, out, **rerun))
+    err = capsys.readouterr().err
+    assert "finished at step 6 already, with these settings and data: nothing to do" in err
+    assert f"model in {out}, as the earlier run saved it" in err and "model saved" not in err
     assert again.final_perplexity == extended.final_perplexity
     assert (again.steps, again.eval_tokens) == (6, extended.eval_tokens)
     assert read_events(out / "metrics.jsonl") == events

@@ -38,7 +38,7 @@ from domainlm.data.corpus import (
 from domainlm.data.formats import DEFAULT_TEXT_COLUMN, is_table, iter_text_batches
 from domainlm.data.tokens import default_cache_dir
 
-LINT_VERSION = "2"
+LINT_VERSION = "3"  # 3: a .jsonl file is linted on its text field, not its raw lines
 SHORT_LINE_CHARS = 10  # a non-empty line under this many characters is "very short"
 MAX_EXAMPLES = 3
 CONTROL_CHARS = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -139,10 +139,15 @@ def _short(text: str, limit: int = 60) -> str:
 # ----------------------------------------------------------------------------- the text pass
 
 
+def _has_records(file: Path) -> bool:
+    """A table or a .jsonl file: its texts are fields of records, not its lines."""
+    return is_table(file) or file.suffix == ".jsonl"
+
+
 def _iter_file_lines(path: str | os.PathLike) -> Iterator[tuple[Path, int, bytes]]:
-    """(file, first line number, chunk) over all text (not table) files of a file or folder."""
+    """(file, first line number, chunk) over all plain text files of a file or folder."""
     for file in text_files(path):
-        if not is_table(file):
+        if not _has_records(file):
             for first, chunk in iter_chunks(file):
                 yield file, first, chunk
 
@@ -150,11 +155,28 @@ def _iter_file_lines(path: str | os.PathLike) -> Iterator[tuple[Path, int, bytes
 def _iter_table_rows(
     path: str | os.PathLike, text_column: str
 ) -> Iterator[tuple[int, list[str | None]]]:
-    """(first row number, texts) per batch over all table files of a file or folder."""
+    """(first row number, texts) per batch over all table and .jsonl files of a file or folder:
+    a .jsonl line's row is its `text_column` field, as training reads it (None where a line is
+    blank or has no such string field: training refuses those with their line number)."""
     for file in text_files(path):
         if is_table(file):
             for batch in iter_text_batches(file, text_column, "replace"):
                 yield batch.first_row, batch.texts
+        elif _has_records(file):
+            for first, chunk in iter_chunks(file):
+                lines = chunk.decode("utf-8", errors="replace").split("\n")
+                if lines and lines[-1] == "":
+                    lines.pop()  # the piece after the final line end
+                yield first, [_jsonl_field(line, text_column) for line in lines]
+
+
+def _jsonl_field(line: str, text_column: str) -> str | None:
+    try:
+        record = json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
+    text = record.get(text_column) if isinstance(record, dict) else None
+    return text if isinstance(text, str) else None
 
 
 def _special_pattern(special_tokens: Sequence[str]) -> re.Pattern[bytes] | None:

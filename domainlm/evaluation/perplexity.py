@@ -329,7 +329,7 @@ def score_model(
     block_size = loaded.block_size(config.block_size)
     stride = config.stride or block_size - 1
     check_window(block_size, stride)
-    if ctx.is_main and not config.quiet:
+    if ctx.is_main:  # --quiet hides the progress bar, not this
         note = other_window_note(spec, block_size, stride)
         if note:
             print(note, file=sys.stderr)

@@ -304,17 +304,31 @@ OUTPUT_NAMES = (
 )  # fmt: skip
 
 
-def foreign_outputs(output_dir: Path) -> list[str]:
-    """Entries of `output_dir` that a run would write over and domainlm did not write (no earlier
-    run of ours lists them): another tool's model, the user's own files."""
+def foreign_outputs(output_dir: Path, last_step: int = 0) -> list[str]:
+    """Entries of `output_dir` that a run of `last_step` steps would write over and domainlm did
+    not write (no earlier run of ours lists them): another tool's model, the user's own files, a
+    `checkpoint-<N>` folder of another tool with N a step of this run (a checkpoint may be saved
+    at any step: an interrupt saves one), a run_config.json that is not a domainlm run's."""
     if not output_dir.is_dir():
         return []
     owned = set(owned_entries(output_dir))
-    return sorted(
-        p.name
-        for p in output_dir.iterdir()
-        if p.name not in owned and any(fnmatch.fnmatchcase(p.name, n) for n in OUTPUT_NAMES)
-    )
+
+    def would_write(name: str) -> bool:
+        step = name[len(CHECKPOINT_PREFIX) :] if name.startswith(CHECKPOINT_PREFIX) else ""
+        if step.isdigit():
+            return 1 <= int(step) <= last_step
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in OUTPUT_NAMES)
+
+    foreign = [p.name for p in output_dir.iterdir() if p.name not in owned and would_write(p.name)]
+    if (output_dir / RUN_FILE).exists() and not is_run_file(read_run_file(output_dir)):
+        foreign.append(RUN_FILE)
+    return sorted(foreign)
+
+
+def is_run_file(run: object) -> bool:
+    """`run` (a run_config.json's contents) is what domainlm writes: an object with the run's
+    identity or the list of files it wrote."""
+    return isinstance(run, dict) and ("identity" in run or "written" in run)
 
 
 def remove_owned_files(output_dir: Path) -> list[str]:

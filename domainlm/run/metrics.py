@@ -147,10 +147,15 @@ class Console:
             bar.close()
         self._bar = None
 
-    def summary(self, result: Any) -> None:
+    def summary(self, result: Any, saved_now: bool = True) -> None:
+        """The run's outcome; `saved_now` False: a finished run's, its model saved before."""
         before = result.initial_perplexity
         after = result.final_perplexity
-        lines = [f"model saved to {result.output_dir}"]
+        lines = [
+            f"model saved to {result.output_dir}"
+            if saved_now
+            else f"model in {result.output_dir}, as the earlier run saved it"
+        ]
         if after is not None:
             change = f"{before:.3f} -> {after:.3f}" if before is not None else f"{after:.3f}"
             lines.append(f"validation perplexity {change} ({result.eval_tokens:,} tokens)")

@@ -26,6 +26,7 @@ from domainlm.run.checkpoint import (
     checkpoint_dirs_by_step,
     checkpoint_problem,
     foreign_outputs,
+    is_run_file,
     owned_entries,
     read_run_file,
     remove_owned_files,
@@ -46,9 +47,11 @@ def decide_resume(
     identity: dict[str, Any],
     console: Console,
     ctx: DistContext | None = None,
+    total_steps: int = 0,
 ) -> Path | None:
-    """The checkpoint to continue from, or None to start afresh. Refuses to clobber other runs;
-    removes nothing. Every rank calls this: with --overwrite-output-dir every rank checks the run
+    """The checkpoint to continue from, or None to start afresh. Refuses to clobber other runs
+    (or, with --overwrite-output-dir, another tool's files this run of `total_steps` steps would
+    write over); removes nothing. Every rank calls this: with --overwrite-output-dir every rank checks the run
     file's names, so a bad one stops all ranks alike."""
     from domainlm.model.distributed import SINGLE
 
@@ -74,7 +77,7 @@ def decide_resume(
         return path
     if config.overwrite_output_dir:
         owned_entries(output_dir)  # on every rank: a bad run file stops all ranks alike
-        foreign = foreign_outputs(output_dir)
+        foreign = foreign_outputs(output_dir, total_steps)
         if foreign:
             raise UserError(
                 f"--output-dir {output_dir} holds {', '.join(foreign)}, which domainlm did not "
@@ -85,7 +88,7 @@ def decide_resume(
     if not output_dir.is_dir() or not any(p.name != LOCK_FILE for p in output_dir.iterdir()):
         return None
     run = read_run_file(output_dir)
-    if run is None:
+    if not is_run_file(run):
         raise UserError(
             f"--output-dir {output_dir} is not empty and holds no domainlm run; choose an empty "
             "folder (or pass --overwrite-output-dir to write beside its files)"

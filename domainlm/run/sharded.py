@@ -229,7 +229,7 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
 
     adapter = checkpoint.is_dir() and is_adapter_folder(checkpoint)
     if not checkpoint.is_dir():
-        problem: str | None = "no such folder"
+        problem: str | None = "a file, not a folder" if checkpoint.exists() else "no such folder"
     elif adapter and not (checkpoint / MARKER).exists():
         problem = None  # a LoRA run's final folder: the adapter, no checkpoint marker
     elif not (checkpoint / MARKER).exists() and (checkpoint / "config.json").is_file():
@@ -237,6 +237,8 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
             f"{checkpoint} is a model folder already (no checkpoint marker: a finished run's "
             "folder?), which transformers loads as it is; export takes a checkpoint-<step> folder"
         )
+    elif not any((checkpoint / n).exists() for n in (MARKER, STATE_FILE, METADATA_FILE)):
+        problem = "not a checkpoint folder (no checkpoint.json or training_state.pt in it)"
     else:
         problem = checkpoint_problem(checkpoint)
     if problem:

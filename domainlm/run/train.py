@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from domainlm.config import TrainConfig
+from domainlm.config import COMMAND_SETTINGS, TrainConfig
 from domainlm.data.blocks import BlockDataset, split_documents
 from domainlm.data.corpus import check_input
 from domainlm.data.lint import check_training_data
@@ -212,7 +212,8 @@ def set_up(config: TrainConfig, ctx: DistContext, cleanup: ExitStack) -> Run | T
     if done is not None:  # the same command on a finished run: nothing read, evaluated or written
         return done
     output_dir = Path(config.output_dir)
-    data.resume_from = decide_resume(config, output_dir, data.identity, console, ctx)
+    total_steps = count_steps(config, ctx, data.dataset)[1]
+    data.resume_from = decide_resume(config, output_dir, data.identity, console, ctx, total_steps)
     if not weights_from_rank_0(ctx) or ctx.is_main:  # else on meta, filled from rank 0
         data.loaded.model = load_weights(config, data.resume_from, load_dtype)
     if config.packing == "docs":  # runs the model: refused before anything is removed
@@ -668,9 +669,9 @@ def count_steps(config: TrainConfig, ctx: DistContext, dataset: BlockDataset) ->
 def finished_result(
     config: TrainConfig, ctx: DistContext, device: torch.device, console: Console, data: RunData
 ) -> TrainResult | None:
-    """A run started again that finished already with the same settings (every flag), model,
-    tokenizer and training and validation data: its result read back from eval_results.json,
-    and nothing more done: no checkpoint loaded, no evaluation, nothing written (no merge).
+    """A run started again that finished already with the same settings (every flag but the
+    command's own, config.COMMAND_SETTINGS: --quiet, ...), model, tokenizer and training and
+    validation data: its result read back from eval_results.json, and nothing more done: no checkpoint loaded, no evaluation, nothing written (no merge).
     Otherwise None (a larger --max-steps trains on; another validation file is scored again).
     Rank 0 decides for every rank."""
     from domainlm.model.distributed import all_reduce_sum
@@ -693,7 +694,7 @@ def finished_result(
         done = (
             marker == finish_marker(end, total_steps, data.valid_stream)
             and run.get("identity") == as_json(data.identity)
-            and run.get("config") == as_json(config.to_dict())
+            and run_settings(run.get("config")) == run_settings(as_json(config.to_dict()))
             and isinstance(results, dict)
             and isinstance(results.get("perplexity"), (int, float))
             and final_model_present(output_dir, config)
@@ -722,8 +723,15 @@ def finished_result(
         stopped_early=end < total_steps,
         model_step=(results.get("model_checkpoint") or {}).get("step"),
     )
-    console.summary(result)
+    console.summary(result, saved_now=False)
     return result
+
+
+def run_settings(settings: Any) -> Any:
+    """A run file's settings less the command's own (config.COMMAND_SETTINGS: --quiet, ...)."""
+    if not isinstance(settings, dict):
+        return settings
+    return {key: value for key, value in settings.items() if key not in COMMAND_SETTINGS}
 
 
 def final_model_present(output_dir: Path, config: TrainConfig) -> bool:
