@@ -31,6 +31,16 @@ SEED_ALIASES: dict[str, str] = {
     "lr_scheduler_type": "scheduler",
     "max_grad_norm": "max_grad_norm",
 }
+# run_clm.py / TrainingArguments flags with no equivalent of the same meaning: what to use instead.
+SEED_FLAGS_INSTEAD: dict[str, str] = {
+    "warmup_ratio": "--warmup-steps (a number of steps)",
+    "evaluation_strategy": "--eval-steps",
+    "eval_strategy": "--eval-steps",
+    "save_strategy": "--save-steps",
+    "logging_strategy": "--logging-steps",
+    "logging_dir": "--report-to tensorboard (it writes into --output-dir)",
+    "do_predict": "domainlm perplexity --model <output-dir> --file <test file>",
+}
 # Flags that HF accepts and that mean nothing different here (we always train and evaluate).
 ACCEPTED_NO_OP_FLAGS = ("do_train", "do_eval")
 PRECISION_FLAGS = {"bf16": "bf16", "fp16": "fp16"}
@@ -165,6 +175,7 @@ def load_yaml_options(path: Path) -> dict[str, Any]:
         raise UserError(f"--config {path}: expected a mapping of option: value")
     field_names = {f.name for f in dataclasses.fields(TrainConfig)}
     options: dict[str, Any] = {}
+    spelled: dict[str, str] = {}  # field -> the key that set it
     requests: list[tuple[str, str]] = []
     for key, value in raw.items():
         name = str(key).lstrip("-").replace("-", "_")
@@ -179,6 +190,11 @@ def load_yaml_options(path: Path) -> dict[str, Any]:
             continue
         if name not in field_names:
             raise UserError(f"--config {path}: unknown option {key!r}")
+        if name in spelled:
+            raise UserError(
+                f"--config {path}: {spelled[name]!r} and {key!r} both set {name}; keep one"
+            )
+        spelled[name] = str(key)
         options[name] = convert_option(name, value, label=f"--config {path}: {key}")
         if name == "precision":
             requests.insert(0, (f"{key} {options[name]}", options[name]))
@@ -396,10 +412,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def unrecognized(arguments: list[str]) -> str:
+    """argparse's message for arguments no option takes, with what to use instead of a
+    run_clm.py flag that has no equivalent here."""
+    message = f"unrecognized arguments: {' '.join(arguments)}"
+    flags = [a.split("=")[0].lstrip("-").replace("-", "_") for a in arguments if a.startswith("--")]
+    instead = [f"--{f} -> {SEED_FLAGS_INSTEAD[f]}" for f in flags if f in SEED_FLAGS_INSTEAD]
+    if instead:
+        return f"{message} (run_clm.py's; here use: {'; '.join(instead)})"
+    return f"{message}; see --help"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, dispatch, and turn user errors into one line and exit code 2."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # one line naming the command (argparse would print the top level's usage)
+        print(f"domainlm {args.command}: error: {unrecognized(unknown)}", file=sys.stderr)
+        return 2
     reuse_freed_host_memory()  # fewer page faults per step (domainlm/model/malloc.py)
     try:
         return int(args.handler(args) or 0)

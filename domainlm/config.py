@@ -44,6 +44,11 @@ TRAINING_SETTINGS = (
 COMMAND_SETTINGS = ("quiet", "strict", "dist_timeout", "cache_dir", "preempt_grace")
 
 
+def setting_shown(value: Any) -> Any:
+    """A setting's value in a message or the model card: None (not given) as "(unset)"."""
+    return "(unset)" if value is None else value
+
+
 def read_run_settings(spec: str | Path) -> tuple[Path, dict[str, Any]] | None:
     """The run_config.json of a domainlm run folder, or of the run a checkpoint or adapter folder
     sits in (its parent's), with its path; None for any other model (hub id, scratch:NAME, a
@@ -117,7 +122,11 @@ class TrainConfig:
     lr: float = opt(5e-5, "Peak learning rate (AdamW).")
     warmup_steps: int = opt(0, "Steps of linear warmup from 0 to --lr.")
     scheduler: str = opt("linear", "Learning-rate schedule after warmup.", choices=SCHEDULERS)
-    min_lr_ratio: float = opt(0.0, "Final learning rate as a share of --lr (cosine, linear).")
+    min_lr_ratio: float = opt(
+        0.0,
+        "The rate the decay ends at, as a share of --lr (cosine, linear): reached after the last "
+        "step, whose update uses one decay step above it, as transformers' schedules do.",
+    )
     weight_decay: float = opt(0.0, "AdamW weight decay on matrices (not biases or norms).")
     adam_beta1: float = opt(0.9, "AdamW beta1.")
     adam_beta2: float = opt(0.999, "AdamW beta2.")
@@ -457,6 +466,9 @@ def convert_option(name: str, value: Any, label: str) -> Any:
     converted = convert(value)
     if converted is None:
         raise UserError(f"{label} must be {expected}, got {value!r}")
+    choices = _field_meta(name).get("choices")
+    if choices and converted not in choices:
+        raise UserError(f"{label} must be one of {', '.join(choices)}, got {converted!r}")
     return converted
 
 

@@ -94,6 +94,11 @@ def run_demo(output_dir: Path, max_steps: int | None = None, model: str = "scrat
 
     if max_steps is not None:
         require_positive("max_steps", max_steps)
+    if model.startswith("scratch:"):  # an unknown preset is refused before the corpus is written
+        from domainlm.model.loading import scratch_config
+
+        scratch_config(model.split(":", 1)[1])
+    steps = max_steps or DEMO_STEPS
     marker = output_dir / DEMO_MARKER
     train_file, valid_file = write_demo_corpus(output_dir / "data", owned=marker.is_file())
     marker.write_text("written by `domainlm demo`: its data/ and model/ may be rewritten\n")
@@ -106,11 +111,11 @@ def run_demo(output_dir: Path, max_steps: int | None = None, model: str = "scrat
         block_size=256,
         batch_size=8,
         lr=2e-3,
-        warmup_steps=20,
+        warmup_steps=min(20, steps // 5),  # a short demo (--max-steps 3) still reaches --lr
         scheduler="cosine",
         min_lr_ratio=0.1,
         weight_decay=0.1,
-        max_steps=max_steps or DEMO_STEPS,
+        max_steps=steps,
         eval_steps=60,
         save_steps=60,
         save_total_limit=2,

@@ -350,8 +350,10 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [report["note"]] if report["note"] else []
     lines += [
         f"train {report['train_file']} (model {report['model']}, block {report['block_size']})",
-        f"  documents {report['documents']:,}, characters {report['characters']:,}, tokens {report['tokens']:,}",
-        f"  tokens/document: min {t['min']}, median {t['median']:g}, p95 {t['p95']:g}, max {t['max']}",
+        f"  documents {report['documents']:,}, characters {report['characters']:,}, tokens {report['tokens']:,} "
+        "(one EOS after each document counted)",
+        f"  tokens/document (its EOS not counted): min {t['min']}, median {t['median']:g}, "
+        f"p95 {t['p95']:g}, max {t['max']}",
         f"  blocks {report['blocks']:,}, tokens padded {report['tokens_padded']:,}",
         f"  global batch {report['global_batch_blocks']} blocks: {report['steps_per_epoch']:,} steps/epoch, "
         f"{report['total_steps']:,} steps in total",

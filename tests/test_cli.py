@@ -51,6 +51,35 @@ def test_unknown_yaml_key_is_a_clear_error(tmp_path: Path, capsys: pytest.Captur
     code = main(["train", "--config", str(config_file), "--train-file", "x", "--output-dir", "o"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "unknown option 'batch_sise'" in err
+    # One option set twice (two spellings), and a value outside its choices: the file named.
+    for text, expected in [
+        ("lr: 1e-3\nlearning_rate: 2e-3\n", "'lr' and 'learning_rate' both set lr; keep one"),
+        ("scheduler: cosine_with_restarts\n", "scheduler must be one of cosine, linear, constant"),
+    ]:
+        config_file.write_text("model: scratch:tiny\n" + text)
+        code = main(
+            ["train", "--config", str(config_file), "--train-file", "x", "--output-dir", "o"]
+        )
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err == f"domainlm: error: --config {config_file}: {expected}" + (
+            ", got 'cosine_with_restarts'" if "scheduler" in text else ""
+        )
+
+
+def test_an_unknown_flag_is_one_line_naming_the_command(capsys: pytest.CaptureFixture) -> None:
+    """An option no command takes: one line with the command's name (not the top level's usage),
+    and for a run_clm.py flag with no equivalent, what to use here."""
+    base = ["train", "--model", "scratch:tiny", "--train-file", "t.txt"]
+    assert main([*base, "--warmup_ratio", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "domainlm train: error: unrecognized arguments: --warmup_ratio 0.1 (run_clm.py's; here "
+        "use: --warmup_ratio -> --warmup-steps (a number of steps))"
+    ]
+    assert main(["generate", "--model", "m", "--bogus"]) == 2
+    assert capsys.readouterr().err == (
+        "domainlm generate: error: unrecognized arguments: --bogus; see --help\n"
+    )
 
 
 def test_non_positive_numbers_are_refused(capsys: pytest.CaptureFixture) -> None:

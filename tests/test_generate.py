@@ -90,6 +90,39 @@ def test_a_seed_makes_sampling_reproducible(tiny) -> None:
     assert len(set(first)) == 4  # samples of one prompt differ from each other
 
 
+def test_a_sample_is_its_seed_and_prompt_whatever_runs_beside_it(tiny) -> None:
+    """The same seed and prompt give the same text at any batch size and with other prompts
+    before it (each sample draws from its own generator); a prompt the context would cut runs
+    alone, so a longer prompt in its batch does not shorten it."""
+
+    def texts(prompts: list[str], batch_size: int, max_new_tokens: int = 8) -> dict[str, list[str]]:
+        samples = generate_samples(
+            tiny.model, tiny.tokenizer, tiny.eos_id, prompts,
+            max_new_tokens=max_new_tokens, settings=SamplingSettings(temperature=1.0),
+            seed=3, num_samples=2, batch_size=batch_size,
+        )  # fmt: skip
+        by_prompt: dict[str, list[str]] = {}
+        for s in samples:
+            by_prompt.setdefault(s.prompt, []).append(s.text)
+        return by_prompt
+
+    alone = texts(["the model"], batch_size=1)["the model"]
+    assert texts(["the model", "we measure"], batch_size=16)["the model"] == alone
+    assert texts(["hi", "the model"], batch_size=2)["the model"] == alone
+    assert len(set(alone)) == 2  # its two samples differ
+
+    context = tiny.context_length
+    long_prompt = " ".join(["word"] * (context - 20))
+    samples = generate_samples(
+        tiny.model, tiny.tokenizer, tiny.eos_id, ["the model", long_prompt],
+        max_new_tokens=context, settings=SamplingSettings(temperature=0), seed=1,
+        context_length=context,
+    )  # fmt: skip
+    for sample in samples:  # EOS aside, each fills the context from its own prompt
+        assert sample.stopped_at_eos or sample.prompt_tokens + len(sample.tokens) == context
+    assert len(samples[0].tokens) > len(samples[1].tokens)
+
+
 def test_generation_stops_at_eos(tiny) -> None:
     prompt = [464, 3797]
     greedy = manual_greedy(tiny.model, prompt, tiny.eos_id, 10)
@@ -211,11 +244,11 @@ def test_a_full_context_is_reported_in_json_and_on_stderr(
     assert main([*base, "--prompt", "the cat", "--prompt", "a", "--max-new-tokens", "50"]) == 0
     captured = capsys.readouterr()
     records = [json.loads(line) for line in captured.out.splitlines()]
-    assert [r["new_tokens"] for r in records] == [29, 29]  # batched: the longer prompt's room
+    assert [r["new_tokens"] for r in records] == [29, 30]  # each its own prompt's room
     assert all(r["stopped_at_context"] for r in records)
     assert context_notes(captured.err) == [
         "domainlm: note: 2 of 2 samples stopped at the model's context of 32 positions "
-        "(prompt 3 + 29 new tokens), before --max-new-tokens 50"
+        "(e.g. prompt 3 + 29 new tokens), before --max-new-tokens 50"
     ]
 
     # Exactly the room left, or less: --max-new-tokens ends it, nothing to report.

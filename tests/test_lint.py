@@ -97,6 +97,16 @@ def test_a_jsonl_file_is_linted_on_its_text_field(tmp_path):
     assert report.train.characters == table.characters == sum(len(t) for t in texts)
 
 
+def test_a_crlf_file_has_the_characters_of_its_lf_copy(tmp_path):
+    """A line end is one character, LF or CRLF (characters = what Python's text mode reads)."""
+    docs = uneven_corpus(10, seed=4)
+    lf = write_lines(tmp_path / "lf.txt", docs)
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes(lf.read_bytes().replace(b"\n", b"\r\n"))
+    counts = [lint_corpus(p, cache_dir=tmp_path / "cache").train.characters for p in (lf, crlf)]
+    assert counts == [len(lf.read_text()), len(crlf.read_text())] == [len(lf.read_text())] * 2
+
+
 def test_long_documents_from_token_lengths():
     # documents of 3, 9 and 4 tokens (+ EOS each): starts 1, 5, 15, 20
     assert count_long_documents(np.array([1, 5, 15, 20]), block_size=8) == 1

@@ -229,6 +229,23 @@ def test_cli_side_by_side_table_json_csv_and_worst(
     assert f"{corpus}:{worst['line']}" in table.split("least likely lines under")[1]
 
 
+def test_the_worst_paragraphs_are_listed_one_line_each(tiny_model_dir, tmp_path, capsys):
+    """--doc-sep blank: a document is a paragraph of lines; --worst lists each on one line, its
+    line breaks shown as \\n, at the paragraph's first line."""
+    from domainlm.cli import main
+
+    path = tmp_path / "paragraphs.txt"
+    path.write_text("first line\nsecond line\n\nanother paragraph\nof two lines\n")
+    argv = ["perplexity", "--model", str(tiny_model_dir), "--file", str(path), "--doc-sep",
+            "blank", "--worst", "2", "--block-size", "32", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    listed = capsys.readouterr().out.split("least likely lines under")[1].splitlines()[1:]
+    listed = [line for line in listed if line.strip()]
+    assert len(listed) == 2
+    assert {line.split()[0] for line in listed} == {f"{path}:1", f"{path}:4"}
+    assert any(line.endswith("first line\\nsecond line") for line in listed)
+
+
 def _error_line(capsys) -> str:  # type: ignore[no-untyped-def]
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err

@@ -163,6 +163,36 @@ def test_a_foreign_readme_is_kept(runs: tuple[Path, Path], tmp_path: Path) -> No
     assert (copy / "summary.md").is_file()
 
 
+def test_an_edited_card_is_kept_and_an_unedited_one_rewritten(
+    runs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A card the user edited (`domainlm report` rewrote it before, edits lost) is kept with a
+    note; unedited, or with the edit undone, it is written again."""
+    copy = tmp_path / "run"
+    shutil.copytree(runs[1], copy)
+    card = copy / "README.md"
+    card.unlink()
+    run_report([copy])
+    written = card.read_text()
+    run_report([copy])
+    assert card.read_text() == written  # unedited: written again, the same for the same run
+    card.write_text(written + "\nMY OWN NOTES\n")
+    capsys.readouterr()
+    run_report([copy])
+    assert card.read_text() == written + "\nMY OWN NOTES\n"
+    assert f"note: {card} was edited since domainlm wrote it; kept" in capsys.readouterr().err
+    card.write_text(written.replace("# ", "# my title ", 1))  # an edit inside the text
+    run_report([copy])
+    assert card.read_text() == written.replace("# ", "# my title ", 1)
+    assert "was edited since" in capsys.readouterr().err
+    card.write_text(written)  # the edit undone: the card is ours again, and rewritten
+    (copy / "eval_results.json").write_text(
+        (copy / "eval_results.json").read_text().replace('"perplexity": ', '"perplexity": 1', 1)
+    )
+    run_report([copy])
+    assert card.read_text() != written and "was edited since" not in capsys.readouterr().err
+
+
 def test_without_matplotlib_plots_are_skipped(runs, tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
     assert plot_runs([read_run(runs[0])], tmp_path) == []
@@ -183,11 +213,20 @@ def test_a_run_stopped_before_its_first_validation_claims_no_result(
     kept = [r for r in rows if r.get("step", 0) <= 2 and ("loss" in r or r.get("step") == 0)]
     assert any("eval_ppl" in r for r in kept) and any("loss" in r for r in kept)
     (stopped / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
-    shutil.copy(runs[1] / "run_config.json", stopped / "run_config.json")
+    run_file = json.loads((runs[1] / "run_config.json").read_text())
+    run_file.pop("finished", None)  # never finished
+    (stopped / "run_config.json").write_text(json.dumps(run_file))
+    # Ctrl-C after step 3, between logging steps: its checkpoint, no validation in it.
+    (stopped / "checkpoint-3").mkdir()
+    (stopped / "checkpoint-3" / "checkpoint.json").write_text('{"step": 3, "files": {}}')
     run_report([stopped])
     before = next(r["eval_ppl"] for r in kept if "eval_ppl" in r)
     row = [x.strip() for x in (stopped / "summary.md").read_text().splitlines()[-1].split("|")]
     header = [x.strip() for x in (stopped / "summary.md").read_text().splitlines()[-3].split("|")]
     after = row[header.index("perplexity after")]
     assert after != f"{before:.3f}" and after in ("?", "-", ""), row
+    # the step it stopped after, not the last one logged, and said to be unfinished; no "best"
+    # from the untrained model's figure alone
+    assert row[header.index("steps")] == "3 (not finished)", row
+    assert row[header.index("best perplexity (step)")] == "?", row
     assert not (stopped / "README.md").exists()

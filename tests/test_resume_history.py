@@ -97,3 +97,16 @@ def test_history_joins_changes_at_one_step_and_drops_retrained_steps():
     assert resume_history(None, from_6, 6) == ([], {})  # no run file: nothing to compare
     broken = [{"step": "4"}, {"step": 4, "changed": {"lr": 1}}, "x"]  # hand-edited: left out
     assert resume_history(previous(broken, lr=5e-4, batch_size=8), from_6, 6) == ([], {})
+
+
+def test_a_setting_that_was_not_given_is_shown_unset():
+    """A run of --epochs resumed with --max-steps: "max_steps (unset) -> 40", not Python's None,
+    in the warning and on the model card."""
+    from domainlm.run.report import history_lines
+    from domainlm.run.resume import changes_shown
+
+    changed = {"max_steps": [None, 40]}
+    assert changes_shown(changed) == "--max-steps (unset) -> 40"
+    assert history_lines([{"step": 36, "changed": changed}]) == [
+        "from step 36: max_steps (unset) -> 40"
+    ]

@@ -34,9 +34,13 @@ def test_demo_keeps_a_users_data_and_rewrites_its_own(tmp_path: Path, capsys) ->
     assert mine.read_text() == "MINE\n" and not (folder / "model").exists()
     refused(capsys, [*demo, "--max-steps", "0"], "--max-steps must be a positive number")
     own = tmp_path / "demo"
+    refused(capsys, ["demo", "--output-dir", str(own), "--preset", "scratch:nope"],
+            "unknown preset scratch:nope")  # fmt: skip
+    assert not own.exists()  # refused before its corpus is written
     assert cli_main(["demo", "--output-dir", str(own), "--preset", "scratch:tiny",
                      "--max-steps", "1"]) == 0  # fmt: skip
     assert (own / DEMO_MARKER).is_file() and (own / "model" / "model.safetensors").is_file()
+    assert "--warmup-steps" not in capsys.readouterr().err  # not a flag the user gave
     (own / "data" / "valid.txt").write_text("edited by the demo's owner\n")
     assert cli_main(["demo", "--output-dir", str(own), "--preset", "scratch:tiny",
                      "--max-steps", "1"]) == 0  # its own folder: rewritten  # fmt: skip

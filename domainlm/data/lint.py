@@ -38,7 +38,7 @@ from domainlm.data.corpus import (
 from domainlm.data.formats import DEFAULT_TEXT_COLUMN, is_table, iter_text_batches
 from domainlm.data.tokens import default_cache_dir
 
-LINT_VERSION = "3"  # 3: a .jsonl file is linted on its text field, not its raw lines
+LINT_VERSION = "4"  # 3: a .jsonl file linted on its text field; 4: a CRLF line end one character
 SHORT_LINE_CHARS = 10  # a non-empty line under this many characters is "very short"
 MAX_EXAMPLES = 3
 CONTROL_CHARS = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -207,10 +207,11 @@ def _scan(
             lines.pop()  # the piece after the final line end
         lint.lines += len(lines)
         lint.crlf_lines += chunk.count(b"\r\n")
+        crs = chunk.count(b"\r\n")  # a CRLF line end is one character, as LF is
         try:
-            lint.characters += len(chunk.decode("utf-8"))
+            lint.characters += len(chunk.decode("utf-8")) - crs
         except UnicodeDecodeError:
-            lint.characters += len(chunk.decode("utf-8", errors="replace"))
+            lint.characters += len(chunk.decode("utf-8", errors="replace")) - crs
             bad = [n for n, line in enumerate(lines, start=first) if not _is_utf8(line)]
             lint.invalid_utf8_count += len(bad)
             lint.invalid_utf8_lines += bad[: MAX_LINE_NUMBERS - len(lint.invalid_utf8_lines)]

@@ -565,14 +565,16 @@ def _change(before: float, after: float, key: str) -> str:
 
 
 def format_worst(reports: list[PerplexityReport], k: int) -> str:
-    """The k lines of highest per-line perplexity under each model, with where they are."""
+    """The k lines of highest per-line perplexity under each model, with where they are: one
+    line each (a paragraph's line breaks shown as \\n)."""
     out = []
     for r in reports:
         scored = [s for s in (r.lines or []) if s.tokens]
         scored.sort(key=lambda s: (-s.nll, s.file, s.line))
         out.append(f"least likely lines under {r.model}:")
         for s in scored[:k]:
-            snippet = s.text if len(s.text) <= 70 else s.text[:67] + "..."
+            text = s.text.replace("\n", "\\n")  # a --doc-sep blank paragraph: one line here
+            snippet = text if len(text) <= 70 else text[:67] + "..."
             where = f"line {s.line}" if s.file == TEXT_SOURCE else f"{s.file}:{s.line}"
             out.append(f"  {where}  perplexity {s.perplexity:.2f}  ({s.tokens} tokens)  {snippet}")
     return "\n".join(out)

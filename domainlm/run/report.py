@@ -9,16 +9,18 @@ gives the same report later, for several runs overlaid on one page. matplotlib i
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from domainlm.config import TRAINING_SETTINGS, valid_history
+from domainlm.config import TRAINING_SETTINGS, setting_shown, valid_history
 from domainlm.errors import UserError
 from domainlm.run.metrics import read_events
 
@@ -30,7 +32,13 @@ PLOTS = {
 }
 PLOT_SIZE_IN, PLOT_DPI = (8.0, 5.0), 100  # 800 x 500 pixels
 CARD_FILE, SUMMARY_FILE = "README.md", "summary.md"
-CARD_MARKER = "<!-- model card written by domainlm; edit freely, `domainlm report` rewrites it -->"
+CARD_MARKER = "<!-- model card written by domainlm"  # how a card of ours starts its marker line
+# The marker line of a card: the digest of the rest of the file tells an edited card (kept).
+CARD_SIGNED = re.compile(r"<!-- model card written by domainlm \(sha256 ([0-9a-f]{16}) .*-->")
+CARD_MARKER_LINE = (
+    CARD_MARKER + " (sha256 {digest} of the rest of this file); `domainlm report` rewrites it "
+    "until it is edited, then keeps it -->"
+)
 
 
 # ----------------------------------------------------------------------------- reading runs
@@ -46,10 +54,19 @@ class RunData:
     config: dict[str, Any] = field(default_factory=dict)
     results: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)  # settings changed on resume
+    finished: bool = False  # run_config.json records the final model written
 
     @property
     def name(self) -> str:
         return self.path.resolve().name
+
+    def step_reached(self) -> int:
+        """The last step trained: the last one logged, or a newer checkpoint's (a run stopped
+        between logging steps saves one at the step it stopped after)."""
+        from domainlm.run.checkpoint import list_checkpoints
+
+        logged = self.train[-1]["step"] if self.train else 0
+        return max([logged, *(c.step for c in list_checkpoints(self.path))])
 
     def initial_perplexity(self) -> float | None:
         first = [e for e in self.evals if e["step"] == 0]
@@ -85,6 +102,7 @@ def read_run(path: Path) -> RunData:
         setattr(run, attr, payload.get("config", {}) if attr == "config" else payload)
         if attr == "config":
             run.history = valid_history(payload.get("history"))
+            run.finished = bool(payload.get("finished"))
     return run
 
 
@@ -241,13 +259,16 @@ def summary_rows(runs: list[RunData]) -> list[list[str]]:
     """One row of SUMMARY_COLUMNS per run, as text ("?" where the run does not say)."""
     rows = []
     for run in runs:
-        best = min(run.evals, key=lambda e: e["eval_ppl"], default=None)
+        trained = any(e["step"] > 0 for e in run.evals)  # step 0 alone is no best of a run
+        best = min(run.evals, key=lambda e: e["eval_ppl"], default=None) if trained else None
         runtime = run.results.get("train_runtime")
+        done = run.finished or "perplexity" in run.results  # older runs: their results file
+        steps = str(run.step_reached()) + ("" if done else " (not finished)")
         rows.append(
             [
                 run.name,
                 str(run.config.get("model", "?")),
-                str(run.train[-1]["step"] if run.train else 0),
+                steps,
                 f"{run.results['train_tokens']:,}" if "train_tokens" in run.results else "?",
                 f"{run.train[-1]['loss']:.4f}" if run.train else "?",
                 _fmt(run.initial_perplexity()),
@@ -289,7 +310,9 @@ def model_card(run: RunData, data: dict[str, Any] | None = None) -> str:
 
     base = str(run.config.get("model", "unknown"))
     meta = card_front_matter(run, base, data)
-    lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", CARD_MARKER, ""]
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---"]
+    marker_at = len(lines)
+    lines += [""]
     lines += [f"# {run.name}", ""]
     lines += [f"A causal language model fine-tuned from `{base}` with domainlm.", ""]
     lines += card_data_section(run, data)
@@ -306,7 +329,26 @@ def model_card(run: RunData, data: dict[str, Any] | None = None) -> str:
         "```",
         "",
     ]
-    return "\n".join(lines)
+    digest = card_digest("\n".join(lines))
+    return "\n".join(
+        [*lines[:marker_at], CARD_MARKER_LINE.format(digest=digest), *lines[marker_at:]]
+    )
+
+
+def card_digest(rest: str) -> str:
+    """The digest a card's marker line holds: of the file without that line."""
+    return hashlib.sha256(rest.encode("utf-8")).hexdigest()[:16]
+
+
+def card_edited(text: str) -> bool:
+    """A card of ours whose text is no longer what its marker line's digest says (edited by
+    hand); False for a card without a digest (written by domainlm before 2026-12-07)."""
+    lines = text.split("\n")
+    for index, line in enumerate(lines):
+        signed = CARD_SIGNED.fullmatch(line)
+        if signed:
+            return card_digest("\n".join(lines[:index] + lines[index + 1 :])) != signed.group(1)
+    return False
 
 
 def card_front_matter(run: RunData, base: str, data: dict[str, Any] | None) -> dict[str, Any]:
@@ -387,7 +429,10 @@ def history_lines(history: list[dict[str, Any]]) -> list[str]:
         changed = entry["changed"]
         order = {key: index for index, key in enumerate(TRAINING_SETTINGS)}
         keys = sorted(changed, key=lambda key: order.get(key, len(order)))  # the table's order
-        pairs = ", ".join(f"{key} {changed[key][0]} -> {changed[key][1]}" for key in keys)
+        pairs = ", ".join(
+            f"{key} {setting_shown(changed[key][0])} -> {setting_shown(changed[key][1])}"
+            for key in keys
+        )
         lines.append(f"from step {entry['step']}: {pairs}")
     return lines
 
@@ -449,11 +494,20 @@ def card_data(folder: Path) -> dict[str, Any] | None:
 
 
 def write_model_card(run: RunData, data: dict[str, Any] | None = None) -> Path | None:
-    """Write README.md in the run folder, unless a README.md that domainlm did not write is there."""
+    """Write README.md in the run folder, unless a README.md that domainlm did not write, or one
+    of ours edited since (`card_edited`), is there: those are kept."""
     target = run.path / CARD_FILE
-    if target.is_file() and CARD_MARKER not in target.read_text(encoding="utf-8"):
+    text = target.read_text(encoding="utf-8") if target.is_file() else None
+    if text is not None and CARD_MARKER not in text:
         print(
             f"note: {target} was not written by domainlm; the model card is not written",
+            file=sys.stderr,
+        )
+        return None
+    if text is not None and card_edited(text):
+        print(
+            f"note: {target} was edited since domainlm wrote it; kept as it is (move it away to "
+            "have the card written again)",
             file=sys.stderr,
         )
         return None

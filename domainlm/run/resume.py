@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from domainlm.config import TRAINING_SETTINGS, TrainConfig, valid_history
+from domainlm.config import TRAINING_SETTINGS, TrainConfig, setting_shown, valid_history
 from domainlm.data.tokens import TokenStream
 from domainlm.errors import UserError
 from domainlm.model.distributed import DistContext
@@ -260,9 +260,8 @@ def resume_history(
 
 def changes_shown(changed: dict[str, list[Any]]) -> str:
     """`--lr 5e-05 -> 0.0001, --batch-size 8 -> 4`, for a message."""
-    shown = lambda value: "(unset)" if value is None else value  # noqa: E731
     return ", ".join(
-        f"--{key.replace('_', '-')} {shown(before)} -> {shown(after)}"
+        f"--{key.replace('_', '-')} {setting_shown(before)} -> {setting_shown(after)}"
         for key, (before, after) in changed.items()
     )
 

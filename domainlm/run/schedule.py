@@ -18,7 +18,9 @@ def learning_rate(
     """The learning rate of optimizer step `step` (0-based).
 
     Linear warmup over `warmup_steps` (step 0 already gets peak/(warmup+1)), then `kind`:
-    constant, linear decay or cosine decay to `min_ratio * peak` at the last step.
+    constant, linear decay or cosine decay towards `min_ratio * peak`, reached at step
+    `total_steps`: after the last step (`total_steps - 1`), whose rate is one decay step above
+    it, as transformers' schedules (their last update's rate is above 0, not 0).
     """
     if step < warmup_steps:
         return peak * (step + 1) / (warmup_steps + 1)

@@ -54,7 +54,11 @@ class GenerateConfig:
     )
     repetition_penalty: float = opt(1.0, "Divide positive logits of seen tokens by this (1: off).")
     num_samples: int = opt(1, "Samples per prompt.")
-    seed: int | None = opt(None, "Seed: the same seed, model and prompts give the same text.")
+    seed: int | None = opt(
+        None,
+        "Seed: the same seed, model and prompt give the same text, whatever the other prompts "
+        "and --batch-size.",
+    )
     batch_size: int = opt(16, "Sequences generated together.")
     json: bool = opt(False, "Print one JSON object per sample instead of text.")
     precision: str = opt(
@@ -195,50 +199,61 @@ def generate_samples(
     import torch
 
     from domainlm.model.device import autocast
-    from domainlm.text.sampling import make_generator, sample_batch
+    from domainlm.text.sampling import make_generator, sample_batch, sample_seed
 
     device = next(model.parameters()).device
-    rows = [(p, k) for p in prompts for k in range(num_samples)]
+    rows = [(i, k) for i in range(len(prompts)) for k in range(num_samples)]  # (prompt, sample)
     encoded = {p: tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts}
-    generator = make_generator(seed, device)
+    generators = {(i, k): make_generator(sample_seed(seed, prompts[i], k), device) for i, k in rows}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     start_tokens = 1 if start is None else len(start)
+
+    def fits(row: tuple[int, int]) -> bool:  # the context never cuts this row short
+        used = start_tokens + len(encoded[prompts[row[0]]]) + max_new_tokens
+        return context_length is None or used <= context_length
+
+    # A row the context cuts runs alone: in a batch it would stop where the longest prompt fills
+    # the context. Each row draws from its own generator, so batching changes no sample.
+    free = [row for row in rows if fits(row)]
+    batches = [free[i : i + batch_size] for i in range(0, len(free), batch_size)]
+    batches += [[row] for row in rows if not fits(row)]
     was_training = model.training
     model.eval()
-    samples: list[Sample] = []
+    done: dict[tuple[int, int], Sample] = {}
     try:
-        for first in range(0, len(rows), batch_size):
-            batch = rows[first : first + batch_size]
+        for batch in batches:
+            first = encoded[prompts[batch[0][0]]]
 
-            def show(generated: list[list[int]], first: list[int] = encoded[batch[0][0]]) -> None:
+            def show(generated: list[list[int]], first: list[int] = first) -> None:
                 on_text(decode_continuation(tokenizer, first, generated[0]))
 
             with torch.no_grad(), autocast(device, precision):
                 results = sample_batch(
                     model,
-                    [encoded[p] for p, _ in batch],
+                    [encoded[prompts[i]] for i, _ in batch],
                     eos_id=eos_id,
                     max_new_tokens=max_new_tokens,
                     settings=settings,
-                    generator=generator,
+                    generator=[generators[row] for row in batch],
                     context_length=context_length,
                     pad_id=pad_id,
                     on_step=show if on_text else None,
                     start=start,
                 )
-            for (prompt, k), result in zip(batch, results, strict=True):
+            for (i, k), result in zip(batch, results, strict=True):
+                prompt = prompts[i]
                 text = decode_continuation(tokenizer, encoded[prompt], result.tokens)
                 sample = Sample(prompt, k, text, result.tokens, result.stopped_at_eos)
                 sample.prompt_tokens = start_tokens + len(encoded[prompt])
                 # sample_batch ends a sequence at EOS, at max_new_tokens, or where the context
-                # (less the batch's longest prompt) is full: short of both others, the context.
+                # is full (a row it cuts is alone): short of both others, the context.
                 sample.stopped_at_context = context_length is not None and not (
                     result.stopped_at_eos or len(result.tokens) >= max_new_tokens
                 )
-                samples.append(sample)
+                done[(i, k)] = sample
     finally:
         model.train(was_training)
-    return samples
+    return [done[row] for row in rows]
 
 
 # Han ideographs (with extensions A and the compatibility block), CJK punctuation, kana, Hangul
@@ -359,9 +374,10 @@ def context_note(samples: list[Sample], context_length: int, max_new_tokens: int
         return None
     fullest = max(stopped, key=lambda s: s.prompt_tokens + len(s.tokens))
     which = "" if len(samples) == 1 else f"{len(stopped)} of {len(samples)} samples "
+    example = "" if len(stopped) == 1 else "e.g. "  # each at its own prompt's length
     return (
         f"domainlm: note: {which}stopped at the model's context of {context_length} positions "
-        f"(prompt {fullest.prompt_tokens} + {len(fullest.tokens)} new tokens), "
+        f"({example}prompt {fullest.prompt_tokens} + {len(fullest.tokens)} new tokens), "
         f"before --max-new-tokens {max_new_tokens}"
     )
 

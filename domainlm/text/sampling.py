@@ -3,12 +3,14 @@
 Pure torch over token ids, so tests can compare it with a slow obvious loop. Every prompt is
 preceded by the context every document of the token stream starts from in training: the EOS, or
 the BOS of tokenizers that put one before a text (`LoadedModel.start_ids`). Random
-choices draw from a private `torch.Generator`, so a seed reproduces the output and the global
-RNG (dropout, the training loop) is never touched.
+choices draw from private `torch.Generator`s, one per sample (`sample_seed`), so a seed
+reproduces a sample whatever runs beside it, and the global RNG (dropout, the training loop) is
+never touched.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,17 +40,28 @@ class SamplingSettings:
             raise UserError(f"--repetition-penalty must be positive, got {self.repetition_penalty}")
 
 
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
 def next_tokens(
     logits: torch.Tensor,
     seen: torch.Tensor | None,
     settings: SamplingSettings,
-    generator: torch.Generator | None,
+    generator: Generators,
 ) -> torch.Tensor:
-    """(b,) next token ids from (b, V) float logits; `seen` (b, V) bool marks tokens for the penalty."""
+    """(b,) next token ids from (b, V) float logits; `seen` (b, V) bool marks tokens for the penalty.
+
+    `generator`: one for the batch, or one per row (a row's draws are then its own, whatever
+    else is in the batch)."""
     logits = filtered_logits(logits, seen, settings)
     if settings.temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits, dim=-1)
+    if isinstance(generator, Sequence):
+        rows = [
+            torch.multinomial(probs[i : i + 1], 1, generator=g) for i, g in enumerate(generator)
+        ]
+        return torch.cat(rows).squeeze(1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
@@ -98,7 +111,7 @@ def sample_batch(
     eos_id: int,
     max_new_tokens: int,
     settings: SamplingSettings,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     context_length: int | None = None,
     pad_id: int | None = None,
     on_step: Callable[[list[list[int]]], None] | None = None,
@@ -108,7 +121,10 @@ def sample_batch(
     `max_new_tokens`.
 
     The prompts are left-padded into one batch; position ids count real tokens only, so a padded
-    row computes the same thing as the prompt alone. `on_step` sees the tokens generated so far.
+    row computes the same thing as the prompt alone. With `context_length`, every row stops where
+    the batch's longest prompt fills the context (`generate_samples` batches a prompt that the
+    context would cut alone). `generator`: one, or one per prompt (`next_tokens`). `on_step`
+    sees the tokens generated so far.
     """
     device = next(model.parameters()).device
     pad_id = eos_id if pad_id is None else pad_id
@@ -174,6 +190,15 @@ def cache_argument(model: torch.nn.Module) -> str:
     """The KV-cache keyword of this model's forward: `cache` (transformers >= 5.2x) or the old name."""
     parameters = inspect.signature(model.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
+
+
+def sample_seed(seed: int | None, prompt: str, sample: int) -> int | None:
+    """The seed of one sample's generator: from --seed, the prompt's text and the sample's number,
+    so a sample is the same whatever the other prompts and the batch it runs in (None: None)."""
+    if seed is None:
+        return None
+    digest = hashlib.sha256(f"{seed}\0{sample}\0{prompt}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
