@@ -208,15 +208,13 @@ def generate_samples(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     start_tokens = 1 if start is None else len(start)
 
-    def fits(row: tuple[int, int]) -> bool:  # the context never cuts this row short
-        used = start_tokens + len(encoded[prompts[row[0]]]) + max_new_tokens
-        return context_length is None or used <= context_length
-
-    # A row the context cuts runs alone: in a batch it would stop where the longest prompt fills
-    # the context. Each row draws from its own generator, so batching changes no sample.
-    free = [row for row in rows if fits(row)]
-    batches = [free[i : i + batch_size] for i in range(0, len(free), batch_size)]
-    batches += [[row] for row in rows if not fits(row)]
+    cut = {
+        (i, k)
+        for i, k in rows
+        if context_length is not None
+        and start_tokens + len(encoded[prompts[i]]) + max_new_tokens > context_length
+    }
+    batches = sample_batches(rows, cut, batch_size)
     was_training = model.training
     model.eval()
     done: dict[tuple[int, int], Sample] = {}
@@ -254,6 +252,17 @@ def generate_samples(
     finally:
         model.train(was_training)
     return [done[row] for row in rows]
+
+
+def sample_batches(
+    rows: list[tuple[int, int]], cut: set[tuple[int, int]], batch_size: int
+) -> list[list[tuple[int, int]]]:
+    """`rows` (prompt, sample) in batches of `batch_size`; a row the context cuts short runs
+    alone, since in a batch it would stop where the longest prompt fills the context. Each row
+    draws from its own generator, so batching changes no sample."""
+    free = [row for row in rows if row not in cut]
+    batches = [free[i : i + batch_size] for i in range(0, len(free), batch_size)]
+    return batches + [[row] for row in rows if row in cut]
 
 
 # Han ideographs (with extensions A and the compatibility block), CJK punctuation, kana, Hangul
