@@ -206,8 +206,8 @@ def _scan(
         if lines and lines[-1] == b"":
             lines.pop()  # the piece after the final line end
         lint.lines += len(lines)
-        lint.crlf_lines += chunk.count(b"\r\n")
         crs = chunk.count(b"\r\n")  # a CRLF line end is one character, as LF is
+        lint.crlf_lines += crs
         try:
             lint.characters += len(chunk.decode("utf-8")) - crs
         except UnicodeDecodeError:

@@ -51,8 +51,8 @@ def decide_resume(
 ) -> Path | None:
     """The checkpoint to continue from, or None to start afresh. Refuses to clobber other runs
     (or, with --overwrite-output-dir, another tool's files this run of `total_steps` steps would
-    write over); removes nothing. Every rank calls this: with --overwrite-output-dir every rank checks the run
-    file's names, so a bad one stops all ranks alike."""
+    write over); removes nothing. Every rank calls this: with --overwrite-output-dir every rank
+    checks the run file's names, so a bad one stops all ranks alike."""
     from domainlm.model.distributed import SINGLE
 
     ctx = ctx or SINGLE

@@ -671,7 +671,8 @@ def finished_result(
 ) -> TrainResult | None:
     """A run started again that finished already with the same settings (every flag but the
     command's own, config.COMMAND_SETTINGS: --quiet, ...), model, tokenizer and training and
-    validation data: its result read back from eval_results.json, and nothing more done: no checkpoint loaded, no evaluation, nothing written (no merge).
+    validation data: its result read back from eval_results.json, and nothing more done: no
+    checkpoint loaded, no evaluation, nothing written (no merge).
     Otherwise None (a larger --max-steps trains on; another validation file is scored again).
     Rank 0 decides for every rank."""
     from domainlm.model.distributed import all_reduce_sum

@@ -57,7 +57,7 @@ class GenerateConfig:
     seed: int | None = opt(
         None,
         "Seed: the same seed, model and prompt give the same text, whatever the other prompts "
-        "and --batch-size.",
+        "and --batch-size (in fp32; in bf16 another batch shape may round a logit differently).",
     )
     batch_size: int = opt(16, "Sequences generated together.")
     json: bool = opt(False, "Print one JSON object per sample instead of text.")
