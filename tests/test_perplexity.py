@@ -387,7 +387,8 @@ def test_a_scratch_preset_scores_what_a_default_run_starts_from(tmp_path, capsys
 def test_scoring_a_run_with_another_window_says_so(tiny_model_dir, tmp_path, capsys):
     """The run validated with --block-size 32; `perplexity` defaults to the model's context
     (256): the figures differ, and the command says why and what to pass. With the run's
-    window it gives the run's own final figure (the run validated in fp32), and says nothing."""
+    window it gives the run's own final figure (the run validated in fp32), and says nothing.
+    A half precision on either side is named: no window makes those figures agree."""
     from domainlm import TrainConfig, train
     from domainlm.cli import main
 
@@ -400,10 +401,29 @@ def test_scoring_a_run_with_another_window_says_so(tiny_model_dir, tmp_path, cap
     capsys.readouterr()
     argv = ["perplexity", "--model", str(out), "--file", str(valid_file), "--json"]
     assert main([*argv, "--quiet"]) == 0  # --quiet hides the progress bar, not the note
-    assert "validated during training with --block-size 32 --stride 31; this scores with " \
-        "--block-size 256 --stride 255" in capsys.readouterr().err  # fmt: skip
-    assert main([*argv, "--block-size", "32", "--stride", "31"]) == 0
+    (note,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("note:")]
+    assert note == f"note: {out}: this figure is not the run's own: the run validated with " \
+        "--block-size 32 --stride 31, this scores with --block-size 256 --stride 255 (pass " \
+        "those to compare)"  # fmt: skip
+    window = ["--block-size", "32", "--stride", "31"]
+    assert main([*argv, *window]) == 0
     captured = capsys.readouterr()
     assert "note:" not in captured.err
     run_figure = json.loads((out / "eval_results.json").read_text())["perplexity"]
     assert json.loads(captured.out)["perplexity"] == pytest.approx(run_figure, rel=1e-5)
+    # Scored in bf16, or a run that validated in bf16 (`--precision auto` on a CPU with bf16
+    # resolves to it; the run file records what it resolved to): the window alone cannot match.
+    assert main([*argv, *window, "--precision", "bf16"]) == 0
+    assert "the run validated in fp32, this scores in bf16 (" in capsys.readouterr().err
+    half = tmp_path / "half"
+    train(TrainConfig(model=str(tiny_model_dir), train_file=str(train_file),
+                      validation_file=str(valid_file), output_dir=str(half), block_size=32,
+                      max_steps=2, precision="bf16", quiet=True))  # fmt: skip
+    capsys.readouterr()
+    assert main([*argv[:2], str(half), *argv[3:], *window]) == 0
+    (note,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("note:")]
+    assert note.endswith(
+        "the run validated in bf16, this scores in fp32 (a half precision's "
+        "rounding differs from one computation to another: the figures agree "
+        "exactly when both are fp32, a run trained with --precision fp32)"
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -201,11 +202,41 @@ def test_sigterm_saves_and_exits_143_then_resumes_exactly(
     assert ckpt.checkpoint_problem(out / f"checkpoint-{step}") is None
     assert not (out / LOCK_FILE).exists()
 
-    done = subprocess.run(cmd, cwd=corpus, env=env_for(corpus), capture_output=True, text=True)
+    # The resume is the command the message gives (`python -m domainlm ...`, or this test's
+    # interpreter by its path where `python` on PATH is another one), run as a shell would.
+    hint = stopped[0].split("To resume, run ", 1)[1].split(" (it continues", 1)[0]
+    done = subprocess.run(
+        shlex.split(hint), cwd=corpus, env=env_for(corpus), capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     assert f"checkpoint-{step} at step {step}" in done.stderr
     assert_same_weights(out, reference)
     assert metric_events(out) == metric_events(reference)
+
+
+def test_the_resume_hint_is_the_command_as_the_user_can_type_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`domainlm` when that is the one on PATH, else its path; a torchrun rank, which cannot see
+    torchrun's command line, says so (its own `python -m domainlm` would start one process)."""
+    from domainlm.run.guard import resume_command
+
+    for name in ("TORCHELASTIC_RUN_ID", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    on_path, elsewhere = tmp_path / "bin" / "domainlm", tmp_path / "venv" / "bin" / "domainlm"
+    for script in (on_path, elsewhere):
+        script.parent.mkdir(parents=True)
+        script.write_text("#!/bin/sh\n")
+        script.chmod(0o755)
+    monkeypatch.setenv("PATH", str(on_path.parent))
+    args = ["train", "--output-dir", "my run"]
+    monkeypatch.setattr(sys, "argv", [str(on_path), *args])
+    assert resume_command() == "domainlm train --output-dir 'my run'"
+    monkeypatch.setattr(sys, "argv", [str(elsewhere), *args])
+    assert resume_command() == f"{elsewhere} train --output-dir 'my run'"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setattr(sys, "argv", [str(tmp_path / "domainlm" / "__main__.py"), *args])
+    assert resume_command() == "the same torchrun command again"
 
 
 def test_sigint_exits_130_and_the_lock_refuses_a_second_run(

@@ -292,6 +292,38 @@ def test_wandb_without_an_account_names_its_offline_mode(
                          "account or network, set WANDB_MODE=offline")  # fmt: skip
 
 
+def test_a_tracker_that_cannot_start_leaves_the_folder_as_it_was(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """W&B failing to start (no API key) after making its folder: the run takes back its run
+    file and that folder, so a retry with another model or other settings is not refused as
+    "another run"; a folder the user made and their file in it stay."""
+    pytest.importorskip("wandb")
+
+    def half_made(output_dir: Path, config: dict) -> None:
+        (output_dir / "wandb" / "run-1").mkdir(parents=True)
+        raise RuntimeError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(trackers, "open_wandb", half_made)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    train_file = write_lines(tmp_path / "train.txt", uneven_corpus(10))
+    base = ["train", "--model", str(tiny_model_dir), "--train-file", str(train_file),
+            "--max-steps", "1", "--report-to", "none"]  # fmt: skip
+    new_dir, users_dir = tmp_path / "new", tmp_path / "users"
+    users_dir.mkdir()
+    (users_dir / "notes.txt").write_text("mine\n")
+    for out, extra in ((new_dir, []), (users_dir, ["--overwrite-output-dir"])):
+        args = [*base[:-1], "wandb", "--output-dir", str(out), "--block-size", "32", *extra]
+        assert cli_main(args) == 2
+        assert "could not start" in capsys.readouterr().err
+    assert not new_dir.exists()
+    assert sorted(p.name for p in users_dir.iterdir()) == ["notes.txt"]
+    # the retry: another block size, no tracker; trains instead of refusing the folder
+    args = [*base, "--output-dir", str(new_dir), "--block-size", "16"]
+    assert cli_main(args) == 0, capsys.readouterr().err
+    assert (new_dir / "model.safetensors").is_file()
+
+
 def test_unknown_tracker_is_refused_before_anything_is_written(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:

@@ -266,9 +266,11 @@ def evaluate_perplexity(config: PerplexityConfig) -> list[PerplexityReport]:
             teardown_distributed(ctx)
 
 
-def other_window_note(spec: str, block_size: int, stride: int) -> str | None:
+def other_validation_note(spec: str, block_size: int, stride: int, precision: str) -> str | None:
     """A note when `spec` is a domainlm run (or one of its checkpoints) whose validation used
-    another window: its eval_results.json figure is then not the one printed here."""
+    another window, or a half precision (bf16/fp16: training's kernels and these round
+    differently, so only fp32 figures agree exactly; run files record it since it was added):
+    its eval_results.json figure is then not the one printed here."""
     found = read_run_settings(spec)
     try:
         run = found[1] if found else {}
@@ -276,13 +278,22 @@ def other_window_note(spec: str, block_size: int, stride: int) -> str | None:
         run_stride = int(run.get("config", {}).get("eval_stride") or run_block - 1)
     except (KeyError, TypeError, ValueError, AttributeError):
         return None  # not a domainlm run
-    if (run_block, run_stride) == (block_size, stride):
+    run_precision = run.get("precision")
+    reasons = []
+    if (run_block, run_stride) != (block_size, stride):
+        reasons.append(
+            f"the run validated with --block-size {run_block} --stride {run_stride}, this scores "
+            f"with --block-size {block_size} --stride {stride} (pass those to compare)"
+        )
+    if isinstance(run_precision, str) and (run_precision, precision) != ("fp32", "fp32"):
+        reasons.append(
+            f"the run validated in {run_precision}, this scores in {precision} (a half "
+            "precision's rounding differs from one computation to another: the figures agree "
+            "exactly when both are fp32, a run trained with --precision fp32)"
+        )
+    if not reasons:
         return None
-    return (
-        f"note: {spec} was validated during training with --block-size {run_block} --stride "
-        f"{run_stride}; this scores with --block-size {block_size} --stride {stride}, so its "
-        "figure differs from the run's: pass those to compare"
-    )
+    return f"note: {spec}: this figure is not the run's own: {'; '.join(reasons)}"
 
 
 def read_corpus(config: PerplexityConfig) -> Corpus:
@@ -330,7 +341,7 @@ def score_model(
     stride = config.stride or block_size - 1
     check_window(block_size, stride)
     if ctx.is_main:  # --quiet hides the progress bar, not this
-        note = other_window_note(spec, block_size, stride)
+        note = other_validation_note(spec, block_size, stride, precision)
         if note:
             print(note, file=sys.stderr)
     loss_module = CausalLMLoss(loaded.model.to(device))

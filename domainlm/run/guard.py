@@ -102,14 +102,28 @@ def stop_agreed(stop: StopSignals, ctx: Any, device: torch.device) -> bool:
 
 
 def resume_command() -> str:
-    """The command line of this process, to print as the way to resume."""
+    """The command line of this process, to print as the way to resume: as the user can type it
+    (the interpreter's path where `python` on PATH is another one); under torchrun, whose command
+    line a rank cannot see, "the same torchrun command again"."""
     import shlex
+    import shutil
     import sys
 
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # set by torchrun for its workers
+        return "the same torchrun command again"
+    if os.environ.get("WORLD_SIZE"):  # another launcher's rank
+        return "the same launch command again"
     name = Path(sys.argv[0]).name if sys.argv else ""
-    if name not in ("domainlm", "__main__.py"):
+    if name == "domainlm":
+        found = shutil.which("domainlm")  # paths compared unresolved: a venv's python is a
+        same = found is not None and os.path.abspath(found) == os.path.abspath(sys.argv[0])
+        program = "domainlm" if same else shlex.quote(sys.argv[0])
+    elif name == "__main__.py":
+        found = shutil.which("python")  # link to the system's, yet another environment
+        same = found is not None and os.path.abspath(found) == os.path.abspath(sys.executable)
+        program = f"{'python' if same else shlex.quote(sys.executable)} -m domainlm"
+    else:
         return "the same command again"
-    program = "domainlm" if name == "domainlm" else "python -m domainlm"
     return f"{program} {shlex.join(sys.argv[1:])}"
 
 

@@ -217,14 +217,19 @@ def write_run_file(
     written: list[str],
     finished: dict[str, Any] | None = None,
     history: list[dict[str, Any]] | None = None,
+    precision: str | None = None,
 ) -> None:
     """run_config.json: the run's identity, settings (the latest command's), owned files and
     `history` (the settings changed on resume, `resume_history`; None keeps the file's);
-    `finished` only once the final model, eval_results.json and the report are written (a run
-    started again with the same settings and data then does nothing: `finished_result`)."""
+    `precision`, what the latest command computed in (`--precision auto` resolved: `perplexity`
+    names a difference; None keeps the file's); `finished` only once the final model,
+    eval_results.json and the report are written (a run started again with the same settings
+    and data then does nothing: `finished_result`)."""
     previous = read_run_file(output_dir) or {}
     owned = sorted(set(previous.get("written", [])) | set(written) | {"metrics.jsonl"})
     run = {"identity": identity, "config": config.to_dict(), "written": owned}
+    precision = precision or previous.get("precision")
+    run = {**run, "precision": precision} if isinstance(precision, str) else run
     history = valid_history(previous.get("history")) if history is None else history
     run = {**run, "history": history} if history else run
     write_json_atomic(output_dir / RUN_FILE, {**run, "finished": finished} if finished else run)

@@ -59,6 +59,7 @@ from domainlm.run.checkpoint import (
     list_checkpoints,
     load_training_state,
     read_run_file,
+    remove_owned_files,
 )
 from domainlm.run.diskspace import (
     check_run_disk_space,
@@ -412,6 +413,41 @@ def start_state(
                 f"{schedule_rate(config, start_step, total_steps):.3g} (the run goes on from "
                 "there; not the run an uninterrupted one would be)"
             )
+    warn_of_steps_left(config, console, start_step, total_steps)
+    check_run_disk_space(  # a warning, or with --strict an error before anything is written
+        config, ctx, device, console.warn, net.model, data.loaded.tokenizer, start_step, total_steps
+    )
+    output_dir = Path(config.output_dir)
+    trackers = resolve_report_to(config.report_to)  # run/trackers.py: TensorBoard, MLflow, W&B
+    fresh = start_step == 0 and read_run_file(output_dir) is None  # no run file of ours yet
+    if ctx.is_main:
+        history = settings_history(config, data, start_step, total_steps, console)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        owned = tracker_outputs(trackers) + ([SAMPLES_FILE] if config.sample_prompts else [])
+        write_run_file(
+            output_dir, config, data.identity, owned, history=history, precision=precision
+        )
+    metrics = MetricsLog(output_dir / "metrics.jsonl", enabled=ctx.is_main, resume_step=start_step)
+    loggers = Trackers(trackers, output_dir, config.to_dict(), start_step)
+    if ctx.is_main:
+        open_trackers(loggers, output_dir, fresh)
+    metrics.listeners.append(loggers.log)  # called on rank 0 only
+    sampler = TrainingSampler.create(
+        config, data.loaded, net.model, output_dir, console, ctx, precision, start_step
+    )
+    run = Run(
+        config, ctx, device, precision, console, output_dir, data, net,
+        cursor, start_step, total_steps, resumed_window, metrics, loggers, sampler, resumed_totals,
+    )  # fmt: skip
+    announce(run, steps_per_epoch)
+    return run
+
+
+def warn_of_steps_left(
+    config: TrainConfig, console: Console, start_step: int, total_steps: int
+) -> None:
+    """What the steps left from `start_step` make of the settings: nothing to train, a warmup
+    that never ends, an early-stopping patience the evaluations cannot reach."""
     if start_step >= total_steps:
         console.info(
             f"the run reached step {total_steps} already: nothing left to train (a larger "
@@ -430,30 +466,19 @@ def start_state(
             f"its last step (every --eval-steps {config.eval_steps} of {total_steps} steps), too "
             "few to stop early; give a smaller --eval-steps"
         )
-    check_run_disk_space(  # a warning, or with --strict an error before anything is written
-        config, ctx, device, console.warn, net.model, data.loaded.tokenizer, start_step, total_steps
-    )
-    output_dir = Path(config.output_dir)
-    trackers = resolve_report_to(config.report_to)  # run/trackers.py: TensorBoard, MLflow, W&B
-    if ctx.is_main:
-        history = settings_history(config, data, start_step, total_steps, console)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        owned = tracker_outputs(trackers) + ([SAMPLES_FILE] if config.sample_prompts else [])
-        write_run_file(output_dir, config, data.identity, written=owned, history=history)
-    metrics = MetricsLog(output_dir / "metrics.jsonl", enabled=ctx.is_main, resume_step=start_step)
-    loggers = Trackers(trackers, output_dir, config.to_dict(), start_step)
-    if ctx.is_main:
-        loggers.open()  # a tracker that cannot start stops the run here, before any step
-    metrics.listeners.append(loggers.log)  # called on rank 0 only
-    sampler = TrainingSampler.create(
-        config, data.loaded, net.model, output_dir, console, ctx, precision, start_step
-    )
-    run = Run(
-        config, ctx, device, precision, console, output_dir, data, net,
-        cursor, start_step, total_steps, resumed_window, metrics, loggers, sampler, resumed_totals,
-    )  # fmt: skip
-    announce(run, steps_per_epoch)
-    return run
+
+
+def open_trackers(loggers: Trackers, output_dir: Path, fresh: bool) -> None:
+    """Start the trackers (rank 0, before any step). One that cannot start stops the run; a
+    `fresh` run (this command wrote the folder's run file) then takes back what it wrote (the
+    run file, a tracker's half-made folder), so that the next command, with other trackers or
+    another model, finds the folder as it was (and an empty one it made gone with the lock)."""
+    try:
+        loggers.open()
+    except UserError:
+        if fresh:
+            remove_owned_files(output_dir)
+        raise
 
 
 def settings_history(
