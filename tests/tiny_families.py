@@ -58,6 +58,17 @@ FAMILIES: dict[str, dict[str, Any]] = {
         attention_dropout=0.0,
     ),
     "bloom": dict(hidden_size=64, n_layer=2, n_head=4, hidden_dropout=0.0, attention_dropout=0.0),
+    # The current families users start from (Qwen 3, Gemma 3, OLMo 2, SmolLM 3), Phi-1/2 (a
+    # biased head, parallel attention and MLP) and StarCoder 2 (biased layers, its own norm).
+    "qwen3": dict(_LLAMA_LIKE, head_dim=16),
+    "gemma3_text": dict(_LLAMA_LIKE, head_dim=16),
+    "olmo2": dict(_LLAMA_LIKE),
+    "smollm3": dict(_LLAMA_LIKE),
+    "phi": dict(_LLAMA_LIKE, num_key_value_heads=4, resid_pdrop=0.0, embd_pdrop=0.0),
+    "starcoder2": dict(_LLAMA_LIKE, residual_dropout=0.0, embedding_dropout=0.0),
+    # Granite divides its logits by logits_scaling after the head (full-logits path); 4, not its
+    # default 1, so that a loss that skipped it would be visibly wrong.
+    "granite": dict(_LLAMA_LIKE, logits_scaling=4.0),
 }
 # Families whose attention takes restarting position ids as document boundaries (--packing docs).
 PACKS_DOCUMENTS = frozenset(FAMILIES) - {"opt", "bloom"}

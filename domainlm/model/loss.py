@@ -34,7 +34,8 @@ from domainlm.model.faults import maybe_inject_oom
 CHUNKED_HEAD_MODEL_TYPES = frozenset(
     {
         "gpt2", "gpt_neo", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "opt", "phi3",
-        "gemma", "gemma2", "bloom",
+        "gemma", "gemma2", "bloom", "gemma3_text", "olmo2", "smollm3", "phi", "starcoder2",
+        "granite",
     }
 )  # fmt: skip
 # Config fields that, when set (not None), make a model transform its logits after the head
