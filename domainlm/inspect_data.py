@@ -101,12 +101,18 @@ class InspectConfig:
         None, "Device to plan for (default: $DOMAINLM_DEVICE or auto).", choices=DEVICES
     )
     load_dtype: str = opt("auto", "--load-dtype of the run to plan.", choices=LOAD_DTYPES)
-    lora_r: int = opt(8, "LoRA rank to plan for.")
-    lora_targets: list[str] | None = opt(
-        None, "LoRA target layers to plan for (default: every linear layer of the blocks)."
+    lora_r: int | None = opt(
+        None, "LoRA rank to plan for. Default: the run's when --model is a LoRA run, else 8."
     )
-    lora_dropout: float = opt(
-        0.05, "LoRA dropout to plan for (above 0, each adapter keeps a mask)."
+    lora_targets: list[str] | None = opt(
+        None,
+        "LoRA target layers to plan for. Default: the run's when --model is a LoRA run, else "
+        "every linear layer of the blocks.",
+    )
+    lora_dropout: float | None = opt(
+        None,
+        "LoRA dropout to plan for (above 0, each adapter keeps a mask). Default: the run's when "
+        "--model is a LoRA run, else 0.05.",
     )
     gradient_checkpointing: bool = opt(
         False, "Use the checkpointed plan for the data report's memory line."
@@ -120,7 +126,7 @@ class InspectConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be positive")
         if self.block_size is not None and self.block_size < 2:
             raise UserError("--block-size must be at least 2")
-        if not 0 <= self.lora_dropout < 1:
+        if self.lora_dropout is not None and not 0 <= self.lora_dropout < 1:
             raise UserError(
                 f"--lora-dropout must be at least 0 and below 1, got {self.lora_dropout}"
             )
@@ -465,12 +471,34 @@ def with_run_shape(config: InspectConfig) -> tuple[InspectConfig, str | None]:
         taken.append(f"--batch-size {run_batch}")
     if config.batch_size is None:
         config = replace(config, batch_size=DEFAULT_BATCH)
+    config, lora_taken = with_run_lora(config, identity.get("lora"))
+    taken += lora_taken
     if not taken or found is None:
         return config, None
+    shown = ", ".join(taken[:-1]) + " and " + taken[-1] if len(taken) > 1 else taken[0]
     return config, (
-        f"note: planned at the run's {' and '.join(taken)} ({found[0]}); pass them to plan "
-        "another shape"
+        f"note: planned at the run's {shown} ({found[0]}); pass them to plan another shape"
     )
+
+
+# --lora-r and --lora-dropout when neither the command nor a LoRA run gives them: train's.
+LORA_DEFAULTS = {"lora_r": 8, "lora_dropout": 0.05}
+
+
+def with_run_lora(config: InspectConfig, lora: object) -> tuple[InspectConfig, list[str]]:
+    """`config` with the LoRA settings left out taken from a LoRA run's identity (`lora`: r,
+    dropout, targets), else train's defaults; and the flags taken, for the note."""
+    run = lora if isinstance(lora, dict) else {}
+    taken = []
+    for name, key in (("lora_r", "r"), ("lora_dropout", "dropout"), ("lora_targets", "targets")):
+        if getattr(config, name) is not None:
+            continue
+        value = run.get(key)
+        if value is not None:
+            shown = " ".join(value) if isinstance(value, list) else value
+            taken.append(f"--{name.replace('_', '-')} {shown}")
+        config = replace(config, **{name: value if value is not None else LORA_DEFAULTS.get(name)})
+    return config, taken
 
 
 def run_inspect(config: InspectConfig) -> int:

@@ -69,3 +69,17 @@ def uneven_corpus(n: int = 60, seed: int = 0) -> list[str]:
     from domainlm.demo import word_documents
 
     return word_documents(n, seed)
+
+
+@pytest.fixture(scope="module")
+def one_thread_like_the_ranks():
+    """torch on one thread for a module's in-process runs, as each torchrun rank of the tests is
+    (OMP_NUM_THREADS=1): a matmul split over two threads sums in another order, and on a CPU
+    with AMX (bf16 tiles) the difference between a 2-rank run and its one-process reference grew
+    past the tests' float bounds (1.5e-5 against 1e-5 in weights) though the code was right."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -46,6 +46,9 @@ from domainlm.model.loading import gpt2_tokenizer, save_scratch_folder
 from domainlm.run.metrics import read_events
 from domainlm.run.train import train
 
+# In-process reference runs on one thread, as each rank runs (conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread_like_the_ranks")
+
 STEPS = 4
 RUN_FLAGS = [
     "--block-size", "32", "--batch-size", "2", "--max-steps", str(STEPS), "--save-steps", "2",
@@ -371,8 +374,10 @@ def test_two_rank_checkpoint_resumed_by_one_rank(
     ddp_run: tuple[Path, str],
     fsdp_run: Path,
     tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """Stop a 2-rank run after step 2; one process with --grad-accum 2 finishes it identically."""
+    """Stop a 2-rank run after step 2; one process with --grad-accum 2 finishes it identically,
+    and says the global batch stayed what it was (the history records ranks 2 -> 1)."""
     finished = ddp_run[0] if source == "ddp" else fsdp_run
     out = tmp_path / "resumed"
     shutil.copytree(finished, out)
@@ -380,8 +385,13 @@ def test_two_rank_checkpoint_resumed_by_one_rank(
     state = torch.load(out / "checkpoint-2" / "training_state.pt", weights_only=True)
     assert (state["world_size"], state["step"], state["epoch"], state["offset"]) == (2, 2, 0, 8)
     os.environ["DOMAINLM_CACHE"] = str(data["cache"])
+    capsys.readouterr()
     result = train(one_process_config(data, out))
     assert result.resumed_from == out / "checkpoint-2"
+    assert "resuming at step 2 with other settings than the run's so far: --grad-accum 1 -> 2, " \
+        "ranks 2 -> 1; the global batch stays 4 blocks;" in capsys.readouterr().err  # fmt: skip
+    history = json.loads((out / "run_config.json").read_text())["history"]
+    assert history == [{"step": 2, "changed": {"grad_accum": [1, 2], "ranks": [2, 1]}}]
     end = torch.load(out / "checkpoint-4" / "training_state.pt", weights_only=True)
     assert (end["world_size"], end["step"], end["epoch"], end["offset"]) == (1, 4, 0, 16)
     assert_same_losses(train_losses(out), train_losses(ddp_run[0]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,7 +24,7 @@ from safetensors.torch import load_file
 
 from domainlm import TrainConfig, train
 from domainlm.cli import main
-from domainlm.errors import TrainingAborted
+from domainlm.errors import TrainingAborted, UserError
 from domainlm.model.loading import gpt2_tokenizer
 from domainlm.model.lora import LoraSettings, attach_lora, target_modules
 from domainlm.model.loss import CausalLMLoss
@@ -224,6 +225,42 @@ def test_report_on_a_lora_run_and_no_merge(
     assert (out / "adapter_config.json").is_file() and not (out / "merged").exists()
 
 
+def test_a_merge_that_no_longer_matches_goes_and_a_users_file_stays(
+    tiny_model_dir: Path, corpus: tuple[Path, Path], tmp_path: Path, capsys
+) -> None:
+    """Continued with --no-merge, a run's merged/ of an earlier step is removed (it no longer
+    matches the adapter) unless it holds a file domainlm did not write; --overwrite-output-dir
+    refuses a user's file inside merged/ or a checkpoint rather than deleting it with them."""
+    out = tmp_path / "run"
+    train(config(tiny_model_dir, corpus, out, max_steps=3))
+    assert (out / "merged" / "model.safetensors").is_file()
+    capsys.readouterr()
+    train(config(tiny_model_dir, corpus, out, max_steps=4, merge=False, quiet=False))
+    assert f"removed {out / 'merged'}: an earlier command's merge" in capsys.readouterr().err
+    assert not (out / "merged").exists() and (out / "adapter_model.safetensors").is_file()
+
+    train(config(tiny_model_dir, corpus, out, max_steps=5))  # merges again
+    gguf, notes = out / "merged" / "model-q4.gguf", out / "checkpoint-3" / "NOTES.md"
+    gguf.write_bytes(b"GGUF")
+    notes.write_text("step 3 looked best\n")
+    capsys.readouterr()
+    overwrite = config(tiny_model_dir, corpus, out, max_steps=2, overwrite_output_dir=True)
+    with pytest.raises(UserError, match="holds checkpoint-3/NOTES.md, merged/model-q4.gguf, which"):
+        train(overwrite)
+    assert gguf.read_bytes() == b"GGUF" and (out / "merged" / "model.safetensors").is_file()
+    train(config(tiny_model_dir, corpus, out, max_steps=6, merge=False, quiet=False))
+    assert "left in place for merged/model-q4.gguf" in capsys.readouterr().err
+    assert gguf.is_file() and notes.is_file()
+    gguf.unlink()
+    notes.unlink()
+    train(overwrite)  # only domainlm's files there now: replaced
+    assert not (out / "checkpoint-3").exists() and not (out / "checkpoint-6").exists()
+    assert (
+        sorted(p.name for p in (out / "merged").iterdir())
+        == json.loads((out / "run_config.json").read_text())["merged_files"]
+    )
+
+
 def test_llama_lora_run_merges_to_the_same_logits(
     llama_dir: Path, corpus: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -350,6 +387,34 @@ def test_changing_lora_settings_on_resume_is_refused(
         assert f"belongs to a run trained with {was}, and this command has" in err
         assert now in err and f"to continue that run give {was} again" in err
     assert sorted(p.name for p in copy.iterdir()) == before
+
+
+def test_a_resume_reads_the_same_base_however_it_is_spelled_and_refuses_other_weights(
+    tiny_model_dir: Path, corpus, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """The base is read again on resume: `./base/` for `base` goes on; the same folder holding
+    other weights (a base trained further, saved over) is refused, nothing written."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--train-file", str(corpus[0]), "--validation-file", str(corpus[1]),
+            "--output-dir", "run", "--block-size", "32", "--lora", "--no-merge", "--quiet"]  # fmt: skip
+    assert main([*argv, "--model", "base", "--max-steps", "2"]) == 0
+    assert main([*argv, "--model", "./base/", "--max-steps", "3"]) == 0, capsys.readouterr().err
+    assert "resuming from" in capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "run_config.json").read_text())["finished"]["step"] == 3
+
+    other = load_base(base)
+    with torch.no_grad():
+        for param in other.parameters():
+            param.add_(0.01)
+    other.save_pretrained(base)
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").iterdir()}
+    assert main([*argv, "--model", "base", "--max-steps", "4"]) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("domainlm:")]
+    assert line.startswith("domainlm: error: --output-dir run belongs to a LoRA run whose base ")
+    assert "weights were other than those in base now" in line
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").iterdir()} == before
 
 
 # ----------------------------------------------------------------------------- DDP
@@ -566,3 +631,46 @@ def test_the_memory_plan_counts_the_merge_and_says_when_it_does_not_fit(lora_run
                        "full+ckpt": replace(plan.scenarios["full+ckpt"], fit_bytes=2**50)}  # fmt: skip
     assert fitting_flags(tight, lambda b: tight).startswith("--lora --no-merge (merging at the end")
     assert fitting_flags(replace(tight, host_available=2**40), lambda b: tight) == "--lora"
+
+
+def test_inspect_and_the_card_tell_a_lora_run_by_its_own_adapters(
+    tiny_model_dir: Path, corpus: tuple[Path, Path], tmp_path: Path, capsys
+) -> None:
+    """`inspect --model RUN` of a LoRA run at r=4 on c_attn alone plans that, not the default
+    r=8 on every block linear; a flag given still wins. Its model card says it is an adapter,
+    with what settings and how it loads, and what `--precision auto` resolved to; the start
+    line counts its few trainable parameters as they are, not as 0.00M."""
+    out = tmp_path / "run"
+    train(config(tiny_model_dir, corpus, out, max_steps=1, lora_r=4, lora_targets=["c_attn"],
+                 lora_dropout=0.0, merge=False, precision="auto"))  # fmt: skip
+    assert re.search(r", LoRA: [1-9][0-9,]* trainable\n", capsys.readouterr().err)
+    card = (out / "README.md").read_text()
+    assert (
+        f"A LoRA adapter for `{tiny_model_dir}` trained with domainlm (r=4, alpha=16.0, "
+        "dropout=0.0, on `c_attn`): this folder is the adapter in PEFT's format "
+        f"(`PeftModel.from_pretrained`); `domainlm export {out} OUT` merges it into its base."
+    ) in card
+    resolved = json.loads((out / "run_config.json").read_text())["precision"]
+    assert resolved in ("bf16", "fp32") and f"| precision | auto ({resolved}) |" in card
+    assert main(["inspect", "--model", str(out), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["memory_plan"]
+    assert (plan["lora_r"], plan["lora_targets"]) == (4, ["c_attn"])
+    assert main(["inspect", "--model", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "--lora-r 4, --lora-dropout 0.0 and --lora-targets c_attn" in text
+    assert main(["inspect", "--model", str(out), "--lora-r", "16", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["memory_plan"]["lora_r"] == 16
+
+
+def test_train_on_a_merged_lora_run_names_its_merged_folder(
+    lora_run: dict, corpus: tuple[Path, Path], tmp_path: Path, capsys
+) -> None:
+    """A LoRA run folder given to `train --model` names its merged/ when it has one (not an
+    export that would write it again)."""
+    out = lora_run["out"]
+    argv = ["train", "--model", str(out), "--train-file", str(corpus[0]), "--output-dir",
+            str(tmp_path / "on"), "--max-steps", "1"]  # fmt: skip
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.endswith(f"give its merged model ({out / 'merged'}), or its base model with --lora")
+    assert not (tmp_path / "on").exists()

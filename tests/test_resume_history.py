@@ -58,6 +58,29 @@ def test_a_resume_with_other_settings_is_warned_and_recorded(tiny_model_dir, tmp
     assert history == [*run["history"], {"step": 8, "changed": {"lr": [0.0005, 0.0002]}}]
 
 
+def test_a_resume_with_another_global_batch_says_so_and_what_keeps_it(
+    tiny_model_dir, tmp_path, capsys
+):
+    """--batch-size 2 -> 1: the global batch halves (a warning naming the --grad-accum that
+    keeps it); --grad-accum 2 then (2 blocks again, against 1 before): said too.
+    Under torchrun the ranks are one more factor (tests/test_distributed.py::
+    test_two_rank_checkpoint_resumed_by_one_rank: --grad-accum 2 on 1 rank keeps 2 ranks' batch,
+    said as a note)."""
+    train_file = write_lines(tmp_path / "train.txt", uneven_corpus(40, seed=5))
+    out = tmp_path / "run"
+    train(config(tiny_model_dir, train_file, out))
+    capsys.readouterr()
+    train(config(tiny_model_dir, train_file, out, max_steps=6, save_steps=2, batch_size=1))
+    (warned,) = [x for x in capsys.readouterr().err.splitlines() if "other settings" in x]
+    assert warned.startswith("warning: resuming at step 4")
+    assert "--batch-size 2 -> 1, --max-steps 4 -> 6; the global batch goes from 2 to 1 " \
+        "blocks (--grad-accum 2 keeps it at 2); the steps from here use them" in warned  # fmt: skip
+    train(config(tiny_model_dir, train_file, out, max_steps=8, batch_size=1, grad_accum=2))
+    (said,) = [x for x in capsys.readouterr().err.splitlines() if "other settings" in x]
+    assert said.startswith("warning: resuming at step 6")  # max_steps moved too: a warning
+    assert "--grad-accum 1 -> 2, --max-steps 6 -> 8; the global batch goes from 1 to 2" in said
+
+
 def test_a_longer_run_records_only_its_step_count(tiny_model_dir, tmp_path, capsys):
     train_file = write_lines(tmp_path / "train.txt", uneven_corpus(40, seed=5))
     out = tmp_path / "run"

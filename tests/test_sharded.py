@@ -195,6 +195,24 @@ def test_export_refuses_a_corrupt_checkpoint_and_a_used_folder(
         assert cli_main(["export", str(tmp_path / given), str(tmp_path / "x")]) == 2
         assert f"{tmp_path / given}: cannot export it: {problem}" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    # A sharded checkpoint cut short before its marker (its config.json is written already):
+    # being written, not "a model folder transformers loads"; and transformers cannot load a
+    # sharded checkpoint: `--model` says to export it.
+    unpublished = tmp_path / ".checkpoint-2.tmp"
+    shutil.copytree(runs["sharded"] / "checkpoint-2", unpublished)
+    (unpublished / "checkpoint.json").unlink()
+    assert cli_main(["export", str(unpublished), str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot export it: no completion marker (it was being written" in err
+    assert not (tmp_path / "x").exists()
+    sharded = runs["sharded"] / "checkpoint-2"
+    assert cli_main(["perplexity", "--model", str(sharded), "--text", "a b c d"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (
+        f"domainlm: error: {sharded} is a sharded checkpoint (--checkpoint-format sharded: the "
+        "weights in each rank's shards), which transformers cannot load: `domainlm export "
+        f"{sharded} OUT` writes a model folder from it (a run resumes from it as it is)"
+    )
 
 
 # ----------------------------------------------------------------------------- security

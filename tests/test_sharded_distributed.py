@@ -41,6 +41,9 @@ from domainlm.run import checkpoint as ckpt
 from domainlm.run.sharded import is_sharded_checkpoint
 from domainlm.run.train import train
 
+# In-process reference runs on one thread, as each rank runs (conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread_like_the_ranks")
+
 
 @pytest.fixture(scope="module")
 def data(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:

@@ -345,6 +345,8 @@ def test_report_to_choices(monkeypatch: pytest.MonkeyPatch) -> None:
         trackers.resolve_report_to(["nosuch"])
     with pytest.raises(UserError, match="none cannot be combined with mlflow"):
         trackers.resolve_report_to(["none", "mlflow"])
+    with pytest.raises(UserError, match="none cannot be combined with tensorboard, mlflow$"):
+        trackers.resolve_report_to(["tensorboard", "none", "mlflow"])  # none anywhere
     assert trackers.resolve_report_to(["none"]) == []
     monkeypatch.setitem(sys.modules, "tensorboard", None)
     assert trackers.resolve_report_to(None) == []  # the default: TensorBoard if installed

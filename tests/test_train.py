@@ -253,11 +253,18 @@ def test_resume_auto_continues_and_other_runs_are_protected(
     # written again, no step.
     write_lines(valid_file, uneven_corpus(12, seed=9))
     rescored = train(base_config(tiny_model_dir, train_file, out, **{**cfg, "max_steps": 6}))
-    assert "reached step 6 already: nothing left to train" in capsys.readouterr().err
+    assert "reached step 6 already, and this command's settings make 6 steps: nothing left " \
+        "to train" in capsys.readouterr().err  # fmt: skip
     assert rescored.final_perplexity != extended.final_perplexity
     assert [e for e in read_events(out / "metrics.jsonl") if "loss" in e] == [
         e for e in events if "loss" in e
     ]
+    # Fewer steps than the run took: the step it reached, and no word of the schedule, which
+    # no step is left to follow.
+    train(base_config(tiny_model_dir, train_file, out, **{**cfg, "max_steps": 4}))
+    err = capsys.readouterr().err
+    assert "reached step 6 already, and this command's settings make 4 steps" in err
+    assert "learning-rate schedule" not in err
 
     # A folder of someone else's files is refused, and nothing in it is touched.
     foreign = tmp_path / "foreign"

@@ -20,6 +20,8 @@ import torch
 from domainlm.errors import UserError
 
 SCRATCH_PREFIX = "scratch:"
+# The metadata file of a torch.distributed.checkpoint folder (a sharded checkpoint, run/sharded.py)
+DCP_METADATA = ".metadata"
 
 # name -> (n_layer, n_head, n_embd, n_positions). The real GPT-2 shapes; `tiny` is for tests.
 SCRATCH_SHAPES: dict[str, tuple[int, int, int, int]] = {
@@ -191,6 +193,29 @@ def meta_model_of(model_config: Any, trust_remote_code: bool = False) -> Any:
         return AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
 
 
+def refuse_other_folders(path: Path, spec: str) -> None:
+    """A folder that transformers cannot load as a model, said as what it is: a LoRA adapter, a
+    sharded checkpoint (both with the way to a model folder), no model at all."""
+    if not (path / "config.json").is_file():
+        if (path / ADAPTER_CONFIG).is_file():  # perplexity/generate/inspect take it (lora.py)
+            merged = path / "merged"  # a LoRA run's (model/lora.py's MERGED_DIR)
+            given = (
+                f"{merged}" if (merged / "config.json").is_file()
+                else f"`domainlm export {spec} MERGED` writes one"
+            )  # fmt: skip
+            raise UserError(
+                f"{spec} is a LoRA adapter folder, not a model: to train on from it, give its "
+                f"merged model ({given}), or its base model with --lora"
+            )
+        raise UserError(f"{spec} is not a Hugging Face model folder (no config.json in it)")
+    if (path / DCP_METADATA).is_file() and not any(path.glob("*.safetensors")):
+        raise UserError(
+            f"{spec} is a sharded checkpoint (--checkpoint-format sharded: the weights in each "
+            f"rank's shards), which transformers cannot load: `domainlm export {spec} OUT` "
+            "writes a model folder from it (a run resumes from it as it is)"
+        )
+
+
 def _load_pretrained(
     spec: str, trust_remote_code: bool, dtype: torch.dtype = torch.float32, weights: bool = True
 ) -> tuple[Any, Any]:
@@ -201,14 +226,8 @@ def _load_pretrained(
     if looks_local and not path.is_dir():
         problem = "is a file, not a folder" if path.exists() else "does not exist"
         raise UserError(f"model folder {spec} {problem}; give a hub id, a folder or scratch:tiny")
-    if path.is_dir() and not (path / "config.json").is_file():
-        if (path / ADAPTER_CONFIG).is_file():  # perplexity/generate/inspect take it (lora.py)
-            raise UserError(
-                f"{spec} is a LoRA adapter folder, not a model: to train on from it, give its "
-                "merged model (`domainlm export "
-                f"{spec} MERGED` writes one), or its base model with --lora"
-            )
-        raise UserError(f"{spec} is not a Hugging Face model folder (no config.json in it)")
+    if path.is_dir():
+        refuse_other_folders(path, spec)
     source = str(path) if path.is_dir() else spec
 
     def load(local_files_only: bool) -> tuple[Any, Any]:
@@ -382,4 +401,43 @@ def tokenizer_fingerprint(tokenizer: Any, eos_id: int, prefix: tuple[int, ...] =
     digest.update(f"eos={eos_id}".encode())
     if prefix:
         digest.update(f"prefix={','.join(map(str, prefix))}".encode())
+    return digest.hexdigest()[:16]
+
+
+# Weight files a model folder may hold (safetensors shards, or the older PyTorch pickles).
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+SAMPLE_BYTES = 1 << 16  # read from each weight file at SAMPLES evenly spaced offsets
+SAMPLES = 16
+
+
+def weights_fingerprint(spec: str) -> str | None:
+    """A hash of a local model folder's (or a cached hub model's) weight files that changes when
+    they are replaced: names, sizes and 16 evenly spaced 64 KiB samples of each (read in
+    milliseconds, whatever the model's size; other weights, another model's or these trained
+    further, differ at nearly every sample). None where no weight file is on disk yet (a
+    `scratch:` preset, a hub model not yet downloaded)."""
+    if spec.startswith(SCRATCH_PREFIX):
+        return None
+    folder = Path(spec).expanduser()
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(spec, "config.json")
+        except Exception:  # not a repository id
+            return None
+        if not isinstance(cached, str):
+            return None
+        folder = Path(cached).parent  # the snapshot: links to the cached files
+    files = sorted({p for pattern in WEIGHT_PATTERNS for p in folder.glob(pattern) if p.is_file()})
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"{path.name}\t{size}\n".encode())
+        with open(path, "rb") as handle:
+            for k in range(SAMPLES):
+                handle.seek(max(0, size - SAMPLE_BYTES) * k // (SAMPLES - 1))
+                digest.update(handle.read(SAMPLE_BYTES))
     return digest.hexdigest()[:16]

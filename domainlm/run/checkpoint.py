@@ -325,6 +325,38 @@ def foreign_outputs(output_dir: Path, last_step: int = 0) -> list[str]:
     return sorted(foreign)
 
 
+# The run file's record of the names a LoRA run's merge wrote into merged/ (model/lora.py's
+# MERGED_DIR; a user's file beside them is not ours: `foreign_inside`).
+MERGED_FILES_KEY = "merged_files"
+
+
+def foreign_inside(output_dir: Path) -> list[str]:
+    """Entries inside the folders an earlier run of ours wrote (`checkpoint-N/`, `merged/`) that
+    it did not write: a user's file put there (`merged/model-q4.gguf`, notes in a checkpoint),
+    which removing the folder would take with it. A checkpoint's files are its marker's; merged/'s
+    those the run file records (a run file from before that record: all taken as ours, as is a
+    checkpoint without a marker and a tracker's folder, the tracker's own tree)."""
+    from domainlm.model.lora import MERGED_DIR
+
+    run = read_run_file(output_dir) or {}
+    found: list[str] = []
+    for name in owned_entries(output_dir):
+        folder = output_dir / name
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        if name.startswith(CHECKPOINT_PREFIX):
+            listed: object = read_marker(folder).get("files")
+            ours = set(listed) | {MARKER} if isinstance(listed, dict) else None
+        elif name == MERGED_DIR:
+            listed = run.get(MERGED_FILES_KEY)
+            ours = set(listed) if isinstance(listed, list) else None
+        else:
+            ours = None
+        if ours is not None:
+            found += [f"{name}/{p.name}" for p in sorted(folder.iterdir()) if p.name not in ours]
+    return found
+
+
 def is_run_file(run: object) -> bool:
     """`run` (a run_config.json's contents) is what domainlm writes: an object with the run's
     identity or the list of files it wrote."""

@@ -55,6 +55,8 @@ class RunData:
     results: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)  # settings changed on resume
     finished: bool = False  # run_config.json records the final model written
+    lora: dict[str, Any] | None = None  # the LoRA settings of a LoRA run (its identity's)
+    precision: str | None = None  # what --precision resolved to (run files since 2026-12-07)
 
     @property
     def name(self) -> str:
@@ -103,6 +105,11 @@ def read_run(path: Path) -> RunData:
         if attr == "config":
             run.history = valid_history(payload.get("history"))
             run.finished = bool(payload.get("finished"))
+            identity = payload.get("identity")
+            lora = identity.get("lora") if isinstance(identity, dict) else None
+            run.lora = lora if isinstance(lora, dict) else None
+            precision = payload.get("precision")
+            run.precision = precision if isinstance(precision, str) else None
     return run
 
 
@@ -314,9 +321,9 @@ def model_card(run: RunData, data: dict[str, Any] | None = None) -> str:
     marker_at = len(lines)
     lines += [""]
     lines += [f"# {run.name}", ""]
-    lines += [f"A causal language model fine-tuned from `{base}` with domainlm.", ""]
+    lines += [card_opening(run, base), ""]
     lines += card_data_section(run, data)
-    lines += card_training_section(run.config, run.history)
+    lines += card_training_section(run.config, run.history, run.precision)
     lines += card_results_section(run)
     lines += [
         "",
@@ -407,10 +414,38 @@ def card_data_section(run: RunData, data: dict[str, Any] | None) -> list[str]:
     return lines
 
 
-def card_training_section(config: dict[str, Any], history: list[dict[str, Any]]) -> list[str]:
-    """The settings table (the last command's values), then the changes made on resume."""
+def card_opening(run: RunData, base: str) -> str:
+    """What the folder is: a fine-tuned model, or a LoRA adapter (its settings, how it loads,
+    where its merged model is)."""
+    if run.lora is None:
+        return f"A causal language model fine-tuned from `{base}` with domainlm."
+    lora = run.lora
+    targets = ", ".join(f"`{t}`" for t in lora.get("targets") or [])
+    merged = (
+        "`merged/` holds it merged into its base: a plain model folder"
+        if (run.path / "merged" / "config.json").is_file()
+        else f"`domainlm export {run.path} OUT` merges it into its base"
+    )
+    return (
+        f"A LoRA adapter for `{base}` trained with domainlm (r={lora.get('r')}, "
+        f"alpha={lora.get('alpha')}, dropout={lora.get('dropout')}, on {targets}): this folder "
+        f"is the adapter in PEFT's format (`PeftModel.from_pretrained`); {merged}."
+    )
+
+
+def card_training_section(
+    config: dict[str, Any], history: list[dict[str, Any]], precision: str | None = None
+) -> list[str]:
+    """The settings table (the last command's values; `precision`, what `--precision`
+    resolved to, beside it), then the changes made on resume."""
     lines = ["", "## Training hyperparameters", "", "| setting | value |", "|---|---|"]
-    lines += [f"| {key} | {config[key]} |" for key in TRAINING_SETTINGS if key in config]
+    for key in TRAINING_SETTINGS:
+        if key in config:
+            value = config[key]
+            resolved = key == "precision" and precision and precision != value
+            lines.append(
+                f"| {key} | {value} ({precision}) |" if resolved else f"| {key} | {value} |"
+            )
     if history:
         lines += [
             "",

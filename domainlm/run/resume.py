@@ -22,9 +22,11 @@ from domainlm.errors import UserError
 from domainlm.model.distributed import DistContext
 from domainlm.run.checkpoint import (
     CHECKPOINT_PREFIX,
+    MERGED_FILES_KEY,
     RUN_FILE,
     checkpoint_dirs_by_step,
     checkpoint_problem,
+    foreign_inside,
     foreign_outputs,
     is_run_file,
     owned_entries,
@@ -38,7 +40,11 @@ from domainlm.run.metrics import Console
 # What makes a checkpoint resumable by a run: the same model, tokenizer, block layout, seed
 # (the blocks' order; checked before the data: without --validation-file it also picks the
 # held-out split) and training data.
-RESUME_KEYS = ("model", "tokenizer", "block_size", "packing", "lora", "seed", "train_data")
+# A LoRA run also records its base's weights (`base_weights`, model/loading.py's
+# `weights_fingerprint`): its adapter goes on top of them, read again from --model on resume.
+RESUME_KEYS = (
+    "model", "base_weights", "tokenizer", "block_size", "packing", "lora", "seed", "train_data",
+)  # fmt: skip
 
 
 def decide_resume(
@@ -77,12 +83,13 @@ def decide_resume(
         return path
     if config.overwrite_output_dir:
         owned_entries(output_dir)  # on every rank: a bad run file stops all ranks alike
-        foreign = foreign_outputs(output_dir, total_steps)
+        foreign = foreign_outputs(output_dir, total_steps) + foreign_inside(output_dir)
         if foreign:
             raise UserError(
                 f"--output-dir {output_dir} holds {', '.join(foreign)}, which domainlm did not "
-                "write and this run would write over; --overwrite-output-dir replaces only an "
-                "earlier domainlm run's files: move them away or choose another --output-dir"
+                "write and this run would write over or delete; --overwrite-output-dir replaces "
+                "only an earlier domainlm run's files: move them away or choose another "
+                "--output-dir"
             )
         return None  # its files are removed once the run's last check passed: clear_earlier_run
     if not output_dir.is_dir() or not any(p.name != LOCK_FILE for p in output_dir.iterdir()):
@@ -143,7 +150,18 @@ def check_same_run(
     for key in RESUME_KEYS:
         if key == "lora" and key not in saved and "model" in saved:
             saved = {**saved, "lora": None}  # a run from before LoRA trained every weight
-        if key in saved and saved[key] != identity[key]:
+        if key == "model" and same_folder(saved.get(key), identity[key]):
+            continue  # one folder, spelled another way (`./base/`, an absolute path)
+        if key == "base_weights" and None in (saved.get(key), identity.get(key)):
+            continue  # not known on one side (a run from before it was recorded, a hub model)
+        if key in saved and saved[key] != identity.get(key):
+            if key == "base_weights":
+                raise UserError(
+                    f"{what} belongs to a LoRA run whose base weights were other than those in "
+                    f"{identity['model']} now (its weight files changed since): the adapter "
+                    "goes on top of the weights it was trained on; restore them to continue, "
+                    f"else {remedy}"
+                )
             if key == "train_data":
                 raise UserError(
                     f"{what} belongs to a run on other training data (the tokens of "
@@ -169,6 +187,14 @@ def check_same_run(
                 f"{what} belongs to a run with another {key} ({saved[key]} vs {identity[key]}); "
                 f"{remedy}"
             )
+
+
+def same_folder(recorded: object, spec: str) -> bool:
+    """`recorded` (a run file's --model) and `spec` name one existing local folder."""
+    if not isinstance(recorded, str) or recorded == spec:
+        return False
+    first, second = Path(recorded).expanduser(), Path(spec).expanduser()
+    return first.is_dir() and second.is_dir() and first.resolve() == second.resolve()
 
 
 def later_checkpoints(checkpoint: Path, output_dir: Path) -> list[Path]:
@@ -218,11 +244,13 @@ def write_run_file(
     finished: dict[str, Any] | None = None,
     history: list[dict[str, Any]] | None = None,
     precision: str | None = None,
+    merged_files: list[str] | None = None,
 ) -> None:
     """run_config.json: the run's identity, settings (the latest command's), owned files and
     `history` (the settings changed on resume, `resume_history`; None keeps the file's);
     `precision`, what the latest command computed in (`--precision auto` resolved: `perplexity`
-    names a difference; None keeps the file's); `finished` only once the final model,
+    names a difference; None keeps the file's); `merged_files`, the names a LoRA merge wrote into
+    merged/ (`foreign_inside`; None keeps the file's); `finished` only once the final model,
     eval_results.json and the report are written (a run started again with the same settings
     and data then does nothing: `finished_result`)."""
     previous = read_run_file(output_dir) or {}
@@ -230,23 +258,37 @@ def write_run_file(
     run = {"identity": identity, "config": config.to_dict(), "written": owned}
     precision = precision or previous.get("precision")
     run = {**run, "precision": precision} if isinstance(precision, str) else run
+    merged_files = previous.get(MERGED_FILES_KEY) if merged_files is None else merged_files
+    run = {**run, MERGED_FILES_KEY: merged_files} if isinstance(merged_files, list) else run
     history = valid_history(previous.get("history")) if history is None else history
     run = {**run, "history": history} if history else run
     write_json_atomic(output_dir / RUN_FILE, {**run, "finished": finished} if finished else run)
 
 
+# The number of processes training (torchrun's ranks), in a history beside the settings: it
+# multiplies the global batch as --batch-size and --grad-accum do.
+RANKS = "ranks"
+GLOBAL_BATCH = ("batch_size", "grad_accum", RANKS)
+
+
 def resume_history(
-    previous: dict[str, Any] | None, config: TrainConfig, step: int
+    previous: dict[str, Any] | None,
+    config: TrainConfig,
+    step: int,
+    ranks: tuple[int | None, int] = (None, 1),
 ) -> tuple[list[dict[str, Any]], dict[str, list[Any]]]:
     """The run file's history for a run resumed at `step`, and what this command changes there.
 
     The history lists, by step, the training settings (config.TRAINING_SETTINGS) a resumed run
-    changed: `{"step": 500, "changed": {"lr": [5e-05, 0.0001]}}` (before, after). Entries after
+    changed, and `ranks`, the processes (the checkpoint's, this command's; the first None where
+    unknown): `{"step": 500, "changed": {"lr": [5e-05, 0.0001]}}` (before, after). Entries after
     `step` (a run resumed from an earlier checkpoint trains those steps again) are dropped and
     their changes undone, so "before" is what trained up to `step`; a second change at the same
     step joins the first, and a setting set back to its value is no change."""
     previous = previous if isinstance(previous, dict) else {}
     before = dict(previous.get("config") or {})
+    if ranks[0] is not None:
+        before[RANKS] = ranks[0]
     history = valid_history(previous.get("history"))
     kept = [entry for entry in history if entry["step"] <= step]
     for entry in reversed(history[len(kept) :]):  # undone, latest first: retrained from `step`
@@ -254,8 +296,9 @@ def resume_history(
             before[key] = old
     if not before:
         return kept, {}
-    after = config.to_dict()
-    changed = {key: [before[key], after.get(key)] for key in TRAINING_SETTINGS if key in before}
+    after = {**config.to_dict(), RANKS: ranks[1]}
+    keys = (*TRAINING_SETTINGS, RANKS)
+    changed = {key: [before[key], after.get(key)] for key in keys if key in before}
     if kept and kept[-1]["step"] == step:  # resumed again at the same step: one change
         for key, (old, _) in kept.pop()["changed"].items():
             changed[key] = [old, after.get(key)]
@@ -264,11 +307,22 @@ def resume_history(
 
 
 def changes_shown(changed: dict[str, list[Any]]) -> str:
-    """`--lr 5e-05 -> 0.0001, --batch-size 8 -> 4`, for a message."""
+    """`--lr 5e-05 -> 0.0001, --batch-size 8 -> 4, ranks 2 -> 1`, for a message."""
     return ", ".join(
-        f"--{key.replace('_', '-')} {setting_shown(before)} -> {setting_shown(after)}"
+        f"{'' if key == RANKS else '--'}{key.replace('_', '-')} {setting_shown(before)} -> "
+        f"{setting_shown(after)}"
         for key, (before, after) in changed.items()
     )
+
+
+def global_batch_change(changed: dict[str, list[Any]], now: dict[str, int]) -> tuple[int, int]:
+    """The global batch (blocks a step: batch size x accumulation x ranks) before and after the
+    `changed` settings; `now` holds this command's three."""
+    before = after = 1
+    for key in GLOBAL_BATCH:
+        before *= int(changed[key][0] if key in changed else now[key])
+        after *= int(now[key])
+    return before, after
 
 
 def finish_marker(done: int, total_steps: int, valid_stream: TokenStream) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from domainlm.errors import UserError
+from domainlm.model.loading import DCP_METADATA as METADATA_FILE
 from domainlm.run.checkpoint import (
     CHECKPOINT_PREFIX,
     MARKER,
@@ -42,7 +43,6 @@ from domainlm.run.checkpoint import (
 )
 
 SHARDED = "sharded"
-METADATA_FILE = ".metadata"
 
 # What DCP's .metadata may name: its own metadata classes, torch's sizes, dtypes and layouts,
 # and the path it was written to. Anything else is refused before it is looked up.
@@ -232,7 +232,10 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
         problem: str | None = "a file, not a folder" if checkpoint.exists() else "no such folder"
     elif adapter and not (checkpoint / MARKER).exists():
         problem = None  # a LoRA run's final folder: the adapter, no checkpoint marker
-    elif not (checkpoint / MARKER).exists() and (checkpoint / "config.json").is_file():
+    elif (
+        not any((checkpoint / n).exists() for n in (MARKER, STATE_FILE, METADATA_FILE))
+        and (checkpoint / "config.json").is_file()
+    ):
         raise UserError(
             f"{checkpoint} is a model folder already (no checkpoint marker: a finished run's "
             "folder?), which transformers loads as it is; export takes a checkpoint-<step> folder"

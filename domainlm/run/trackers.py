@@ -65,7 +65,8 @@ def resolve_report_to(names: Iterable[str] | None) -> list[str]:
             raise UserError(f"--report-to {name}: choose from {', '.join(REPORT_TO_CHOICES)}")
     if NONE in chosen:
         if len(chosen) > 1:
-            raise UserError(f"--report-to none cannot be combined with {', '.join(chosen[1:])}")
+            others = ", ".join(name for name in chosen if name != NONE)
+            raise UserError(f"--report-to none cannot be combined with {others}")
         return []
     for name in chosen:
         if not installed(name):

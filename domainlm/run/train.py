@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,8 +38,10 @@ from domainlm.model.loading import (
     load_model,
     special_token_texts,
     tokenizer_fingerprint,
+    weights_fingerprint,
 )
 from domainlm.model.lora import (
+    MERGED_DIR,
     LoraSettings,
     attach_lora,
     base_record,
@@ -56,8 +60,10 @@ from domainlm.run.boundaries import Checkpoints, Evaluation, Progress, Sampling,
 from domainlm.run.checkpoint import (
     best_checkpoint,
     check_output_dir,
+    foreign_inside,
     list_checkpoints,
     load_training_state,
+    owned_entries,
     read_run_file,
     remove_owned_files,
 )
@@ -73,10 +79,13 @@ from domainlm.run.memory_check import check_run_memory
 from domainlm.run.metrics import Console, MetricsLog
 from domainlm.run.report import data_summary, write_run_report
 from domainlm.run.resume import (
+    GLOBAL_BATCH,
+    RANKS,
     changes_shown,
     clear_earlier_run,
     decide_resume,
     finish_marker,
+    global_batch_change,
     resume_history,
     stream_fingerprint,
     write_run_file,
@@ -263,6 +272,8 @@ def check_inputs(
         "lora": lora_identity(config, loaded.model),  # None for full fine-tuning
         "seed": config.seed,  # the order of the blocks in every epoch
     }
+    if config.lora:  # an adapter goes on top of the weights it trained on: the base's, read again
+        identity["base_weights"] = weights_fingerprint(config.model)
     # Data errors (empty, binary, invalid UTF-8) come before anything in output_dir is touched.
     train_stream, valid_stream = load_streams(config, loaded, identity["tokenizer"], console)
     identity["train_data"] = stream_fingerprint(train_stream)  # a resume reads the same blocks
@@ -392,6 +403,7 @@ def start_state(
     cursor, start_step = DataCursor(), 0
     resumed_window: dict[str, float] = {}  # the loss window open at the checkpoint
     resumed_totals: dict[str, float] = {}  # the run's tokens and seconds up to the checkpoint
+    resumed_ranks: int | None = None  # the processes that trained up to the checkpoint
     if data.resume_from is not None:
         state = load_training_state(data.resume_from)
         if is_sharded_checkpoint(data.resume_from):  # weights and optimizer, resharded by DCP
@@ -403,9 +415,10 @@ def start_state(
         start_step = int(state["step"])
         resumed_window = state.get("loss_window") or {}
         resumed_totals = state.get("totals") or {}
+        resumed_ranks = int(state["world_size"]) if state.get("world_size") else None
         console.info(f"resuming from {data.resume_from} at step {start_step}")
         planned = int(state.get("total_steps") or total_steps)
-        if planned != total_steps and config.scheduler != "constant":
+        if planned != total_steps and config.scheduler != "constant" and start_step < total_steps:
             console.warn(
                 f"the {config.scheduler} learning-rate schedule now spans {total_steps} steps, "
                 f"not {planned}: the rate at step {start_step} changes from "
@@ -421,7 +434,8 @@ def start_state(
     trackers = resolve_report_to(config.report_to)  # run/trackers.py: TensorBoard, MLflow, W&B
     fresh = start_step == 0 and read_run_file(output_dir) is None  # no run file of ours yet
     if ctx.is_main:
-        history = settings_history(config, data, start_step, total_steps, console)
+        ranks = (resumed_ranks, ctx.world_size)
+        history = settings_history(config, data, (start_step, total_steps), ranks, console)
         output_dir.mkdir(parents=True, exist_ok=True)
         owned = tracker_outputs(trackers) + ([SAMPLES_FILE] if config.sample_prompts else [])
         write_run_file(
@@ -450,8 +464,9 @@ def warn_of_steps_left(
     that never ends, an early-stopping patience the evaluations cannot reach."""
     if start_step >= total_steps:
         console.info(
-            f"the run reached step {total_steps} already: nothing left to train (a larger "
-            "--max-steps or --epochs trains on); the final evaluation and model are written again"
+            f"the run reached step {start_step} already, and this command's settings make "
+            f"{total_steps} steps: nothing left to train (a larger --max-steps or --epochs "
+            "trains on); the final evaluation and model are written again"
         )
     elif config.warmup_steps >= total_steps:
         console.warn(
@@ -482,22 +497,42 @@ def open_trackers(loggers: Trackers, output_dir: Path, fresh: bool) -> None:
 
 
 def settings_history(
-    config: TrainConfig, data: RunData, start_step: int, total_steps: int, console: Console
-) -> list[dict[str, Any]]:
+    config: TrainConfig, data: RunData, steps: tuple[int, int], ranks: tuple[int | None, int],
+    console: Console,
+) -> list[dict[str, Any]]:  # fmt: skip
     """run_config.json's history (run/resume.py's `resume_history`): none for a fresh run; on
-    resume the earlier one, with the training settings this command changes at its step, which
-    are warned about in one line."""
+    resume the earlier one, with the training settings this command changes at its step (start,
+    total), and the number of ranks (the checkpoint's, now), said in one line: a warning, or a
+    note where only the global batch's factors moved and it stayed the same."""
     if data.resume_from is None:
         return []
-    history, changed = resume_history(read_run_file(data.resume_from.parent), config, start_step)
-    if changed:
-        used = "the steps from here use them" if start_step < total_steps else "no step is left"
-        console.warn(
-            f"resuming at step {start_step} with other settings than the run's so far: "
-            f"{changes_shown(changed)}; {used} (run_config.json's history and the model card "
-            "record the change)"
-        )
+    start_step, total_steps = steps
+    previous = read_run_file(data.resume_from.parent)
+    history, changed = resume_history(previous, config, start_step, ranks)
+    if not changed:
+        return history
+    now = {"batch_size": config.batch_size, "grad_accum": config.grad_accum, RANKS: ranks[1]}
+    was, will = global_batch_change(changed, now)
+    batch = f"the global batch stays {will} blocks" if was == will else (
+        f"the global batch goes from {was} to {will} blocks"
+    )  # fmt: skip
+    per_accum = config.batch_size * ranks[1]
+    if was != will and was % per_accum == 0:
+        batch += f" (--grad-accum {was // per_accum} keeps it at {was})"
+    used = "the steps from here use them" if start_step < total_steps else "no step is left"
+    say = console.info if was == will and set(changed) <= set(GLOBAL_BATCH) else console.warn
+    say(
+        f"resuming at step {start_step} with other settings than the run's so far: "
+        f"{changes_shown(changed)}"
+        + (f"; {batch}" if set(changed) & set(GLOBAL_BATCH) else "")
+        + f"; {used} (run_config.json's history and the model card record the change)"
+    )
     return history
+
+
+def count_shown(count: int) -> str:
+    """A parameter count for a message: 3,328 as it is, from a million on 1.25M."""
+    return f"{count / 1e6:.2f}M" if count >= 1_000_000 else f"{count:,}"
 
 
 def announce(run: Run, steps_per_epoch: int) -> None:
@@ -510,7 +545,7 @@ def announce(run: Run, steps_per_epoch: int) -> None:
         f"model {config.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) "
         f"on {run.device.type} x{run.ctx.world_size}, precision {run.precision}"
         + (", parameters sharded by FSDP" if is_sharded(model) else "")
-        + (f", LoRA: {trainable_count(model) / 1e6:.2f}M trainable" if config.lora else "")
+        + (f", LoRA: {count_shown(trainable_count(model))} trainable" if config.lora else "")
     )
     run.console.info(
         f"train: {run.data.train_stream.num_documents} documents, {dataset.num_predicted:,} "
@@ -592,14 +627,7 @@ def save_model_folder(
         else:
             model.save_pretrained(output_dir, state_dict=final_state)
         tokenizer.save_pretrained(output_dir)
-    merge_failed = None  # out of memory while merging: the rest is written, then the run stops
-    if merge:
-        try:
-            with model_folder_write(output_dir, size):
-                save_merged(output_dir, tokenizer, seed=config.seed, eos_token=config.eos_token,
-                            trust_remote_code=config.trust_remote_code)  # fmt: skip
-        except TrainingAborted as exc:
-            merge_failed = exc
+    merge_failed, merged_files = merge_adapter(run, size) if config.lora else (None, None)
     if final.tokens:
         save_eval_results(output_dir, final, initial, run.metrics, runtime, tokens_seen, notes)
     run.loggers.close()
@@ -607,9 +635,46 @@ def save_model_folder(
     write_run_report(output_dir, summary, run.data.lint_warnings)  # plots, card, report.html
     written = sorted(set(p.name for p in output_dir.iterdir()) - before)
     finished = None if merge_failed else finish_marker(done, run.total_steps, run.data.valid_stream)
-    write_run_file(output_dir, run.config, run.data.identity, written=written, finished=finished)
+    write_run_file(output_dir, run.config, run.data.identity, written, finished=finished,
+                   merged_files=merged_files)  # fmt: skip
     if merge_failed is not None:
         raise merge_failed
+
+
+def merge_adapter(
+    run: Run, size: Callable[[], int]
+) -> tuple[TrainingAborted | None, list[str] | None]:
+    """A LoRA run's merged/ (model/lora.py): with --merge the adapter merged into its base, and
+    the names written there (the run file keeps them: --overwrite-output-dir tells a user's file
+    inside from ours). Out of memory while merging: the error, raised once the rest is written.
+    With --no-merge, an earlier command's merge no longer matches the adapter: removed when it
+    holds only what domainlm wrote, else left with a warning."""
+    output_dir, config, tokenizer = run.output_dir, run.config, run.data.loaded.tokenizer
+    merged = output_dir / MERGED_DIR
+    if not config.merge:
+        if merged.is_dir() and not merged.is_symlink() and MERGED_DIR in owned_entries(output_dir):
+            inside = [n for n in foreign_inside(output_dir) if n.startswith(f"{MERGED_DIR}/")]
+            if inside:
+                run.console.warn(
+                    f"{merged} holds an earlier command's merge, not this adapter's; left in "
+                    f"place for {', '.join(inside)}, which domainlm did not write"
+                )
+                return None, None
+            shutil.rmtree(merged)
+            run.console.info(
+                f"removed {merged}: an earlier command's merge, not of this adapter (--no-merge; "
+                f"`domainlm export {output_dir} DIR` merges it)"
+            )
+        return None, []
+    started = time.time()
+    try:
+        with model_folder_write(output_dir, size):
+            save_merged(output_dir, tokenizer, seed=config.seed, eos_token=config.eos_token,
+                        trust_remote_code=config.trust_remote_code)  # fmt: skip
+    except TrainingAborted as exc:
+        return exc, None
+    # what this merge wrote: a user's file left in merged/ keeps its older time
+    return None, sorted(p.name for p in merged.iterdir() if p.stat().st_mtime >= started - 1)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -763,7 +828,7 @@ def run_settings(settings: Any) -> Any:
 def final_model_present(output_dir: Path, config: TrainConfig) -> bool:
     """The final model's files are there: its config and weights (one file or a sharded index;
     for LoRA the adapter), and with --merge the merged folder's."""
-    from domainlm.model.lora import ADAPTER_WEIGHTS, MERGED_DIR
+    from domainlm.model.lora import ADAPTER_WEIGHTS
 
     def has_model(folder: Path) -> bool:
         weights = ("model.safetensors", "model.safetensors.index.json")
