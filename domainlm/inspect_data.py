@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -26,6 +26,7 @@ from domainlm.config import (
     PRECISIONS,
     STRATEGIES,
     TEXT_COLUMN_HELP,
+    TrainConfig,
     check_run_length,
     check_seed,
     read_run_settings,
@@ -482,7 +483,9 @@ def with_run_shape(config: InspectConfig) -> tuple[InspectConfig, str | None]:
 
 
 # --lora-r and --lora-dropout when neither the command nor a LoRA run gives them: train's.
-LORA_DEFAULTS = {"lora_r": 8, "lora_dropout": 0.05}
+LORA_DEFAULTS = {
+    f.name: f.default for f in fields(TrainConfig) if f.name in ("lora_r", "lora_dropout")
+}
 
 
 def with_run_lora(config: InspectConfig, lora: object) -> tuple[InspectConfig, list[str]]:

@@ -419,11 +419,13 @@ def card_opening(run: RunData, base: str) -> str:
     where its merged model is)."""
     if run.lora is None:
         return f"A causal language model fine-tuned from `{base}` with domainlm."
+    from domainlm.model.lora import MERGED_DIR
+
     lora = run.lora
     targets = ", ".join(f"`{t}`" for t in lora.get("targets") or [])
     merged = (
         "`merged/` holds it merged into its base: a plain model folder"
-        if (run.path / "merged" / "config.json").is_file()
+        if (run.path / MERGED_DIR / "config.json").is_file()
         else f"`domainlm export {run.path} OUT` merges it into its base"
     )
     return (

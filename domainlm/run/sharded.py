@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from domainlm.errors import UserError
-from domainlm.model.loading import DCP_METADATA as METADATA_FILE
+from domainlm.model.loading import DCP_METADATA
 from domainlm.run.checkpoint import (
     CHECKPOINT_PREFIX,
     MARKER,
@@ -85,7 +85,7 @@ def _safe_reader_class() -> type:
         """DCP's file reader with the metadata unpickled by MetadataUnpickler."""
 
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            path = Path(self.path) / METADATA_FILE
+            path = Path(self.path) / DCP_METADATA
             with open(path, "rb") as handle:
                 try:
                     metadata = MetadataUnpickler(handle).load()
@@ -233,14 +233,14 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
     elif adapter and not (checkpoint / MARKER).exists():
         problem = None  # a LoRA run's final folder: the adapter, no checkpoint marker
     elif (
-        not any((checkpoint / n).exists() for n in (MARKER, STATE_FILE, METADATA_FILE))
+        not any((checkpoint / n).exists() for n in (MARKER, STATE_FILE, DCP_METADATA))
         and (checkpoint / "config.json").is_file()
     ):
         raise UserError(
             f"{checkpoint} is a model folder already (no checkpoint marker: a finished run's "
             "folder?), which transformers loads as it is; export takes a checkpoint-<step> folder"
         )
-    elif not any((checkpoint / n).exists() for n in (MARKER, STATE_FILE, METADATA_FILE)):
+    elif not any((checkpoint / n).exists() for n in (MARKER, STATE_FILE, DCP_METADATA)):
         problem = "not a checkpoint folder (no checkpoint.json or training_state.pt in it)"
     else:
         problem = checkpoint_problem(checkpoint)
