@@ -1,6 +1,7 @@
 """What a command writes never replaces a file of the user's: `demo --output-dir`,
 `report --output` and `perplexity --per-line` refuse a file there that they did not write (one
-line, exit 2, the file intact), and replace their own when run again."""
+line, exit 2, the file intact), and replace their own when run again; checkpoint rotation keeps a
+checkpoint that holds a user's file."""
 
 from __future__ import annotations
 
@@ -106,3 +107,27 @@ def test_per_line_scores_keep_a_users_file_and_replace_their_own(
         if suffix == "jsonl":
             assert json.loads(lines[0])["line"] == 1
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_rotation_keeps_a_checkpoint_holding_a_users_file(
+    tiny_model_dir: Path, tmp_path: Path, capsys, async_save: bool
+) -> None:
+    train = write_lines(tmp_path / "train.txt", uneven_corpus(30, seed=0))
+    out = tmp_path / "run"
+    args = ["train", "--model", str(tiny_model_dir), "--train-file", str(train),
+            "--output-dir", str(out), "--block-size", "32", "--batch-size", "2",
+            "--save-steps", "1", "--save-total-limit", "1", "--precision", "fp32", "--quiet",
+            *(["--async-save"] if async_save else [])]  # fmt: skip
+    assert cli_main([*args, "--max-steps", "1"]) == 0
+    notes = out / "checkpoint-1" / "NOTES.md"
+    notes.write_text("the checkpoint I sent to review\n")
+    before = {p.name: p.read_bytes() for p in (out / "checkpoint-1").iterdir()}
+    capsys.readouterr()
+    assert cli_main([*args, "--max-steps", "4"]) == 0
+    err = capsys.readouterr().err
+    # checkpoint-2 and -3 rotated away as usual; checkpoint-1 stays whole, said once.
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-4"]
+    assert {p.name: p.read_bytes() for p in (out / "checkpoint-1").iterdir()} == before
+    kept = [x for x in err.splitlines() if "checkpoint-1 is kept past --save-total-limit" in x]
+    assert len(kept) == 1 and "NOTES.md" in kept[0], err

@@ -87,6 +87,7 @@ class CheckpointCopy:
     eval_perplexity: float | None
     model_state: dict[str, torch.Tensor]
     keep: int | None = None  # --save-total-limit, applied once the checkpoint is published
+    warn: Callable[[str], None] | None = None  # what rotation says of a checkpoint it keeps
 
     def write(self) -> None:
         """As the synchronous save: a full disk is OutOfSpace (exit 4), the partial removed."""
@@ -106,7 +107,7 @@ class CheckpointCopy:
             self.eval_perplexity,
             self.model_state,
         )
-        rotate_checkpoints(self.output_dir, self.keep)
+        rotate_checkpoints(self.output_dir, self.keep, self.warn)
 
 
 @dataclass
@@ -189,5 +190,6 @@ def save_in_background(
             eval_perplexity,
             copied["weights"],
             run.config.save_total_limit,
+            run.console.warn,
         )
     )

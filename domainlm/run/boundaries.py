@@ -336,7 +336,7 @@ def save_training_checkpoint(
                 save_checkpoint(
                     output_dir, step, net.model, tokenizer, state, eval_perplexity, model_state
                 )
-                rotate_checkpoints(output_dir, run.config.save_total_limit)
+                rotate_checkpoints(output_dir, run.config.save_total_limit, run.console.warn)
     barrier(ctx)
     return None
 

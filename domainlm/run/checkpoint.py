@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -205,10 +206,14 @@ def best_checkpoint(checkpoints: list[CheckpointInfo]) -> CheckpointInfo | None:
     return min(scored, key=lambda c: (c.eval_perplexity, -c.step)) if scored else None
 
 
-def rotate_checkpoints(output_dir: Path, keep: int | None) -> list[Path]:
+def rotate_checkpoints(
+    output_dir: Path, keep: int | None, warn: Callable[[str], None] | None = None
+) -> list[Path]:
     """Delete all but the newest `keep` complete checkpoints and the best one. Returns the deleted.
 
     Called only after a new checkpoint is complete, so a crash here never leaves fewer than `keep`.
+    A checkpoint holding a file domainlm did not write (a user's notes, a converted model) is
+    kept whole, and `warn` says so once per checkpoint: deleting it would take the user's file.
     """
     if keep is None:
         return []
@@ -219,12 +224,37 @@ def rotate_checkpoints(output_dir: Path, keep: int | None) -> list[Path]:
         protected.add(best.path)
     deleted = []
     for c in checkpoints:
-        if c.path not in protected:
-            # The marker goes first: a crash mid-delete leaves a folder that is never resumed.
-            (c.path / MARKER).unlink(missing_ok=True)
-            shutil.rmtree(c.path)
-            deleted.append(c.path)
+        if c.path in protected:
+            continue
+        users = foreign_in_checkpoint(c.path)
+        if users:
+            if warn is not None and c.path not in _KEPT_FOR_USER_FILES:
+                warn(
+                    f"{c.path.name} is kept past --save-total-limit: it holds "
+                    f"{', '.join(users)}, which domainlm did not write (move it out and the "
+                    "next save removes the checkpoint)"
+                )
+            _KEPT_FOR_USER_FILES.add(c.path)
+            continue
+        # The marker goes first: a crash mid-delete leaves a folder that is never resumed.
+        (c.path / MARKER).unlink(missing_ok=True)
+        shutil.rmtree(c.path)
+        deleted.append(c.path)
     return deleted
+
+
+# The checkpoints rotation kept for a user's file, already warned about (once per process).
+_KEPT_FOR_USER_FILES: set[Path] = set()
+
+
+def foreign_in_checkpoint(path: Path) -> list[str]:
+    """The entries of checkpoint folder `path` that its marker does not list (nor is): files a
+    user put there. Empty for a checkpoint without a readable file list."""
+    listed = read_marker(path).get("files")
+    if not isinstance(listed, dict):
+        return []
+    ours = set(listed) | {MARKER}
+    return [p.name for p in sorted(path.iterdir()) if p.name not in ours]
 
 
 def load_training_state(path: Path) -> dict[str, Any]:
@@ -345,15 +375,13 @@ def foreign_inside(output_dir: Path) -> list[str]:
         if folder.is_symlink() or not folder.is_dir():
             continue
         if name.startswith(CHECKPOINT_PREFIX):
-            listed: object = read_marker(folder).get("files")
-            ours = set(listed) | {MARKER} if isinstance(listed, dict) else None
+            found += [f"{name}/{entry}" for entry in foreign_in_checkpoint(folder)]
         elif name == MERGED_DIR:
             listed = run.get(MERGED_FILES_KEY)
-            ours = set(listed) if isinstance(listed, list) else None
-        else:
-            ours = None
-        if ours is not None:
-            found += [f"{name}/{p.name}" for p in sorted(folder.iterdir()) if p.name not in ours]
+            if isinstance(listed, list):
+                found += [
+                    f"{name}/{p.name}" for p in sorted(folder.iterdir()) if p.name not in listed
+                ]
     return found
 
 

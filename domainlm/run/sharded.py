@@ -187,7 +187,7 @@ def save_sharded_checkpoint(
         run.data.loaded.tokenizer.save_pretrained(tmp)
         torch.save(state, tmp / STATE_FILE)
         publish_checkpoint(output_dir, step, tmp, eval_perplexity, format=SHARDED)
-        rotate_checkpoints(output_dir, run.config.save_total_limit)
+        rotate_checkpoints(output_dir, run.config.save_total_limit, run.console.warn)
     barrier(ctx)
 
 
