@@ -157,6 +157,28 @@ def agreed_precision(requests: list[tuple[str, str]], where: str) -> str | None:
     return requests[0][1] if requests else None
 
 
+def unique_keys_loader() -> type:
+    """PyYAML's SafeLoader refusing a key given twice in one mapping (PyYAML keeps the last one
+    silently: `lr: 5e-5` then `lr: 1e-4` would train at 1e-4 without a word)."""
+    import yaml
+
+    class UniqueKeysLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None,
+                        None,
+                        f"{key!r} is given twice, again on line {key_node.start_mark.line + 1}",
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeysLoader
+
+
 def load_yaml_options(path: Path) -> dict[str, Any]:
     """Options of a YAML file, in any spelling the command line accepts, as their fields' types.
 
@@ -168,7 +190,7 @@ def load_yaml_options(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"--config {path}: no such file")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=unique_keys_loader()) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
     if not isinstance(raw, dict):

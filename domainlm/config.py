@@ -452,7 +452,8 @@ def convert_option(name: str, value: Any, label: str) -> Any:
 
     A float field takes a number or a string that parses as one, so `lr: 5e-5` (a string to
     YAML, which wants a dot: 5.0e-5) means 5e-05; an int field an int or a string of one; a bool
-    field only true/false; a str field a string; a list field a list of strings. null is kept
+    field only true/false; a str field a string; a list field a list of strings, or one string
+    as a list of one. null is kept
     where the field's default is None. `label` starts the error: `--config run.yaml: batch_size`.
     """
     if value is None and _field_default(name) is None:
@@ -460,6 +461,8 @@ def convert_option(name: str, value: Any, label: str) -> Any:
     kind, is_list = _field_type(name)
     convert, expected, plural = CONVERTERS[kind]
     if is_list:
+        if not isinstance(value, list) and convert(value) is not None:
+            value = [value]  # `report_to: tensorboard`, as `--report-to tensorboard`
         if isinstance(value, list) and all(convert(item) is not None for item in value):
             return [convert(item) for item in value]
         raise UserError(f"{label} must be a list of {plural}, got {value!r}")

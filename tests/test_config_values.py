@@ -2,6 +2,7 @@
 
 YAML reads `5e-5` (an exponent without a dot) as a string, so float fields take strings that parse
 as numbers; anything of the wrong type is one `domainlm: error:` line, exit code 2, nothing written.
+A key given twice is refused (YAML itself keeps the last silently); one string is a list of one.
 `--bf16`/`--fp16` are spellings of `--precision bf16/fp16`: two that disagree are refused.
 """
 
@@ -46,6 +47,9 @@ def test_yaml_lists_and_bools_of_the_right_type_are_kept(run_files: dict[str, Pa
     config_file = write_config(run_files, "report_to: [none]\ncompile: true\nvalidation_file:")
     config = parse(["--config", str(config_file)])
     assert (config.report_to, config.compile, config.validation_file) == (["none"], True, None)
+    # One string for a list, as on the command line (`--report-to tensorboard`).
+    config = parse(["--config", str(write_config(run_files, "report_to: tensorboard"))])
+    assert config.report_to == ["tensorboard"]
 
 
 def test_command_line_numbers_still_parse_and_override_the_file(
@@ -65,9 +69,14 @@ def test_command_line_numbers_still_parse_and_override_the_file(
         ("learning_rate: .nan", "learning_rate must be a number, got nan"),
         ("weight_decay: [0.1]", "weight_decay must be a number, got [0.1]"),
         ("compile: 'yes'", "compile must be true or false, got 'yes'"),
-        ("max_steps: true", "max_steps must be an integer, got True"),
+        ("save_steps: true", "save_steps must be an integer, got True"),
         ("text_column: 3", "text_column must be a string, got 3"),
-        ("report_to: tensorboard", "report_to must be a list of strings, got 'tensorboard'"),
+        ("report_to: 3", "report_to must be a list of strings, got 3"),
+        (
+            "report_to: [tensorboard, 3]",
+            "report_to must be a list of strings, got ['tensorboard', 3]",
+        ),
+        ("lr: 1e-4\nlr: 1e-3", "not valid YAML ('lr' is given twice, again on line 7)"),
         ("bf16: 'on'", "bf16 must be true or false, got 'on'"),
     ],
 )
