@@ -11,7 +11,6 @@ from the model's config alone (no weights read).
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -45,6 +44,7 @@ from domainlm.model.memory import (
     model_config_of,
     plan_for_settings,
 )
+from domainlm.run.schedule import count_steps
 
 
 def opt(default: Any, help: str, **extra: Any) -> Any:
@@ -302,8 +302,7 @@ def inspect_data(config: InspectConfig) -> dict[str, Any]:
         leaked = held_out_leaks(full, train_docs, held_docs)
     dataset = BlockDataset(train, block, config.packing)
     global_batch = config.batch_size * config.grad_accum * config.nproc
-    steps_per_epoch = math.ceil(len(dataset) / global_batch)
-    total_steps = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
+    steps_per_epoch, total_steps = count_steps(config, config.nproc, len(dataset))
     plan = memory_plan(config, loaded.model.config, block)  # the memory line and the timing's
     report: dict[str, Any] = {
         "train_file": config.train_file,

@@ -1,4 +1,4 @@
-"""Learning-rate schedule: a small pure function, easy to test."""
+"""Learning-rate schedule and the run's step count: small pure functions, easy to test."""
 
 from __future__ import annotations
 
@@ -47,3 +47,12 @@ def schedule_rate(config: Any, step: int, total_steps: int) -> float:
         kind=config.scheduler,
         min_ratio=config.min_lr_ratio,
     )
+
+
+def count_steps(config: Any, world_size: int, blocks: int) -> tuple[int, int]:
+    """Optimizer steps per epoch of `blocks` training blocks, and in the whole run (--max-steps,
+    else --epochs), at a global batch of --batch-size x --grad-accum x `world_size` blocks (an
+    epoch's last step takes what is left). `train` and `inspect` count with this one function."""
+    global_batch = config.batch_size * config.grad_accum * world_size
+    steps_per_epoch = math.ceil(blocks / global_batch)
+    return steps_per_epoch, config.max_steps or math.ceil(config.epochs * steps_per_epoch)

@@ -90,7 +90,7 @@ from domainlm.run.resume import (
     stream_fingerprint,
     write_run_file,
 )
-from domainlm.run.schedule import schedule_rate
+from domainlm.run.schedule import count_steps, schedule_rate
 from domainlm.run.sharded import is_sharded_checkpoint, load_sharded_checkpoint
 from domainlm.run.state import DataCursor, Run, RunData, RunModel
 from domainlm.run.step import TrainStep
@@ -222,7 +222,7 @@ def set_up(config: TrainConfig, ctx: DistContext, cleanup: ExitStack) -> Run | T
     if done is not None:  # the same command on a finished run: nothing read, evaluated or written
         return done
     output_dir = Path(config.output_dir)
-    total_steps = count_steps(config, ctx, data.dataset)[1]
+    total_steps = count_steps(config, ctx.world_size, len(data.dataset))[1]
     data.resume_from = decide_resume(config, output_dir, data.identity, console, ctx, total_steps)
     if not weights_from_rank_0(ctx) or ctx.is_main:  # else on meta, filled from rank 0
         data.loaded.model = load_weights(config, data.resume_from, load_dtype)
@@ -399,7 +399,7 @@ def start_state(
     run's outputs opened: the run file, metrics.jsonl, the loggers, the sampler."""
     from domainlm.model.distributed import load_optimizer_state
 
-    steps_per_epoch, total_steps = count_steps(config, ctx, data.dataset)
+    steps_per_epoch, total_steps = count_steps(config, ctx.world_size, len(data.dataset))
     cursor, start_step = DataCursor(), 0
     resumed_window: dict[str, float] = {}  # the loss window open at the checkpoint
     resumed_totals: dict[str, float] = {}  # the run's tokens and seconds up to the checkpoint
@@ -749,13 +749,6 @@ def load_streams(
     return train_stream.select(train_docs), train_stream.select(held_docs)
 
 
-def count_steps(config: TrainConfig, ctx: DistContext, dataset: BlockDataset) -> tuple[int, int]:
-    """Optimizer steps per epoch, and in the whole run (--max-steps, else --epochs)."""
-    global_batch = config.batch_size * config.grad_accum * ctx.world_size
-    steps_per_epoch = math.ceil(len(dataset) / global_batch)
-    return steps_per_epoch, config.max_steps or math.ceil(config.epochs * steps_per_epoch)
-
-
 def finished_result(
     config: TrainConfig, ctx: DistContext, device: torch.device, console: Console, data: RunData
 ) -> TrainResult | None:
@@ -768,7 +761,7 @@ def finished_result(
     from domainlm.model.distributed import all_reduce_sum
 
     output_dir = Path(config.output_dir)
-    total_steps = count_steps(config, ctx, data.dataset)[1]
+    total_steps = count_steps(config, ctx.world_size, len(data.dataset))[1]
     results: dict[str, Any] = {}
     done = False
     end = total_steps  # or the step --early-stopping-patience ended the run at
