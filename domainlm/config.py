@@ -148,7 +148,10 @@ class TrainConfig:
         None, "Validation stride S (tokens predicted per window). Default: block size - 1."
     )
     max_eval_tokens: int | None = opt(
-        None, "Score at most this many validation tokens at intermediate evaluations."
+        None,
+        "Score about this many validation tokens (whole windows) at every evaluation, the last "
+        "step's too: the figures checkpoints and early stopping compare. The perplexity before "
+        "and after training is the whole set's, scored as well.",
     )
     early_stopping_patience: int | None = opt(
         None,

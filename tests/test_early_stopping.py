@@ -152,16 +152,45 @@ def test_a_run_stopped_after_a_cut_evaluation_scores_the_whole_validation_set(
     tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path
 ) -> None:
     """--max-eval-tokens cuts the evaluations the stop is decided on; the model's result is
-    still the whole validation set's, logged after the cut one at the same step."""
+    still the whole validation set's, logged beside the cut one at the same step."""
     out = tmp_path / "cut"
     result = train(
         settings(tiny_model_dir, *data, out, early_stopping_patience=PATIENCE, max_eval_tokens=64)
     )
     assert result.stopped_early
-    at_stop = [e for e in read_events(out / "metrics.jsonl") if "eval_ppl" in e][-2:]
-    assert [e["step"] for e in at_stop] == [result.steps] * 2
-    assert at_stop[0]["eval_tokens"] < at_stop[1]["eval_tokens"] == result.eval_tokens
-    assert result.final_perplexity == at_stop[1]["eval_ppl"]
+    events = read_events(out / "metrics.jsonl")
+    cut = [e for e in events if "eval_ppl" in e]
+    whole = [e for e in events if "eval_whole_ppl" in e]
+    (cut_tokens,) = {e["eval_tokens"] for e in cut}  # one series, one token set
+    assert [e["step"] for e in whole] == [0, result.steps] and cut[-1]["step"] == result.steps
+    assert whole[-1]["eval_whole_tokens"] == result.eval_tokens > cut_tokens
+    assert result.final_perplexity == whole[-1]["eval_whole_ppl"]
+    assert result.initial_perplexity == whole[0]["eval_whole_ppl"]
+
+
+def test_cut_evaluations_compare_like_with_like_and_the_result_is_the_whole_sets(
+    tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """With --max-eval-tokens every checkpoint, the last one too, is ranked by the cut figure
+    of its step (the best checkpoint, rotation and --load-best-model-at-end compare them), while
+    the figures before and after training are the whole set's: those of the same run without
+    the flag (the evaluations change nothing in the training)."""
+    reference = train(settings(tiny_model_dir, *data, tmp_path / "whole", max_steps=4))
+    out = tmp_path / "cut"
+    result = train(settings(tiny_model_dir, *data, out, max_steps=4, max_eval_tokens=64))
+    series = {e["step"]: e for e in read_events(out / "metrics.jsonl") if "eval_ppl" in e}
+    (cut_tokens,) = {e["eval_tokens"] for e in series.values()}  # whole windows: about 64
+    assert sorted(series) == [0, 1, 2, 3, 4]
+    for step in (1, 2, 3, 4):
+        marker = json.loads((out / f"checkpoint-{step}" / "checkpoint.json").read_text())
+        assert marker["eval_perplexity"] == series[step]["eval_ppl"], step
+    assert result.initial_perplexity == reference.initial_perplexity
+    assert result.final_perplexity == reference.final_perplexity
+    assert result.eval_tokens == reference.eval_tokens > cut_tokens
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["initial_perplexity"] == reference.initial_perplexity
+    card = (out / "README.md").read_text()
+    assert f"{reference.initial_perplexity:.3f} before training" in card
 
 
 def test_load_best_model_at_end_saves_the_best_checkpoints_weights_and_score(

@@ -117,14 +117,17 @@ class Progress:
 
 
 class Evaluation:
-    """Validation perplexity: before training, every --eval-steps, and over the whole validation
-    set at the final step. The evaluation batch is halved for good after an out-of-memory error."""
+    """Validation perplexity: before training, every --eval-steps and at the last step, over at
+    most --max-eval-tokens tokens (the same tokens each time: the figures checkpoints, the best
+    checkpoint, early stopping and the curve compare); with --max-eval-tokens the whole
+    validation set is scored as well before training and at the end, for the run's result. The
+    evaluation batch is halved for good after an out-of-memory error."""
 
     def __init__(self, run: Run) -> None:
         self.run = run
         self.batch_size = run.config.eval_batch_size or run.config.batch_size
+        self.limit = run.config.max_eval_tokens  # None: every evaluation is the whole set's
         self.last: tuple[int, NLLSum] | None = None  # (step, result) of the latest evaluation
-        self.last_whole = False  # the latest evaluation scored the whole validation set
         self.early = EarlyStopping(run.config.early_stopping_patience, run.metrics.events)
 
     def __call__(self, limit: int | None) -> NLLSum:
@@ -150,27 +153,37 @@ class Evaluation:
         return result
 
     def initial(self) -> NLLSum | None:
-        """The perplexity before training (step 0); None for a resumed run (it has it logged)."""
+        """The whole set's perplexity before training (step 0); None for a resumed run (it has
+        it logged)."""
         if self.run.start_step != 0:
             return None
-        initial = self(self.run.config.max_eval_tokens)
-        self.log(0, 0.0, initial)
+        compared = self(self.limit)
+        self.log(0, 0.0, compared)
+        whole = compared if self.limit is None else self.whole(0, 0.0)
+        cut = "" if self.limit is None else (
+            f"; {compared.perplexity:.3f} on the {compared.tokens:,} scored at each evaluation"
+        )  # fmt: skip
         self.run.console.info(
-            f"validation perplexity before training: {initial.perplexity:.3f} "
-            f"({initial.tokens:,} tokens)"
+            f"validation perplexity before training: {whole.perplexity:.3f} "
+            f"({whole.tokens:,} tokens{cut})"
         )
-        return initial
+        return whole
+
+    def whole(self, done: int, epoch: float) -> NLLSum:
+        """The whole validation set scored, logged beside the --max-eval-tokens figure of the
+        same step (metrics.jsonl's eval_whole_* keys: not a point of the compared series)."""
+        result = self(None)
+        self.run.metrics.log_whole_eval(done, epoch, result)
+        return result
 
     def after_step(self, step: StepOutcome) -> None:
         if step.done % self.run.config.eval_steps == 0 or step.final:
-            # The last evaluation scores the whole validation set, whatever --max-eval-tokens.
-            limit = None if step.final else self.run.config.max_eval_tokens
-            result = self(limit)
+            result = self(self.limit)
             self.log(step.done, step.epoch, result)
             self.run.console.info(
                 f"step {step.done}: validation perplexity {result.perplexity:.3f}"
             )
-            self.last, self.last_whole = (step.done, result), limit is None
+            self.last = (step.done, result)
 
     def log(self, done: int, epoch: float, result: NLLSum) -> None:
         self.run.metrics.log_eval(done, epoch, result)
@@ -195,15 +208,17 @@ class Evaluation:
 
     def final(self, done: int) -> NLLSum:
         """The whole validation set's score at the run's last step `done`: that step's own
-        evaluation; a run stopped early whose last evaluation was cut by --max-eval-tokens, or
-        with nothing left to train, evaluates now."""
+        evaluation without --max-eval-tokens; with it, or with nothing left to train, scored
+        now."""
         run = self.run
-        if self.last is not None and self.last[0] == done and self.last_whole:
+        if self.limit is None and self.last is not None and self.last[0] == done:
             return self.last[1]
+        epoch = run.cursor.epoch_float(run.data.dataset)
+        if self.limit is not None:
+            return self.whole(done, epoch)
         final = self(None)
-        logged = any("eval_ppl" in e and e["step"] == done for e in run.metrics.events)
-        if not logged or (self.last is not None and self.last[0] == done):
-            run.metrics.log_eval(done, run.cursor.epoch_float(run.data.dataset), final)
+        if not any("eval_ppl" in e and e["step"] == done for e in run.metrics.events):
+            run.metrics.log_eval(done, epoch, final)
         return final
 
 

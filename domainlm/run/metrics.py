@@ -75,11 +75,33 @@ class MetricsLog:
             }
         )
 
+    def log_whole_eval(self, step: int, epoch: float, result: NLLSum) -> None:
+        """The whole validation set's score where --max-eval-tokens cut the step's evaluation
+        (before training and at the end): keys of their own, never a point of eval_ppl's series."""
+        self._write(
+            {
+                "step": step,
+                "epoch": round(epoch, 4),
+                "eval_whole_loss": result.nll,
+                "eval_whole_ppl": result.perplexity,
+                "eval_whole_tokens": result.tokens,
+            }
+        )
+
     def initial_perplexity(self) -> float | None:
-        for event in self.events:
-            if "eval_ppl" in event and event["step"] == 0:
-                return event["eval_ppl"]
-        return None
+        """The whole validation set's perplexity before training (the step-0 evaluation's, or
+        its eval_whole_ppl where --max-eval-tokens cut it)."""
+        return initial_perplexity(self.events)
+
+
+def initial_perplexity(events: list[dict[str, Any]]) -> float | None:
+    """The whole validation set's perplexity at step 0 in metrics.jsonl's `events`, if logged."""
+    at_start = [e for e in events if e.get("step") == 0]
+    for key in ("eval_whole_ppl", "eval_ppl"):
+        for event in at_start:
+            if key in event:
+                return event[key]
+    return None
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:

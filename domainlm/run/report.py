@@ -22,7 +22,7 @@ from typing import Any
 
 from domainlm.config import TRAINING_SETTINGS, setting_shown, valid_history
 from domainlm.errors import UserError
-from domainlm.run.metrics import read_events
+from domainlm.run.metrics import initial_perplexity, read_events
 
 # file -> what it shows (the model card and report.html list them in this order)
 PLOTS = {
@@ -50,13 +50,14 @@ class RunData:
 
     path: Path
     train: list[dict[str, Any]]
-    evals: list[dict[str, Any]]
+    evals: list[dict[str, Any]]  # the compared series (cut by --max-eval-tokens, if given)
     config: dict[str, Any] = field(default_factory=dict)
     results: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)  # settings changed on resume
     finished: bool = False  # run_config.json records the final model written
     lora: dict[str, Any] | None = None  # the LoRA settings of a LoRA run (its identity's)
     precision: str | None = None  # what --precision resolved to (run files since 2026-12-07)
+    whole_evals: list[dict[str, Any]] = field(default_factory=list)  # beside a cut evaluation
 
     @property
     def name(self) -> str:
@@ -71,8 +72,8 @@ class RunData:
         return max([logged, *(c.step for c in list_checkpoints(self.path))])
 
     def initial_perplexity(self) -> float | None:
-        first = [e for e in self.evals if e["step"] == 0]
-        return first[0]["eval_ppl"] if first else self.results.get("initial_perplexity")
+        logged = initial_perplexity(self.whole_evals + self.evals)
+        return logged if logged is not None else self.results.get("initial_perplexity")
 
     def final_perplexity(self) -> float | None:
         """The finished run's figure, else the latest validation after some training (a run
@@ -93,6 +94,7 @@ def read_run(path: Path) -> RunData:
         path,
         train=[e for e in events if "loss" in e],
         evals=[e for e in events if "eval_ppl" in e],
+        whole_evals=[e for e in events if "eval_whole_ppl" in e],
     )
     for name, attr in (("run_config.json", "config"), ("eval_results.json", "results")):
         try:
@@ -280,11 +282,22 @@ def summary_rows(runs: list[RunData]) -> list[list[str]]:
                 f"{run.train[-1]['loss']:.4f}" if run.train else "?",
                 _fmt(run.initial_perplexity()),
                 _fmt(run.final_perplexity()),
-                f"{best['eval_ppl']:.3f} ({best['step']})" if best else "?",
+                best_shown(run, best),
                 f"{runtime:.0f}s" if runtime is not None else "?",
             ]
         )
     return rows
+
+
+def best_shown(run: RunData, best: dict[str, Any] | None) -> str:
+    """The best evaluation of the run's series and its step; with the tokens it scored where
+    --max-eval-tokens cut the series (then not the set "perplexity after" scores)."""
+    if best is None:
+        return "?"
+    cut = run.config.get("max_eval_tokens") and isinstance(best.get("eval_tokens"), int)
+    return f"{best['eval_ppl']:.3f} ({best['step']}" + (
+        f", {best['eval_tokens']:,} tokens)" if cut else ")"
+    )
 
 
 def summary_table(runs: list[RunData]) -> str:
