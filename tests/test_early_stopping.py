@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,15 @@ def evals_of(out: Path) -> list[tuple[int, float]]:
     return [
         (e["step"], e["eval_ppl"]) for e in read_events(out / "metrics.jsonl") if "eval_ppl" in e
     ]
+
+
+def files_and_times(folder: Path) -> dict[str, int]:
+    """Every file below `folder` but the lock, with its modification time."""
+    return {
+        str(p): p.stat().st_mtime_ns
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != ".domainlm.lock"
+    }
 
 
 def weights(folder: Path) -> dict:
@@ -121,6 +131,17 @@ def test_a_patient_run_stops_where_the_rule_says_with_that_steps_model(
     assert {k: v for k, v in now.items() if k != ".domainlm.lock"} == {
         k: v for k, v in stamps.items() if k != ".domainlm.lock"
     }
+    # The folder, the data and the model spelled another way, or the folder copied elsewhere:
+    # the same finished run (it trained on past its stop when the spelling differed).
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    stamps = files_and_times(out) | files_and_times(copy)
+    for folder in (f"{out}/", str(copy)):
+        spelled = settings(f"{tiny_model_dir}/./", f"{data[0].parent}/./{data[0].name}",
+                           data[1], folder, early_stopping_patience=PATIENCE)  # fmt: skip
+        assert train(spelled).steps == stop
+        assert f"finished at step {stop} (stopped early) already" in capsys.readouterr().err
+    assert files_and_times(out) | files_and_times(copy) == stamps
 
     # Interrupted one step before the stop and resumed: the patience counted so far is read
     # back from metrics.jsonl, and the run stops at the same step with the same weights.

@@ -87,6 +87,7 @@ from domainlm.run.resume import (
     finish_marker,
     global_batch_change,
     resume_history,
+    same_folder,
     stream_fingerprint,
     write_run_file,
 )
@@ -777,7 +778,7 @@ def finished_result(
             end = min(marker["step"], total_steps)
         done = (
             marker == finish_marker(end, total_steps, data.valid_stream)
-            and run.get("identity") == as_json(data.identity)
+            and same_model_spelled(run.get("identity"), as_json(data.identity))
             and run_settings(run.get("config")) == run_settings(as_json(config.to_dict()))
             and isinstance(results, dict)
             and isinstance(results.get("perplexity"), (int, float))
@@ -811,11 +812,28 @@ def finished_result(
     return result
 
 
+# Settings that name files, compared by what is in them: --output-dir is the folder whose run
+# file is read, the data's tokens are the identity's train_data and the finish marker's
+# validation, a local --model folder is `same_model_spelled`'s.
+SETTINGS_NAMING_FILES = ("output_dir", "train_file", "validation_file", "model")
+
+
 def run_settings(settings: Any) -> Any:
-    """A run file's settings less the command's own (config.COMMAND_SETTINGS: --quiet, ...)."""
+    """A run file's settings, as a finished run is recognised by them: less the command's own
+    (config.COMMAND_SETTINGS: --quiet, ...) and those naming files (SETTINGS_NAMING_FILES), so
+    that `./out/`, `out` and a copy of the folder elsewhere, or the data spelled another way,
+    are the same run."""
     if not isinstance(settings, dict):
         return settings
-    return {key: value for key, value in settings.items() if key not in COMMAND_SETTINGS}
+    skipped = (*COMMAND_SETTINGS, *SETTINGS_NAMING_FILES)
+    return {key: value for key, value in settings.items() if key not in skipped}
+
+
+def same_model_spelled(saved: Any, identity: dict[str, Any]) -> bool:
+    """A run file's identity equals this command's, its --model one folder however spelled."""
+    if not isinstance(saved, dict) or not same_folder(saved.get("model"), identity["model"]):
+        return saved == identity
+    return {**saved, "model": identity["model"]} == identity
 
 
 def final_model_present(output_dir: Path, config: TrainConfig) -> bool:
