@@ -215,6 +215,36 @@ def test_export_refuses_a_corrupt_checkpoint_and_a_used_folder(
     )
 
 
+def test_export_to_a_folder_it_cannot_make_or_fill_is_one_line_and_leaves_nothing(
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    checkpoint = str(runs["full"] / "checkpoint-2")
+    (tmp_path / "afile").write_text("mine")
+    assert cli_main(["export", checkpoint, str(tmp_path / "afile" / "sub")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"domainlm: error: cannot create {tmp_path / 'afile' / 'sub'} (")
+    assert (tmp_path / "afile").read_text() == "mine"
+
+    # The disk fills while the weights are written: one line; a folder the export made is
+    # removed, an empty one the user made is emptied and kept.
+    from transformers import PreTrainedModel
+
+    def full_disk(self, folder, *args, **kwargs):
+        (Path(folder) / "model.safetensors").write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full_disk)
+    (tmp_path / "empty").mkdir()
+    for out, left in ((tmp_path / "new" / "model", False), (tmp_path / "empty", True)):
+        assert cli_main(["export", checkpoint, str(out)]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line == (
+            f"domainlm: error: cannot write {out} (No space left on device); nothing is left there"
+        )
+        assert out.exists() == left and (not left or not any(out.iterdir()))
+    assert not (tmp_path / "new").exists()  # made for the export, with the folder in it
+
+
 # ----------------------------------------------------------------------------- security
 
 PWNED: list[str] = []

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import shutil
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -225,7 +226,7 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
     A LoRA adapter (a LoRA run's checkpoint, or its final folder) is merged into a float32 copy
     of its base (lora.merged_model), as --merge does at the end of a run. The checkpoint's
     checksums are checked first; `out` must not hold files already."""
-    from domainlm.model.lora import is_adapter_folder, merged_model
+    from domainlm.model.lora import is_adapter_folder
 
     adapter = checkpoint.is_dir() and is_adapter_folder(checkpoint)
     if not checkpoint.is_dir():
@@ -248,24 +249,56 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
         raise UserError(f"{checkpoint}: cannot export it: {problem}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not an empty folder; give a new folder to export to")
+    missing = [f for f in (out, *out.parents) if not f.exists()]
+    made = missing[-1] if missing else None  # the outermost folder the export makes, if any
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(
+            f"cannot create {out} ({exc.strerror or exc}); give a folder that can be made"
+        ) from exc
+    try:
+        model, tokenizer = load_for_export(checkpoint, adapter)
+        try:
+            model.save_pretrained(out)
+            tokenizer.save_pretrained(out)
+        except OSError as exc:
+            raise UserError(
+                f"cannot write {out} ({exc.strerror or exc}); nothing is left there"
+            ) from exc
+    except BaseException:
+        clear_folder(out, made)
+        raise
+    return out
+
+
+def load_for_export(checkpoint: Path, adapter: bool) -> tuple[Any, Any]:
+    """The checkpoint's model (a LoRA adapter merged into its base) and tokenizer, on the CPU."""
     from transformers import AutoTokenizer
 
-    from domainlm.model.loading import quiet_transformers
+    from domainlm.model.loading import load_model, quiet_transformers
+    from domainlm.model.lora import merged_model
 
     quiet_transformers()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     if adapter:
-        model = merged_model(checkpoint)
-    elif is_sharded_checkpoint(checkpoint):
-        model = model_from_sharded(checkpoint)
-    else:
-        from domainlm.model.loading import load_model
+        return merged_model(checkpoint), tokenizer
+    if is_sharded_checkpoint(checkpoint):
+        return model_from_sharded(checkpoint), tokenizer
+    return load_model(str(checkpoint)).model, tokenizer
 
-        model = load_model(str(checkpoint)).model
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+
+def clear_folder(folder: Path, made: Path | None) -> None:
+    """Undo an export into `folder`: remove `made` (the outermost folder it made: `folder` or
+    one above it), else empty `folder` (empty before the export, so all inside is the export's)."""
+    if made is not None:
+        shutil.rmtree(made, ignore_errors=True)
+        return
+    for entry in folder.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def model_from_sharded(checkpoint: Path) -> torch.nn.Module:
