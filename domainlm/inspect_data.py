@@ -214,7 +214,7 @@ def plan_report(config: InspectConfig) -> dict[str, Any]:
         "model": config.model,
         "note": note,
         "memory_plan": plan.to_dict(),
-        "fits": fitting_flags(plan, replan),
+        "fits": fitting_flags(plan, replan, config.grad_accum),
     }
 
 

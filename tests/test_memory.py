@@ -369,6 +369,34 @@ def test_plan_against_measured_peaks_on_the_cpu(tmp_path):
         assert row["rss_peak"] <= row["plan_process_bound"], row
 
 
+@pytest.mark.parametrize(("batch", "accum"), [(16, 3), (15, 1)])
+def test_the_flags_that_fit_keep_the_blocks_per_step(batch: int, accum: int) -> None:
+    """Smaller micro-batches come with the --grad-accum that keeps --batch-size x --grad-accum
+    blocks per step (docs/memory.md): 16 x 3 is not told 8 x 2, nor 15 x 1 told 7 x 3."""
+    import re
+
+    from domainlm.model.memory import HEADROOM, fitting_flags
+
+    cfg = scratch_config("tiny")
+    plan_at = lambda b: plan_memory(  # noqa: E731
+        cfg, model="scratch:tiny", batch_size=b, block_size=256, precision="fp32", device="cpu"
+    )
+    plan = plan_at(batch)
+    smallest = min(t.fit_bytes for t in plan.scenarios.values())
+    plan.available = int(smallest / HEADROOM) - 1  # no way fits at this micro-batch
+    answer = fitting_flags(plan, plan_at, accum)
+    found = re.search(r"--batch-size (\d+) --grad-accum (\d+)", answer)
+    assert found, answer
+    micro, steps = int(found[1]), int(found[2])
+    assert micro < batch and micro * steps == batch * accum, answer
+    # the largest micro-batch that divides the blocks per step and fits some way
+    fits = lambda b: any(  # noqa: E731
+        t.fit_bytes <= HEADROOM * plan.available for t in plan_at(b).scenarios.values()
+    )
+    assert fits(micro)
+    assert not any(fits(b) for b in range(micro + 1, batch + 1) if batch * accum % b == 0)
+
+
 def test_the_cpu_fit_check_asks_for_the_process_bound_not_the_tensor_peak():
     """On the CPU a way to train fits when its process bound (tensors + the allocator's
     fragmentation + the runtime) fits, not its tensor peak alone; on a GPU the tensor peak."""

@@ -699,27 +699,25 @@ SCENARIO_FLAGS = {
 }
 
 
-def fitting_flags(plan: MemoryPlan, replan: Any) -> str:
-    """The first way to train that fits the device at hand (HEADROOM), as flags: the plan's scenarios in
-    order (full, +checkpointing, LoRA, LoRA + checkpointing), then smaller micro-batches with
-    gradient accumulation (same global batch); `replan(batch_size)` gives the plan at another
-    micro-batch size."""
+def fitting_flags(plan: MemoryPlan, replan: Any, grad_accum: int = 1) -> str:
+    """The first way to train that fits the device at hand (HEADROOM), as flags: the plan's
+    scenarios in order (full, +checkpointing, LoRA, LoRA + checkpointing), then at smaller
+    micro-batches with the --grad-accum that keeps the blocks per step (--batch-size x
+    `grad_accum`: a micro-batch that divides them, the largest first); `replan(batch_size)`
+    gives the plan at another micro-batch size."""
     if plan.available is None:
         return "unknown (the device's memory could not be read)"
-    batch = plan.batch_size
-    current = plan
-    while True:
+    per_step = plan.batch_size * grad_accum
+    for batch in (b for b in range(plan.batch_size, 0, -1) if per_step % b == 0):
+        current = plan if batch == plan.batch_size else replan(batch)
         for name, flags in SCENARIO_FLAGS.items():
             if name.startswith("lora") and plan.fsdp_ranks > 1:
                 flags += " --strategy ddp"  # LoRA replicates its base (FSDP + LoRA is refused)
             if current.scenarios[name].fit_bytes <= HEADROOM * plan.available:
-                extra = f"--batch-size {batch} --grad-accum {-(-plan.batch_size // batch)}"
+                extra = f"--batch-size {batch} --grad-accum {per_step // batch}"
                 found = (flags + " " + extra if batch != plan.batch_size else flags) or "as it is"
                 return found + merge_note(plan) if name.startswith("lora") else found
-        if batch == 1:
-            return f"nothing at block size {plan.block_size}: try a smaller --block-size"
-        batch = max(1, batch // 2)
-        current = replan(batch)
+    return f"nothing at block size {plan.block_size}: try a smaller --block-size"
 
 
 def merge_note(plan: MemoryPlan) -> str:

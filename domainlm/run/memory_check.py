@@ -84,7 +84,7 @@ def memory_shortfalls(
             f"memory: this run needs about {need / GIB:.1f} GiB of {where}{each} "
             f"({SCENARIO_LABELS[key]}, micro-batch {plan.batch_size} x {plan.block_size} "
             f"tokens, {plan.precision}) and {available / GIB:.1f} GiB are free for it: it may "
-            f"run out of memory; fits with: {fitting_flags(plan, replan)} "
+            f"run out of memory; fits with: {fitting_flags(plan, replan, config.grad_accum)} "
             f"(`domainlm inspect --model {config.model}` prints the plan)"
         )
     host = plan.host_available
