@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -389,3 +390,39 @@ def test_bad_tables_in_a_subprocess_exit_2_with_no_traceback(
     assert result.stderr.strip().count("\n") == 0, result.stderr
     assert message in result.stderr and source.name in result.stderr, result.stderr
     assert_nothing_written(tmp_path, isolated_cache)
+
+
+def test_a_refused_csv_exits_2_every_time(tmp_path, isolated_cache) -> None:
+    """A CSV refused while its reader opens (empty, another column, ragged) leaves no Arrow
+    thread calling into Python: `train` exits 2 each time, never aborts at exit (134: about one
+    run in three, with the reader on a Python file handle and OMP_NUM_THREADS=1, as torchrun
+    sets it). Six processes per file."""
+    files = [tmp_path / "empty.csv", tmp_path / "other.csv", tmp_path / "ragged.csv"]
+    files[0].write_text("")
+    files[1].write_text("id,body\n1,the cat\n")
+    files[2].write_text("text\na b\nc,d,e\n")
+    runs = [
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "domainlm",
+                "train",
+                "--model",
+                "scratch:tiny",
+                "--train-file",
+                str(f),
+                "--output-dir",
+                str(tmp_path / "out"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        for f in files
+        for _ in range(6)
+    ]
+    codes, errors = [r.returncode for r in runs], [r.stderr for r in runs]
+    assert codes == [2] * len(runs), list(zip(codes, errors, strict=True))
+    assert all(e.count("\n") == 1 and ("cannot be read" in e or "no column" in e) for e in errors)
