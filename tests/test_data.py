@@ -128,3 +128,29 @@ def test_global_batch_is_dealt_the_same_for_ranks_and_accumulation() -> None:
     assert two_ranks == accum_two
     assert sorted(sum(two_ranks, [])) == sorted(blocks.tolist())
     assert micro_batch_indices(blocks[:1], 0, 1, 2, 2) == [-1]  # an empty slot pads
+
+
+def test_a_data_folder_leaves_out_hidden_folders_and_a_run_inside_it(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """--train-file FOLDER takes its text files in any suffix case, in subfolders too, but not
+    hidden files and folders (`.ipynb_checkpoints`) nor a domainlm run's folder put inside it: a
+    run whose --output-dir lies in its data folder continues with the same command (its
+    metrics.jsonl was read as data: "each JSON line needs a string field")."""
+    from domainlm.cli import main
+    from domainlm.data.corpus import text_files
+
+    data = tmp_path / "data"
+    (data / "more").mkdir(parents=True)
+    (data / ".ipynb_checkpoints").mkdir()
+    lines = [f"document number {i} of the folder" for i in range(40)]
+    for name in ("a.txt", "more/B.TXT", ".hidden.txt", ".ipynb_checkpoints/a-checkpoint.txt"):
+        (data / name).write_text("\n".join(lines) + "\n")
+    expected = [data / "a.txt", data / "more" / "B.TXT"]
+    assert text_files(data) == expected
+    args = ["train", "--model", str(tiny_model_dir), "--train-file", str(data), "--output-dir",
+            str(data / "run"), "--block-size", "32", "--batch-size", "2", "--quiet"]  # fmt: skip
+    assert main([*args, "--max-steps", "1"]) == 0
+    assert text_files(data) == expected  # run/metrics.jsonl and the rest: not data
+    assert main([*args, "--max-steps", "2"]) == 0  # continued from checkpoint-1
+    assert (data / "run" / "checkpoint-2").is_dir()

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from domainlm.config import RUN_FILE
 from domainlm.data.formats import (
     DEFAULT_TEXT_COLUMN,
     check_table,
@@ -59,7 +60,10 @@ FOLDER_SUFFIXES = (*TEXT_SUFFIXES, ".parquet", ".csv")
 
 def text_files(path: str | os.PathLike) -> list[Path]:
     """The files behind a --train-file/--validation-file argument: the file, the .arrow files of a
-    `datasets.save_to_disk` folder, or a folder's .txt/.jsonl/.parquet/.csv files (sorted)."""
+    `datasets.save_to_disk` folder, or a folder's .txt/.jsonl/.parquet/.csv files (sorted; any
+    case of the suffix), in its subfolders too, except hidden ones (`.git`, `.ipynb_checkpoints`,
+    a name starting with a dot) and a domainlm run's folder (one holding a run_config.json: an
+    --output-dir inside the data folder, whose metrics.jsonl is no text)."""
     p = Path(path)
     if not p.exists():
         raise UserError(f"{path}: no such file or folder")
@@ -67,10 +71,21 @@ def text_files(path: str | os.PathLike) -> list[Path]:
         dataset = dataset_folder_files(p)
         if dataset is not None:
             return dataset
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in FOLDER_SUFFIXES)
+        files = []
+        for root, folders, names in os.walk(p):
+            here = Path(root)
+            folders[:] = [
+                name for name in folders
+                if not name.startswith(".") and not (here / name / RUN_FILE).is_file()
+            ]  # fmt: skip
+            files += [
+                here / name for name in names
+                if not name.startswith(".") and Path(name).suffix.lower() in FOLDER_SUFFIXES
+                and (here / name).is_file()
+            ]  # fmt: skip
         if not files:
             raise UserError(f"{path}: the folder holds no .txt, .jsonl, .parquet or .csv files")
-        return files
+        return sorted(files)
     return [p]
 
 
