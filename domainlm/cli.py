@@ -70,7 +70,8 @@ def add_dataclass_arguments(
     """One flag per field, in --kebab-case and --snake_case, help from the field's metadata.
 
     `aliases` maps other spellings (run_clm.py's) to field names. A list field is given as
-    `--flag a b`, or, when its metadata says `repeatable`, as `--flag a --flag b`. Fields left
+    `--flag a b` (given again, its values are added: `--flag a --flag b` is the same), or, when
+    its metadata says `repeatable`, as `--flag a --flag b` only. Fields left
     out stay out of the namespace, so the dataclass's own defaults (or a --config file) apply;
     `enforce_required` has argparse refuse a missing required field instead.
     """
@@ -93,8 +94,8 @@ def add_dataclass_arguments(
                 kwargs["choices"] = f.metadata["choices"]
             if is_list and f.metadata.get("repeatable"):
                 kwargs.update(action="append", metavar=f.name.upper())
-            elif is_list:
-                kwargs["nargs"] = "+"
+            elif is_list:  # repeated, the lists join: `--prompts a --prompts b` is a and b
+                kwargs.update(nargs="+", action="extend")
         if enforce_required and f.metadata.get("required"):
             kwargs["required"] = True
         if f.default is not dataclasses.MISSING and f.default is not None and kind is not bool:

@@ -204,6 +204,34 @@ def test_cli_streams_one_prompt_and_prints_json_for_many(
     assert f"--prompts-file {blank} holds no prompt" in capsys.readouterr().err
 
 
+def test_every_prompt_given_is_continued_in_order_and_numbered_by_its_place(
+    tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--prompt and --prompts together, and --prompts repeated, keep every prompt in the order
+    given (a later --prompts replaced the earlier ones); a prompt given twice is numbered twice."""
+    base = ["generate", "--model", str(tiny_model_dir), "--max-new-tokens", "2", "--seed", "1"]
+    given = ["--prompt", "first", "--prompts", "second", "third", "--prompts", "fourth"]
+    assert main([*base, *given, "--json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"] for r in records] == ["first", "second", "third", "fourth"]
+    assert main([*base, "--prompt", "the cat", "--prompt", "the cat"]) == 0
+    headers = [x for x in capsys.readouterr().out.splitlines() if x.startswith("--- prompt")]
+    assert headers == ["--- prompt 1, sample 1", "--- prompt 2, sample 1"]
+
+
+def test_a_prompt_that_spells_a_special_token_is_its_characters(tiny) -> None:
+    """Text is text in prompts as in training: `<|endoftext|>` typed is GPT-2's seven tokens
+    for those characters (<, |, end, of, text, |, >), after the start token, not one EOS."""
+    (sample,) = generate_samples(
+        tiny.model, tiny.tokenizer, tiny.eos_id, ["<|endoftext|>"], max_new_tokens=1,
+        settings=SamplingSettings(temperature=0.0), seed=0,
+    )  # fmt: skip
+    assert sample.prompt_tokens == 1 + 7
+    assert tiny.tokenizer.convert_tokens_to_ids(["<", "|", "end", "of", "text", "|", ">"]) == [
+        27, 91, 437, 1659, 5239, 91, 29,
+    ]  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- the context's end
 
 SHORT_CONTEXT = 32  # positions of `short_context_model_dir`; "the cat" + the EOS before it: 3

@@ -130,6 +130,7 @@ class Sample:
     memorization: dict[str, Any] | None = None
     stopped_at_context: bool = False
     prompt_tokens: int = 0
+    prompt_number: int = 1  # its place among the prompts, from 1 (a prompt given twice: two)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -203,7 +204,10 @@ def generate_samples(
 
     device = next(model.parameters()).device
     rows = [(i, k) for i in range(len(prompts)) for k in range(num_samples)]  # (prompt, sample)
-    encoded = {p: tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts}
+    encoded = {  # text is text, as in training: `<|endoftext|>` typed is its characters
+        p: tokenizer(p, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        for p in prompts
+    }
     generators = {(i, k): make_generator(sample_seed(seed, prompts[i], k), device) for i, k in rows}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     start_tokens = 1 if start is None else len(start)
@@ -243,6 +247,7 @@ def generate_samples(
                 text = decode_continuation(tokenizer, encoded[prompt], result.tokens)
                 sample = Sample(prompt, k, text, result.tokens, result.stopped_at_eos)
                 sample.prompt_tokens = start_tokens + len(encoded[prompt])
+                sample.prompt_number = i + 1
                 # sample_batch ends a sequence at EOS, at max_new_tokens, or where the context
                 # is full (a row it cuts is alone): short of both others, the context.
                 sample.stopped_at_context = context_length is not None and not (
@@ -359,9 +364,7 @@ def generate(config: GenerateConfig, out: TextIO | None = None) -> list[Sample]:
         elif printer is not None:
             printer.finish(sample.text)
         else:
-            out.write(
-                f"--- prompt {prompts.index(sample.prompt) + 1}, sample {sample.sample + 1}\n"
-            )
+            out.write(f"--- prompt {sample.prompt_number}, sample {sample.sample + 1}\n")
             out.write(f"{sample.prompt}{sample.text}\n")
         if checker is not None and not config.json:
             out.write(checker.describe(sample.memorization) + "\n")
