@@ -96,6 +96,26 @@ def test_repetition_penalty_by_hand():
         assert choice.tolist() == [expected]
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [SamplingSettings(temperature=1e-38), SamplingSettings(temperature=1e-45),
+     SamplingSettings(temperature=1.0, repetition_penalty=1e-38)],
+)  # fmt: skip
+def test_extreme_settings_sample_the_limit_not_nan(settings: SamplingSettings) -> None:
+    """A temperature or penalty so small that dividing by it overflows: the distribution is its
+    limit (all on the largest logit; ties share it), not NaN (multinomial raised)."""
+    logits = torch.tensor([[2.0, 3.0, -1.0, 3.0], [5.0, -4.0, 7.0, 6.0]])
+    seen = torch.tensor([[False, False, False, False], [True, False, True, True]])
+    probs = torch.softmax(filtered_logits(logits, seen, settings), dim=-1)
+    assert torch.isfinite(probs).all()
+    if settings.repetition_penalty == 1.0:
+        assert probs.tolist() == [[0.0, 0.5, 0.0, 0.5], [0.0, 0.0, 1.0, 0.0]]
+    else:  # every seen positive logit overflows to the same largest value: they share it
+        assert probs.tolist()[1] == pytest.approx([1 / 3, 0.0, 1 / 3, 1 / 3])
+    draws = next_tokens(logits, seen, settings, torch.Generator().manual_seed(0))
+    assert probs[torch.arange(2), draws].min() > 0
+
+
 def test_all_settings_together_match_the_reference():
     generator = torch.Generator().manual_seed(3)
     logits = (torch.randn(6, 12, generator=generator) * 2).tolist()

@@ -78,9 +78,12 @@ def filtered_logits(
         # CTRL's penalty (as in HF): make already-seen tokens less likely, whatever the logit's sign.
         r = settings.repetition_penalty
         logits = torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)
+        logits = logits.clamp(max=torch.finfo(logits.dtype).max)  # a tiny r: no +inf, no NaN
     if settings.temperature == 0:
         return logits
-    logits = logits / settings.temperature
+    # Shifted to a maximum of 0 first (softmax is the same): a tiny temperature then sends the
+    # others to -inf, never the largest to +inf (whose softmax is NaN).
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / settings.temperature
     if settings.top_k:
         k = min(settings.top_k, logits.shape[-1])
         kth = torch.topk(logits, k, dim=-1).values[:, -1:]
