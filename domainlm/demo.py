@@ -80,7 +80,12 @@ def write_demo_corpus(folder: Path, seed: int = 0, owned: bool = True) -> tuple[
                 f"{path} exists and was not written by `domainlm demo`: the demo would replace "
                 "it; pass another --output-dir"
             )
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # --output-dir a file, or under one; not writable
+        raise UserError(
+            f"cannot create {folder} ({exc.strerror or exc}); pass another --output-dir"
+        ) from exc
     for path, text in texts.items():
         path.write_text(text, encoding="utf-8")
     return train_file, valid_file

@@ -34,6 +34,10 @@ def test_demo_keeps_a_users_data_and_rewrites_its_own(tmp_path: Path, capsys) ->
     refused(capsys, [*demo, "--max-steps", "1"], f"{mine} exists and was not written by")
     assert mine.read_text() == "MINE\n" and not (folder / "model").exists()
     refused(capsys, [*demo, "--max-steps", "0"], "--max-steps must be a positive number")
+    (tmp_path / "afile").write_text("MINE\n")  # --output-dir a file: one line, the file kept
+    refused(capsys, ["demo", "--output-dir", str(tmp_path / "afile"), "--preset", "scratch:tiny"],
+            f"cannot create {tmp_path / 'afile' / 'data'} (Not a directory)")  # fmt: skip
+    assert (tmp_path / "afile").read_text() == "MINE\n"
     own = tmp_path / "demo"
     refused(capsys, ["demo", "--output-dir", str(own), "--preset", "scratch:nope"],
             "unknown preset scratch:nope")  # fmt: skip
