@@ -436,6 +436,37 @@ def test_cli_memorization_check(
         assert json.loads(capsys.readouterr().out)["memorization"] is not None
 
 
+def test_a_runs_training_data_is_found_from_any_folder_and_checked(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    """--check-memorization of a run trained on `--train-file train.txt` (relative) reads that
+    file from any working folder, never another train.txt there, and refuses the file changed
+    or gone (a check against other text would say "nothing copied")."""
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir()
+    elsewhere.mkdir()
+    write_lines(project / "train.txt", uneven_corpus(30, seed=0))
+    monkeypatch.chdir(project)
+    assert main(["train", "--model", str(tiny_model_dir), "--train-file", "train.txt",
+                 "--output-dir", "run", "--max-steps", "1", "--block-size", "32", "--quiet"]) == 0  # fmt: skip
+    monkeypatch.chdir(elsewhere)
+    (elsewhere / "train.txt").write_text("another text altogether\n")
+    argv = ["generate", "--model", str(project / "run"), "--prompt", "the cat",
+            "--max-new-tokens", "4", "--check-memorization", "--json"]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert f"tokens of {project / 'train.txt'})" in capsys.readouterr().err
+    with open(project / "train.txt", "a") as handle:
+        handle.write("a line added after the run\n")
+    assert main(argv) == 2
+    assert "is not the text" in capsys.readouterr().err
+    (project / "train.txt").unlink()
+    (elsewhere / "train.txt").unlink()
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "the training data of" in line and "is not found" in line and "--train-file" in line
+
+
 def test_sampling_with_dropout_leaves_the_rng_and_train_mode_alone(tmp_path: Path) -> None:
     """What samples during training rely on, with dropout on (GPT-2's 0.1): the samples are those
     of eval mode, the model is back in train mode, and the global RNG (dropout masks) is where it

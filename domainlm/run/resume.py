@@ -16,7 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from domainlm.config import TRAINING_SETTINGS, TrainConfig, setting_shown, valid_history
+from domainlm.config import (
+    TRAIN_DATA_FILE,
+    TRAINING_SETTINGS,
+    TrainConfig,
+    setting_shown,
+    valid_history,
+)
 from domainlm.data.tokens import TokenStream
 from domainlm.errors import UserError
 from domainlm.model.distributed import DistContext
@@ -236,6 +242,14 @@ def lora_flags(settings: dict[str, Any] | None) -> str:
     )
 
 
+def train_data_file(train_file: str) -> dict[str, str]:
+    """The run file's record of --train-file: its absolute path (the run's own spelling may be
+    relative to a folder another command is not in) and `corpus_fingerprint` of its files."""
+    from domainlm.data.corpus import corpus_fingerprint
+
+    return {"path": str(Path(train_file).resolve()), "fingerprint": corpus_fingerprint(train_file)}
+
+
 def write_run_file(
     output_dir: Path,
     config: TrainConfig,
@@ -245,12 +259,15 @@ def write_run_file(
     history: list[dict[str, Any]] | None = None,
     precision: str | None = None,
     merged_files: list[str] | None = None,
+    train_data_file: dict[str, str] | None = None,
 ) -> None:
     """run_config.json: the run's identity, settings (the latest command's), owned files and
     `history` (the settings changed on resume, `resume_history`; None keeps the file's);
     `precision`, what the latest command computed in (`--precision auto` resolved: `perplexity`
     names a difference; None keeps the file's); `merged_files`, the names a LoRA merge wrote into
-    merged/ (`foreign_inside`; None keeps the file's); `finished` only once the final model,
+    merged/ (`foreign_inside`; None keeps the file's); `train_data_file`, where the training data
+    is and a fingerprint of its files (TRAIN_DATA_FILE: what `generate --check-memorization` of
+    the run reads; None keeps the file's); `finished` only once the final model,
     eval_results.json and the report are written (a run started again with the same settings
     and data then does nothing: `finished_result`)."""
     previous = read_run_file(output_dir) or {}
@@ -260,6 +277,8 @@ def write_run_file(
     run = {**run, "precision": precision} if isinstance(precision, str) else run
     merged_files = previous.get(MERGED_FILES_KEY) if merged_files is None else merged_files
     run = {**run, MERGED_FILES_KEY: merged_files} if isinstance(merged_files, list) else run
+    train_data_file = train_data_file or previous.get(TRAIN_DATA_FILE)
+    run = {**run, TRAIN_DATA_FILE: train_data_file} if isinstance(train_data_file, dict) else run
     history = valid_history(previous.get("history")) if history is None else history
     run = {**run, "history": history} if history else run
     write_json_atomic(output_dir / RUN_FILE, {**run, "finished": finished} if finished else run)

@@ -89,6 +89,7 @@ from domainlm.run.resume import (
     resume_history,
     same_folder,
     stream_fingerprint,
+    train_data_file,
     write_run_file,
 )
 from domainlm.run.schedule import count_steps, schedule_rate
@@ -440,8 +441,9 @@ def start_state(
         output_dir.mkdir(parents=True, exist_ok=True)
         owned = tracker_outputs(trackers) + ([SAMPLES_FILE] if config.sample_prompts else [])
         write_run_file(
-            output_dir, config, data.identity, owned, history=history, precision=precision
-        )
+            output_dir, config, data.identity, owned, history=history, precision=precision,
+            train_data_file=train_data_file(config.train_file),
+        )  # fmt: skip
     metrics = MetricsLog(output_dir / "metrics.jsonl", enabled=ctx.is_main, resume_step=start_step)
     loggers = Trackers(trackers, output_dir, config.to_dict(), start_step)
     if ctx.is_main:

@@ -23,6 +23,7 @@ from domainlm.config import (
     DOC_SEPARATORS,
     ENCODING_ERRORS,
     PRECISIONS,
+    TRAIN_DATA_FILE,
     check_device,
     check_seed,
     opt,
@@ -428,6 +429,32 @@ class TextPrinter:
 # ----------------------------------------------------------------------------- memorization
 
 
+def the_runs_training_data(model: str, run: dict[str, Any]) -> str:
+    """The training data of the run whose run file is `run`, for --check-memorization: where the
+    run recorded it (absolute), else its --train-file as typed (relative to the folder the run
+    was started in, perhaps not this one). Missing, or its files changed since the run read
+    them (the fingerprint recorded beside the path), is a UserError: a check against other text
+    would say "nothing copied" wrongly."""
+    from domainlm.data.corpus import corpus_fingerprint
+
+    typed = str(run["config"]["train_file"])
+    recorded = run.get(TRAIN_DATA_FILE)
+    recorded = recorded if isinstance(recorded, dict) else {}
+    places = [p for p in (recorded.get("path"), typed) if isinstance(p, str)]
+    found = next((p for p in places if Path(p).exists()), None)
+    if found is None:
+        raise UserError(
+            f"--check-memorization: the training data of {model}, {typed}, is not found "
+            f"(looked for {' and '.join(dict.fromkeys(places))}); pass --train-file"
+        )
+    if recorded.get("fingerprint") not in (None, corpus_fingerprint(found)):
+        raise UserError(
+            f"--check-memorization: {found} is not the text {model} was trained on (its files "
+            "changed since); pass --train-file with the training data"
+        )
+    return found
+
+
 class MemorizationChecker:
     """Looks samples up in the n-gram index of the training token stream and describes the result."""
 
@@ -455,7 +482,7 @@ class MemorizationChecker:
                 raise UserError(
                     "--check-memorization needs --train-file (or --model a domainlm run's folder)"
                 )
-            train_file = run["train_file"]
+            train_file = the_runs_training_data(config.model, found[1])
             cache_dir = cache_dir or run.get("cache_dir")
             doc_sep = run.get("doc_sep", doc_sep)
             errors = run.get("encoding_errors", errors)
