@@ -205,10 +205,7 @@ def generate_samples(
 
     device = next(model.parameters()).device
     rows = [(i, k) for i in range(len(prompts)) for k in range(num_samples)]  # (prompt, sample)
-    encoded = {  # text is text, as in training: `<|endoftext|>` typed is its characters
-        p: tokenizer(p, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        for p in prompts
-    }
+    encoded = encode_prompts(tokenizer, prompts)
     generators = {(i, k): make_generator(sample_seed(seed, prompts[i], k), device) for i, k in rows}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     start_tokens = 1 if start is None else len(start)
@@ -258,6 +255,15 @@ def generate_samples(
     finally:
         model.train(was_training)
     return [done[row] for row in rows]
+
+
+def encode_prompts(tokenizer: Any, prompts: list[str]) -> dict[str, list[int]]:
+    """Each prompt's token ids, without the start tokens. Text is text, as in training:
+    `<|endoftext|>` typed is its characters, not the special token."""
+    return {
+        p: tokenizer(p, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        for p in prompts
+    }
 
 
 def sample_batches(
