@@ -191,9 +191,7 @@ def generate_samples(
     start: list[int] | None = None,
 ) -> list[Sample]:
     """Continue every prompt `num_samples` times, in batches; the model is used in eval mode.
-
     `start`: the tokens before every prompt (`LoadedModel.start_ids`; default the EOS).
-
     `on_text(text)`, if given, receives the growing text of the first sequence of each batch.
     With `context_length`, a continuation ends where the model's context does (`sample_batch`);
     such samples are marked `stopped_at_context`.
