@@ -426,3 +426,15 @@ def test_a_refused_csv_exits_2_every_time(tmp_path, isolated_cache) -> None:
     codes, errors = [r.returncode for r in runs], [r.stderr for r in runs]
     assert codes == [2] * len(runs), list(zip(codes, errors, strict=True))
     assert all(e.count("\n") == 1 and ("cannot be read" in e or "no column" in e) for e in errors)
+
+
+def test_a_dictionary_encoded_text_column_is_text(tmp_path) -> None:
+    """pandas' `category` of strings is written to Parquet as a dictionary of strings: the same
+    documents as the plain column (it was refused as "not text ... it has no text column")."""
+    texts = ["the cat sat on the mat", "a dog ran away", None, "the cat sat on the mat"] * 5
+    plain, coded = tmp_path / "plain.parquet", tmp_path / "coded.parquet"
+    pq.write_table(pa.table({"text": pa.array(texts)}), plain)
+    pq.write_table(pa.table({"text": pa.array(texts).dictionary_encode()}), coded)
+    assert pa.types.is_dictionary(pq.read_schema(coded).field("text").type)
+    read = [[doc for _, docs in iter_documents(p) for doc in docs] for p in (plain, coded)]
+    assert read[0] == read[1] == [t for t in texts if t]

@@ -121,7 +121,6 @@ def _one_line(exc: BaseException) -> str:
 
 def _check_column(file: Path, schema: Any, text_column: str) -> None:
     """The column exists and holds strings; otherwise a UserError naming what is there."""
-    import pyarrow as pa
 
     names = list(schema.names)
     if text_column not in names:
@@ -130,16 +129,24 @@ def _check_column(file: Path, schema: Any, text_column: str) -> None:
             f"{file}: no column {text_column!r} (its columns: {shown}); pick one with --text-column"
         )
     kind = schema.field(text_column).type
-    is_text = pa.types.is_string(kind) or pa.types.is_large_string(kind)
-    if not (is_text or getattr(pa.types, "is_string_view", lambda _: False)(kind)):
-        texts = [
-            f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
-        ]
+    if not holds_text(kind):
+        texts = [f.name for f in schema if holds_text(f.type)]
         hint = f" (text columns: {', '.join(texts)})" if texts else " (it has no text column)"
         raise UserError(
             f"{file}: column {text_column!r} holds {kind}, not text; pick a text column with "
             f"--text-column{hint}"
         )
+
+
+def holds_text(kind: Any) -> bool:
+    """An Arrow type of text: string, large_string, string_view, or a dictionary of one of
+    them (pandas' `category` of strings, written to Parquet)."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(kind):
+        return holds_text(kind.value_type)
+    is_view = getattr(pa.types, "is_string_view", lambda _: False)(kind)
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or is_view
 
 
 def _to_texts(column: Any, encoding_errors: str) -> list[str | None]:
