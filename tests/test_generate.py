@@ -617,3 +617,25 @@ def test_chinese_from_a_bert_style_tokenizer_reads_without_spaces(tmp_path: Path
     gpt2 = load_model("scratch:tiny").tokenizer
     assert not spaces_cjk(gpt2) and spaces_cjk(tokenizer)
     assert decode_text(gpt2, gpt2("今天 天气")["input_ids"]) == "今天 天气"
+
+
+@pytest.mark.parametrize(("asked", "used"), [("auto", "fp32"), ("bf16", "bf16"), ("fp32", "fp32")])
+def test_an_asked_precision_is_used_on_the_cpu(
+    tiny_model_dir: Path, monkeypatch, asked: str, used: str
+) -> None:
+    """On the CPU --precision auto generates in fp32 (bf16 autocast is slower for one-token
+    steps); a precision asked for is used as asked (bf16 was silently fp32)."""
+    import domainlm.text.generate as generation
+
+    seen: list[str] = []
+    real = generation.generate_samples
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["precision"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate_samples", recording)
+    config = GenerateConfig(model=str(tiny_model_dir), prompts=["the cat"], max_new_tokens=2,
+                            temperature=0, precision=asked, device="cpu")  # fmt: skip
+    assert len(generate_texts(config)) == 1
+    assert seen == [used]

@@ -337,8 +337,8 @@ def generate(config: GenerateConfig, out: TextIO | None = None) -> list[Sample]:
     checker = MemorizationChecker.open(config, loaded) if config.check_memorization else None
     device = pick_device(requested=config.device)
     precision = resolve_precision(config.precision, device)
-    if device.type == "cpu":
-        precision = "fp32"  # bf16 autocast on CPU is slower for one-token steps
+    if device.type == "cpu" and config.precision == "auto":
+        precision = "fp32"  # bf16 autocast on CPU is slower for one-token steps; asked: as asked
     model = loaded.model.to(device)
     streaming = (
         out is not None and not config.json and len(prompts) == 1 and config.num_samples == 1
