@@ -288,6 +288,32 @@ def test_a_full_context_is_reported_in_json_and_on_stderr(
         assert context_notes(captured.err) == []
 
 
+def test_a_prompt_longer_than_the_context_is_refused_before_anything_is_written(
+    short_context_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """31 tokens fit the context of 32 after the start token, 32 do not: one line naming the
+    prompt and the limit, exit 2, nothing on stdout (the streamed prompt was echoed before the
+    error); in train, --sample-prompts likewise before the run writes anything."""
+    fits, too_long = " the" * (SHORT_CONTEXT - 1), " the" * SHORT_CONTEXT
+    base = ["generate", "--model", str(short_context_model_dir), "--max-new-tokens", "3"]
+    assert main([*base, "--prompt", fits]) == 0
+    capsys.readouterr()
+    assert main([*base, "--prompt", "a cat", "--prompt", too_long]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.strip() == (
+        f"domainlm: error: prompt 2 is {SHORT_CONTEXT} tokens: the model's context of "
+        f"{SHORT_CONTEXT} holds at most {SHORT_CONTEXT - 1} after the 1 start token(s); shorten it"
+    )
+    assert main([*base, "--prompt", too_long]) == 2
+    assert capsys.readouterr().out == ""
+    train_file = write_lines(tmp_path / "train.txt", uneven_corpus(20))
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(short_context_model_dir), "--train-file",
+                 str(train_file), "--output-dir", str(out), "--max-steps", "1",
+                 "--sample-prompts", too_long]) == 2  # fmt: skip
+    assert "--sample-prompts: prompt 1 is" in capsys.readouterr().err and not out.exists()
+
+
 def test_the_note_follows_streamed_text(
     short_context_model_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

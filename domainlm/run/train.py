@@ -97,7 +97,7 @@ from domainlm.run.sharded import is_sharded_checkpoint, load_sharded_checkpoint
 from domainlm.run.state import DataCursor, Run, RunData, RunModel
 from domainlm.run.step import TrainStep
 from domainlm.run.trackers import Trackers, resolve_report_to, tracker_outputs
-from domainlm.text.generate import SAMPLES_FILE, TrainingSampler
+from domainlm.text.generate import SAMPLES_FILE, TrainingSampler, encode_prompts
 
 
 @dataclass
@@ -262,6 +262,10 @@ def check_inputs(
     block_size = loaded.block_size(config.block_size, default_cap=1024)
     eval_stride = config.eval_stride or block_size - 1
     check_window(block_size, eval_stride)
+    if config.sample_prompts:  # one too long for the context: refused now, not at its sample
+        start = len(loaded.start_ids) if loaded.start_ids else 1
+        encode_prompts(loaded.tokenizer, config.sample_prompts, start, loaded.context_length,
+                       what="--sample-prompts: prompt")  # fmt: skip
     # The memory plan of these settings against the memory free: a warning (--strict: an error)
     # once the block size is known good, before the data is tokenized and the weights load
     # (run/memory_check.py).

@@ -203,10 +203,10 @@ def generate_samples(
 
     device = next(model.parameters()).device
     rows = [(i, k) for i in range(len(prompts)) for k in range(num_samples)]  # (prompt, sample)
-    encoded = encode_prompts(tokenizer, prompts)
+    start_tokens = 1 if start is None else len(start)
+    encoded = encode_prompts(tokenizer, prompts, start_tokens, context_length)
     generators = {(i, k): make_generator(sample_seed(seed, prompts[i], k), device) for i, k in rows}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
-    start_tokens = 1 if start is None else len(start)
 
     cut = {
         (i, k)
@@ -255,13 +255,29 @@ def generate_samples(
     return [done[row] for row in rows]
 
 
-def encode_prompts(tokenizer: Any, prompts: list[str]) -> dict[str, list[int]]:
+def encode_prompts(
+    tokenizer: Any,
+    prompts: list[str],
+    start_tokens: int = 1,
+    context_length: int | None = None,
+    what: str = "prompt",
+) -> dict[str, list[int]]:
     """Each prompt's token ids, without the start tokens. Text is text, as in training:
-    `<|endoftext|>` typed is its characters, not the special token."""
-    return {
+    `<|endoftext|>` typed is its characters, not the special token. A prompt that does not fit
+    the context after the start tokens is a UserError, before anything is generated."""
+    encoded = {
         p: tokenizer(p, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         for p in prompts
     }
+    room = None if context_length is None else context_length - start_tokens
+    for number, prompt in enumerate(prompts, start=1):
+        if room is not None and len(encoded[prompt]) > room:
+            raise UserError(
+                f"{what} {number} is {len(encoded[prompt]):,} tokens: the model's context of "
+                f"{context_length:,} holds at most {room:,} after the {start_tokens} start "
+                "token(s); shorten it"
+            )
+    return encoded
 
 
 def sample_batches(
@@ -334,6 +350,8 @@ def generate(config: GenerateConfig, out: TextIO | None = None) -> list[Sample]:
     loaded = load_any_model(
         config.model, eos_token=config.eos_token, trust_remote_code=config.trust_remote_code
     )
+    start = len(loaded.start_ids) if loaded.start_ids else 1
+    encode_prompts(loaded.tokenizer, prompts, start, loaded.context_length)  # too long: refused
     checker = MemorizationChecker.open(config, loaded) if config.check_memorization else None
     device = pick_device(requested=config.device)
     precision = resolve_precision(config.precision, device)
