@@ -502,3 +502,23 @@ def test_output_into_a_pipe_its_reader_closed_ends_quietly(tiny_model_dir: Path)
     finally:
         os.close(write_end)
     assert (proc.returncode, proc.stderr) == (141, "")
+
+
+def test_a_run_without_its_final_model_names_its_newest_checkpoint(
+    tiny_model_dir: Path, corpus: Path, tmp_path: Path, capsys
+) -> None:
+    """perplexity, generate and inspect given a run folder that has checkpoints but no final
+    model yet (training, or stopped) say so and name the newest checkpoint, which works."""
+    run = tmp_path / "run"
+    assert cli_main(args_for(tiny_model_dir, corpus / "train.txt", run, "--max-steps", "2",
+                             "--save-steps", "1")) == 0  # fmt: skip
+    for name in ("config.json", "model.safetensors"):  # as while it trains
+        (run / name).unlink()
+    capsys.readouterr()
+    hint = f"--model {run / 'checkpoint-2'}"
+    for command in (["perplexity", "--text", "a b c"], ["generate", "--prompt", "a"],
+                    ["inspect"]):  # fmt: skip
+        line = refused(capsys, [command[0], "--model", str(run), *command[1:]], run,
+                       "is a training run without its final model yet", hint)  # fmt: skip
+        assert line.endswith(hint)
+    assert cli_main(["perplexity", "--model", str(run / "checkpoint-2"), "--text", "a b c"]) == 0

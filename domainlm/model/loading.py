@@ -193,6 +193,24 @@ def meta_model_of(model_config: Any, trust_remote_code: bool = False) -> Any:
         return AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
 
 
+def not_a_model_folder(path: Path, spec: str) -> str:
+    """Why folder `path` (given as `spec`) is no model: a domainlm run without its final model
+    yet (training, or stopped) names its newest checkpoint, which is one."""
+    from domainlm.config import RUN_FILE
+
+    steps = [
+        int(c.name.split("-", 1)[1]) for c in path.glob("checkpoint-*")
+        if c.name.split("-", 1)[1].isdigit() and (c / "config.json").is_file()
+        and (c / "checkpoint.json").is_file()
+    ]  # fmt: skip
+    if (path / RUN_FILE).is_file() and steps:
+        return (
+            f"{spec} is a training run without its final model yet (still training, or "
+            f"stopped); its newest checkpoint is a model: --model {path / f'checkpoint-{max(steps)}'}"
+        )
+    return f"{spec} is not a Hugging Face model folder (no config.json in it)"
+
+
 def refuse_other_folders(path: Path, spec: str) -> None:
     """A folder that transformers cannot load as a model, said as what it is: a LoRA adapter, a
     sharded checkpoint (both with the way to a model folder), no model at all."""
@@ -207,7 +225,7 @@ def refuse_other_folders(path: Path, spec: str) -> None:
                 f"{spec} is a LoRA adapter folder, not a model: to train on from it, give its "
                 f"merged model ({given}), or its base model with --lora"
             )
-        raise UserError(f"{spec} is not a Hugging Face model folder (no config.json in it)")
+        raise UserError(not_a_model_folder(path, spec))
     if (path / DCP_METADATA).is_file() and not any(path.glob("*.safetensors")):
         raise UserError(
             f"{spec} is a sharded checkpoint (--checkpoint-format sharded: the weights in each "

@@ -654,7 +654,12 @@ def model_config_of(spec: str, trust_remote_code: bool = False) -> Any:
 
     from transformers import AutoConfig
 
-    from domainlm.model.loading import SCRATCH_PREFIX, hub_reachable, scratch_config
+    from domainlm.model.loading import (
+        SCRATCH_PREFIX,
+        hub_reachable,
+        not_a_model_folder,
+        scratch_config,
+    )
 
     if spec.startswith(SCRATCH_PREFIX):
         return scratch_config(spec[len(SCRATCH_PREFIX) :])
@@ -666,7 +671,7 @@ def model_config_of(spec: str, trust_remote_code: bool = False) -> Any:
 
         if is_adapter_folder(path):  # a LoRA run without --merge: the base's shape
             return model_config_of(adapter_base(path), trust_remote_code)
-        raise UserError(f"{spec} is not a Hugging Face model folder (no config.json in it)")
+        raise UserError(not_a_model_folder(path, spec))
     source = str(path) if path.is_dir() else spec
 
     def read(local_only: bool) -> Any:
