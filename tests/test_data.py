@@ -40,6 +40,8 @@ def test_jsonl_text_field(tmp_path: Path) -> None:
         + "\n\n"
         + json.dumps({"text": "two\nlines"})
         + "\n"
+        + json.dumps({"text": None})  # null: an empty document, skipped as a table's null row
+        + "\n"
     )
     assert read_documents(path) == ["first doc", "two\nlines"]
 

@@ -262,6 +262,8 @@ def _jsonl_texts(
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise UserError(f"{file}:{number}: not valid JSON ({exc.msg})") from exc
+        if isinstance(record, dict) and text_column in record and record[text_column] is None:
+            continue  # a null text is an empty document, skipped, as a table's null row
         if not isinstance(record, dict) or not isinstance(record.get(text_column), str):
             raise UserError(f'{file}:{number}: each JSON line needs a string field "{text_column}"')
         if record[text_column].strip():
