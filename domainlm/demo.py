@@ -99,10 +99,11 @@ def run_demo(output_dir: Path, max_steps: int | None = None, model: str = "scrat
 
     if max_steps is not None:
         require_positive("max_steps", max_steps)
-    if model.startswith("scratch:"):  # an unknown preset is refused before the corpus is written
-        from domainlm.model.loading import scratch_config
+    # An unknown preset, or a hub model not cached when offline, is refused before the corpus
+    # is written (its config alone is read).
+    from domainlm.model.memory import model_config_of
 
-        scratch_config(model.split(":", 1)[1])
+    model_config_of(model)
     steps = max_steps or DEMO_STEPS
     marker = output_dir / DEMO_MARKER
     train_file, valid_file = write_demo_corpus(output_dir / "data", owned=marker.is_file())

@@ -25,7 +25,7 @@ def refused(capsys: pytest.CaptureFixture[str], args: list[str], *expected: str)
     return lines[0]
 
 
-def test_demo_keeps_a_users_data_and_rewrites_its_own(tmp_path: Path, capsys) -> None:
+def test_demo_keeps_a_users_data_and_rewrites_its_own(tmp_path: Path, capsys, monkeypatch) -> None:
     folder = tmp_path / "u"
     (folder / "data").mkdir(parents=True)
     mine = folder / "data" / "train.txt"
@@ -42,6 +42,11 @@ def test_demo_keeps_a_users_data_and_rewrites_its_own(tmp_path: Path, capsys) ->
     refused(capsys, ["demo", "--output-dir", str(own), "--preset", "scratch:nope"],
             "unknown preset scratch:nope")  # fmt: skip
     assert not own.exists()  # refused before its corpus is written
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub model not in the cache, offline: likewise
+    refused(capsys, ["demo", "--output-dir", str(own), "--preset", "nobody/no-such-model"],
+            "could not read the config of nobody/no-such-model")  # fmt: skip
+    assert not own.exists()
+    monkeypatch.delenv("HF_HUB_OFFLINE")
     assert cli_main(["demo", "--output-dir", str(own), "--preset", "scratch:tiny",
                      "--max-steps", "1"]) == 0  # fmt: skip
     assert (own / DEMO_MARKER).is_file() and (own / "model" / "model.safetensors").is_file()
