@@ -140,3 +140,26 @@ def test_rotation_keeps_a_checkpoint_holding_a_users_file(
     assert {p.name: p.read_bytes() for p in (out / "checkpoint-1").iterdir()} == before
     kept = [x for x in err.splitlines() if "checkpoint-1 is kept past --save-total-limit" in x]
     assert len(kept) == 1 and "NOTES.md" in kept[0], err
+
+
+def test_a_resume_refuses_a_users_folder_named_like_a_checkpoint_it_would_write(
+    tiny_model_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """A folder of the user's named checkpoint-6 in a run that will save step 6: continuing the
+    run is refused in one line, the folder intact (the save replaced it, notes and all)."""
+    train = write_lines(tmp_path / "train.txt", uneven_corpus(30, seed=0))
+    out = tmp_path / "run"
+    args = ["train", "--model", str(tiny_model_dir), "--train-file", str(train),
+            "--output-dir", str(out), "--block-size", "32", "--batch-size", "2",
+            "--save-steps", "2", "--precision", "fp32", "--quiet"]  # fmt: skip
+    assert cli_main([*args, "--max-steps", "4"]) == 0
+    (out / "checkpoint-6").mkdir()
+    (out / "checkpoint-6" / "notes.txt").write_text("mine\n")
+    capsys.readouterr()
+    refused(
+        capsys,
+        [*args, "--max-steps", "8"],
+        f"--output-dir {out} holds checkpoint-6, which domainlm did not write",
+    )
+    assert (out / "checkpoint-6" / "notes.txt").read_text() == "mine\n"
+    assert not (out / "checkpoint-8").exists()

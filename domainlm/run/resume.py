@@ -107,6 +107,12 @@ def decide_resume(
             "folder (or pass --overwrite-output-dir to write beside its files)"
         )
     check_same_run(output_dir, identity, f"--output-dir {output_dir}")
+    foreign = foreign_outputs(output_dir, total_steps)  # a user's checkpoint-N, model files
+    if foreign:
+        raise UserError(
+            f"--output-dir {output_dir} holds {', '.join(foreign)}, which domainlm did not write "
+            "and this run would write over: move them away or choose another --output-dir"
+        )
     if config.resume == "never":
         raise UserError(
             f"--output-dir {output_dir} holds an earlier run; pass --overwrite-output-dir to start "
