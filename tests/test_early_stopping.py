@@ -263,3 +263,30 @@ def test_load_best_model_at_end_with_lora_saves_the_best_checkpoints_adapters(
     got = load_file(out / adapters)
     assert got.keys() == expected.keys() and all((got[k] == expected[k]).all() for k in got)
     assert (out / "merged" / "model.safetensors").is_file()
+
+
+def test_a_stopped_run_started_again_on_other_validation_data_trains_no_step(
+    tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A run that stopped early, started again with an edited validation file (not the same
+    run any more, so it resumes) or a larger --max-steps: its patience ran out at the step it
+    resumes from, so it ends there again, no step trained: the model is that step's, scored on
+    the validation file given (it trained on to the next evaluation)."""
+    out = tmp_path / "patient"
+    first = train(settings(tiny_model_dir, *data, out, early_stopping_patience=PATIENCE))
+    assert first.stopped_early
+    stop, model = first.steps, weights(out)
+    edited = write_lines(tmp_path / "valid2.txt", uneven_corpus(8, seed=6))
+    for changed in (
+        settings(tiny_model_dir, data[0], edited, out, early_stopping_patience=PATIENCE),
+        settings(tiny_model_dir, *data, out, early_stopping_patience=PATIENCE,
+                 max_steps=MAX_STEPS + 10),
+    ):  # fmt: skip
+        again = train(changed)
+        assert (again.steps, again.stopped_early) == (stop, True)
+        trained = [e["step"] for e in read_events(out / "metrics.jsonl") if "loss" in e]
+        assert max(trained) == stop and not (out / f"checkpoint-{stop + 1}").exists()
+        now = weights(out)
+        assert all((now[k] == model[k]).all() for k in model)
+    edited_result = json.loads((out / "eval_results.json").read_text())
+    assert edited_result["stopped_early"]["step"] == stop

@@ -189,9 +189,17 @@ class Evaluation:
         self.run.metrics.log_eval(done, epoch, result)
         self.early.observe(done, result.perplexity)
 
+    def stopped_at_start(self) -> bool:
+        """A resumed run whose patience ran out at the step it resumes from (its last evaluation):
+        it had stopped early there, as one never interrupted would have, whatever the steps
+        left; it ends there again (an edited validation file is scored again, no step trained).
+        A larger --early-stopping-patience trains on."""
+        start = self.run.start_step
+        return start > 0 and self.early.spent() and self.early.seen == start
+
     def stops_run(self, step: StepOutcome) -> bool:
         """Whether --early-stopping-patience ends the run at this step, decided after an
-        evaluation only (a run resumed with a larger --max-steps trains to its next one)."""
+        evaluation only."""
         evaluated = self.last is not None and self.last[0] == step.done
         if step.final or not evaluated or not self.early.spent():
             return False

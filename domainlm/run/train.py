@@ -157,7 +157,10 @@ def fit(run: Run, cleanup: ExitStack) -> TrainResult:
     stop = StopGuard(run, cleanup, checkpoints, progress)  # handlers installed from here on
     sampling = Sampling(run.sampler)
     done = run.start_step  # the run's last step, once the loop is over
-    for index in range(run.start_step, run.total_steps):
+    last = run.start_step if evaluation.stopped_at_start() else run.total_steps
+    if last < run.total_steps:
+        run.console.info(f"the run stopped early at step {last} (--early-stopping-patience)")
+    for index in range(run.start_step, last):
         outcome = step(index)
         progress.after_step(outcome)
         with progress.paused():  # the parts' time is not training time
