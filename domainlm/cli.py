@@ -165,16 +165,25 @@ def unique_keys_loader() -> type:
 
     class UniqueKeysLoader(yaml.SafeLoader):
         def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
-            seen: set[Any] = set()
+            if isinstance(node, yaml.MappingNode):
+                self.flatten_mapping(node)  # `<<: {lr: 1e-4}` merge keys, as SafeLoader does
+            seen: list[Any] = []
             for key_node, _ in node.value:
                 key = self.construct_object(key_node, deep=deep)
+                if not isinstance(key, str | int | float | bool) and key is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None,
+                        None,
+                        f"a key must be a name, not a {type(key).__name__}",
+                        key_node.start_mark,
+                    )
                 if key in seen:
                     raise yaml.constructor.ConstructorError(
                         None,
                         None,
                         f"{key!r} is given twice, again on line {key_node.start_mark.line + 1}",
                     )
-                seen.add(key)
+                seen.append(key)
             return super().construct_mapping(node, deep=deep)
 
     return UniqueKeysLoader

@@ -47,7 +47,9 @@ def test_yaml_lists_and_bools_of_the_right_type_are_kept(run_files: dict[str, Pa
     config_file = write_config(run_files, "report_to: [none]\ncompile: true\nvalidation_file:")
     config = parse(["--config", str(config_file)])
     assert (config.report_to, config.compile, config.validation_file) == (["none"], True, None)
-    # One string for a list, as on the command line (`--report-to tensorboard`).
+    # YAML's merge key, and one string for a list, as on the command line (`--report-to x`).
+    config = parse(["--config", str(write_config(run_files, "<<: {lr: 2.0e-4, batch_size: 3}"))])
+    assert (config.lr, config.batch_size) == (2e-4, 3)
     config = parse(["--config", str(write_config(run_files, "report_to: tensorboard"))])
     assert config.report_to == ["tensorboard"]
 
@@ -77,6 +79,8 @@ def test_command_line_numbers_still_parse_and_override_the_file(
             "report_to must be a list of strings, got ['tensorboard', 3]",
         ),
         ("lr: 1e-4\nlr: 1e-3", "not valid YAML ('lr' is given twice, again on line 7)"),
+        ("? [a]\n: 1", "not valid YAML (a key must be a name, not a list)"),
+        ("{a: 1}: 2", "not valid YAML (a key must be a name, not a dict)"),
         ("bf16: 'on'", "bf16 must be true or false, got 'on'"),
     ],
 )
