@@ -212,6 +212,19 @@ def test_cut_evaluations_compare_like_with_like_and_the_result_is_the_whole_sets
     assert results["initial_perplexity"] == reference.initial_perplexity
     card = (out / "README.md").read_text()
     assert f"{reference.initial_perplexity:.3f} before training" in card
+    # `report` of the run unfinished (no eval_results.json yet): both figures the cut ones.
+    from domainlm.run.report import read_run
+
+    finished = read_run(out)
+    assert (finished.initial_perplexity(), finished.final_perplexity()) == (
+        reference.initial_perplexity, reference.final_perplexity,
+    )  # fmt: skip
+    shutil.copytree(out, tmp_path / "unfinished")
+    (tmp_path / "unfinished" / "eval_results.json").unlink()
+    unfinished = read_run(tmp_path / "unfinished")
+    assert (unfinished.initial_perplexity(), unfinished.final_perplexity()) == (
+        series[0]["eval_ppl"], series[4]["eval_ppl"],
+    )  # fmt: skip
 
 
 def test_load_best_model_at_end_saves_the_best_checkpoints_weights_and_score(

@@ -72,8 +72,14 @@ class RunData:
         return max([logged, *(c.step for c in list_checkpoints(self.path))])
 
     def initial_perplexity(self) -> float | None:
-        logged = initial_perplexity(self.whole_evals + self.evals)
-        return logged if logged is not None else self.results.get("initial_perplexity")
+        """The figure before training that `final_perplexity` compares with: a finished run's
+        whole-set one, else the first of the evaluations the latest is one of (with
+        --max-eval-tokens, both cut)."""
+        if "perplexity" in self.results:
+            logged = initial_perplexity(self.whole_evals + self.evals)
+            return self.results.get("initial_perplexity", logged)
+        first = [e for e in self.evals if e["step"] == 0]
+        return first[0]["eval_ppl"] if first else None
 
     def final_perplexity(self) -> float | None:
         """The finished run's figure, else the latest validation after some training (a run
