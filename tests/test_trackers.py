@@ -112,6 +112,18 @@ def test_expected_series_covers_every_metric(logged_run: Path) -> None:
     assert settings(logged_run)["report_to"] == ALL
 
 
+def test_the_whole_sets_score_beside_a_cut_one_has_names_of_its_own() -> None:
+    """With --max-eval-tokens the whole set scored before and after training is logged as
+    eval/whole_* (README's names), its epoch not a second eval/epoch point at that step."""
+    from domainlm.run.trackers import tracker_metrics
+
+    event = {"step": 6, "epoch": 0.5, "eval_whole_loss": 1.25, "eval_whole_ppl": 3.5,
+             "eval_whole_tokens": 100}  # fmt: skip
+    assert tracker_metrics(event) == {
+        "eval/whole_loss": 1.25, "eval/whole_ppl": 3.5, "eval/whole_tokens": 100.0,
+    }  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- TensorBoard
 
 

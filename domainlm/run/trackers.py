@@ -91,13 +91,17 @@ def tracker_outputs(names: list[str]) -> list[str]:
 
 def tracker_metrics(event: dict[str, Any]) -> dict[str, float]:
     """A metrics.jsonl event -> {tracker name: value}: every finite value but the step, named
-    `train/<key>` for a logging event and `eval/<key without eval_>` for a validation."""
+    `train/<key>` for a logging event and `eval/<key without eval_>` for a validation (the
+    whole set's score beside a --max-eval-tokens one: eval/whole_loss, whole_ppl, whole_tokens,
+    without a second eval/epoch)."""
     kind = "eval" if any(key.startswith("eval_") for key in event) else "train"
+    beside = any(key.startswith("eval_whole_") for key in event)  # its step's epoch is logged
     return {
         f"{kind}/{key.removeprefix('eval_')}": float(value)
         for key, value in event.items()
-        if key != "step" and isinstance(value, int | float) and math.isfinite(value)
-    }
+        if key != "step" and not (beside and key == "epoch")
+        and isinstance(value, int | float) and math.isfinite(value)
+    }  # fmt: skip
 
 
 def param_text(value: Any) -> str:
