@@ -303,3 +303,16 @@ def test_a_stopped_run_started_again_on_other_validation_data_trains_no_step(
         assert all((now[k] == model[k]).all() for k in model)
     edited_result = json.loads((out / "eval_results.json").read_text())
     assert edited_result["stopped_early"]["step"] == stop
+
+
+def test_a_cut_that_holds_the_whole_set_is_not_scored_twice(
+    tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """--max-eval-tokens at least the validation set: the first evaluation shows the cut holds
+    every token, and the end scores nothing a second time, in one run or resumed."""
+    out = tmp_path / "all"
+    train(settings(tiny_model_dir, *data, out, max_steps=2, max_eval_tokens=10**6))
+    train(settings(tiny_model_dir, *data, out, max_steps=4, max_eval_tokens=10**6))
+    events = read_events(out / "metrics.jsonl")
+    assert [e["step"] for e in events if "eval_whole_ppl" in e] == [0]  # logged once, at start
+    assert [e["step"] for e in events if "eval_ppl" in e] == [0, 1, 2, 3, 4]

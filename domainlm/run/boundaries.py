@@ -127,6 +127,10 @@ class Evaluation:
         self.run = run
         self.batch_size = run.config.eval_batch_size or run.config.batch_size
         self.limit = run.config.max_eval_tokens  # None: every evaluation is the whole set's
+        at_start = [e for e in run.metrics.events if e.get("step") == 0]  # a resumed run's
+        counts = {e.get("eval_tokens", e.get("eval_whole_tokens")) for e in at_start}
+        if len(at_start) == 2 and len(counts) == 1:  # cut and whole alike: the cut holds all
+            self.limit = None
         self.last: tuple[int, NLLSum] | None = None  # (step, result) of the latest evaluation
         self.early = EarlyStopping(run.config.early_stopping_patience, run.metrics.events)
 
@@ -160,6 +164,8 @@ class Evaluation:
         compared = self(self.limit)
         self.log(0, 0.0, compared)
         whole = compared if self.limit is None else self.whole(0, 0.0)
+        if whole.tokens == compared.tokens:  # the cut holds every token: no second score later
+            self.limit = None
         cut = "" if self.limit is None else (
             f"; {compared.perplexity:.3f} on the {compared.tokens:,} scored at each evaluation"
         )  # fmt: skip
