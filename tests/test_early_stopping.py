@@ -212,6 +212,8 @@ def test_cut_evaluations_compare_like_with_like_and_the_result_is_the_whole_sets
     assert results["initial_perplexity"] == reference.initial_perplexity
     card = (out / "README.md").read_text()
     assert f"{reference.initial_perplexity:.3f} before training" in card
+    page = html.unescape((out / "report.html").read_text())  # the best checkpoint's cut figure
+    assert f"on {cut_tokens:,} tokens (--max-eval-tokens))" in page
     # `report` of the run unfinished (no eval_results.json yet): both figures the cut ones.
     from domainlm.run.report import read_run
 

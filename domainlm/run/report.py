@@ -663,9 +663,15 @@ def _run_details(
         + "</p>"
     )
     best = best_checkpoint(list_checkpoints(run.path))
+    cut = [e["eval_tokens"] for e in run.evals if best and e["step"] == best.step]
+    on = (
+        f" on {cut[0]:,} tokens (--max-eval-tokens)"
+        if run.config.get("max_eval_tokens") and cut
+        else ""
+    )
     out.append(
         f"<p>Best checkpoint: <code>{_e(best.path.name)}</code> (step {best.step}, validation "
-        f"perplexity {_e(_fmt(best.eval_perplexity))})</p>"
+        f"perplexity {_e(_fmt(best.eval_perplexity))}{_e(on)})</p>"
         if best
         else '<p class="muted">Best checkpoint: none kept with a validation perplexity.</p>'
     )
