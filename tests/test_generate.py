@@ -476,12 +476,24 @@ def test_a_runs_training_data_is_found_from_any_folder_and_checked(
     assert main(["train", "--model", str(tiny_model_dir), "--train-file", "train.txt",
                  "--output-dir", "run", "--max-steps", "1", "--block-size", "32", "--quiet"]) == 0  # fmt: skip
     monkeypatch.chdir(elsewhere)
-    (elsewhere / "train.txt").write_text("another text altogether\n")
+    write_lines(elsewhere / "train.txt", [f"another text altogether, line {i}" for i in range(30)])
     argv = ["generate", "--model", str(project / "run"), "--prompt", "the cat",
             "--max-new-tokens", "4", "--check-memorization", "--json"]  # fmt: skip
     capsys.readouterr()
     assert main(argv) == 0
     assert f"tokens of {project / 'train.txt'})" in capsys.readouterr().err
+    # A run file from before the path was recorded: its --train-file as typed, from the working
+    # folder, checked against the tokens the run trained on (less its held-out 5%).
+    run_file = project / "run" / "run_config.json"
+    recorded = json.loads(run_file.read_text())
+    run_file.write_text(json.dumps({k: v for k, v in recorded.items() if k != "train_data_file"}))
+    assert main(argv) == 2
+    assert "train.txt is not the text" in capsys.readouterr().err  # elsewhere's train.txt
+    monkeypatch.chdir(project)
+    assert main(argv) == 0  # the run's own, as typed, from the folder it was started in
+    run_file.write_text(json.dumps(recorded))
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
     with open(project / "train.txt", "a") as handle:
         handle.write("a line added after the run\n")
     assert main(argv) == 2

@@ -214,3 +214,16 @@ def writable_cache_dir(cache: Path) -> Path:
 def token_dtype(vocab_size: int) -> Any:
     """The smallest unsigned integer type that holds every token id of a vocabulary."""
     return np.uint16 if vocab_size <= 65535 else np.uint32
+
+
+def stream_fingerprint(stream: TokenStream) -> str:
+    """A fingerprint of a training token stream: its length, its documents' boundaries and
+    about a million of its tokens, evenly spaced (cheap for a corpus of billions of tokens; any
+    other file, edit that moves a boundary, or --doc-sep gives another)."""
+    digest = hashlib.sha256()
+    tokens = stream.tokens
+    digest.update(np.int64(len(tokens)).tobytes())
+    digest.update(np.ascontiguousarray(stream.doc_starts, dtype=np.int64).tobytes())
+    step = max(1, len(tokens) // 2**20)
+    digest.update(np.ascontiguousarray(tokens[::step], dtype=np.int64).tobytes())
+    return digest.hexdigest()[:16]

@@ -10,11 +10,8 @@ run's files, after every check (`clear_earlier_run`). docs/reliability.md.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from domainlm.config import (
     TRAIN_DATA_FILE,
@@ -23,7 +20,7 @@ from domainlm.config import (
     setting_shown,
     valid_history,
 )
-from domainlm.data.tokens import TokenStream
+from domainlm.data.tokens import TokenStream, stream_fingerprint
 from domainlm.errors import UserError
 from domainlm.model.distributed import DistContext
 from domainlm.run.checkpoint import (
@@ -222,19 +219,6 @@ def later_checkpoints(checkpoint: Path, output_dir: Path) -> list[Path]:
         for p in checkpoint_dirs_by_step(output_dir)
         if int(p.name[len(CHECKPOINT_PREFIX) :]) > int(step)
     ]
-
-
-def stream_fingerprint(stream: TokenStream) -> str:
-    """A fingerprint of a training token stream: its length, its documents' boundaries and
-    about a million of its tokens, evenly spaced (cheap for a corpus of billions of tokens; any
-    other file, edit that moves a boundary, or --doc-sep gives another)."""
-    digest = hashlib.sha256()
-    tokens = stream.tokens
-    digest.update(np.int64(len(tokens)).tobytes())
-    digest.update(np.ascontiguousarray(stream.doc_starts, dtype=np.int64).tobytes())
-    step = max(1, len(tokens) // 2**20)
-    digest.update(np.ascontiguousarray(tokens[::step], dtype=np.int64).tobytes())
-    return digest.hexdigest()[:16]
 
 
 def lora_flags(settings: dict[str, Any] | None) -> str:

@@ -27,7 +27,7 @@ from domainlm.data.blocks import BlockDataset, split_documents
 from domainlm.data.corpus import check_input
 from domainlm.data.lint import check_training_data
 from domainlm.data.packing import check_packing_support
-from domainlm.data.tokens import TokenStream, load_token_stream
+from domainlm.data.tokens import TokenStream, load_token_stream, stream_fingerprint
 from domainlm.errors import TrainingAborted, UserError
 from domainlm.evaluation.windows import NLLSum, check_window
 from domainlm.model.device import pick_device, prefer_expandable_cuda_segments, resolve_precision
@@ -88,7 +88,6 @@ from domainlm.run.resume import (
     global_batch_change,
     resume_history,
     same_folder,
-    stream_fingerprint,
     train_data_file,
     write_run_file,
 )

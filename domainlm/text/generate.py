@@ -451,6 +451,34 @@ class TextPrinter:
 # ----------------------------------------------------------------------------- memorization
 
 
+def check_the_runs_tokens(stream: Any, run: dict[str, Any], model: str, train_file: str) -> None:
+    """`stream` (the tokens of `train_file`) is what the run of run file `run` trained on: its
+    identity's train_data fingerprint, of the documents left after its held-out split when it
+    had no --validation-file. A run file from before the fingerprint: not checked."""
+    from domainlm.data.blocks import split_documents
+    from domainlm.data.tokens import stream_fingerprint
+
+    expected = (run.get("identity") or {}).get("train_data")
+    settings = run.get("config") or {}
+    if not isinstance(expected, str):
+        return
+    if not settings.get("validation_file"):
+        try:
+            kept, _ = split_documents(
+                stream.num_documents,
+                settings.get("validation_split", 0.05),
+                settings.get("seed", 42),
+            )
+        except UserError:  # a single document: the run could not have split it either
+            return
+        stream = stream.select(kept)
+    if stream_fingerprint(stream) != expected:
+        raise UserError(
+            f"--check-memorization: {train_file} is not the text {model} was trained on (its "
+            "tokens differ from the run's); pass --train-file with the training data"
+        )
+
+
 def the_runs_training_data(model: str, run: dict[str, Any]) -> str:
     """The training data of the run whose run file is `run`, for --check-memorization: where the
     run recorded it (absolute), else its --train-file as typed (relative to the folder the run
@@ -497,6 +525,7 @@ class MemorizationChecker:
 
         train_file, cache_dir = config.train_file, config.cache_dir
         doc_sep, errors, column = config.doc_sep, config.encoding_errors, config.text_column
+        found = None
         if train_file is None:
             found = read_run_settings(config.model)  # a run folder, or a checkpoint in one
             run = found[1].get("config") if found else None
@@ -521,6 +550,8 @@ class MemorizationChecker:
             column,
             prefix=loaded.document_prefix,
         )
+        if found is not None:
+            check_the_runs_tokens(cached.stream, found[1], config.model, str(train_file))
         folder = Path(cache_dir) if cache_dir else default_cache_dir()
         index, hit, seconds = NgramIndex.load_or_build(cached.stream, folder, cached.key)
         how = "loaded" if hit else "built"
