@@ -498,6 +498,9 @@ def test_a_runs_training_data_is_found_from_any_folder_and_checked(
         handle.write("a line added after the run\n")
     assert main(argv) == 2
     assert "is not the text" in capsys.readouterr().err
+    (project / "train.txt").write_text("one document, which the run could not have split\n")
+    assert main(argv) == 2
+    assert "is not the text" in capsys.readouterr().err
     (project / "train.txt").unlink()
     (elsewhere / "train.txt").unlink()
     assert main(argv) == 2

@@ -234,10 +234,9 @@ def lora_flags(settings: dict[str, Any] | None) -> str:
 
 def train_data_file(train_file: str) -> dict[str, str]:
     """The run file's record of --train-file: its absolute path (the run's own spelling may be
-    relative to a folder another command is not in) and `corpus_fingerprint` of its files."""
-    from domainlm.data.corpus import corpus_fingerprint
-
-    return {"path": str(Path(train_file).resolve()), "fingerprint": corpus_fingerprint(train_file)}
+    relative to a folder another command is not in; what is in it is the identity's
+    train_data)."""
+    return {"path": str(Path(train_file).resolve())}
 
 
 def write_run_file(
@@ -256,8 +255,8 @@ def write_run_file(
     `precision`, what the latest command computed in (`--precision auto` resolved: `perplexity`
     names a difference; None keeps the file's); `merged_files`, the names a LoRA merge wrote into
     merged/ (`foreign_inside`; None keeps the file's); `train_data_file`, where the training data
-    is and a fingerprint of its files (TRAIN_DATA_FILE: what `generate --check-memorization` of
-    the run reads; None keeps the file's); `finished` only once the final model,
+    is (TRAIN_DATA_FILE: what `generate --check-memorization` of the run reads; None keeps the
+    file's); `finished` only once the final model,
     eval_results.json and the report are written (a run started again with the same settings
     and data then does nothing: `finished_result`)."""
     previous = read_run_file(output_dir) or {}

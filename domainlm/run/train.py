@@ -265,9 +265,8 @@ def check_inputs(
     eval_stride = config.eval_stride or block_size - 1
     check_window(block_size, eval_stride)
     if config.sample_prompts:  # one too long for the context: refused now, not at its sample
-        start = len(loaded.start_ids) if loaded.start_ids else 1
-        encode_prompts(loaded.tokenizer, config.sample_prompts, start, loaded.context_length,
-                       what="--sample-prompts: prompt")  # fmt: skip
+        encode_prompts(loaded.tokenizer, config.sample_prompts, len(loaded.start_ids),
+                       loaded.context_length, what="--sample-prompts: prompt")  # fmt: skip
     # The memory plan of these settings against the memory free: a warning (--strict: an error)
     # once the block size is known good, before the data is tokenized and the weights load
     # (run/memory_check.py).

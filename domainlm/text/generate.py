@@ -350,8 +350,9 @@ def generate(config: GenerateConfig, out: TextIO | None = None) -> list[Sample]:
     loaded = load_any_model(
         config.model, eos_token=config.eos_token, trust_remote_code=config.trust_remote_code
     )
-    start = len(loaded.start_ids) if loaded.start_ids else 1
-    encode_prompts(loaded.tokenizer, prompts, start, loaded.context_length)  # too long: refused
+    encode_prompts(
+        loaded.tokenizer, prompts, len(loaded.start_ids), loaded.context_length
+    )  # too long: refused
     checker = MemorizationChecker.open(config, loaded) if config.check_memorization else None
     device = pick_device(requested=config.device)
     precision = resolve_precision(config.precision, device)
@@ -454,7 +455,8 @@ class TextPrinter:
 def check_the_runs_tokens(stream: Any, run: dict[str, Any], model: str, train_file: str) -> None:
     """`stream` (the tokens of `train_file`) is what the run of run file `run` trained on: its
     identity's train_data fingerprint, of the documents left after its held-out split when it
-    had no --validation-file. A run file from before the fingerprint: not checked."""
+    had no --validation-file (a single document cannot be split: not the run's). A run file
+    without the fingerprint: not checked."""
     from domainlm.data.blocks import split_documents
     from domainlm.data.tokens import stream_fingerprint
 
@@ -462,17 +464,16 @@ def check_the_runs_tokens(stream: Any, run: dict[str, Any], model: str, train_fi
     settings = run.get("config") or {}
     if not isinstance(expected, str):
         return
-    if not settings.get("validation_file"):
-        try:
-            kept, _ = split_documents(
-                stream.num_documents,
-                settings.get("validation_split", 0.05),
-                settings.get("seed", 42),
-            )
-        except UserError:  # a single document: the run could not have split it either
-            return
+    if not settings.get("validation_file") and stream.num_documents > 1:
+        kept, _ = split_documents(
+            stream.num_documents, settings.get("validation_split", 0.05), settings.get("seed", 42)
+        )
         stream = stream.select(kept)
-    if stream_fingerprint(stream) != expected:
+    if settings.get("validation_file") or stream.num_documents > 1:
+        matches = stream_fingerprint(stream) == expected
+    else:
+        matches = False  # the run held some of its documents out: it had more than one
+    if not matches:
         raise UserError(
             f"--check-memorization: {train_file} is not the text {model} was trained on (its "
             "tokens differ from the run's); pass --train-file with the training data"
@@ -482,11 +483,8 @@ def check_the_runs_tokens(stream: Any, run: dict[str, Any], model: str, train_fi
 def the_runs_training_data(model: str, run: dict[str, Any]) -> str:
     """The training data of the run whose run file is `run`, for --check-memorization: where the
     run recorded it (absolute), else its --train-file as typed (relative to the folder the run
-    was started in, perhaps not this one). Missing, or its files changed since the run read
-    them (the fingerprint recorded beside the path), is a UserError: a check against other text
-    would say "nothing copied" wrongly."""
-    from domainlm.data.corpus import corpus_fingerprint
-
+    was started in, perhaps not this one). Missing is a UserError; that it is the text the run
+    trained on is checked once tokenized (`check_the_runs_tokens`)."""
     typed = str(run["config"]["train_file"])
     recorded = run.get(TRAIN_DATA_FILE)
     recorded = recorded if isinstance(recorded, dict) else {}
@@ -496,11 +494,6 @@ def the_runs_training_data(model: str, run: dict[str, Any]) -> str:
         raise UserError(
             f"--check-memorization: the training data of {model}, {typed}, is not found "
             f"(looked for {' and '.join(dict.fromkeys(places))}); pass --train-file"
-        )
-    if recorded.get("fingerprint") not in (None, corpus_fingerprint(found)):
-        raise UserError(
-            f"--check-memorization: {found} is not the text {model} was trained on (its files "
-            "changed since); pass --train-file with the training data"
         )
     return found
 
