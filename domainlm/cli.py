@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from domainlm.config import TrainConfig, convert_option
-from domainlm.errors import TrainingAborted, UserError
+from domainlm.errors import TrainingAborted, UserError, say_line
 from domainlm.model.malloc import reuse_freed_host_memory
 
 # run_clm.py / HF TrainingArguments spelling -> TrainConfig field.
@@ -460,19 +460,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # one line naming the command (argparse would print the top level's usage)
-        print(f"domainlm {args.command}: error: {unrecognized(unknown)}", file=sys.stderr)
+        say_line(f"domainlm {args.command}: error: {unrecognized(unknown)}")
         return 2
     reuse_freed_host_memory()  # fewer page faults per step (domainlm/model/malloc.py)
     try:
         return int(args.handler(args) or 0)
     except UserError as exc:
-        print(f"domainlm: error: {exc}", file=sys.stderr)
+        say_line(f"domainlm: error: {exc}")
         return exc.exit_code
     except TrainingAborted as exc:
-        print(f"domainlm: stopped: {exc}", file=sys.stderr)
+        say_line(f"domainlm: stopped: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:
-        print("domainlm: interrupted", file=sys.stderr)
+        say_line("domainlm: interrupted")
         return 130
 
 

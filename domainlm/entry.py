@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # here, not at exit, where a closed pipe could not be caught
         return code
     except KeyboardInterrupt:
-        print("domainlm: interrupted", file=sys.stderr)
+        sys.stderr.write("domainlm: interrupted\n")  # one write (domainlm/errors.py: say_line)
         return INTERRUPTED
     except BrokenPipeError:
         # Python's own exit flushes stdout again: point it at /dev/null (the Python docs' recipe

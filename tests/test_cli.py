@@ -82,6 +82,34 @@ def test_an_unknown_flag_is_one_line_naming_the_command(capsys: pytest.CaptureFi
     )
 
 
+class WriteRecorder:
+    """A stand-in stderr that keeps each write apart."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_the_error_line_is_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python's stderr is unbuffered: `print` writes a line's text and its end apart, and two
+    torchrun ranks sharing a pipe glued their error lines into one (a flaky CI run). Each line is
+    one write, so the pipe keeps it whole."""
+    recorder = WriteRecorder()
+    monkeypatch.setattr(sys, "stderr", recorder)
+    base = ["train", "--model", "scratch:tiny", "--train-file", "x", "--output-dir", "o"]
+    assert main([*base, "--batch-size", "0"]) == 2
+    assert main([*base, "--bogus"]) == 2
+    lines = [w for w in recorder.writes if w]
+    assert len(lines) == 2 and all(w.endswith("\n") and w.count("\n") == 1 for w in lines)
+    assert lines[0].startswith("domainlm: error: ") and lines[1].startswith("domainlm train: error")
+
+
 def test_non_positive_numbers_are_refused(capsys: pytest.CaptureFixture) -> None:
     code = main(
         [

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from domainlm.errors import say_line
 from domainlm.evaluation.windows import NLLSum
 
 
@@ -127,9 +128,9 @@ class Console:
         if not self.enabled:
             return
         if self._bar is not None:
-            self._bar.write(message, file=sys.stderr)
+            self._bar.write(f"{message}\n", file=sys.stderr, end="")  # one write: see say_line
         else:
-            print(message, file=sys.stderr, flush=True)
+            say_line(message)
 
     def warn(self, message: str) -> None:
         self.info(f"warning: {message}")
