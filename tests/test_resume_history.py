@@ -6,6 +6,7 @@ the whole run had used them."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from conftest import uneven_corpus, write_lines
@@ -13,6 +14,7 @@ from conftest import uneven_corpus, write_lines
 from domainlm import TrainConfig, train
 from domainlm.run.metrics import read_events
 from domainlm.run.resume import resume_history
+from domainlm.run.schedule import steps_from_position
 
 
 def config(model: Path, train_file: Path, out: Path, **kw: object) -> TrainConfig:
@@ -79,6 +81,74 @@ def test_a_resume_with_another_global_batch_says_so_and_what_keeps_it(
     (said,) = [x for x in capsys.readouterr().err.splitlines() if "other settings" in x]
     assert said.startswith("warning: resuming at step 6")  # max_steps moved too: a warning
     assert "--grad-accum 1 -> 2, --max-steps 6 -> 8; the global batch goes from 1 to 2" in said
+
+
+def walk_to_the_end(blocks: int, epochs: float, steps: list[tuple[int, int]]) -> int:
+    """The slow reference: take global batches of blocks one step at a time, as the data cursor
+    does (an epoch's last batch takes what is left), `n` steps at a batch of `size` for each
+    (n, size) of `steps`; then, at the last size, step on until the blocks taken reach where a
+    run at that size from step 0 ends after `epochs`. The steps taken after the given ones."""
+
+    def take(position: tuple[int, int], size: int) -> tuple[int, int]:
+        epoch, offset = position
+        if offset >= blocks:
+            epoch, offset = epoch + 1, 0
+        return epoch, min(offset + size, blocks)
+
+    position = (0, 0)
+    for n, size in steps:
+        for _ in range(n):
+            position = take(position, size)
+    size = steps[-1][1]
+    end = (0, 0)
+    for _ in range(math.ceil(epochs * math.ceil(blocks / size))):
+        end = take(end, size)
+    flat = lambda at: at[0] * blocks + at[1]  # noqa: E731
+    more = 0
+    while flat(position) < flat(end):
+        position, more = take(position, size), more + 1
+    return more
+
+
+def test_an_epochs_run_resumed_at_another_batch_ends_at_its_last_epochs_end():
+    """With --epochs, the steps left after a resume are counted from the data position at the
+    new global batch (other ranks, --batch-size, --grad-accum): the run ends where its epochs
+    end, not at the new batch's step count from step 0. Checked against walking the blocks."""
+    for blocks in (1, 7, 20, 33):
+        for epochs in (1.0, 2.0, 1.5, 3.25):
+            for old, new in ((4, 4), (4, 2), (2, 4), (3, 5), (5, 1)):
+                total_at_old = math.ceil(epochs * math.ceil(blocks / old))
+                for taken in range(0, total_at_old + 1):
+                    settings = config(Path("m"), Path("t"), Path("o"), batch_size=new, max_steps=None,
+                                      epochs=epochs)  # fmt: skip
+                    position = (0, 0)
+                    for _ in range(taken):  # where the old batch leaves the cursor
+                        e, o = position
+                        e, o = (e + 1, 0) if o >= blocks else (e, o)
+                        position = (e, min(o + old, blocks))
+                    epoch, offset = position
+                    expected = walk_to_the_end(blocks, epochs, [(taken, old), (0, new)])
+                    got = steps_from_position(settings, 1, blocks, epoch, offset)
+                    assert got == expected, (blocks, epochs, old, new, taken)
+
+
+def test_an_epochs_run_resumed_at_half_the_batch_trains_to_its_last_epochs_end(
+    tiny_model_dir, tmp_path
+):
+    """One epoch at --batch-size 4, then --epochs 2 at --batch-size 2: the second epoch takes as
+    many blocks as the first, in about twice the steps, and the run ends at its end (before, the
+    steps were counted from step 0 at the new batch, and the run trained on into a third epoch)."""
+    train_file = write_lines(tmp_path / "train.txt", uneven_corpus(40, seed=5))
+    out = tmp_path / "run"
+    first = dict(max_steps=None, epochs=1.0, batch_size=4, save_steps=100, logging_steps=1)
+    train(config(tiny_model_dir, train_file, out, **first))
+    one_epoch = [e for e in read_events(out / "metrics.jsonl") if "loss" in e]
+    train(config(tiny_model_dir, train_file, out, **{**first, "epochs": 2.0, "batch_size": 2}))
+    steps = [e for e in read_events(out / "metrics.jsonl") if "loss" in e]
+    assert one_epoch[-1]["epoch"] == 1.0
+    assert steps[-1]["epoch"] == 2.0 and all(e["epoch"] <= 2.0 for e in steps)
+    first_steps, second_steps = one_epoch[-1]["step"], steps[-1]["step"] - one_epoch[-1]["step"]
+    assert 2 * first_steps - 1 <= second_steps <= 2 * first_steps  # 2 blocks a step, not 4
 
 
 def test_a_longer_run_records_only_its_step_count(tiny_model_dir, tmp_path, capsys):

@@ -163,3 +163,29 @@ def test_a_resume_refuses_a_users_folder_named_like_a_checkpoint_it_would_write(
     )
     assert (out / "checkpoint-6" / "notes.txt").read_text() == "mine\n"
     assert not (out / "checkpoint-8").exists()
+
+
+def test_an_epochs_resume_at_a_larger_batch_refuses_a_users_folder_at_its_true_last_step(
+    tiny_model_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """An --epochs run resumed at twice the batch counts its steps from the data position: its
+    last step lies beyond the new batch's count from step 0, and a user's folder named for it is
+    refused as well, not written over."""
+    train = write_lines(tmp_path / "train.txt", uneven_corpus(30, seed=0))
+    out = tmp_path / "run"
+    args = ["train", "--model", str(tiny_model_dir), "--train-file", str(train),
+            "--output-dir", str(out), "--block-size", "32", "--save-steps", "100",
+            "--precision", "fp32", "--quiet"]  # fmt: skip
+    assert cli_main([*args, "--epochs", "1", "--batch-size", "2"]) == 0
+    steps = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    last = steps + -(-steps // 2)  # an epoch in 2-block steps, then one in 4-block steps
+    assert last > 2 * -(-steps // 2)  # beyond 2 epochs' steps at 4 blocks a step from step 0
+    (out / f"checkpoint-{last}").mkdir()
+    (out / f"checkpoint-{last}" / "notes.txt").write_text("mine\n")
+    capsys.readouterr()
+    refused(
+        capsys,
+        [*args, "--epochs", "2", "--batch-size", "4"],
+        f"--output-dir {out} holds checkpoint-{last}, which domainlm did not write",
+    )
+    assert (out / f"checkpoint-{last}" / "notes.txt").read_text() == "mine\n"

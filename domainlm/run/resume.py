@@ -50,6 +50,16 @@ RESUME_KEYS = (
 )  # fmt: skip
 
 
+def newest_owned_step(output_dir: Path) -> int:
+    """The step of the newest checkpoint domainlm wrote here (0 if none). An --epochs run resumed
+    at another global batch counts its steps left from the checkpoint's data position
+    (schedule.steps_from_position), up to the whole run's count at the new batch: its last step
+    is at most this step plus that count."""
+    names = [name for name in owned_entries(output_dir) if name.startswith(CHECKPOINT_PREFIX)]
+    steps = [name[len(CHECKPOINT_PREFIX) :] for name in names]
+    return max((int(step) for step in steps if step.isdigit()), default=0)
+
+
 def decide_resume(
     config: TrainConfig,
     output_dir: Path,
@@ -104,7 +114,8 @@ def decide_resume(
             "folder (or pass --overwrite-output-dir to write beside its files)"
         )
     check_same_run(output_dir, identity, f"--output-dir {output_dir}")
-    foreign = foreign_outputs(output_dir, total_steps)  # a user's checkpoint-N, model files
+    last_step = total_steps + (0 if config.max_steps else newest_owned_step(output_dir))
+    foreign = foreign_outputs(output_dir, last_step)  # a user's checkpoint-N, model files
     if foreign:
         raise UserError(
             f"--output-dir {output_dir} holds {', '.join(foreign)}, which domainlm did not write "

@@ -56,3 +56,24 @@ def count_steps(config: Any, world_size: int, blocks: int) -> tuple[int, int]:
     global_batch = config.batch_size * config.grad_accum * world_size
     steps_per_epoch = math.ceil(blocks / global_batch)
     return steps_per_epoch, config.max_steps or math.ceil(config.epochs * steps_per_epoch)
+
+
+def steps_from_position(config: Any, world_size: int, blocks: int, epoch: int, offset: int) -> int:
+    """With --epochs (no --max-steps): optimizer steps from the data position (`epoch`, `offset`
+    blocks of it consumed) to the run's end, at today's global batch. The end is where a run at
+    this batch from step 0 ends (count_steps), so a resume at the batch the checkpoint was written
+    with keeps the run's step count; one at another batch (other ranks, --batch-size or
+    --grad-accum) ends at the same epoch's end, not at the step count of this batch from step 0,
+    which steps already taken at the old batch would overshoot or fall short of."""
+    global_batch = config.batch_size * config.grad_accum * world_size
+    steps_per_epoch, total = count_steps(config, world_size, blocks)
+    end_epoch, end_steps_into_it = divmod(total, steps_per_epoch)
+    if offset >= blocks:  # an epoch's end: the next one starts at its first block
+        epoch, offset = epoch + 1, 0
+    end_offset = end_steps_into_it * global_batch
+    if (epoch, offset) >= (end_epoch, end_offset):
+        return 0
+    if epoch == end_epoch:
+        return math.ceil((end_offset - offset) / global_batch)
+    rest_of_this_epoch = math.ceil((blocks - offset) / global_batch)
+    return rest_of_this_epoch + (end_epoch - epoch - 1) * steps_per_epoch + end_steps_into_it

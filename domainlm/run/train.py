@@ -91,7 +91,7 @@ from domainlm.run.resume import (
     train_data_file,
     write_run_file,
 )
-from domainlm.run.schedule import count_steps, schedule_rate
+from domainlm.run.schedule import count_steps, schedule_rate, steps_from_position
 from domainlm.run.sharded import is_sharded_checkpoint, load_sharded_checkpoint
 from domainlm.run.state import DataCursor, Run, RunData, RunModel
 from domainlm.run.step import TrainStep
@@ -424,6 +424,9 @@ def start_state(
         resumed_totals = state.get("totals") or {}
         resumed_ranks = int(state["world_size"]) if state.get("world_size") else None
         console.info(f"resuming from {data.resume_from} at step {start_step}")
+        if not config.max_steps:  # --epochs: end at the last epoch's end whatever the batch was
+            blocks, at = len(data.dataset), (cursor.epoch, cursor.offset)
+            total_steps = start_step + steps_from_position(config, ctx.world_size, blocks, *at)
         planned = int(state.get("total_steps") or total_steps)
         if planned != total_steps and config.scheduler != "constant" and start_step < total_steps:
             console.warn(
