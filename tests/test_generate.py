@@ -481,7 +481,9 @@ def test_a_runs_training_data_is_found_from_any_folder_and_checked(
             "--max-new-tokens", "4", "--check-memorization", "--json"]  # fmt: skip
     capsys.readouterr()
     assert main(argv) == 0
-    assert f"tokens of {project / 'train.txt'})" in capsys.readouterr().err
+    assert f"tokens of {project / 'train.txt'}, less the run's 2 held-out documents)" in (
+        capsys.readouterr().err
+    )
     # A run file from before the path was recorded: its --train-file as typed, from the working
     # folder, checked against the tokens the run trained on (less its held-out 5%).
     run_file = project / "run" / "run_config.json"
@@ -506,6 +508,38 @@ def test_a_runs_training_data_is_found_from_any_folder_and_checked(
     assert main(argv) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "the training data of" in line and "is not found" in line and "--train-file" in line
+
+
+def test_a_runs_held_out_documents_are_not_memorization_sources(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run without --validation-file held 10% of its documents out: the model never trained on
+    them, so a sample repeating one is no copy of its training data. Each trained document is
+    found at its own line of the file; no held-out one is found at all."""
+    from domainlm.data.blocks import split_documents
+    from domainlm.text.generate import GenerateConfig
+
+    words = "amber basil cedar delta ember fjord grove harbor island jasper kettle lumen".split()
+    rng = np.random.default_rng(3)
+    docs = [f"entry {i}: " + " ".join(rng.choice(words, 14)) for i in range(20)]
+    train_file = write_lines(tmp_path / "train.txt", docs)
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_model_dir), "--train-file", str(train_file),
+                 "--output-dir", str(run), "--max-steps", "1", "--block-size", "32",
+                 "--validation-split", "0.1", "--seed", "7", "--quiet"]) == 0  # fmt: skip
+    trained, held = split_documents(len(docs), 0.1, 7)  # the split as blocks.py documents it
+    loaded = load_model(str(run))
+    config = GenerateConfig(model=str(run), check_memorization=True, cache_dir=str(tmp_path / "c"))
+    checker = MemorizationChecker.open(config, loaded)
+    said = capsys.readouterr().err
+    for number, doc in enumerate(docs):
+        tokens = loaded.tokenizer(doc, add_special_tokens=False)["input_ids"]
+        found = checker.check(tokens)
+        if number in held:
+            assert found["copied_tokens"] == 0, (number, found)
+        else:
+            assert found["copied_tokens"] == len(tokens) and found["train_line"] == number + 1
+    assert len(held) == 2 and len(trained) == 18 and "less the run's 2 held-out documents" in said
 
 
 def test_sampling_with_dropout_leaves_the_rng_and_train_mode_alone(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ in an index of the training tokens (`memorize.py`) and warns when it recites tra
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import re
 import sys
@@ -452,27 +453,36 @@ class TextPrinter:
 # ----------------------------------------------------------------------------- memorization
 
 
-def check_the_runs_tokens(stream: Any, run: dict[str, Any], model: str, train_file: str) -> None:
-    """`stream` (the tokens of `train_file`) is what the run of run file `run` trained on: its
-    identity's train_data fingerprint, of the documents left after its held-out split when it
-    had no --validation-file (a single document cannot be split: not the run's). A run file
-    without the fingerprint: not checked."""
+def trained_documents(stream: Any, run: dict[str, Any]) -> Any:
+    """The documents of `stream` the run of run file `run` trained on, as the file's document
+    numbers: all but its held-out split when it had no --validation-file (None: all of them; a
+    single document cannot be split, and `check_the_runs_tokens` refuses it)."""
     from domainlm.data.blocks import split_documents
+
+    settings = run.get("config") or {}
+    if settings.get("validation_file") or stream.num_documents < 2:
+        return None
+    share, seed = settings.get("validation_split", 0.05), settings.get("seed", 42)
+    return split_documents(stream.num_documents, share, seed)[0]
+
+
+def check_the_runs_tokens(
+    stream: Any, run: dict[str, Any], model: str, train_file: str, trained: Any
+) -> None:
+    """`stream` (the tokens of `train_file`; of it, the documents `trained`, None for all) is what
+    the run of run file `run` trained on: its identity's train_data fingerprint. A run that held
+    documents out had more than one. A run file without the fingerprint: not checked."""
     from domainlm.data.tokens import stream_fingerprint
 
     expected = (run.get("identity") or {}).get("train_data")
-    settings = run.get("config") or {}
     if not isinstance(expected, str):
         return
-    if not settings.get("validation_file") and stream.num_documents > 1:
-        kept, _ = split_documents(
-            stream.num_documents, settings.get("validation_split", 0.05), settings.get("seed", 42)
-        )
-        stream = stream.select(kept)
-    if settings.get("validation_file") or stream.num_documents > 1:
-        matches = stream_fingerprint(stream) == expected
+    held_out = not (run.get("config") or {}).get("validation_file")
+    if held_out and trained is None:
+        matches = False  # a single document: the run split its data, so it had more than one
     else:
-        matches = False  # the run held some of its documents out: it had more than one
+        matches = stream_fingerprint(stream if trained is None else stream.select(trained))
+        matches = matches == expected
     if not matches:
         raise UserError(
             f"--check-memorization: {train_file} is not the text {model} was trained on (its "
@@ -507,6 +517,7 @@ class MemorizationChecker:
         self.train_file = train_file
         self.doc_sep = doc_sep
         self.threshold = threshold
+        self.file_documents: Any = None  # the file's number of each indexed document (None: same)
 
     @classmethod
     def open(cls, config: GenerateConfig, loaded: Any) -> MemorizationChecker:
@@ -543,17 +554,28 @@ class MemorizationChecker:
             column,
             prefix=loaded.document_prefix,
         )
-        if found is not None:
-            check_the_runs_tokens(cached.stream, found[1], config.model, str(train_file))
+        stream, key, trained = cached.stream, cached.key, None
+        if found is not None:  # the run's own data: what it trained on, less its held-out split
+            trained = trained_documents(stream, found[1])
+            check_the_runs_tokens(stream, found[1], config.model, str(train_file), trained)
+        if trained is not None:
+            stream = stream.select(trained)
+            key = f"{key}.trained-{hashlib.sha256(trained.tobytes()).hexdigest()[:16]}"
         folder = Path(cache_dir) if cache_dir else default_cache_dir()
-        index, hit, seconds = NgramIndex.load_or_build(cached.stream, folder, cached.key)
+        index, hit, seconds = NgramIndex.load_or_build(stream, folder, key)
         how = "loaded" if hit else "built"
+        held = cached.stream.num_documents - len(trained) if trained is not None else 0
+        left = f", less the run's {held} held-out documents" if held else ""
         print(
-            f"memorization index {how} in {seconds:.1f}s ({len(cached.stream.tokens):,} training "
-            f"tokens of {train_file})",
+            f"memorization index {how} in {seconds:.1f}s ({len(stream.tokens):,} training "
+            f"tokens of {train_file}{left})",
             file=sys.stderr,
         )
-        return cls(index, loaded.tokenizer, str(train_file), doc_sep, config.memorization_threshold)
+        checker = cls(
+            index, loaded.tokenizer, str(train_file), doc_sep, config.memorization_threshold
+        )
+        checker.file_documents = trained
+        return checker
 
     def check(self, tokens: list[int]) -> dict[str, Any]:
         """The longest copied span of a sample: its length, where it is, and the training line."""
@@ -563,6 +585,11 @@ class MemorizationChecker:
         from domainlm.text.memorize import source_line
 
         line_tokens = self.index.document_tokens(span.document)
+        document = (
+            span.document
+            if self.file_documents is None
+            else int(self.file_documents[span.document])
+        )
         return {
             "copied_tokens": span.length,
             "over_threshold": span.length >= self.threshold,
@@ -570,8 +597,8 @@ class MemorizationChecker:
             "copied_text": decode_text(
                 self.tokenizer, tokens[span.sample_start : span.sample_start + span.length]
             ),
-            "train_document": span.document + 1,
-            "train_line": source_line(self.train_file, span.document, self.doc_sep),
+            "train_document": document + 1,
+            "train_line": source_line(self.train_file, document, self.doc_sep),
             "train_text": decode_text(self.tokenizer, line_tokens.tolist())[:SHOWN_TRAINING_CHARS],
         }
 
