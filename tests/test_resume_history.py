@@ -151,6 +151,44 @@ def test_an_epochs_run_resumed_at_half_the_batch_trains_to_its_last_epochs_end(
     assert 2 * first_steps - 1 <= second_steps <= 2 * first_steps  # 2 blocks a step, not 4
 
 
+def test_a_resume_on_other_validation_data_compares_with_no_figure_of_the_old(
+    tiny_model_dir, tmp_path, capsys
+):
+    """Each evaluation records the validation data it scored. A run resumed with another
+    validation file has no before-training figure on it: the summary, eval_results.json and the
+    report give the after figure alone and say why (before, the step-0 figure of the old file
+    was set beside the new one's). Resumed on the same data, the figure stays."""
+    from domainlm.run.report import read_run
+
+    train_file = write_lines(tmp_path / "train.txt", uneven_corpus(40, seed=5))
+    valid = write_lines(tmp_path / "valid.txt", uneven_corpus(8, seed=6))
+    other = write_lines(tmp_path / "other.txt", uneven_corpus(5, seed=9))
+    out, same = tmp_path / "run", tmp_path / "same"
+    for folder in (out, same):
+        train(config(tiny_model_dir, train_file, folder, validation_file=str(valid), save_steps=2))
+    before = json.loads((out / "eval_results.json").read_text())["initial_perplexity"]
+    capsys.readouterr()
+    train(config(tiny_model_dir, train_file, same, validation_file=str(valid), max_steps=6))
+    assert json.loads((same / "eval_results.json").read_text())["initial_perplexity"] == before
+    capsys.readouterr()
+    train(config(tiny_model_dir, train_file, out, validation_file=str(other), max_steps=6,
+                 quiet=False))  # fmt: skip
+    err = capsys.readouterr().err
+    results = json.loads((out / "eval_results.json").read_text())
+    assert before is not None and results["initial_perplexity"] is None
+    assert "the validation data is not what was scored before training" in err
+    summary = [x for x in err.splitlines() if x.startswith("validation perplexity")]
+    assert summary and "->" not in summary[-1]
+    evals = [e for e in read_events(out / "metrics.jsonl") if "eval_ppl" in e]
+    assert len({e["validation"] for e in evals if e["step"] <= 4}) == 1
+    assert {e["validation"] for e in evals if e["step"] > 4} - {evals[0]["validation"]}
+    assert read_run(out).initial_perplexity() is None
+    for folder in (out, same):  # as an unfinished run reads: from its evaluations alone
+        (folder / "eval_results.json").unlink()
+    assert read_run(out).initial_perplexity() is None
+    assert read_run(same).initial_perplexity() == evals[0]["eval_ppl"]
+
+
 def test_a_longer_run_records_only_its_step_count(tiny_model_dir, tmp_path, capsys):
     train_file = write_lines(tmp_path / "train.txt", uneven_corpus(40, seed=5))
     out = tmp_path / "run"

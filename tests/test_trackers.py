@@ -85,7 +85,7 @@ def expected_series(run: Path) -> dict[str, list[tuple[int, float]]]:
     series: dict[str, list[tuple[int, float]]] = {}
     for event in read_events(run / "metrics.jsonl"):
         for key, value in event.items():
-            if key == "step":
+            if key == "step" or isinstance(value, str):  # the validation data's fingerprint
                 continue
             if "eval_ppl" in event:  # a validation: eval_loss -> eval/loss, epoch -> eval/epoch
                 name = "eval/" + (key[len("eval_") :] if key.startswith("eval_") else key)

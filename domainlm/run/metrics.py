@@ -20,9 +20,14 @@ class MetricsLog:
     so the file continues with no duplicated or missing steps.
     """
 
-    def __init__(self, path: Path, enabled: bool = True, resume_step: int = 0) -> None:
+    def __init__(
+        self, path: Path, enabled: bool = True, resume_step: int = 0, validation: str | None = None
+    ) -> None:
         self.path = path
         self.enabled = enabled
+        # The validation data's fingerprint (data/tokens.py: stream_fingerprint), in every
+        # evaluation's event: a resumed run scored on other data compares with none before it.
+        self.validation = validation
         self.events: list[dict[str, Any]] = []
         # called with every event on rank 0: TensorBoard / MLflow / W&B (report.EventLoggers)
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
@@ -73,6 +78,7 @@ class MetricsLog:
                 "eval_loss": result.nll,
                 "eval_ppl": result.perplexity,
                 "eval_tokens": result.tokens,
+                **self.scored_on(),
             }
         )
 
@@ -86,18 +92,26 @@ class MetricsLog:
                 "eval_whole_loss": result.nll,
                 "eval_whole_ppl": result.perplexity,
                 "eval_whole_tokens": result.tokens,
+                **self.scored_on(),
             }
         )
 
+    def scored_on(self) -> dict[str, str]:
+        return {"validation": self.validation} if self.validation else {}
+
     def initial_perplexity(self) -> float | None:
         """The whole validation set's perplexity before training (the step-0 evaluation's, or
-        its eval_whole_ppl where --max-eval-tokens cut it)."""
-        return initial_perplexity(self.events)
+        its eval_whole_ppl where --max-eval-tokens cut it), when it scored today's validation
+        data."""
+        return initial_perplexity(self.events, self.validation)
 
 
-def initial_perplexity(events: list[dict[str, Any]]) -> float | None:
-    """The whole validation set's perplexity at step 0 in metrics.jsonl's `events`, if logged."""
-    at_start = [e for e in events if e.get("step") == 0]
+def initial_perplexity(events: list[dict[str, Any]], validation: str | None = None) -> float | None:
+    """The whole validation set's perplexity at step 0 in metrics.jsonl's `events`, if logged;
+    with `validation` (a fingerprint), only where the step-0 evaluation scored that data (an
+    event from before evaluations recorded theirs: assumed so)."""
+    same = lambda e: validation is None or e.get("validation", validation) == validation  # noqa: E731
+    at_start = [e for e in events if e.get("step") == 0 and same(e)]
     for key in ("eval_whole_ppl", "eval_ppl"):
         for event in at_start:
             if key in event:

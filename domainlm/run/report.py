@@ -74,11 +74,19 @@ class RunData:
     def initial_perplexity(self) -> float | None:
         """The figure before training that `final_perplexity` compares with: a finished run's
         whole-set one, else the first of the evaluations the latest is one of (with
-        --max-eval-tokens, both cut)."""
+        --max-eval-tokens, both cut; none where the step-0 one scored other validation data
+        or another cut of it)."""
         if "perplexity" in self.results:
             logged = initial_perplexity(self.whole_evals + self.evals)
             return self.results.get("initial_perplexity", logged)
-        first = [e for e in self.evals if e["step"] == 0]
+        if not self.evals:
+            return None
+        latest = self.evals[-1]
+        data = latest.get("validation")
+        first = [
+            e for e in self.evals if e["step"] == 0 and e["eval_tokens"] == latest["eval_tokens"]
+            and (data is None or e.get("validation", data) == data)
+        ]  # fmt: skip
         return first[0]["eval_ppl"] if first else None
 
     def final_perplexity(self) -> float | None:

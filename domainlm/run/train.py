@@ -76,7 +76,7 @@ from domainlm.run.diskspace import (
 )
 from domainlm.run.lock import RunLock
 from domainlm.run.memory_check import check_run_memory
-from domainlm.run.metrics import Console, MetricsLog
+from domainlm.run.metrics import Console, MetricsLog, initial_perplexity
 from domainlm.run.report import data_summary, write_run_report
 from domainlm.run.resume import (
     GLOBAL_BATCH,
@@ -452,7 +452,9 @@ def start_state(
             output_dir, config, data.identity, owned, history=history, precision=precision,
             train_data_file=train_data_file(config.train_file),
         )  # fmt: skip
-    metrics = MetricsLog(output_dir / "metrics.jsonl", enabled=ctx.is_main, resume_step=start_step)
+    metrics = MetricsLog(
+        output_dir / "metrics.jsonl", ctx.is_main, start_step, stream_fingerprint(data.valid_stream)
+    )
     loggers = Trackers(trackers, output_dir, config.to_dict(), start_step)
     if ctx.is_main:
         open_trackers(loggers, output_dir, fresh)
@@ -610,6 +612,12 @@ def finish(
         stopped_early=done < run.total_steps,
         model_step=best.step if best else None,
     )
+    if result.initial_perplexity is None and initial_perplexity(run.metrics.events) is not None:
+        run.console.info(
+            "the validation data is not what was scored before training (it changed since): no "
+            "before-training figure to compare with; evaluations before this command's first "
+            "scored the other data (metrics.jsonl: each evaluation's `validation` fingerprint)"
+        )
     run.console.summary(result)
     return result
 
