@@ -216,6 +216,20 @@ def test_two_ranks_stop_early_at_the_step_one_rank_does(
     results = json.loads((out / "eval_results.json").read_text())
     assert results["model_checkpoint"]["step"] == single.model_step
     assert results["perplexity"] == pytest.approx(single.final_perplexity, rel=1e-4)
+    # Stopped a step before and resumed (with a --max-eval-tokens cut that holds the whole set):
+    # only rank 0 reads metrics.jsonl, and every rank must decide by its evaluations so far. Rank
+    # 1 once counted no patience spent and trained on while rank 0 stopped: a collective
+    # mismatch (gloo's "Received data size doesn't match"), the run never finishing.
+    resumed, cut = tmp_path / "resumed", "--max-eval-tokens=100000"
+    before = [f if not f.startswith("--max-steps=") else f"--max-steps={single.steps - 1}"
+              for f in flags]  # fmt: skip
+    for step_flags in (before, flags):
+        launcher = ["torch.distributed.run", "--nproc_per_node=2", f"--master-port={free_port()}"]
+        cmd = torchrun_cmd(launcher, data, resumed, *step_flags, cut)
+        log = run_ok(cmd, launch_env(data["cache"]))
+    assert f"step {single.steps}: stopping early" in log
+    assert max(eval_events(resumed)) == single.steps
+    assert_same_weights(resumed, single.output_dir, rel_max=1e-3)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -66,6 +66,16 @@ def all_reduce_sum(values: list[float], ctx: DistContext, device: torch.device) 
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor.tolist()
+
+
+def from_rank_0(value: Any, ctx: DistContext) -> Any:
+    """Rank 0's `value` (anything picklable) on every rank: what only rank 0 reads (its files
+    may be on its machine alone) but every rank must decide alike by."""
+    if not ctx.enabled:
+        return value
+    box = [value if ctx.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def setup_distributed(

@@ -31,7 +31,12 @@ from domainlm.data.tokens import TokenStream, load_token_stream, stream_fingerpr
 from domainlm.errors import TrainingAborted, UserError
 from domainlm.evaluation.windows import NLLSum, check_window
 from domainlm.model.device import pick_device, prefer_expandable_cuda_segments, resolve_precision
-from domainlm.model.distributed import DistContext, all_reduce_sum, weights_from_rank_0
+from domainlm.model.distributed import (
+    DistContext,
+    all_reduce_sum,
+    from_rank_0,
+    weights_from_rank_0,
+)
 from domainlm.model.fastpath import use_fast_kernels
 from domainlm.model.loading import (
     LoadedModel,
@@ -455,6 +460,8 @@ def start_state(
     metrics = MetricsLog(
         output_dir / "metrics.jsonl", ctx.is_main, start_step, stream_fingerprint(data.valid_stream)
     )
+    # The evaluations so far decide early stopping and the evaluation cut on every rank alike.
+    metrics.events = from_rank_0(metrics.events, ctx)
     loggers = Trackers(trackers, output_dir, config.to_dict(), start_step)
     if ctx.is_main:
         open_trackers(loggers, output_dir, fresh)
