@@ -402,6 +402,11 @@ def check_lora_fields(config: TrainConfig) -> None:
         raise UserError(f"--lora-dropout must be at least 0 and below 1, got {config.lora_dropout}")
     if config.strategy == "fsdp":
         raise UserError("--lora with --strategy fsdp is not supported; use ddp (the default)")
+    if config.checkpoint_format == "sharded":  # a LoRA checkpoint is its adapter: small, whole
+        raise UserError(
+            "--lora with --checkpoint-format sharded is not supported (a LoRA checkpoint holds "
+            "only the adapter, written whole); leave --checkpoint-format at auto or full"
+        )
 
 
 def _as_int(value: Any) -> int | None:

@@ -330,6 +330,7 @@ def test_a_stopped_and_resumed_bf16_run_is_bit_identical(
         (["--lora", "--lora-quantization", "4bit"], "QLoRA"),
         (["--lora", "--lora-quantization", "8bit"], "'8bit' is not a quantization domainlm knows"),
         (["--lora", "--strategy", "fsdp"], "fsdp"),
+        (["--lora", "--checkpoint-format", "sharded"], "--checkpoint-format sharded"),
     ],
 )
 def test_bad_lora_settings_are_one_line_and_write_nothing(
@@ -342,6 +343,17 @@ def test_bad_lora_settings_are_one_line_and_write_nothing(
     err = capsys.readouterr().err.strip()
     assert expected in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_a_checkpoint_without_an_adapter_is_one_line_on_resume(tmp_path: Path) -> None:
+    """A LoRA run's sharded checkpoint (written before --checkpoint-format sharded was refused
+    with --lora) holds no adapter file: continuing from it is a UserError naming what to do,
+    not a FileNotFoundError traceback."""
+    from domainlm.model.lora import load_adapter_weights
+
+    (tmp_path / "checkpoint-4").mkdir()
+    with pytest.raises(UserError, match="holds no adapter .* resume from another checkpoint"):
+        load_adapter_weights(None, tmp_path / "checkpoint-4")
 
 
 def test_an_unknown_target_lists_the_layers_lora_can_adapt(tiny_model_dir: Path) -> None:

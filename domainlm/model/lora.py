@@ -215,6 +215,12 @@ def load_adapter_weights(peft_model: Any, folder: Path) -> None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    if not (folder / ADAPTER_WEIGHTS).is_file():  # e.g. a LoRA run's sharded checkpoint
+        raise UserError(
+            f"{folder} holds no adapter ({ADAPTER_WEIGHTS}): not a checkpoint of a LoRA run that "
+            "this version can continue; resume from another checkpoint (--resume) or start "
+            "afresh (--overwrite-output-dir)"
+        )
     state = load_file(str(folder / ADAPTER_WEIGHTS))
     result = set_peft_model_state_dict(peft_model, state)
     missing = [k for k in result.missing_keys if "lora_" in k]
