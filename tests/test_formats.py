@@ -311,6 +311,8 @@ def bad_inputs(folder: Path) -> dict[str, tuple[Path, list[str], str]]:
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     csv_file = folder / "ragged.csv"
     csv_file.write_text("text,n\nfine,1\nbroken,2,3\n", encoding="utf-8")  # 3 fields, not 2
+    twice = folder / "twice.csv"
+    twice.write_text("text,text\nhello world,second\n", encoding="utf-8")
     from datasets import Dataset, DatasetDict, disable_progress_bars
 
     disable_progress_bars()
@@ -328,6 +330,7 @@ def bad_inputs(folder: Path) -> dict[str, tuple[Path, list[str], str]]:
         "not a text column": (good, ["--text-column", "n"], "column 'n' holds int64, not text"),
         "truncated parquet": (truncated, [], "not a readable Parquet file"),
         "ragged csv": (csv_file, [], "CSV file cannot be read"),
+        "a csv column named twice": (twice, [], "2 columns are named 'text'; rename one"),
         "dataset dict": (folder / "dict", [], "splits train, validation; pass one split's folder"),
         "truncated arrow": (folder / "broken", [], "Arrow data file cannot be read"),
     }
@@ -338,6 +341,7 @@ COMMANDS = {
     "not a text column": "perplexity",
     "truncated parquet": "train",
     "ragged csv": "inspect",
+    "a csv column named twice": "perplexity",
     "dataset dict": "train",
     "truncated arrow": "perplexity",
 }

@@ -128,6 +128,11 @@ def _check_column(file: Path, schema: Any, text_column: str) -> None:
         raise UserError(
             f"{file}: no column {text_column!r} (its columns: {shown}); pick one with --text-column"
         )
+    if names.count(text_column) > 1:  # a CSV header may name a column twice; which is meant?
+        raise UserError(
+            f"{file}: {names.count(text_column)} columns are named {text_column!r}; rename one in "
+            "the header, or pick another with --text-column"
+        )
     kind = schema.field(text_column).type
     if not holds_text(kind):
         texts = [f.name for f in schema if holds_text(f.type)]
