@@ -74,6 +74,36 @@ def test_leakage_counts_validation_lines_found_in_train(tmp_path):
     assert report.train.leaked_lines is None
 
 
+def test_a_leaked_first_line_after_a_byte_order_mark_is_quoted(tmp_path):
+    """The example of a leaked line is its text even where it is a validation file's first line,
+    after a UTF-8 byte-order mark (the example was empty: the mark was read as text)."""
+    docs = uneven_corpus(40, seed=2)
+    train = write_lines(tmp_path / "train.txt", docs)
+    valid = tmp_path / "valid.txt"
+    valid.write_bytes(b"\xef\xbb\xbf" + f"{docs[3]}\na brand new validation line\n".encode())
+    report = lint_corpus(train, valid)
+    assert report.validation.leaked_lines == 1
+    assert report.validation.leaked_examples == [docs[3]]
+    assert f"e.g. {docs[3][:57]!r}"[:40] in "\n".join(report.warnings())
+
+
+def test_a_folders_lines_are_named_with_their_file(tmp_path):
+    """In a folder, a line number alone does not say which file: each place is "file:line",
+    the file's path inside the folder (a single file keeps bare numbers)."""
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / "a.txt").write_text("first file line one here\nfirst file line two here\n")
+    (corpus / "sub" / "b.txt").write_text("second file line one\nsecond has a \x07 bell\n")
+    (corpus / "c.txt").write_text("third file \x1b ok line\n<|endoftext|> spelled out\n")
+    report = lint_corpus(corpus, special_tokens=["<|endoftext|>"])
+    assert sorted(report.train.control_char_lines) == ["c.txt:1", "sub/b.txt:2"]
+    assert report.train.special_token_lines == ["c.txt:2"]
+    text = "\n".join(report.warnings())
+    assert "e.g. line(s) c.txt:2;" in text
+    single = lint_corpus(corpus / "c.txt", special_tokens=["<|endoftext|>"])
+    assert single.train.control_char_lines == [1] and single.train.special_token_lines == [2]
+
+
 def test_a_jsonl_file_is_linted_on_its_text_field(tmp_path):
     """A .jsonl file's texts are its records' "text" fields, as training reads them: duplicates
     and leaks are found among them (records differ by their other fields), examples quote the

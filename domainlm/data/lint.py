@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,10 +38,11 @@ from domainlm.data.corpus import (
 from domainlm.data.formats import DEFAULT_TEXT_COLUMN, is_table, iter_text_batches
 from domainlm.data.tokens import default_cache_dir
 
-LINT_VERSION = "4"  # 3: a .jsonl file linted on its text field; 4: a CRLF line end one character
+LINT_VERSION = "5"  # 3: .jsonl on its text field; 4: CRLF one character; 5: "file:line" in folders
 SHORT_LINE_CHARS = 10  # a non-empty line under this many characters is "very short"
 MAX_EXAMPLES = 3
 CONTROL_CHARS = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark
 
 
 @dataclass
@@ -57,12 +58,13 @@ class FileLint:
     short_lines: int = 0
     crlf_lines: int = 0
     bom: bool = False
-    control_char_lines: list[int] = field(default_factory=list)  # first line numbers
+    # Where lines are: a file's line numbers, or in a folder "file:line" (its relative path)
+    control_char_lines: list[int | str] = field(default_factory=list)  # the first ones
     control_char_count: int = 0
-    invalid_utf8_lines: list[int] = field(default_factory=list)
+    invalid_utf8_lines: list[int | str] = field(default_factory=list)
     invalid_utf8_count: int = 0
     special_token_count: int = 0  # lines holding special-token text (encoded as plain text)
-    special_token_lines: list[int] = field(default_factory=list)  # first line numbers
+    special_token_lines: list[int | str] = field(default_factory=list)  # the first ones
     special_token_texts: list[str] = field(default_factory=list)  # which ones were seen
     leaked_lines: int | None = None  # validation only: its lines also found in the train data
     leaked_examples: list[str] = field(default_factory=list)
@@ -152,22 +154,33 @@ def _iter_file_lines(path: str | os.PathLike) -> Iterator[tuple[Path, int, bytes
                 yield file, first, chunk
 
 
+def _placer(path: str | os.PathLike, file: Path, files: int) -> Callable[[int], int | str]:
+    """How a line (or row) of `file` is named in a lint of `path`, which holds `files` files:
+    its number where that is the only one, else "relative/path:number" (line numbers alone
+    would not say which file; a saved dataset's shards number their rows each from 1)."""
+    root = Path(path)
+    if files < 2 or not root.is_dir():
+        return lambda number: number
+    name = file.relative_to(root).as_posix() if file.is_relative_to(root) else str(file)
+    return lambda number: f"{name}:{number}"
+
+
 def _iter_table_rows(
     path: str | os.PathLike, text_column: str
-) -> Iterator[tuple[int, list[str | None]]]:
-    """(first row number, texts) per batch over all table and .jsonl files of a file or folder:
+) -> Iterator[tuple[Path, int, list[str | None]]]:
+    """(file, first row number, texts) per batch over all table and .jsonl files of a file or folder:
     a .jsonl line's row is its `text_column` field, as training reads it (None where a line is
     blank or has no such string field: training refuses those with their line number)."""
     for file in text_files(path):
         if is_table(file):
             for batch in iter_text_batches(file, text_column, "replace"):
-                yield batch.first_row, batch.texts
+                yield file, batch.first_row, batch.texts
         elif _has_records(file):
             for first, chunk in iter_chunks(file):
                 lines = chunk.decode("utf-8", errors="replace").split("\n")
                 if lines and lines[-1] == "":
                     lines.pop()  # the piece after the final line end
-                yield first, [_jsonl_field(line, text_column) for line in lines]
+                yield file, first, [_jsonl_field(line, text_column) for line in lines]
 
 
 def _jsonl_field(line: str, text_column: str) -> str | None:
@@ -196,12 +209,14 @@ def _scan(
     lint = FileLint(str(path))
     special = _special_pattern(special_tokens)
     hashes: list[np.ndarray] = []
-    for first, texts in _iter_table_rows(path, text_column):
-        hashes.append(_scan_rows(lint, special, first, texts))
-    for _file, first, chunk in _iter_file_lines(path):
-        if first == 1 and chunk.startswith(b"\xef\xbb\xbf"):
+    files = len(text_files(path))
+    for file, first, texts in _iter_table_rows(path, text_column):
+        hashes.append(_scan_rows(lint, special, first, texts, _placer(path, file, files)))
+    for file, first, chunk in _iter_file_lines(path):
+        place = _placer(path, file, files)
+        if first == 1 and chunk.startswith(BOM):
             lint.bom = True
-            chunk = chunk[3:]
+            chunk = chunk[len(BOM) :]
         lines = chunk.split(b"\n")
         if lines and lines[-1] == b"":
             lines.pop()  # the piece after the final line end
@@ -212,17 +227,17 @@ def _scan(
             lint.characters += len(chunk.decode("utf-8")) - crs
         except UnicodeDecodeError:
             lint.characters += len(chunk.decode("utf-8", errors="replace")) - crs
-            bad = [n for n, line in enumerate(lines, start=first) if not _is_utf8(line)]
+            bad = [place(n) for n, line in enumerate(lines, start=first) if not _is_utf8(line)]
             lint.invalid_utf8_count += len(bad)
             lint.invalid_utf8_lines += bad[: MAX_LINE_NUMBERS - len(lint.invalid_utf8_lines)]
         for match in CONTROL_CHARS.finditer(chunk):
-            number = first + chunk.count(b"\n", 0, match.start())
+            number = place(first + chunk.count(b"\n", 0, match.start()))
             if not lint.control_char_lines or lint.control_char_lines[-1] != number:
                 lint.control_char_count += 1
                 if len(lint.control_char_lines) < MAX_LINE_NUMBERS:
                     lint.control_char_lines.append(number)
         if special is not None:
-            _find_special(lint, special, first, chunk)
+            _find_special(lint, special, first, chunk, place)
         stripped = [line.rstrip(b"\r") for line in lines]
         kept = [line for line in stripped if line.strip()]
         lint.empty_lines += len(stripped) - len(kept)
@@ -232,7 +247,11 @@ def _scan(
 
 
 def _scan_rows(
-    lint: FileLint, special: re.Pattern[bytes] | None, first: int, texts: list[str | None]
+    lint: FileLint,
+    special: re.Pattern[bytes] | None,
+    first: int,
+    texts: list[str | None],
+    place: Callable[[int], int | str],
 ) -> np.ndarray:
     """Lint one batch of table rows (row = line); the hashes of its non-empty rows' UTF-8."""
     lint.lines += len(texts)
@@ -248,17 +267,23 @@ def _scan_rows(
         if CONTROL_CHARS.search(data):
             lint.control_char_count += 1
             if len(lint.control_char_lines) < MAX_LINE_NUMBERS:
-                lint.control_char_lines.append(number)
+                lint.control_char_lines.append(place(number))
         seen = {m.group().decode("utf-8") for m in special.finditer(data)} if special else set()
         if seen:
             lint.special_token_count += 1
             if len(lint.special_token_lines) < MAX_LINE_NUMBERS:
-                lint.special_token_lines.append(number)
+                lint.special_token_lines.append(place(number))
             lint.special_token_texts += sorted(seen - set(lint.special_token_texts))
     return np.fromiter((hash(data) for data in kept), dtype=np.int64, count=len(kept))
 
 
-def _find_special(lint: FileLint, special: re.Pattern[bytes], first: int, chunk: bytes) -> None:
+def _find_special(
+    lint: FileLint,
+    special: re.Pattern[bytes],
+    first: int,
+    chunk: bytes,
+    place: Callable[[int], int | str],
+) -> None:
     """Count the lines of `chunk` (first line number `first`) holding special-token text."""
     position, number, last = 0, first, 0
     for match in special.finditer(chunk):
@@ -271,7 +296,7 @@ def _find_special(lint: FileLint, special: re.Pattern[bytes], first: int, chunk:
             last = number
             lint.special_token_count += 1
             if len(lint.special_token_lines) < MAX_LINE_NUMBERS:
-                lint.special_token_lines.append(number)
+                lint.special_token_lines.append(place(number))
 
 
 def _is_utf8(line: bytes) -> bool:
@@ -287,13 +312,15 @@ def _texts_of(
 ) -> dict[int, str]:
     """The first line text of each wanted hash (stops reading once all are found)."""
     found: dict[int, str] = {}
-    for _, texts in _iter_table_rows(path, text_column):
+    for _, _, texts in _iter_table_rows(path, text_column):
         for text in texts:
             if text is not None and hash(data := text.encode("utf-8")) in wanted:
                 found.setdefault(hash(data), text.strip())
                 if len(found) >= min(limit, len(wanted)):
                     return found
-    for _, _, chunk in _iter_file_lines(path):
+    for _, first, chunk in _iter_file_lines(path):
+        if first == 1 and chunk.startswith(BOM):
+            chunk = chunk[len(BOM) :]  # as the scan reads it: the first line's text, no mark
         for line in chunk.split(b"\n"):
             line = line.rstrip(b"\r")
             h = hash(line)
