@@ -314,8 +314,7 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be 0 or more")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise UserError("--weight-decay and --max-grad-norm must be 0 or more")
-        if not 0 < self.validation_split < 1:
-            raise UserError("--validation-split must be between 0 and 1, e.g. 0.05")
+        check_validation_split(self.validation_split)
         if not 0 <= self.min_lr_ratio <= 1:
             raise UserError("--min-lr-ratio must be between 0 and 1")
         for name in ("adam_beta1", "adam_beta2"):
@@ -367,6 +366,12 @@ def check_seed(seed: int | None) -> None:
     """--seed is a whole number from 0 to MAX_SEED (None: none given)."""
     if seed is not None and not 0 <= seed <= MAX_SEED:
         raise UserError(f"--seed must be a whole number from 0 to {MAX_SEED}, got {seed}")
+
+
+def check_validation_split(share: float) -> None:
+    """--validation-split is a share strictly between 0 and 1 (`train` and `inspect` alike)."""
+    if not 0 < share < 1:
+        raise UserError(f"--validation-split must be between 0 and 1, e.g. 0.05, got {share}")
 
 
 def check_run_length(epochs: float, max_steps: int | None) -> None:

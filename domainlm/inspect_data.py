@@ -28,6 +28,7 @@ from domainlm.config import (
     TrainConfig,
     check_run_length,
     check_seed,
+    check_validation_split,
     read_run_settings,
 )
 from domainlm.data.blocks import BlockDataset, split_documents
@@ -135,6 +136,7 @@ class InspectConfig:
             raise UserError("--time-steps must be 0 or more")
         check_run_length(self.epochs, self.max_steps)
         check_seed(self.seed)
+        check_validation_split(self.validation_split)
         for name, choices in (
             ("precision", PRECISIONS), ("load_dtype", LOAD_DTYPES), ("device", (*DEVICES, None)),
             ("strategy", STRATEGIES),

@@ -446,6 +446,9 @@ def test_inspect_refuses_a_run_of_no_steps(corpus: Path, tmp_path: Path, capsys)
         "--max-steps must be a positive number",
     )
     refused(capsys, [*base, "--seed", "-1"], tmp_path / "none", "--seed must be a whole number")
+    for share in ("0", "1", "-0.5", "1.5"):  # as train refuses them (inspect printed "-50%")
+        refused(capsys, [*base, f"--validation-split={share}"], tmp_path / "none",
+                f"--validation-split must be between 0 and 1, e.g. 0.05, got {float(share)}")  # fmt: skip
 
 
 def test_generate_refuses_invalid_utf8_prompts_and_nan_settings(
