@@ -147,6 +147,27 @@ def test_report_over_two_runs(
     assert orange.sum() > 100
 
 
+def test_runs_in_folders_of_one_name_are_told_apart(
+    runs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """experiments/*/out: each run is named by as much of its path as tells it apart, in the
+    summary, the plots' legends and the page (all were `out`)."""
+    import shutil
+
+    folders = [tmp_path / "exp_a" / "out", tmp_path / "exp_b" / "out"]
+    for run, folder in zip(runs, folders, strict=True):
+        shutil.copytree(run, folder)
+    out = tmp_path / "report"
+    assert main(["report", *map(str, folders), "--output", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| exp_a/out |" in table and "| exp_b/out |" in table
+    page = (out / "report.html").read_text()
+    assert "<h2>Run exp_a/out" in page and "<h2>Run exp_b/out" in page
+    assert "<th>exp_a/out</th><th>exp_b/out</th>" in page
+    assert main(["report", str(runs[0]), str(folders[1]), "--output", str(tmp_path / "r2")]) == 0
+    assert "| sampled |" in capsys.readouterr().out  # names that differ stay as they are
+
+
 def test_report_refuses_a_folder_that_is_no_run(tmp_path: Path) -> None:
     out = tmp_path / "out"
     with pytest.raises(UserError, match="not a training run"):

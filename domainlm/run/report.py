@@ -58,10 +58,11 @@ class RunData:
     lora: dict[str, Any] | None = None  # the LoRA settings of a LoRA run (its identity's)
     precision: str | None = None  # what --precision resolved to (run files since 2026-12-07)
     whole_evals: list[dict[str, Any]] = field(default_factory=list)  # beside a cut evaluation
+    label: str = ""  # the name among other runs of a report, where folder names repeat
 
     @property
     def name(self) -> str:
-        return self.path.resolve().name
+        return self.label or self.path.resolve().name
 
     def step_reached(self) -> int:
         """The last step trained: the last one logged, or a newer checkpoint's (a run stopped
@@ -854,10 +855,32 @@ def written_by_a_report(path: Path) -> bool:
     return head.startswith(b"<!DOCTYPE html>") and b"domainlm report</title>" in head
 
 
+def label_runs(runs: list[RunData]) -> None:
+    """Name each run by its folder's name, and where two runs' folders share it (exp_a/out,
+    exp_b/out) by as many of their path's last parts as tell them apart."""
+    parts = [run.path.resolve().parts for run in runs]
+    depth = [1] * len(runs)
+    while True:
+        labels = ["/".join(p[-d:]) for p, d in zip(parts, depth, strict=True)]
+        longer = False
+        for label in set(labels):
+            same = [i for i, other in enumerate(labels) if other == label]
+            if len({parts[i] for i in same}) > 1:  # one folder given twice is one name
+                for i in same:
+                    if depth[i] < len(parts[i]):
+                        depth[i], longer = depth[i] + 1, True
+        if not longer:
+            break
+    for run, label in zip(runs, labels, strict=True):
+        run.label = label
+
+
 def run_report(run_dirs: list[Path], output: Path | None = None) -> list[Path]:
     """`domainlm report`: plots, summary.md and report.html of one or more runs (one page
     comparing them); a single run's card refreshed when the output is its own folder."""
     runs = [read_run(path) for path in run_dirs]  # all checked before anything is written
+    if len(runs) > 1:
+        label_runs(runs)
     if output is None:
         output = run_dirs[0] if len(run_dirs) == 1 else Path("report")
     if output.exists() and not output.is_dir():
