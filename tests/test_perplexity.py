@@ -246,6 +246,22 @@ def test_the_worst_paragraphs_are_listed_one_line_each(tiny_model_dir, tmp_path,
     assert any(line.endswith("first line\\nsecond line") for line in listed)
 
 
+def test_the_worst_lines_show_control_characters_as_escapes(tiny_model_dir, tmp_path, capsys):
+    """A line holding an ANSI escape sequence (or a bell, a tab) is listed with the characters
+    escaped: printed raw it recoloured the terminal. Other text, emoji included, is as it is."""
+    from domainlm.cli import main
+
+    path = tmp_path / "lines.txt"
+    path.write_text("evil \x1b[31mRED\x1b[0m line\nbell \x07 and\ttab\nplain 😀 line\n")
+    argv = ["perplexity", "--model", str(tiny_model_dir), "--file", str(path), "--worst", "3",
+            "--block-size", "32", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    listed = capsys.readouterr().out.split("least likely lines under")[1]
+    assert "\x1b" not in listed and "\x07" not in listed and "\t" not in listed
+    assert "evil \\x1b[31mRED\\x1b[0m line" in listed and "bell \\x07 and\\ttab" in listed
+    assert "plain 😀 line" in listed
+
+
 def _error_line(capsys) -> str:  # type: ignore[no-untyped-def]
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err

@@ -575,6 +575,21 @@ def _change(before: float, after: float, key: str) -> str:
     return f"{after - before:+.4f}{relative}"
 
 
+def shown_on_one_line(text: str) -> str:
+    """A line's text for the terminal: line breaks (a --doc-sep blank paragraph's), tabs and
+    other control characters as escapes (\\n, \\t, \\x1b), so a line holding an ANSI escape
+    sequence shows it instead of recolouring the terminal; every other character as it is."""
+    named = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+    def shown(ch: str) -> str:
+        code = ord(ch)
+        if code < 0x20 or 0x7F <= code <= 0x9F:
+            return named.get(ch, f"\\x{code:02x}")
+        return ch
+
+    return "".join(shown(ch) for ch in text)
+
+
 def format_worst(reports: list[PerplexityReport], k: int) -> str:
     """The k lines of highest per-line perplexity under each model, with where they are: one
     line each (a paragraph's line breaks shown as \\n)."""
@@ -584,7 +599,7 @@ def format_worst(reports: list[PerplexityReport], k: int) -> str:
         scored.sort(key=lambda s: (-s.nll, s.file, s.line))
         out.append(f"least likely lines under {r.model}:")
         for s in scored[:k]:
-            text = s.text.replace("\n", "\\n")  # a --doc-sep blank paragraph: one line here
+            text = shown_on_one_line(s.text)
             snippet = text if len(text) <= 70 else text[:67] + "..."
             where = f"line {s.line}" if s.file == TEXT_SOURCE else f"{s.file}:{s.line}"
             out.append(f"  {where}  perplexity {s.perplexity:.2f}  ({s.tokens} tokens)  {snippet}")
