@@ -104,6 +104,19 @@ def test_a_folders_lines_are_named_with_their_file(tmp_path):
     assert single.train.control_char_lines == [1] and single.train.special_token_lines == [2]
 
 
+def test_old_mac_line_ends_are_warned_of(tmp_path):
+    """A file whose lines end in a bare CR is read as one line (only LF ends a line): said, with
+    the count, and how to convert; a CRLF file's CRs are no such thing."""
+    old_mac = tmp_path / "mac.txt"
+    old_mac.write_bytes(b"".join(f"line number {i} here\r".encode() for i in range(50)))
+    report = lint_corpus(old_mac)
+    assert report.train.lines == 1 and report.train.lone_carriage_returns == 50
+    (said,) = [w for w in report.warnings() if "carriage return" in w]
+    assert "50 carriage return(s) with no line feed" in said and "tr '\\r' '\\n'" in said
+    windows = write_lines(tmp_path / "win.txt", uneven_corpus(20, seed=3), newline="\r\n")
+    assert lint_corpus(windows).train.lone_carriage_returns == 0
+
+
 def test_a_jsonl_file_is_linted_on_its_text_field(tmp_path):
     """A .jsonl file's texts are its records' "text" fields, as training reads them: duplicates
     and leaks are found among them (records differ by their other fields), examples quote the

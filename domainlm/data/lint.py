@@ -38,7 +38,7 @@ from domainlm.data.corpus import (
 from domainlm.data.formats import DEFAULT_TEXT_COLUMN, is_table, iter_text_batches
 from domainlm.data.tokens import default_cache_dir
 
-LINT_VERSION = "5"  # 3: .jsonl on its text field; 4: CRLF one character; 5: "file:line" in folders
+LINT_VERSION = "5"  # 3: .jsonl text field; 4: CRLF one character; 5: "file:line" in folders, lone CR
 SHORT_LINE_CHARS = 10  # a non-empty line under this many characters is "very short"
 MAX_EXAMPLES = 3
 CONTROL_CHARS = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -57,6 +57,7 @@ class FileLint:
     duplicate_examples: list[tuple[str, int]] = field(default_factory=list)  # (text, copies)
     short_lines: int = 0
     crlf_lines: int = 0
+    lone_carriage_returns: int = 0  # CRs with no LF after them: old Mac line ends, not line ends
     bom: bool = False
     # Where lines are: a file's line numbers, or in a folder "file:line" (its relative path)
     control_char_lines: list[int | str] = field(default_factory=list)  # the first ones
@@ -125,6 +126,12 @@ def file_warnings(lint: FileLint, doc_sep: str, block_size: int | None) -> list[
         )
     if lint.crlf_lines:
         out.append(f"{p}: {lint.crlf_lines} line(s) end in CRLF (Windows); the CR is dropped")
+    if lint.lone_carriage_returns:
+        out.append(
+            f"{p}: {lint.lone_carriage_returns} carriage return(s) with no line feed after them "
+            "(old Mac line ends?): only a line feed ends a line, so the text around them is read "
+            "as one line; convert them to line feeds (e.g. tr '\\r' '\\n') if they end lines"
+        )
     if lint.bom:
         out.append(f"{p}: starts with a UTF-8 byte-order mark (dropped)")
     if lint.short_lines:
@@ -223,6 +230,7 @@ def _scan(
         lint.lines += len(lines)
         crs = chunk.count(b"\r\n")  # a CRLF line end is one character, as LF is
         lint.crlf_lines += crs
+        lint.lone_carriage_returns += chunk.count(b"\r") - crs
         try:
             lint.characters += len(chunk.decode("utf-8")) - crs
         except UnicodeDecodeError:
