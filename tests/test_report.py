@@ -172,6 +172,8 @@ def test_report_refuses_a_folder_that_is_no_run(tmp_path: Path) -> None:
     out = tmp_path / "out"
     with pytest.raises(UserError, match="not a training run"):
         run_report([tmp_path], out)
+    with pytest.raises(UserError, match="nothere: no such folder; give a run's --output-dir"):
+        run_report([tmp_path / "nothere"], out)
     assert not out.exists()
 
 

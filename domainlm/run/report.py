@@ -102,6 +102,8 @@ class RunData:
 def read_run(path: Path) -> RunData:
     """Metrics, configuration and results of a run folder; a clear error if it is not one."""
     metrics = path / "metrics.jsonl"
+    if not path.exists():
+        raise UserError(f"{path}: no such folder; give a run's --output-dir")
     if not metrics.is_file():
         raise UserError(f"{path}: not a training run (no metrics.jsonl in it)")
     events = read_events(metrics)
