@@ -253,3 +253,23 @@ def test_a_run_stopped_before_its_first_validation_claims_no_result(
     assert row[header.index("steps")] == "3 (not finished)", row
     assert row[header.index("best perplexity (step)")] == "?", row
     assert not (stopped / "README.md").exists()
+
+
+def test_an_unfinished_runs_page_names_the_step_of_its_latest_figure(
+    runs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A run killed after an evaluation: report.html gives that figure as the one at its step,
+    "not finished", not as the figure "after" training."""
+    import json
+    import shutil
+
+    killed = tmp_path / "killed"
+    shutil.copytree(runs[1], killed)
+    (killed / "eval_results.json").unlink()
+    run_file = json.loads((killed / "run_config.json").read_text())
+    run_file.pop("finished", None)
+    (killed / "run_config.json").write_text(json.dumps(run_file))
+    last = max(e["step"] for e in read_run(killed).evals)
+    run_report([killed], tmp_path / "page")
+    page = (tmp_path / "page" / "report.html").read_text()
+    assert f"</b> at step {last} (not finished)" in page and "</b> after" not in page

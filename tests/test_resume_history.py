@@ -183,6 +183,11 @@ def test_a_resume_on_other_validation_data_compares_with_no_figure_of_the_old(
     assert len({e["validation"] for e in evals if e["step"] <= 4}) == 1
     assert {e["validation"] for e in evals if e["step"] > 4} - {evals[0]["validation"]}
     assert read_run(out).initial_perplexity() is None
+    from domainlm.run.report import run_report
+
+    run_report([out], tmp_path / "page")
+    page = (tmp_path / "page" / "report.html").read_text()
+    assert "before training" not in page and f"{results['perplexity']:.3f}</b> after" in page
     for folder in (out, same):  # as an unfinished run reads: from its evaluations alone
         (folder / "eval_results.json").unlink()
     assert read_run(out).initial_perplexity() is None

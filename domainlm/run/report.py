@@ -667,9 +667,13 @@ def _run_details(
     out = [heading]
     before, after = run.initial_perplexity(), run.final_perplexity()
     tokens = run.results.get("eval_tokens")
+    done = run.finished or "perplexity" in run.results
+    trained = [e["step"] for e in run.evals if e["step"] > 0]
+    where = "after" if done else (f"at step {trained[-1]} (not finished)" if trained else "after")
+    figure = f"<b>{_e(_fmt(after))}</b> {_e(where)}"
     out.append(
-        f'<p class="big">Validation perplexity: <b>{_e(_fmt(before))}</b> before training '
-        f"&rarr; <b>{_e(_fmt(after))}</b> after"
+        '<p class="big">Validation perplexity: '
+        + (f"<b>{_e(_fmt(before))}</b> before training &rarr; {figure}" if before else figure)
         + (f" ({_e(f'{tokens:,}')} tokens, every token scored once)" if tokens else "")
         + "</p>"
     )
