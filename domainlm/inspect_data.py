@@ -451,14 +451,11 @@ def format_plan(report: dict[str, Any]) -> str:
 
 
 def with_run_shape(config: InspectConfig) -> tuple[InspectConfig, str | None]:
-    """`config` with the block and batch size left out taken from the run when --model is a
-    domainlm run folder (or a checkpoint in one): the plan is then the run's, not the model's
-    context (a GPT-2 run at block 256 is planned at 256, not 1024). The note says so."""
-    found = (
-        read_run_settings(config.model)
-        if config.block_size is None or config.batch_size is None
-        else None
-    )
+    """`config` with the block and batch size left out, and a precision and load dtype left at
+    auto, taken from the run when --model is a domainlm run folder (or a checkpoint in one): the
+    plan is then the run's, not the model's context at the device's precision (a GPT-2 run at
+    block 256 in fp32 is planned at 256 in fp32, not 1024 in bf16). The note says so."""
+    found = read_run_settings(config.model)
     run = found[1] if found else {}
     identity, settings = (
         run.get(k) if isinstance(run.get(k), dict) else {} for k in ("identity", "config")
@@ -473,6 +470,11 @@ def with_run_shape(config: InspectConfig) -> tuple[InspectConfig, str | None]:
         taken.append(f"--batch-size {run_batch}")
     if config.batch_size is None:
         config = replace(config, batch_size=DEFAULT_BATCH)
+    for name, choices in (("precision", PRECISIONS), ("load_dtype", LOAD_DTYPES)):
+        value = settings.get(name)
+        if getattr(config, name) == "auto" and value != "auto" and value in choices:
+            config = replace(config, **{name: value})
+            taken.append(f"--{name.replace('_', '-')} {value}")
     config, lora_taken = with_run_lora(config, identity.get("lora"))
     taken += lora_taken
     if not taken or found is None:

@@ -155,8 +155,9 @@ def test_inspect_model_prints_the_plan_from_a_config_alone(tmp_path):
 
 
 def test_inspect_a_run_folder_plans_at_the_runs_block_and_batch(tmp_path, tiny_model_dir, capsys):
-    """A run trained at block 32, batch 3 is planned at 32 x 3, not at the model's context of
-    256 and the default batch of 8; the user's own flags still win."""
+    """A run trained at block 32, batch 3, fp32 is planned at 32 x 3 in fp32, not at the model's
+    context of 256, the default batch of 8 and the device's precision; the user's own flags
+    still win."""
     from domainlm import train
 
     run = tmp_path / "run"
@@ -169,8 +170,8 @@ def test_inspect_a_run_folder_plans_at_the_runs_block_and_batch(tmp_path, tiny_m
         assert main(["inspect", "--model", str(target), "--json"]) == 0
         report = json.loads(capsys.readouterr().out)
         plan = report["memory_plan"]
-        assert (plan["block_size"], plan["batch_size"]) == (32, 3)
-        assert "--block-size 32 and --batch-size 3" in report["note"]
+        assert (plan["block_size"], plan["batch_size"], plan["precision"]) == (32, 3, "fp32")
+        assert "--block-size 32, --batch-size 3 and --precision fp32" in report["note"]
     assert main(["inspect", "--model", str(run), "--json", "--block-size", "16"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert (report["memory_plan"]["block_size"], report["memory_plan"]["batch_size"]) == (16, 3)
