@@ -177,6 +177,23 @@ def test_report_refuses_a_folder_that_is_no_run(tmp_path: Path) -> None:
     assert not out.exists()
 
 
+def test_a_report_is_not_written_into_a_runs_checkpoint_folder(
+    runs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """--output run/checkpoint-2 (or a checkpoint-N the run has not written yet) is refused:
+    report files there made the checkpoint look like the user's."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(runs[1], run)
+    before = sorted(p.name for p in (run / "checkpoint-2").iterdir())
+    for target in (run / "checkpoint-2", run / "checkpoint-90"):
+        with pytest.raises(UserError, match="is a checkpoint folder of the run in"):
+            run_report([run], target)
+    assert sorted(p.name for p in (run / "checkpoint-2").iterdir()) == before
+    assert not (run / "checkpoint-90").exists()
+
+
 def test_a_foreign_readme_is_kept(runs: tuple[Path, Path], tmp_path: Path) -> None:
     copy = tmp_path / "run"
     shutil.copytree(runs[1], copy)

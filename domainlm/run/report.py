@@ -829,7 +829,18 @@ MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_mod
 def check_report_output(output: Path, runs: list[RunData]) -> None:
     """Before anything is written: `output` is not another training run's folder (its own
     report would be replaced), and every file the report writes there is absent or one a
-    report wrote (a later report may replace those; any other file is the user's)."""
+    report wrote (a later report may replace those; any other file is the user's); nor a
+    run's checkpoint folder, made or to be made (files of another's in it keep it past
+    --save-total-limit, and a checkpoint-N folder the run did not write stops its resume)."""
+    from domainlm.run.checkpoint import CHECKPOINT_PREFIX
+
+    in_run = (output.parent / "run_config.json").is_file()
+    if in_run and output.name.startswith(CHECKPOINT_PREFIX):
+        raise UserError(
+            f"--output {output} is a checkpoint folder of the run in {output.parent}: files "
+            "there would be taken for the user's (kept past --save-total-limit, or refusing the "
+            "run's resume); give a folder outside it, or the run's folder itself"
+        )
     if not output.is_dir():
         return
     if (output / "run_config.json").is_file() and all(
