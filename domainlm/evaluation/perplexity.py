@@ -303,7 +303,8 @@ def read_corpus(config: PerplexityConfig) -> Corpus:
     `--doc-sep` rules), so a file scored here is the documents that training read from it.
     """
     if config.text is not None:
-        numbered = chunk_numbered_documents(Path(TEXT_SOURCE), 1, config.text, config.doc_sep)
+        text = config.text.removeprefix("\ufeff")  # a byte-order mark, as a file's is dropped
+        numbered = chunk_numbered_documents(Path(TEXT_SOURCE), 1, text, config.doc_sep)
         if not numbered:
             raise UserError("--text is empty")
         return Corpus([t for _, t in numbered], [(TEXT_SOURCE, n) for n, _ in numbered])
