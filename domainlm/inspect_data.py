@@ -311,7 +311,8 @@ def inspect_data(config: InspectConfig) -> dict[str, Any]:
         "model": config.model,
         "note": note,
         "block_size": block,
-        "characters": lint.train.characters,
+        "characters": lint.train.characters,  # and duplicate_lines: of the whole file
+        "file_counts_include_held_out": not config.validation_file,
         **stream_stats(train, block),
         "global_batch_blocks": global_batch,
         "steps_per_epoch": steps_per_epoch,
@@ -355,18 +356,22 @@ def held_out_leaks(stream: TokenStream, train_docs: np.ndarray, held_docs: np.nd
 def format_report(report: dict[str, Any]) -> str:
     """The text form of `inspect_data`'s report."""
     t, v = report["tokens_per_document"], report["validation"]
+    whole = " (the whole file's, held-out part included)" if report.get(
+        "file_counts_include_held_out"
+    ) else ""  # fmt: skip
     lines = [report["note"]] if report["note"] else []
     lines += [
         f"train {report['train_file']} (model {report['model']}, block {report['block_size']})",
-        f"  documents {report['documents']:,}, characters {report['characters']:,}, tokens {report['tokens']:,} "
-        "(one EOS after each document counted)",
+        f"  documents {report['documents']:,}, tokens {report['tokens']:,} (one EOS after each "
+        f"document counted); characters {report['characters']:,}{whole}",
         f"  tokens/document (its EOS not counted): min {t['min']}, median {t['median']:g}, "
         f"p95 {t['p95']:g}, max {t['max']}",
         f"  blocks {report['blocks']:,}, tokens padded {report['tokens_padded']:,}",
         f"  global batch {report['global_batch_blocks']} blocks: {report['steps_per_epoch']:,} steps/epoch, "
         f"{report['total_steps']:,} steps in total",
         f"validation ({v['source']}): {v['documents']:,} documents, {v['tokens']:,} tokens",
-        f"  duplicate lines in train {report['duplicate_lines']:,}; leaked into validation {report['leaked_lines']}",
+        f"  duplicate lines in train {report['duplicate_lines']:,}{whole}; leaked into "
+        f"validation {report['leaked_lines']}",
     ]
     m = report["memory"]
     lines.append(
