@@ -149,6 +149,14 @@ def test_an_epochs_run_resumed_at_half_the_batch_trains_to_its_last_epochs_end(
     assert steps[-1]["epoch"] == 2.0 and all(e["epoch"] <= 2.0 for e in steps)
     first_steps, second_steps = one_epoch[-1]["step"], steps[-1]["step"] - one_epoch[-1]["step"]
     assert 2 * first_steps - 1 <= second_steps <= 2 * first_steps  # 2 blocks a step, not 4
+    # The same command again: finished, nothing to do (its step count is not this batch's from
+    # step 0, which the check once compared with: it read the weights and wrote them again).
+    model_file = out / "model.safetensors"
+    written = model_file.stat().st_mtime_ns
+    again = train(
+        config(tiny_model_dir, train_file, out, **{**first, "epochs": 2.0, "batch_size": 2})
+    )
+    assert again.steps == steps[-1]["step"] and model_file.stat().st_mtime_ns == written
 
 
 def test_a_resume_on_other_validation_data_compares_with_no_figure_of_the_old(
