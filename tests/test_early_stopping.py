@@ -318,3 +318,14 @@ def test_a_cut_that_holds_the_whole_set_is_not_scored_twice(
     events = read_events(out / "metrics.jsonl")
     assert [e["step"] for e in events if "eval_whole_ppl" in e] == [0]  # logged once, at start
     assert [e["step"] for e in events if "eval_ppl" in e] == [0, 1, 2, 3, 4]
+    # Resumed on a validation file grown past the cut: step 0's "the cut holds all" was of the
+    # other data; every evaluation from here is cut again (all were the whole set's).
+    grown = write_lines(tmp_path / "grown.txt", uneven_corpus(60, seed=11))
+    cut = 300
+    train(settings(tiny_model_dir, data[0], data[1], out, max_steps=4, max_eval_tokens=cut))
+    train(settings(tiny_model_dir, data[0], grown, out, max_steps=6, max_eval_tokens=cut))
+    events = read_events(out / "metrics.jsonl")
+    later = [e["eval_tokens"] for e in events if "eval_ppl" in e and e["step"] > 4]
+    whole = [e["eval_whole_tokens"] for e in events if "eval_whole_ppl" in e and e["step"] == 6]
+    assert len(later) == 2 and later[0] == later[1] < whole[0]  # a cut (to whole windows)
+    assert later[0] < 2 * cut < whole[0]

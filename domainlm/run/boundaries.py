@@ -127,9 +127,15 @@ class Evaluation:
         self.run = run
         self.batch_size = run.config.eval_batch_size or run.config.batch_size
         self.limit = run.config.max_eval_tokens  # None: every evaluation is the whole set's
-        at_start = [e for e in run.metrics.events if e.get("step") == 0]  # a resumed run's
+        data = run.metrics.validation  # a resumed run's step 0, if it scored today's data
+        at_start = [
+            e for e in run.metrics.events
+            if e.get("step") == 0 and e.get("validation", data) == data
+        ]  # fmt: skip
         counts = {e.get("eval_tokens", e.get("eval_whole_tokens")) for e in at_start}
-        if len(at_start) == 2 and len(counts) == 1:  # cut and whole alike: the cut holds all
+        (count,) = counts if len(counts) == 1 else (None,)
+        # cut and whole alike at step 0, and today's cut at least as large: it holds every token
+        if len(at_start) == 2 and None not in (self.limit, count) and self.limit >= count:
             self.limit = None
         self.last: tuple[int, NLLSum] | None = None  # (step, result) of the latest evaluation
         self.early = EarlyStopping(run.config.early_stopping_patience, run.metrics.events)
