@@ -87,6 +87,17 @@ def test_a_leaked_first_line_after_a_byte_order_mark_is_quoted(tmp_path):
     assert f"e.g. {docs[3][:57]!r}"[:40] in "\n".join(report.warnings())
 
 
+def test_a_jsonl_files_first_record_after_a_byte_order_mark_is_linted(tmp_path):
+    """A .jsonl file starting with a byte-order mark: its first record is text, as training
+    reads it (it was an empty line, missing from the duplicate and leakage checks)."""
+    records = ['{"text": "bom json doc alpha beta gamma"}', '{"text": "two three four five"}']
+    train = tmp_path / "train.jsonl"
+    train.write_bytes(b"\xef\xbb\xbf" + "\n".join(records).encode() + b"\n")
+    valid = write_lines(tmp_path / "valid.txt", ["bom json doc alpha beta gamma"])
+    report = lint_corpus(train, valid)
+    assert report.train.empty_lines == 0 and report.validation.leaked_lines == 1
+
+
 def test_a_folders_lines_are_named_with_their_file(tmp_path):
     """In a folder, a line number alone does not say which file: each place is "file:line",
     the file's path inside the folder (a single file keeps bare numbers)."""
@@ -100,6 +111,12 @@ def test_a_folders_lines_are_named_with_their_file(tmp_path):
     assert report.train.special_token_lines == ["c.txt:2"]
     text = "\n".join(report.warnings())
     assert "e.g. line(s) c.txt:2;" in text
+    (corpus / "sub" / "d.txt").write_bytes(b"\xef\xbb\xbfa file with a byte-order mark\n")
+    report = lint_corpus(corpus, special_tokens=["<|endoftext|>"])
+    assert report.train.bom_files == ["sub/d.txt"]
+    assert "corpus: 1 file(s) start with a UTF-8 byte-order mark (dropped): sub/d.txt" in "\n".join(
+        report.warnings()
+    )
     single = lint_corpus(corpus / "c.txt", special_tokens=["<|endoftext|>"])
     assert single.train.control_char_lines == [1] and single.train.special_token_lines == [2]
 
@@ -110,9 +127,12 @@ def test_old_mac_line_ends_are_warned_of(tmp_path):
     old_mac = tmp_path / "mac.txt"
     old_mac.write_bytes(b"".join(f"line number {i} here\r".encode() for i in range(50)))
     report = lint_corpus(old_mac)
-    assert report.train.lines == 1 and report.train.lone_carriage_returns == 50
-    (said,) = [w for w in report.warnings() if "carriage return" in w]
-    assert "50 carriage return(s) with no line feed" in said and "tr '\\r' '\\n'" in said
+    assert report.train.lines == 1 and report.train.lone_carriage_returns == 49  # the last ends
+    (said,) = [w for w in report.warnings() if "carriage return" in w]  # the file's last line
+    assert "49 carriage return(s) with no line feed" in said and "tr '\\r' '\\n'" in said
+    last_only = tmp_path / "last.txt"
+    last_only.write_bytes(b"one line\nthe last line here\r")
+    assert lint_corpus(last_only).train.lone_carriage_returns == 0
     windows = write_lines(tmp_path / "win.txt", uneven_corpus(20, seed=3), newline="\r\n")
     assert lint_corpus(windows).train.lone_carriage_returns == 0
 

@@ -61,6 +61,7 @@ class FileLint:
     crlf_lines: int = 0
     lone_carriage_returns: int = 0  # CRs with no LF after them: old Mac line ends, not line ends
     bom: bool = False
+    bom_files: list[str] = field(default_factory=list)  # which, in a folder of several files
     # Where lines are: a file's line numbers, or in a folder "file:line" (its relative path)
     control_char_lines: list[int | str] = field(default_factory=list)  # the first ones
     control_char_count: int = 0
@@ -134,7 +135,13 @@ def file_warnings(lint: FileLint, doc_sep: str, block_size: int | None) -> list[
             "(old Mac line ends?): only a line feed ends a line, so the text around them is read "
             "as one line; convert them to line feeds (e.g. tr '\\r' '\\n') if they end lines"
         )
-    if lint.bom:
+    if lint.bom_files:
+        shown = ", ".join(lint.bom_files[:MAX_EXAMPLES]) + (
+            " ..." if len(lint.bom_files) > MAX_EXAMPLES else ""
+        )  # fmt: skip
+        out.append(f"{p}: {len(lint.bom_files)} file(s) start with a UTF-8 byte-order mark "
+                   f"(dropped): {shown}")  # fmt: skip
+    elif lint.bom:
         out.append(f"{p}: starts with a UTF-8 byte-order mark (dropped)")
     if lint.short_lines:
         out.append(
@@ -186,7 +193,8 @@ def _iter_table_rows(
                 yield file, batch.first_row, batch.texts
         elif _has_records(file):
             for first, chunk in iter_chunks(file):
-                lines = chunk.decode("utf-8", errors="replace").split("\n")
+                codec = "utf-8-sig" if first == 1 else "utf-8"  # a BOM dropped, as training does
+                lines = chunk.decode(codec, errors="replace").split("\n")
                 if lines and lines[-1] == "":
                     lines.pop()  # the piece after the final line end
                 yield file, first, [_jsonl_field(line, text_column) for line in lines]
@@ -225,6 +233,9 @@ def _scan(
         place = _placer(path, file, files)
         if first == 1 and chunk.startswith(BOM):
             lint.bom = True
+            named = place(1)
+            if isinstance(named, str):  # "file:1": a folder's file
+                lint.bom_files.append(named.rsplit(":", 1)[0])
             chunk = chunk[len(BOM) :]
         lines = chunk.split(b"\n")
         if lines and lines[-1] == b"":
@@ -232,7 +243,8 @@ def _scan(
         lint.lines += len(lines)
         crs = chunk.count(b"\r\n")  # a CRLF line end is one character, as LF is
         lint.crlf_lines += crs
-        lint.lone_carriage_returns += chunk.count(b"\r") - crs
+        ends_in_cr = chunk.endswith(b"\r")  # a last line with no LF: its CR ends it too
+        lint.lone_carriage_returns += chunk.count(b"\r") - crs - ends_in_cr
         try:
             lint.characters += len(chunk.decode("utf-8")) - crs
         except UnicodeDecodeError:
