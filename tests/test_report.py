@@ -174,6 +174,9 @@ def test_report_refuses_a_folder_that_is_no_run(tmp_path: Path) -> None:
         run_report([tmp_path], out)
     with pytest.raises(UserError, match="nothere: no such folder; give a run's --output-dir"):
         run_report([tmp_path / "nothere"], out)
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(UserError, match="metrics.jsonl: a file, not a folder; give the run's"):
+        run_report([tmp_path / "metrics.jsonl"], out)
     assert not out.exists()
 
 

@@ -104,6 +104,8 @@ def read_run(path: Path) -> RunData:
     metrics = path / "metrics.jsonl"
     if not path.exists():
         raise UserError(f"{path}: no such folder; give a run's --output-dir")
+    if not path.is_dir():
+        raise UserError(f"{path}: a file, not a folder; give the run's --output-dir")
     if not metrics.is_file():
         raise UserError(f"{path}: not a training run (no metrics.jsonl in it)")
     events = read_events(metrics)
