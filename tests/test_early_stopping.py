@@ -307,6 +307,39 @@ def test_a_stopped_run_started_again_on_other_validation_data_trains_no_step(
     assert edited_result["stopped_early"]["step"] == stop
 
 
+def test_a_run_resumed_on_other_validation_data_ranks_only_its_figures(
+    tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Resumed with another validation file: early stopping counts from the first evaluation of
+    the new data, and the best checkpoint (--load-best-model-at-end, rotation, the report) is the
+    best on it. Before, the old data's lower figures were the best ever after: the run stopped
+    `patience` evaluations into the new data and saved an old checkpoint's weights."""
+    import random
+
+    from domainlm.run.report import read_run, summary_rows
+
+    rng = random.Random(1)
+    other = write_lines(tmp_path / "other.txt",
+                        ["".join(rng.choice("qxzjkwv#@!") for _ in range(60)) for _ in range(8)])  # fmt: skip
+    out, kw = tmp_path / "run", dict(early_stopping_patience=3, load_best_model_at_end=True)
+    train(settings(tiny_model_dir, *data, out, max_steps=4, lr=1e-3, **kw))
+    result = train(settings(tiny_model_dir, data[0], other, out, max_steps=16, lr=1e-3, **kw))
+    evals = [(e["step"], e["eval_ppl"]) for e in read_events(out / "metrics.jsonl")
+             if "eval_ppl" in e and e["step"] > 4]  # fmt: skip
+    best, without_gain, stop = float("inf"), 0, None  # the rule, by hand, on the new data
+    for step, perplexity in evals:
+        best, without_gain = (perplexity, 0) if perplexity < best else (best, without_gain + 1)
+        if without_gain >= 3 and step < 16:
+            stop = step
+            break
+    assert evals[-1][0] == (stop or 16)
+    lowest = min(evals, key=lambda e: (e[1], -e[0]))
+    assert result.model_step == lowest[0] and result.model_step > 4
+    run = read_run(out)
+    (row,) = summary_rows([run])
+    assert f"({lowest[0]})" in " ".join(row)
+
+
 def test_a_cut_that_holds_the_whole_set_is_not_scored_twice(
     tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path
 ) -> None:

@@ -88,6 +88,7 @@ class CheckpointCopy:
     model_state: dict[str, torch.Tensor]
     keep: int | None = None  # --save-total-limit, applied once the checkpoint is published
     warn: Callable[[str], None] | None = None  # what rotation says of a checkpoint it keeps
+    validation: str | None = None  # the validation data's fingerprint (checkpoint.json)
 
     def write(self) -> None:
         """As the synchronous save: a full disk is OutOfSpace (exit 4), the partial removed."""
@@ -106,8 +107,9 @@ class CheckpointCopy:
             self.training_state,
             self.eval_perplexity,
             self.model_state,
+            self.validation,
         )
-        rotate_checkpoints(self.output_dir, self.keep, self.warn)
+        rotate_checkpoints(self.output_dir, self.keep, self.warn, self.validation)
 
 
 @dataclass
@@ -191,5 +193,6 @@ def save_in_background(
             copied["weights"],
             run.config.save_total_limit,
             run.console.warn,
+            run.metrics.validation,
         )
     )

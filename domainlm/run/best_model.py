@@ -36,7 +36,8 @@ class BestModel:
 def best_step(run: Run) -> int | None:
     """The step of the run's best checkpoint, decided by rank 0 for every rank (None: no
     checkpoint has a validation perplexity)."""
-    best = best_checkpoint(list_checkpoints(run.output_dir)) if run.ctx.is_main else None
+    checkpoints = list_checkpoints(run.output_dir) if run.ctx.is_main else []
+    best = best_checkpoint(checkpoints, run.metrics.validation) if run.ctx.is_main else None
     mine = float(best.step) if best is not None else -1.0
     (step,) = all_reduce_sum([mine if run.ctx.is_main else 0.0], run.ctx, run.device)
     return int(step) if step >= 0 else None

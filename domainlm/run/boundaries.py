@@ -199,7 +199,7 @@ class Evaluation:
 
     def log(self, done: int, epoch: float, result: NLLSum) -> None:
         self.run.metrics.log_eval(done, epoch, result)
-        self.early.observe(done, result.perplexity)
+        self.early.observe(done, result.perplexity, self.run.metrics.validation)
 
     def stopped_at_start(self) -> bool:
         """A resumed run whose patience ran out at the step it resumes from (its last evaluation):
@@ -253,14 +253,22 @@ class EarlyStopping:
         self.best: tuple[int, float] | None = None  # (step, perplexity)
         self.without_gain = 0  # evaluations since the best
         self.seen = -1  # the last step observed: an evaluation logged twice counts once
+        self.validation: str | None = None  # the data the evaluations so far scored
         for event in events:
             if "eval_ppl" in event:
-                self.observe(int(event["step"]), float(event["eval_ppl"]))
+                scored_on = event.get("validation")
+                self.observe(int(event["step"]), float(event["eval_ppl"]), scored_on)
 
-    def observe(self, step: int, perplexity: float) -> None:
+    def observe(self, step: int, perplexity: float, validation: str | None = None) -> None:
+        """One evaluation's figure. On other validation data than the ones before (a resumed
+        run's edited file), the count starts again from it: figures of two data sets are not
+        compared."""
         if step <= self.seen:
             return
         self.seen = step
+        if validation is not None and self.validation not in (None, validation):
+            self.best, self.without_gain = None, 0
+        self.validation = validation or self.validation
         if self.best is None or perplexity < self.best[1]:
             self.best, self.without_gain = (step, perplexity), 0
         else:
@@ -368,10 +376,12 @@ def save_training_checkpoint(
         else:
             size = lambda: estimate_checkpoint(net.model, tokenizer).total  # noqa: E731
             with checkpoint_write(output_dir, step, size):  # a full disk: exit 4, partial gone
+                data = run.metrics.validation
                 save_checkpoint(
-                    output_dir, step, net.model, tokenizer, state, eval_perplexity, model_state
-                )
-                rotate_checkpoints(output_dir, run.config.save_total_limit, run.console.warn)
+                    output_dir, step, net.model, tokenizer, state, eval_perplexity, model_state,
+                    data,
+                )  # fmt: skip
+                rotate_checkpoints(output_dir, run.config.save_total_limit, run.console.warn, data)
     barrier(ctx)
     return None
 

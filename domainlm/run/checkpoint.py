@@ -38,6 +38,7 @@ class CheckpointInfo:
     step: int
     path: Path
     eval_perplexity: float | None
+    validation: str | None = None  # the fingerprint of the data eval_perplexity scored
 
 
 def _sha256(path: Path) -> str:
@@ -76,13 +77,15 @@ def save_checkpoint(
     training_state: dict[str, Any],
     eval_perplexity: float | None = None,
     model_state_dict: dict[str, torch.Tensor] | None = None,
+    validation: str | None = None,
 ) -> Path:
-    """Write checkpoint-<step>/ atomically: temporary folder, checksums, marker, then rename."""
+    """Write checkpoint-<step>/ atomically: temporary folder, checksums, marker, then rename.
+    The marker records `eval_perplexity` and the `validation` data it scored (a fingerprint)."""
     tmp = fresh_tmp_dir(output_dir, step)
     model.save_pretrained(tmp, state_dict=model_state_dict)
     tokenizer.save_pretrained(tmp)
     torch.save(training_state, tmp / STATE_FILE)
-    return publish_checkpoint(output_dir, step, tmp, eval_perplexity)
+    return publish_checkpoint(output_dir, step, tmp, eval_perplexity, validation=validation)
 
 
 def fresh_tmp_dir(output_dir: Path, step: int) -> Path:
@@ -178,7 +181,13 @@ def list_checkpoints(output_dir: Path) -> list[CheckpointInfo]:
             info = json.loads((path / MARKER).read_text())
         except ValueError:
             continue
-        found.append(CheckpointInfo(int(suffix), path, info.get("eval_perplexity")))
+        scored_on = info.get("validation")
+        found.append(
+            CheckpointInfo(
+                int(suffix), path, info.get("eval_perplexity"),
+                scored_on if isinstance(scored_on, str) else None,
+            )
+        )  # fmt: skip
     return sorted(found, key=lambda c: c.step)
 
 
@@ -199,15 +208,24 @@ def checkpoint_dirs_by_step(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
-def best_checkpoint(checkpoints: list[CheckpointInfo]) -> CheckpointInfo | None:
+def best_checkpoint(
+    checkpoints: list[CheckpointInfo], validation: str | None = None
+) -> CheckpointInfo | None:
+    """The checkpoint of the lowest validation perplexity (the later of equals); with
+    `validation` (a fingerprint), among those scored on that data only (a resumed run's
+    validation file may have changed; a checkpoint from before markers recorded it counts)."""
     scored = [
         c for c in checkpoints if c.eval_perplexity is not None and math.isfinite(c.eval_perplexity)
-    ]  # a diverged checkpoint's NaN is never the best
+        and (validation is None or c.validation in (None, validation))
+    ]  # fmt: skip  # a diverged checkpoint's NaN is never the best
     return min(scored, key=lambda c: (c.eval_perplexity, -c.step)) if scored else None
 
 
 def rotate_checkpoints(
-    output_dir: Path, keep: int | None, warn: Callable[[str], None] | None = None
+    output_dir: Path,
+    keep: int | None,
+    warn: Callable[[str], None] | None = None,
+    validation: str | None = None,
 ) -> list[Path]:
     """Delete all but the newest `keep` complete checkpoints and the best one. Returns the deleted.
 
@@ -218,7 +236,7 @@ def rotate_checkpoints(
     if keep is None:
         return []
     checkpoints = list_checkpoints(output_dir)
-    best = best_checkpoint(checkpoints)
+    best = best_checkpoint(checkpoints, validation)  # the best on today's validation data
     protected = {c.path for c in checkpoints[-keep:]}
     if best is not None:
         protected.add(best.path)

@@ -64,6 +64,17 @@ class RunData:
     def name(self) -> str:
         return self.label or self.path.resolve().name
 
+    def latest_validation(self) -> str | None:
+        """The fingerprint of the data the latest evaluation scored (None: not recorded)."""
+        return self.evals[-1].get("validation") if self.evals else None
+
+    def comparable_evals(self) -> list[dict[str, Any]]:
+        """The evaluations that scored the latest one's validation data (a run resumed on an
+        edited file has figures of two data sets: the earlier ones compare with none of these;
+        an evaluation from before events recorded their data counts)."""
+        data = self.latest_validation()
+        return [e for e in self.evals if data is None or e.get("validation", data) == data]
+
     def step_reached(self) -> int:
         """The last step trained: the last one logged, or a newer checkpoint's (a run stopped
         between logging steps saves one at the step it stopped after)."""
@@ -287,8 +298,9 @@ def summary_rows(runs: list[RunData]) -> list[list[str]]:
     """One row of SUMMARY_COLUMNS per run, as text ("?" where the run does not say)."""
     rows = []
     for run in runs:
-        trained = any(e["step"] > 0 for e in run.evals)  # step 0 alone is no best of a run
-        best = min(run.evals, key=lambda e: e["eval_ppl"], default=None) if trained else None
+        evals = run.comparable_evals()
+        trained = any(e["step"] > 0 for e in evals)  # step 0 alone is no best of a run
+        best = min(evals, key=lambda e: e["eval_ppl"], default=None) if trained else None
         runtime = run.results.get("train_runtime")
         done = run.finished or "perplexity" in run.results  # older runs: their results file
         steps = str(run.step_reached()) + ("" if done else " (not finished)")
@@ -679,7 +691,7 @@ def _run_details(
         + (f" ({_e(f'{tokens:,}')} tokens, every token scored once)" if tokens else "")
         + "</p>"
     )
-    best = best_checkpoint(list_checkpoints(run.path))
+    best = best_checkpoint(list_checkpoints(run.path), run.latest_validation())
     cut = [e["eval_tokens"] for e in run.evals if best and e["step"] == best.step]
     on = (
         f" on {cut[0]:,} tokens (--max-eval-tokens)"

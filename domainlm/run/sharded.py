@@ -187,8 +187,9 @@ def save_sharded_checkpoint(
         run.net.model.config.save_pretrained(tmp)
         run.data.loaded.tokenizer.save_pretrained(tmp)
         torch.save(state, tmp / STATE_FILE)
-        publish_checkpoint(output_dir, step, tmp, eval_perplexity, format=SHARDED)
-        rotate_checkpoints(output_dir, run.config.save_total_limit, run.console.warn)
+        data = run.metrics.validation
+        publish_checkpoint(output_dir, step, tmp, eval_perplexity, format=SHARDED, validation=data)
+        rotate_checkpoints(output_dir, run.config.save_total_limit, run.console.warn, data)
     barrier(ctx)
 
 

@@ -200,7 +200,11 @@ def refuse_diverged_model(run: Run, done: int, result: NLLSum) -> None:
     bad without reaching --max-bad-steps). Its checkpoints stay; the message names the best."""
     if math.isfinite(result.perplexity):
         return
-    best = best_checkpoint(list_checkpoints(run.output_dir)) if run.ctx.is_main else None
+    best = (
+        best_checkpoint(list_checkpoints(run.output_dir), run.metrics.validation)
+        if run.ctx.is_main
+        else None
+    )
     where = f"the best checkpoint is {best.path}" if best else "no checkpoint has a finite one"
     raise TrainingAborted(
         f"the model of step {done} scores a validation perplexity of {result.perplexity} (the "
@@ -605,7 +609,7 @@ def finish(
         save_model_folder(
             run, done, final, initial, last_saved, runtime, tokens_seen, final_state, notes
         )
-        kept = best_checkpoint(list_checkpoints(run.output_dir))
+        kept = best_checkpoint(list_checkpoints(run.output_dir), run.metrics.validation)
     result = TrainResult(
         output_dir=run.output_dir,
         steps=done,
@@ -824,7 +828,8 @@ def finished_result(
         f"nothing to do (its model and eval_results.json are in {output_dir}; a larger "
         f"{more} trains on)"
     )
-    best = best_checkpoint(list_checkpoints(output_dir)) if ctx.is_main else None
+    data_now = stream_fingerprint(data.valid_stream) if ctx.is_main else None
+    best = best_checkpoint(list_checkpoints(output_dir), data_now) if ctx.is_main else None
     result = TrainResult(
         output_dir=output_dir,
         steps=end,
