@@ -540,6 +540,17 @@ def test_a_runs_held_out_documents_are_not_memorization_sources(
         else:
             assert found["copied_tokens"] == len(tokens) and found["train_line"] == number + 1
     assert len(held) == 2 and len(trained) == 18 and "less the run's 2 held-out documents" in said
+    # --train-file the run's own data (the README's spelling): the same; another copy of the
+    # text with a line more is not the run's data, and is searched whole.
+    named = GenerateConfig(model=str(run), check_memorization=True, train_file=str(train_file),
+                           cache_dir=str(tmp_path / "c"))  # fmt: skip
+    checker = MemorizationChecker.open(named, loaded)
+    tokens = loaded.tokenizer(docs[int(held[0])], add_special_tokens=False)["input_ids"]
+    assert checker.check(tokens)["copied_tokens"] == 0
+    more = write_lines(tmp_path / "more.txt", [*docs, "one more line"])
+    other = GenerateConfig(model=str(run), check_memorization=True, train_file=str(more),
+                           cache_dir=str(tmp_path / "c"))  # fmt: skip
+    assert MemorizationChecker.open(other, loaded).check(tokens)["copied_tokens"] == len(tokens)
 
 
 def test_sampling_with_dropout_leaves_the_rng_and_train_mode_alone(tmp_path: Path) -> None:

@@ -466,24 +466,25 @@ def trained_documents(stream: Any, run: dict[str, Any]) -> Any:
     return split_documents(stream.num_documents, share, seed)[0]
 
 
-def check_the_runs_tokens(
-    stream: Any, run: dict[str, Any], model: str, train_file: str, trained: Any
-) -> None:
-    """`stream` (the tokens of `train_file`; of it, the documents `trained`, None for all) is what
-    the run of run file `run` trained on: its identity's train_data fingerprint. A run that held
-    documents out had more than one. A run file without the fingerprint: not checked."""
+def is_the_runs_data(stream: Any, run: dict[str, Any], trained: Any) -> bool | None:
+    """Whether `stream` (of it, the documents `trained`; None: all) is what the run of run file
+    `run` trained on: its identity's train_data fingerprint. None: the run file has none. A run
+    that held documents out had more than one."""
     from domainlm.data.tokens import stream_fingerprint
 
     expected = (run.get("identity") or {}).get("train_data")
     if not isinstance(expected, str):
-        return
-    held_out = not (run.get("config") or {}).get("validation_file")
-    if held_out and trained is None:
-        matches = False  # a single document: the run split its data, so it had more than one
-    else:
-        matches = stream_fingerprint(stream if trained is None else stream.select(trained))
-        matches = matches == expected
-    if not matches:
+        return None
+    if trained is None and not (run.get("config") or {}).get("validation_file"):
+        return False  # a single document: the run split its data, so it had more than one
+    return stream_fingerprint(stream if trained is None else stream.select(trained)) == expected
+
+
+def check_the_runs_tokens(
+    stream: Any, run: dict[str, Any], model: str, train_file: str, trained: Any
+) -> None:
+    """`is_the_runs_data`, or a UserError: what was read as the run's data is not (changed)."""
+    if is_the_runs_data(stream, run, trained) is False:
         raise UserError(
             f"--check-memorization: {train_file} is not the text {model} was trained on (its "
             "tokens differ from the run's); pass --train-file with the training data"
@@ -529,9 +530,9 @@ class MemorizationChecker:
 
         train_file, cache_dir = config.train_file, config.cache_dir
         doc_sep, errors, column = config.doc_sep, config.encoding_errors, config.text_column
-        found = None
-        if train_file is None:
-            found = read_run_settings(config.model)  # a run folder, or a checkpoint in one
+        found = read_run_settings(config.model)  # a run folder, or a checkpoint in one
+        explicit = train_file is not None
+        if not explicit:
             run = found[1].get("config") if found else None
             if not isinstance(run, dict) or not run.get("train_file"):
                 raise UserError(
@@ -557,7 +558,10 @@ class MemorizationChecker:
         stream, key, trained = cached.stream, cached.key, None
         if found is not None:  # the run's own data: what it trained on, less its held-out split
             trained = trained_documents(stream, found[1])
-            check_the_runs_tokens(stream, found[1], config.model, str(train_file), trained)
+            if not explicit:
+                check_the_runs_tokens(stream, found[1], config.model, str(train_file), trained)
+            elif not is_the_runs_data(stream, found[1], trained):
+                trained = None  # another text (or one not checkable): searched whole
         if trained is not None:
             stream = stream.select(trained)
             key = f"{key}.trained-{hashlib.sha256(trained.tobytes()).hexdigest()[:16]}"
