@@ -202,6 +202,33 @@ def test_a_resume_on_other_validation_data_compares_with_no_figure_of_the_old(
     assert read_run(same).initial_perplexity() == evals[0]["eval_ppl"]
 
 
+def test_a_finished_run_scored_again_on_other_validation_data_logs_that_figure(
+    tiny_model_dir, tmp_path, capsys
+):
+    """A finished run started again with another validation file has no step to train; its final
+    evaluation on the new data is logged beside the old one of that step (it was not: the report
+    named the old data's figure the best), and --load-best-model-at-end says that no checkpoint
+    was scored on this data (not that none has a figure)."""
+    from domainlm.run.report import read_run, summary_rows
+
+    train_file = write_lines(tmp_path / "train.txt", uneven_corpus(40, seed=5))
+    valid = write_lines(tmp_path / "valid.txt", uneven_corpus(8, seed=6))
+    other = write_lines(tmp_path / "other.txt", uneven_corpus(5, seed=9))
+    out = tmp_path / "run"
+    kw = dict(save_steps=2, eval_steps=2, load_best_model_at_end=True)
+    train(config(tiny_model_dir, train_file, out, validation_file=str(valid), **kw))
+    capsys.readouterr()
+    result = train(config(tiny_model_dir, train_file, out, validation_file=str(other),
+                          quiet=False, **kw))  # fmt: skip
+    warned = [x for x in capsys.readouterr().err.splitlines() if "--load-best-model-at-end" in x]
+    assert warned and "was scored on this validation data" in warned[0]
+    at_4 = [e for e in read_events(out / "metrics.jsonl") if "eval_ppl" in e and e["step"] == 4]
+    assert len(at_4) == 2 and at_4[0]["validation"] != at_4[1]["validation"]
+    assert at_4[1]["eval_ppl"] == result.final_perplexity
+    (row,) = summary_rows([read_run(out)])
+    assert f"{result.final_perplexity:.3f} (4)" in " ".join(row)
+
+
 def test_a_longer_run_records_only_its_step_count(tiny_model_dir, tmp_path, capsys):
     train_file = write_lines(tmp_path / "train.txt", uneven_corpus(40, seed=5))
     out = tmp_path / "run"

@@ -51,9 +51,15 @@ def restore_best_model(
     checkpoint was evaluated (said in a warning)."""
     step = best_step(run)
     if step is None:
+        scored = run.ctx.is_main and best_checkpoint(list_checkpoints(run.output_dir))
+        why = (
+            "was scored on this validation data (the run's were scored on other data)"
+            if scored
+            else "has a validation perplexity (removed by hand?)"
+        )
         run.console.warn(
-            f"--load-best-model-at-end: no checkpoint in {run.output_dir} has a validation "
-            "perplexity (removed by hand?): the model saved is the last step's"
+            f"--load-best-model-at-end: no checkpoint in {run.output_dir} {why}: the model "
+            "saved is the last step's"
         )
         return None
     if step == done:

@@ -237,7 +237,11 @@ class Evaluation:
         if self.limit is not None:
             return self.whole(done, epoch)
         final = self(None)
-        if not any("eval_ppl" in e and e["step"] == done for e in run.metrics.events):
+        data = run.metrics.validation  # a finished run scored again on other data is logged
+        if not any(
+            "eval_ppl" in e and e["step"] == done and e.get("validation", data) == data
+            for e in run.metrics.events
+        ):
             run.metrics.log_eval(done, epoch, final)
         return final
 
