@@ -229,6 +229,28 @@ def test_a_finished_run_scored_again_on_other_validation_data_logs_that_figure(
     assert f"{result.final_perplexity:.3f} (4)" in " ".join(row)
 
 
+def test_an_epochs_run_stopped_early_at_another_batch_is_finished_when_started_again(
+    tiny_model_dir, tmp_path
+):
+    """--epochs, resumed at another batch and stopped early by --early-stopping-patience: the same
+    command again is "nothing to do" (the check capped the stop's step at this batch's count from
+    step 0, never matched, and wrote the model and every report file again)."""
+    train_file = write_lines(tmp_path / "train.txt", uneven_corpus(40, seed=5))
+    valid = write_lines(tmp_path / "valid.txt", uneven_corpus(8, seed=6))
+    out = tmp_path / "run"
+    base = dict(validation_file=str(valid), epochs=3.0, eval_steps=1, save_steps=1)
+    train(config(tiny_model_dir, train_file, out, **base, batch_size=1, max_steps=40))
+    later = dict(**base, batch_size=4, max_steps=None, lr=3.0, early_stopping_patience=1)
+    stopped = train(config(tiny_model_dir, train_file, out, **later))
+    blocks = round(1 / next(e for e in read_events(out / "metrics.jsonl") if "loss" in e)["epoch"])
+    assert stopped.stopped_early and stopped.steps > 40
+    assert stopped.steps > 3 * -(-blocks // 4)  # past this batch's count from step 0
+    written = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+    again = train(config(tiny_model_dir, train_file, out, **later))
+    assert again.steps == stopped.steps and again.stopped_early
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == written
+
+
 def test_a_longer_run_records_only_its_step_count(tiny_model_dir, tmp_path, capsys):
     train_file = write_lines(tmp_path / "train.txt", uneven_corpus(40, seed=5))
     out = tmp_path / "run"

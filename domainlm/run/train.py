@@ -804,10 +804,12 @@ def finished_result(
             results = {}
         marker = run.get("finished")
         if isinstance(marker, dict) and isinstance(marker.get("step"), int):
-            if not config.max_steps and not marker.get("stopped_early"):
+            if not config.max_steps:
                 # --epochs: a run resumed at another global batch ended at its last epoch's
-                # end in another step count than this batch's from step 0 (steps_from_position)
-                total_steps = marker["step"]
+                # end (or stopped early) in another step count than this batch's from step 0
+                # (steps_from_position): what it was to run is not known; it ended, as recorded
+                step = marker["step"]
+                total_steps = step + 1 if marker.get("stopped_early") else step
             end = min(marker["step"], total_steps)
         done = (
             marker == finish_marker(end, total_steps, data.valid_stream)
