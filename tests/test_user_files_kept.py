@@ -165,6 +165,29 @@ def test_a_resume_refuses_a_users_folder_named_like_a_checkpoint_it_would_write(
     assert not (out / "checkpoint-8").exists()
 
 
+def test_a_report_written_into_a_run_does_not_stop_its_resume(
+    tiny_model_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """`domainlm report RUN` writes summary.md (and, for a run not finished yet, plots and
+    report.html) into the run's folder; the run's next command resumed it no more ("holds
+    summary.md, which domainlm did not write"). A report's own files are known by their
+    contents; a user's file that train would write over is still refused."""
+    train = write_lines(tmp_path / "train.txt", uneven_corpus(30, seed=0))
+    out = tmp_path / "run"
+    args = ["train", "--model", str(tiny_model_dir), "--train-file", str(train),
+            "--output-dir", str(out), "--block-size", "32", "--batch-size", "2",
+            "--save-steps", "2", "--precision", "fp32", "--quiet"]  # fmt: skip
+    assert cli_main([*args, "--max-steps", "2"]) == 0
+    assert cli_main(["report", str(out)]) == 0 and (out / "summary.md").is_file()
+    assert cli_main([*args, "--max-steps", "4"]) == 0
+    (out / "summary.md").write_text("my own summary\n")  # train never writes one: left alone
+    assert cli_main([*args, "--max-steps", "6"]) == 0
+    assert (out / "summary.md").read_text() == "my own summary\n"
+    (out / "samples.jsonl").write_text("mine\n")  # a name a run writes: refused
+    capsys.readouterr()
+    refused(capsys, [*args, "--max-steps", "8"], "holds samples.jsonl, which domainlm did not")
+
+
 def test_an_epochs_resume_at_a_larger_batch_refuses_a_users_folder_at_its_true_last_step(
     tiny_model_dir: Path, tmp_path: Path, capsys
 ) -> None:

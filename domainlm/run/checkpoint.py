@@ -347,9 +347,27 @@ OUTPUT_NAMES = (
     "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt",
     "tokenizer.model", "spiece.model", "chat_template.jinja", "adapter_config.json",
     "adapter_model.safetensors", "merged", "eval_results.json", "metrics.jsonl", "samples.jsonl",
-    "report.html", "summary.md", "training_loss.png", "validation_perplexity.png",
+    "report.html", "training_loss.png", "validation_perplexity.png",
     "learning_rate.png", "tensorboard", "mlruns", "wandb", "preempted.json",
 )  # fmt: skip
+
+
+# What `domainlm report` writes into its output folder (a run's folder, by default) beside the
+# plots; train writes report.html itself.
+SUMMARY_FILE, REPORT_FILE = "summary.md", "report.html"
+
+
+def written_by_a_report(path: Path) -> bool:
+    """A plot (a PNG matplotlib wrote), summary.md or report.html as a report writes them."""
+    if not path.is_file():
+        return False
+    with open(path, "rb") as file:
+        head = file.read(4096)
+    if path.suffix == ".png":
+        return head.startswith(b"\x89PNG") and b"matplotlib" in head.lower()
+    if path.name == SUMMARY_FILE:
+        return head.startswith(b"# Runs\n")
+    return head.startswith(b"<!DOCTYPE html>") and b"domainlm report</title>" in head
 
 
 def foreign_outputs(output_dir: Path, last_step: int = 0) -> list[str]:
@@ -367,7 +385,11 @@ def foreign_outputs(output_dir: Path, last_step: int = 0) -> list[str]:
             return 1 <= int(step) <= last_step
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in OUTPUT_NAMES)
 
-    foreign = [p.name for p in output_dir.iterdir() if p.name not in owned and would_write(p.name)]
+    foreign = [
+        p.name for p in output_dir.iterdir()
+        if p.name not in owned and would_write(p.name)
+        and not written_by_a_report(p)  # `domainlm report RUN` wrote it there
+    ]  # fmt: skip
     if (output_dir / RUN_FILE).exists() and not is_run_file(read_run_file(output_dir)):
         foreign.append(RUN_FILE)
     return sorted(foreign)

@@ -22,6 +22,7 @@ from typing import Any
 
 from domainlm.config import TRAINING_SETTINGS, setting_shown, valid_history
 from domainlm.errors import UserError
+from domainlm.run.checkpoint import REPORT_FILE, SUMMARY_FILE, written_by_a_report
 from domainlm.run.metrics import initial_perplexity, read_events
 
 # file -> what it shows (the model card and report.html list them in this order)
@@ -31,7 +32,7 @@ PLOTS = {
     "learning_rate.png": "learning rate",
 }
 PLOT_SIZE_IN, PLOT_DPI = (8.0, 5.0), 100  # 800 x 500 pixels
-CARD_FILE, SUMMARY_FILE = "README.md", "summary.md"
+CARD_FILE = "README.md"
 CARD_MARKER = "<!-- model card written by domainlm"  # how a card of ours starts its marker line
 # The marker line of a card: the digest of the rest of the file tells an edited card (kept).
 CARD_SIGNED = re.compile(r"<!-- model card written by domainlm \(sha256 ([0-9a-f]{16}) .*-->")
@@ -598,7 +599,6 @@ def write_model_card(run: RunData, data: dict[str, Any] | None = None) -> Path |
 
 # ----------------------------------------------------------------------------- report.html
 
-REPORT_FILE = "report.html"
 MAX_SAMPLES_SHOWN = 200  # samples.jsonl rows on the page (the file keeps them all)
 # No scripts, no fetches: only inline styles and data: images may load. The page is
 # self-contained, and text that slipped past escaping still could not run.
@@ -871,19 +871,6 @@ def check_report_output(output: Path, runs: list[RunData]) -> None:
                 f"--output {output}: {name} there was not written by domainlm and would be "
                 "replaced; give another folder"
             )
-
-
-def written_by_a_report(path: Path) -> bool:
-    """A plot (a PNG matplotlib wrote), summary.md or report.html as a report writes them."""
-    if not path.is_file():
-        return False
-    with open(path, "rb") as file:
-        head = file.read(4096)
-    if path.suffix == ".png":
-        return head.startswith(b"\x89PNG") and b"matplotlib" in head.lower()
-    if path.name == SUMMARY_FILE:
-        return head.startswith(b"# Runs\n")
-    return head.startswith(b"<!DOCTYPE html>") and b"domainlm report</title>" in head
 
 
 def label_runs(runs: list[RunData]) -> None:
