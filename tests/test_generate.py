@@ -553,6 +553,32 @@ def test_a_runs_held_out_documents_are_not_memorization_sources(
     assert MemorizationChecker.open(other, loaded).check(tokens)["copied_tokens"] == len(tokens)
 
 
+def test_train_file_naming_the_runs_data_is_read_as_the_run_read_it(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--check-memorization --train-file the run's own file, of a run with --doc-sep blank: the
+    file is read with the run's --doc-sep (generate's default is line: another stream, not the
+    run's data, so its held-out documents were searched too)."""
+    from domainlm.text.generate import GenerateConfig
+
+    words = "amber basil cedar delta ember fjord grove harbor island jasper kettle lumen".split()
+    rng = np.random.default_rng(4)
+    paragraphs = [" ".join(rng.choice(words, 8)) + "\n" + " ".join(rng.choice(words, 8))
+                  for _ in range(20)]  # fmt: skip
+    train_file = tmp_path / "paragraphs.txt"
+    train_file.write_text("\n\n".join(paragraphs) + "\n")
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_model_dir), "--train-file", str(train_file),
+                 "--doc-sep", "blank", "--output-dir", str(run), "--max-steps", "1",
+                 "--block-size", "32", "--quiet"]) == 0  # fmt: skip
+    loaded = load_model(str(run))
+    capsys.readouterr()
+    config = GenerateConfig(model=str(run), check_memorization=True, train_file=str(train_file),
+                            cache_dir=str(tmp_path / "c"))  # fmt: skip
+    MemorizationChecker.open(config, loaded)
+    assert "less the run's 1 held-out documents" in capsys.readouterr().err
+
+
 def test_sampling_with_dropout_leaves_the_rng_and_train_mode_alone(tmp_path: Path) -> None:
     """What samples during training rely on, with dropout on (GPT-2's 0.1): the samples are those
     of eval mode, the model is back in train mode, and the global RNG (dropout masks) is where it

@@ -491,6 +491,14 @@ def check_the_runs_tokens(
         )
 
 
+def is_the_runs_file(train_file: str, run: dict[str, Any]) -> bool:
+    """`train_file` is where the run of run file `run` read its training data (its recorded
+    absolute path)."""
+    recorded = run.get(TRAIN_DATA_FILE)
+    path = recorded.get("path") if isinstance(recorded, dict) else None
+    return isinstance(path, str) and Path(train_file).resolve() == Path(path).resolve()
+
+
 def the_runs_training_data(model: str, run: dict[str, Any]) -> str:
     """The training data of the run whose run file is `run`, for --check-memorization: where the
     run recorded it (absolute), else its --train-file as typed (relative to the folder the run
@@ -532,13 +540,15 @@ class MemorizationChecker:
         doc_sep, errors, column = config.doc_sep, config.encoding_errors, config.text_column
         found = read_run_settings(config.model)  # a run folder, or a checkpoint in one
         explicit = train_file is not None
-        if not explicit:
-            run = found[1].get("config") if found else None
-            if not isinstance(run, dict) or not run.get("train_file"):
-                raise UserError(
-                    "--check-memorization needs --train-file (or --model a domainlm run's folder)"
-                )
-            train_file = the_runs_training_data(config.model, found[1])
+        run = found[1].get("config") if found else None
+        if not explicit and (not isinstance(run, dict) or not run.get("train_file")):
+            raise UserError(
+                "--check-memorization needs --train-file (or --model a domainlm run's folder)"
+            )
+        # --train-file naming the run's own data reads it as the run did (--doc-sep, ...)
+        runs_own = isinstance(run, dict) and explicit and is_the_runs_file(train_file, found[1])
+        if isinstance(run, dict) and (not explicit or runs_own):
+            train_file = train_file if explicit else the_runs_training_data(config.model, found[1])
             cache_dir = cache_dir or run.get("cache_dir")
             doc_sep = run.get("doc_sep", doc_sep)
             errors = run.get("encoding_errors", errors)
