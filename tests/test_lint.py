@@ -96,6 +96,7 @@ def test_a_jsonl_files_first_record_after_a_byte_order_mark_is_linted(tmp_path):
     valid = write_lines(tmp_path / "valid.txt", ["bom json doc alpha beta gamma"])
     report = lint_corpus(train, valid)
     assert report.train.empty_lines == 0 and report.validation.leaked_lines == 1
+    assert report.train.bom and "byte-order mark" in "\n".join(report.warnings())
 
 
 def test_a_folders_lines_are_named_with_their_file(tmp_path):

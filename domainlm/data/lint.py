@@ -228,14 +228,14 @@ def _scan(
     hashes: list[np.ndarray] = []
     files = len(text_files(path))
     for file, first, texts in _iter_table_rows(path, text_column):
-        hashes.append(_scan_rows(lint, special, first, texts, _placer(path, file, files)))
+        place = _placer(path, file, files)
+        if first == 1 and file.suffix == ".jsonl":  # its text read without the mark, as a .txt
+            with open(file, "rb") as handle:
+                _note_bom(lint, place, handle.read(len(BOM)))
+        hashes.append(_scan_rows(lint, special, first, texts, place))
     for file, first, chunk in _iter_file_lines(path):
         place = _placer(path, file, files)
-        if first == 1 and chunk.startswith(BOM):
-            lint.bom = True
-            named = place(1)
-            if isinstance(named, str):  # "file:1": a folder's file
-                lint.bom_files.append(named.rsplit(":", 1)[0])
+        if first == 1 and _note_bom(lint, place, chunk):
             chunk = chunk[len(BOM) :]
         lines = chunk.split(b"\n")
         if lines and lines[-1] == b"":
@@ -266,6 +266,17 @@ def _scan(
         lint.short_lines += sum(1 for line in kept if len(line.strip()) < SHORT_LINE_CHARS)
         hashes.append(np.fromiter((hash(line) for line in kept), dtype=np.int64, count=len(kept)))
     return lint, np.concatenate([np.zeros(0, np.int64), *hashes])
+
+
+def _note_bom(lint: FileLint, place: Callable[[int], int | str], start: bytes) -> bool:
+    """Whether a file's first bytes `start` are a byte-order mark; counted in `lint` if so."""
+    if not start.startswith(BOM):
+        return False
+    lint.bom = True
+    named = place(1)
+    if isinstance(named, str):  # "file:1": a folder's file
+        lint.bom_files.append(named.rsplit(":", 1)[0])
+    return True
 
 
 def _scan_rows(
