@@ -142,16 +142,23 @@ def test_rotation_keeps_a_checkpoint_holding_a_users_file(
     assert len(kept) == 1 and "NOTES.md" in kept[0], err
 
 
+def small_run(model: Path, tmp_path: Path) -> tuple[list[str], Path]:
+    """`train` arguments of a small run saving every 2 steps (--max-steps left to the test),
+    and its output folder."""
+    train = write_lines(tmp_path / "train.txt", uneven_corpus(30, seed=0))
+    out = tmp_path / "run"
+    args = ["train", "--model", str(model), "--train-file", str(train), "--output-dir", str(out),
+            "--block-size", "32", "--batch-size", "2", "--save-steps", "2", "--precision", "fp32",
+            "--quiet"]  # fmt: skip
+    return args, out
+
+
 def test_a_resume_refuses_a_users_folder_named_like_a_checkpoint_it_would_write(
     tiny_model_dir: Path, tmp_path: Path, capsys
 ) -> None:
     """A folder of the user's named checkpoint-6 in a run that will save step 6: continuing the
     run is refused in one line, the folder intact (the save replaced it, notes and all)."""
-    train = write_lines(tmp_path / "train.txt", uneven_corpus(30, seed=0))
-    out = tmp_path / "run"
-    args = ["train", "--model", str(tiny_model_dir), "--train-file", str(train),
-            "--output-dir", str(out), "--block-size", "32", "--batch-size", "2",
-            "--save-steps", "2", "--precision", "fp32", "--quiet"]  # fmt: skip
+    args, out = small_run(tiny_model_dir, tmp_path)
     assert cli_main([*args, "--max-steps", "4"]) == 0
     (out / "checkpoint-6").mkdir()
     (out / "checkpoint-6" / "notes.txt").write_text("mine\n")
@@ -172,11 +179,7 @@ def test_a_report_written_into_a_run_does_not_stop_its_resume(
     report.html) into the run's folder; the run's next command resumed it no more ("holds
     summary.md, which domainlm did not write"). A report's own files are known by their
     contents; a user's file that train would write over is still refused."""
-    train = write_lines(tmp_path / "train.txt", uneven_corpus(30, seed=0))
-    out = tmp_path / "run"
-    args = ["train", "--model", str(tiny_model_dir), "--train-file", str(train),
-            "--output-dir", str(out), "--block-size", "32", "--batch-size", "2",
-            "--save-steps", "2", "--precision", "fp32", "--quiet"]  # fmt: skip
+    args, out = small_run(tiny_model_dir, tmp_path)
     assert cli_main([*args, "--max-steps", "2"]) == 0
     assert cli_main(["report", str(out)]) == 0 and (out / "summary.md").is_file()
     assert cli_main([*args, "--max-steps", "4"]) == 0

@@ -38,9 +38,8 @@ from domainlm.data.corpus import (
 from domainlm.data.formats import DEFAULT_TEXT_COLUMN, is_table, iter_text_batches
 from domainlm.data.tokens import default_cache_dir
 
-LINT_VERSION = (
-    "5"  # 3: .jsonl text field; 4: CRLF one character; 5: "file:line" in folders, lone CR
-)
+# 3: .jsonl text field; 4: CRLF one character; 5: "file:line" in folders, bare CRs
+LINT_VERSION = "5"
 SHORT_LINE_CHARS = 10  # a non-empty line under this many characters is "very short"
 MAX_EXAMPLES = 3
 CONTROL_CHARS = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")

@@ -34,6 +34,7 @@ from domainlm.run.checkpoint import (
     save_checkpoint,
 )
 from domainlm.run.diskspace import checkpoint_write, estimate_checkpoint
+from domainlm.run.metrics import scored
 from domainlm.run.state import Run
 from domainlm.run.step import StepOutcome
 
@@ -128,10 +129,7 @@ class Evaluation:
         self.batch_size = run.config.eval_batch_size or run.config.batch_size
         self.limit = run.config.max_eval_tokens  # None: every evaluation is the whole set's
         data = run.metrics.validation  # a resumed run's step 0, if it scored today's data
-        at_start = [
-            e for e in run.metrics.events
-            if e.get("step") == 0 and e.get("validation", data) == data
-        ]  # fmt: skip
+        at_start = [e for e in run.metrics.events if e.get("step") == 0 and scored(e, data)]
         counts = {e.get("eval_tokens", e.get("eval_whole_tokens")) for e in at_start}
         (count,) = counts if len(counts) == 1 else (None,)
         # cut and whole alike at step 0, and today's cut at least as large: it holds every token
@@ -239,8 +237,7 @@ class Evaluation:
         final = self(None)
         data = run.metrics.validation  # a finished run scored again on other data is logged
         if not any(
-            "eval_ppl" in e and e["step"] == done and e.get("validation", data) == data
-            for e in run.metrics.events
+            "eval_ppl" in e and e["step"] == done and scored(e, data) for e in run.metrics.events
         ):
             run.metrics.log_eval(done, epoch, final)
         return final

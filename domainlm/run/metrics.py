@@ -106,12 +106,16 @@ class MetricsLog:
         return initial_perplexity(self.events, self.validation)
 
 
+def scored(event: dict[str, Any], validation: str | None) -> bool:
+    """Whether the evaluation `event` scored the validation data of fingerprint `validation`
+    (None: any data; an event from before evaluations recorded theirs: assumed so)."""
+    return validation is None or event.get("validation", validation) == validation
+
+
 def initial_perplexity(events: list[dict[str, Any]], validation: str | None = None) -> float | None:
     """The whole validation set's perplexity at step 0 in metrics.jsonl's `events`, if logged;
-    with `validation` (a fingerprint), only where the step-0 evaluation scored that data (an
-    event from before evaluations recorded theirs: assumed so)."""
-    same = lambda e: validation is None or e.get("validation", validation) == validation  # noqa: E731
-    at_start = [e for e in events if e.get("step") == 0 and same(e)]
+    with `validation` (a fingerprint), only where the step-0 evaluation scored that data."""
+    at_start = [e for e in events if e.get("step") == 0 and scored(e, validation)]
     for key in ("eval_whole_ppl", "eval_ppl"):
         for event in at_start:
             if key in event:

@@ -23,7 +23,7 @@ from typing import Any
 from domainlm.config import TRAINING_SETTINGS, setting_shown, valid_history
 from domainlm.errors import UserError
 from domainlm.run.checkpoint import REPORT_FILE, SUMMARY_FILE, written_by_a_report
-from domainlm.run.metrics import initial_perplexity, read_events
+from domainlm.run.metrics import initial_perplexity, read_events, scored
 
 # file -> what it shows (the model card and report.html list them in this order)
 PLOTS = {
@@ -65,6 +65,10 @@ class RunData:
     def name(self) -> str:
         return self.label or self.path.resolve().name
 
+    def ended(self) -> bool:
+        """The run finished (an older run: its results file says so)."""
+        return self.finished or "perplexity" in self.results
+
     def latest_validation(self) -> str | None:
         """The fingerprint of the data the latest evaluation scored (None: not recorded)."""
         return self.evals[-1].get("validation") if self.evals else None
@@ -73,8 +77,7 @@ class RunData:
         """The evaluations that scored the latest one's validation data (a run resumed on an
         edited file has figures of two data sets: the earlier ones compare with none of these;
         an evaluation from before events recorded their data counts)."""
-        data = self.latest_validation()
-        return [e for e in self.evals if data is None or e.get("validation", data) == data]
+        return [e for e in self.evals if scored(e, self.latest_validation())]
 
     def step_reached(self) -> int:
         """The last step trained: the last one logged, or a newer checkpoint's (a run stopped
@@ -94,12 +97,10 @@ class RunData:
             return self.results.get("initial_perplexity", logged)
         if not self.evals:
             return None
-        latest = self.evals[-1]
-        data = latest.get("validation")
+        tokens = self.evals[-1]["eval_tokens"]
         first = [
-            e for e in self.evals if e["step"] == 0 and e["eval_tokens"] == latest["eval_tokens"]
-            and (data is None or e.get("validation", data) == data)
-        ]  # fmt: skip
+            e for e in self.comparable_evals() if e["step"] == 0 and e["eval_tokens"] == tokens
+        ]
         return first[0]["eval_ppl"] if first else None
 
     def final_perplexity(self) -> float | None:
@@ -303,7 +304,7 @@ def summary_rows(runs: list[RunData]) -> list[list[str]]:
         trained = any(e["step"] > 0 for e in evals)  # step 0 alone is no best of a run
         best = min(evals, key=lambda e: e["eval_ppl"], default=None) if trained else None
         runtime = run.results.get("train_runtime")
-        done = run.finished or "perplexity" in run.results  # older runs: their results file
+        done = run.ended()
         steps = str(run.step_reached()) + ("" if done else " (not finished)")
         rows.append(
             [
@@ -681,7 +682,7 @@ def _run_details(
     out = [heading]
     before, after = run.initial_perplexity(), run.final_perplexity()
     tokens = run.results.get("eval_tokens")
-    done = run.finished or "perplexity" in run.results
+    done = run.ended()
     trained = [e["step"] for e in run.evals if e["step"] > 0]
     where = "after" if done else (f"at step {trained[-1]} (not finished)" if trained else "after")
     figure = f"<b>{_e(_fmt(after))}</b> {_e(where)}"

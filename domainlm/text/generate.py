@@ -520,13 +520,21 @@ def the_runs_training_data(model: str, run: dict[str, Any]) -> str:
 class MemorizationChecker:
     """Looks samples up in the n-gram index of the training token stream and describes the result."""
 
-    def __init__(self, index: Any, tokenizer: Any, train_file: str, doc_sep: str, threshold: int):
+    def __init__(
+        self,
+        index: Any,
+        tokenizer: Any,
+        train_file: str,
+        doc_sep: str,
+        threshold: int,
+        file_documents: Any = None,
+    ):
         self.index = index
         self.tokenizer = tokenizer
         self.train_file = train_file
         self.doc_sep = doc_sep
         self.threshold = threshold
-        self.file_documents: Any = None  # the file's number of each indexed document (None: same)
+        self.file_documents = file_documents  # the file's number of each indexed document
 
     @classmethod
     def open(cls, config: GenerateConfig, loaded: Any) -> MemorizationChecker:
@@ -585,11 +593,8 @@ class MemorizationChecker:
             f"tokens of {train_file}{left})",
             file=sys.stderr,
         )
-        checker = cls(
-            index, loaded.tokenizer, str(train_file), doc_sep, config.memorization_threshold
-        )
-        checker.file_documents = trained
-        return checker
+        threshold = config.memorization_threshold
+        return cls(index, loaded.tokenizer, str(train_file), doc_sep, threshold, trained)
 
     def check(self, tokens: list[int]) -> dict[str, Any]:
         """The longest copied span of a sample: its length, where it is, and the training line."""
