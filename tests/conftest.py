@@ -12,6 +12,8 @@ gloo runs would ask for two GPUs.
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,42 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache = tmp_path / "token-cache"
     monkeypatch.setenv("DOMAINLM_CACHE", str(cache))
     return cache
+
+
+class ModuleTemp:
+    """Folders for one test module's shared files (what its module-scoped fixtures build: models,
+    corpora, whole training runs), all under one folder that `module_tmp` removes when the
+    module's tests are done.
+
+    pytest's own `tmp_path_factory.mktemp` folders live until the session ends: the architecture
+    matrix alone left 2.7 GB of runs there, the suite 15 GB or more, and with the default
+    retention of three sessions' folders a CI machine ran out of disk (ENOSPC) mid-run."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def mktemp(self, name: str) -> Path:
+        """A new empty folder named `name`, numbered as pytest numbers its own (name0, name1)."""
+        number = 0
+        while (self.root / f"{name}{number}").exists():
+            number += 1
+        folder = self.root / f"{name}{number}"
+        folder.mkdir()
+        return folder
+
+
+@pytest.fixture(scope="module")
+def module_tmp(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ModuleTemp]:
+    """A test module's shared folders, removed after its last test unless a test failed
+    meanwhile: a failing test's files are kept to look at, as `tmp_path_retention_policy =
+    "failed"` (pyproject.toml) keeps a failing test's tmp_path and removes a passing one's."""
+    root = tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2])
+    failures_before = request.session.testsfailed
+    yield ModuleTemp(root)
+    if request.session.testsfailed == failures_before:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import uneven_corpus, write_lines
+from conftest import ModuleTemp, uneven_corpus, write_lines
 from tiny_families import EOS, FAMILIES, PACKS_DOCUMENTS, build_family_model, save_family_folder
 
 from domainlm.cli import main
@@ -56,8 +56,8 @@ def model_folder(out: Path, mode: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("architectures")
+def workdir(module_tmp: ModuleTemp) -> Path:
+    return module_tmp.mktemp("architectures")
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import uneven_corpus, write_lines
+from conftest import ModuleTemp, uneven_corpus, write_lines
 from safetensors.torch import load_file
 
 from domainlm.cli import main as cli_main
@@ -26,8 +26,8 @@ from domainlm.run.metrics import read_events
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("corpus")
+def corpus(module_tmp: ModuleTemp) -> Path:
+    folder = module_tmp.mktemp("corpus")
     write_lines(folder / "train.txt", uneven_corpus(40, seed=0))
     write_lines(folder / "valid.txt", uneven_corpus(8, seed=1))
     return folder
@@ -76,8 +76,8 @@ def assert_equal_nested(a: object, b: object, where: str = "") -> None:
 
 
 @pytest.fixture(scope="module")
-def sync_run(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("sync") / "out"
+def sync_run(corpus: Path, module_tmp: ModuleTemp) -> Path:
+    out = module_tmp.mktemp("sync") / "out"
     assert cli_main(train_args(corpus, out)) == 0
     return out
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import uneven_corpus, write_lines
+from conftest import ModuleTemp, uneven_corpus, write_lines
 
 from domainlm.data.blocks import IGNORE_INDEX, BlockDataset
 from domainlm.data.tokens import CACHE_FORMAT_VERSION, load_token_stream, tokenize_documents
@@ -43,12 +43,12 @@ def _tiny_llama(vocab_size: int, bos: int | None, eos: int | None, seed: int = 0
 
 
 @pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def llama_dir(module_tmp: ModuleTemp) -> Path:
     """A Llama-style folder: SentencePiece BPE trained here, a tokenizer that adds BOS, random weights."""
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
-    folder = tmp_path_factory.mktemp("llama")
+    folder = module_tmp.mktemp("llama")
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(SP_CORPUS), model_writer=model, vocab_size=120, model_type="bpe",
@@ -91,20 +91,20 @@ def _wordpiece_folder(
 
 
 @pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def bert_dir(module_tmp: ModuleTemp) -> Path:
     """BERT-style (uer/gpt2-chinese-*): `[CLS] text [SEP]`, no EOS token."""
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     return _wordpiece_folder(
-        tmp_path_factory.mktemp("bert"), specials, "[CLS] $A [SEP]",
+        module_tmp.mktemp("bert"), specials, "[CLS] $A [SEP]",
         cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]", mask_token="[MASK]",
     )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def no_eos_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def no_eos_dir(module_tmp: ModuleTemp) -> Path:
     """A tokenizer with no EOS and no SEP: only unknown and padding tokens are special."""
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]  # in the vocabulary, but not declared
-    return _wordpiece_folder(tmp_path_factory.mktemp("no-eos"), specials, None, pad_token="[PAD]")
+    return _wordpiece_folder(module_tmp.mktemp("no-eos"), specials, None, pad_token="[PAD]")
 
 
 def bare_ids(tokenizer, text: str) -> list[int]:  # type: ignore[no-untyped-def]

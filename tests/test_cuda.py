@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import uneven_corpus, write_lines
+from conftest import ModuleTemp, uneven_corpus, write_lines
 from safetensors.torch import load_file
 
 from domainlm.cli import main as cli_main
@@ -82,25 +82,25 @@ def save_local_model(folder: Path, lines: list[str], **shape: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("cuda-corpus")
+def corpus(module_tmp: ModuleTemp) -> Path:
+    folder = module_tmp.mktemp("cuda-corpus")
     write_lines(folder / "train.txt", uneven_corpus(120, seed=0))
     write_lines(folder / "valid.txt", uneven_corpus(16, seed=1))
     return folder
 
 
 @pytest.fixture(scope="module")
-def model_dir(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def model_dir(corpus: Path, module_tmp: ModuleTemp) -> Path:
     """Random init, dropout 0.1 (GPT-2's): training runs draw dropout masks on the GPU."""
     lines = (corpus / "train.txt").read_text().splitlines()
-    return save_local_model(tmp_path_factory.mktemp("cuda-model"), lines)
+    return save_local_model(module_tmp.mktemp("cuda-model"), lines)
 
 
 @pytest.fixture(scope="module")
-def trained_dir(model_dir: Path, corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def trained_dir(model_dir: Path, corpus: Path, module_tmp: ModuleTemp) -> Path:
     """model_dir trained on the CPU in fp32: peaked predictions, so greedy decoding has no near
     ties that float rounding (CPU vs GPU kernels) could decide either way."""
-    out = tmp_path_factory.mktemp("cuda-trained") / "out"
+    out = module_tmp.mktemp("cuda-trained") / "out"
     args = train_args(model_dir, corpus, out, "--device", "cpu", "--precision", "fp32")
     assert cli_main([*args, "--max-steps", "40", "--lr", "3e-3"]) == 0
     return out

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import uneven_corpus, write_lines
+from conftest import ModuleTemp, uneven_corpus, write_lines
 from safetensors.torch import load_file
 
 from domainlm.cli import main as cli_main
@@ -79,9 +79,9 @@ _SHARED: dict[str, Path] = {}  # made once per session, also for tests/test_pree
 
 
 @pytest.fixture
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def corpus(module_tmp: ModuleTemp) -> Path:
     if "corpus" not in _SHARED:
-        folder = tmp_path_factory.mktemp("corpus")
+        folder = module_tmp.mktemp("corpus")
         write_lines(folder / "train.txt", uneven_corpus(40, seed=0))
         write_lines(folder / "valid.txt", uneven_corpus(8, seed=1))
         _SHARED["corpus"] = folder
@@ -89,11 +89,11 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def reference(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def reference(corpus: Path, module_tmp: ModuleTemp) -> Path:
     """One uninterrupted run of `run_args` (a module global: tests/test_preempt.py imports this
     module, so both files share the one run)."""
     if "reference" not in _SHARED:
-        out = tmp_path_factory.mktemp("reference") / "out"
+        out = module_tmp.mktemp("reference") / "out"
         assert cli_main(run_args(corpus, out)) == 0
         _SHARED["reference"] = out
     return _SHARED["reference"]

@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import uneven_corpus, write_lines
+from conftest import ModuleTemp, uneven_corpus, write_lines
 from safetensors.torch import load_file
 from step_gradients import step_gradients
 
@@ -116,8 +116,8 @@ def assert_same_losses(a: dict[int, float], b: dict[int, float], rel: float = 1e
 
 
 @pytest.fixture(scope="module")
-def data(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("dist-data")
+def data(tiny_model_dir: Path, module_tmp: ModuleTemp) -> dict[str, Path]:
+    root = module_tmp.mktemp("dist-data")
     return {
         "model": tiny_model_dir,
         "train": write_lines(root / "train.txt", uneven_corpus(60, seed=1)),
@@ -233,9 +233,9 @@ def test_two_ranks_stop_early_at_the_step_one_rank_does(
 
 
 @pytest.fixture(scope="module")
-def dropout_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def dropout_model_dir(module_tmp: ModuleTemp) -> Path:
     """scratch:tiny with GPT-2's own dropout (0.1 on embeddings, attention, residuals)."""
-    return save_scratch_folder("tiny", tmp_path_factory.mktemp("tiny-dropout"), seed=0)
+    return save_scratch_folder("tiny", module_tmp.mktemp("tiny-dropout"), seed=0)
 
 
 def full_batch_gradients(model_dir: Path, train_file: Path) -> dict[str, torch.Tensor]:
@@ -290,11 +290,11 @@ def test_two_ranks_give_the_gradients_of_one_rank_with_accumulation(
 
 
 @pytest.fixture(scope="module")
-def untied_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def untied_model_dir(module_tmp: ModuleTemp) -> Path:
     """A tiny Llama-shape model whose output layer is its own weight (tie_word_embeddings off)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
+    folder = module_tmp.mktemp("tiny-llama")
     config = LlamaConfig(
         vocab_size=50257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import ModuleTemp
 
 from domainlm.data import formats
 from domainlm.data.corpus import iter_documents
@@ -88,8 +89,8 @@ def reference_stream(docs: list[str]) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return write_formats(tmp_path_factory.mktemp("formats"), DOCS)
+def files(module_tmp: ModuleTemp) -> dict[str, Path]:
+    return write_formats(module_tmp.mktemp("formats"), DOCS)
 
 
 FORMATS = ["txt", "jsonl", "parquet", "csv", "dataset"]

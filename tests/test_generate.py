@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import uneven_corpus, write_lines
+from conftest import ModuleTemp, uneven_corpus, write_lines
 
 from domainlm.cli import main
 from domainlm.data.tokens import load_token_stream
@@ -238,11 +238,11 @@ SHORT_CONTEXT = 32  # positions of `short_context_model_dir`; "the cat" + the EO
 
 
 @pytest.fixture(scope="module")
-def short_context_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def short_context_model_dir(module_tmp: ModuleTemp) -> Path:
     """scratch:tiny with a context of 32 positions: generation runs into it within a second."""
     from domainlm.model.loading import save_scratch_folder
 
-    folder = tmp_path_factory.mktemp("short-context-model")
+    folder = module_tmp.mktemp("short-context-model")
     return save_scratch_folder(
         "tiny", folder, seed=0, n_positions=SHORT_CONTEXT, resid_pdrop=0.0, embd_pdrop=0.0,
         attn_pdrop=0.0,

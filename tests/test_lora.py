@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import uneven_corpus, write_lines
+from conftest import ModuleTemp, uneven_corpus, write_lines
 from safetensors.torch import load_file
 
 from domainlm import TrainConfig, train
@@ -35,18 +35,18 @@ LLAMA_TARGETS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_pro
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("lora-data")
+def corpus(module_tmp: ModuleTemp) -> tuple[Path, Path]:
+    root = module_tmp.mktemp("lora-data")
     docs = uneven_corpus(50, seed=3)
     return write_lines(root / "train.txt", docs[:42]), write_lines(root / "valid.txt", docs[42:])
 
 
 @pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def llama_dir(module_tmp: ModuleTemp) -> Path:
     """A tiny random-init Llama (2 layers, 64 wide) with GPT-2's tokenizer, saved as a folder."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
+    folder = module_tmp.mktemp("tiny-llama")
     config = LlamaConfig(
         vocab_size=50257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -75,7 +75,7 @@ def load_base(folder: Path) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def lora_run(tiny_model_dir: Path, corpus: tuple[Path, Path], tmp_path_factory) -> dict:
+def lora_run(tiny_model_dir: Path, corpus: tuple[Path, Path], module_tmp: ModuleTemp) -> dict:
     """A LoRA run on tiny GPT-2 (fp32), with the trained in-memory model captured at the end."""
     import domainlm.run.train as train_module
 
@@ -86,7 +86,7 @@ def lora_run(tiny_model_dir: Path, corpus: tuple[Path, Path], tmp_path_factory) 
         captured["model"] = run.net.model
         return real_save(run, *args)
 
-    out = tmp_path_factory.mktemp("lora-run") / "run"
+    out = module_tmp.mktemp("lora-run") / "run"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train_module, "save_model_folder", capturing_save)
         result = train(config(tiny_model_dir, corpus, out, sample_prompts=["the"], sample_every=3))

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import uneven_corpus, write_lines
+from conftest import ModuleTemp, uneven_corpus, write_lines
 
 from domainlm.cli import main
 from domainlm.evaluation.perplexity import PerplexityConfig, evaluate_perplexity
@@ -201,10 +201,10 @@ def test_text_with_a_byte_order_mark_scores_as_the_file_does(tiny_model_dir, tmp
 
 
 @pytest.fixture(scope="module")
-def second_model_dir(tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
+def second_model_dir(module_tmp: ModuleTemp) -> Path:
     from domainlm.model.loading import save_scratch_folder
 
-    folder = tmp_path_factory.mktemp("tiny-model-2")
+    folder = module_tmp.mktemp("tiny-model-2")
     return save_scratch_folder(
         "tiny", folder, seed=1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
     )

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import uneven_corpus, write_lines
+from conftest import ModuleTemp, uneven_corpus, write_lines
 from safetensors.torch import load_file
 
 from domainlm.cli import main as cli_main
@@ -87,18 +87,18 @@ def wait_for_step(out: Path, step: int, proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("corpus")
+def corpus(module_tmp: ModuleTemp) -> Path:
+    folder = module_tmp.mktemp("corpus")
     write_lines(folder / "train.txt", uneven_corpus(40, seed=0))
     write_lines(folder / "valid.txt", uneven_corpus(8, seed=1))
     return folder
 
 
 @pytest.fixture(scope="module")
-def reference(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def reference(corpus: Path, module_tmp: ModuleTemp) -> Path:
     """One uninterrupted run; run from an empty folder with an empty HOME and TMPDIR, so that the
     security test can check that nothing was written outside the output dir and the cache."""
-    base = tmp_path_factory.mktemp("reference")
+    base = module_tmp.mktemp("reference")
     home, cwd, tmp = base / "home", base / "cwd", base / "tmp"
     for folder in (home, cwd, tmp):
         folder.mkdir()

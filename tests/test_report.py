@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import uneven_corpus, write_lines
+from conftest import ModuleTemp, uneven_corpus, write_lines
 
 from domainlm import TrainConfig, train
 from domainlm.cli import main
@@ -22,7 +22,7 @@ PROMPTS = ["the cat", "a dog"]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def runs(module_tmp: ModuleTemp) -> tuple[Path, Path]:
     """Two short runs, the same but for --sample-prompts (and the learning rate of a third...).
 
     The model has dropout on (GPT-2's 0.1): a sampler that left the model in eval mode, or that
@@ -30,7 +30,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """
     from domainlm.model.loading import save_scratch_folder
 
-    base = tmp_path_factory.mktemp("report-runs")
+    base = module_tmp.mktemp("report-runs")
     model_dir = save_scratch_folder("tiny", base / "model", seed=0)
     train_file = write_lines(base / "train.txt", uneven_corpus(40))
     valid_file = write_lines(base / "valid.txt", uneven_corpus(6, seed=1))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import uneven_corpus, write_lines
+from conftest import ModuleTemp, uneven_corpus, write_lines
 
 from domainlm import TrainConfig, train
 from domainlm.cli import main
@@ -33,12 +33,12 @@ MPL_BLUE, MPL_ORANGE = (31, 119, 180), (255, 127, 14)  # the first two runs' col
 
 
 @pytest.fixture(scope="module")
-def run_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def run_dirs(module_tmp: ModuleTemp) -> tuple[Path, Path]:
     """Two tiny real runs (6 steps, evaluated every 2, checkpoints at 2, 4, 6), lr 1e-3 and 3e-3;
     the first samples while training. The corpus has a duplicated line: one lint warning."""
     from domainlm.model.loading import save_scratch_folder
 
-    base = tmp_path_factory.mktemp("report-page")
+    base = module_tmp.mktemp("report-page")
     model_dir = save_scratch_folder("tiny", base / "model", seed=0)
     train_file = write_lines(base / "train.txt", uneven_corpus(30) + ["a dup line here"] * 2)
     valid_file = write_lines(base / "valid.txt", uneven_corpus(6, seed=1))

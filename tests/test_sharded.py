@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import uneven_corpus, write_lines
+from conftest import ModuleTemp, uneven_corpus, write_lines
 from safetensors.torch import load_file
 
 from domainlm.cli import main as cli_main
@@ -27,8 +27,8 @@ from domainlm.run.sharded import dcp_load, is_sharded_checkpoint
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("corpus")
+def corpus(module_tmp: ModuleTemp) -> Path:
+    folder = module_tmp.mktemp("corpus")
     write_lines(folder / "train.txt", uneven_corpus(40, seed=0))
     write_lines(folder / "valid.txt", uneven_corpus(8, seed=1))
     return folder
@@ -58,8 +58,8 @@ def same_weights(a: Path, b: Path) -> bool:
 
 
 @pytest.fixture(scope="module")
-def runs(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("runs")
+def runs(corpus: Path, module_tmp: ModuleTemp) -> dict[str, Path]:
+    root = module_tmp.mktemp("runs")
     full, sharded = root / "full", root / "sharded"
     assert cli_main(train_args(corpus, full)) == 0
     assert cli_main(train_args(corpus, sharded, "--checkpoint-format", "sharded")) == 0

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import uneven_corpus, write_lines
+from conftest import ModuleTemp, uneven_corpus, write_lines
 from safetensors.torch import load_file
 from test_distributed import (
     LAUNCH_TIMEOUT,
@@ -46,8 +46,8 @@ pytestmark = pytest.mark.usefixtures("one_thread_like_the_ranks")
 
 
 @pytest.fixture(scope="module")
-def data(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("sharded-dist")
+def data(tiny_model_dir: Path, module_tmp: ModuleTemp) -> dict[str, Path]:
+    root = module_tmp.mktemp("sharded-dist")
     return {
         "model": tiny_model_dir,
         "train": write_lines(root / "train.txt", uneven_corpus(60, seed=1)),

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import uneven_corpus, write_lines
+from conftest import ModuleTemp, uneven_corpus, write_lines
 
 from domainlm.cli import main as cli_main
 from domainlm.config import TrainConfig
@@ -52,9 +52,9 @@ def offline_env(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def logged_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def logged_run(tiny_model_dir: Path, module_tmp: ModuleTemp) -> Path:
     """One run: 6 steps, a loss line every step, validation at steps 0, 3 and 6."""
-    root = tmp_path_factory.mktemp("trackers")
+    root = module_tmp.mktemp("trackers")
     train_file = write_lines(root / "train.txt", uneven_corpus(40, seed=1))
     valid_file = write_lines(root / "valid.txt", uneven_corpus(8, seed=2))
     config = TrainConfig(

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import uneven_corpus, write_lines
+from conftest import ModuleTemp, uneven_corpus, write_lines
 
 from domainlm.cli import main as cli_main
 from domainlm.demo import DEMO_MARKER
@@ -58,8 +58,8 @@ def test_demo_keeps_a_users_data_and_rewrites_its_own(tmp_path: Path, capsys, mo
 
 
 @pytest.fixture(scope="module")
-def run_folder(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("kept")
+def run_folder(tiny_model_dir: Path, module_tmp: ModuleTemp) -> Path:
+    root = module_tmp.mktemp("kept")
     train = write_lines(root / "train.txt", uneven_corpus(30, seed=0))
     valid = write_lines(root / "valid.txt", uneven_corpus(6, seed=1))
     out = root / "run"
