@@ -530,6 +530,61 @@ def test_export_merges_an_adapter_checkpoint_into_a_plain_folder(
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
 
 
+def adapter_copy(run: Path, folder: Path, tokenizer: bool = True) -> Path:
+    """A LoRA run's adapter (config, weights, run settings; the tokenizer files if asked) alone."""
+    folder.mkdir()
+    names = ["adapter_config.json", "adapter_model.safetensors", "run_config.json"]
+    if tokenizer:
+        names += ["tokenizer.json", "tokenizer_config.json"]
+    for name in names:
+        shutil.copy(run / name, folder / name)
+    return folder
+
+
+def test_a_damaged_adapter_is_one_line_for_every_command(
+    lora_run: dict, corpus: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A truncated adapter_model.safetensors (an interrupted copy): generate, perplexity, export
+    and a resume each say so in one line, as for a damaged model, not with a traceback."""
+    from domainlm.model.lora import load_adapter_weights
+
+    damaged = adapter_copy(lora_run["out"], tmp_path / "damaged")
+    weights = damaged / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    commands = [
+        ["generate", "--model", str(damaged), "--prompt", "the", "--max-new-tokens", "2"],
+        ["perplexity", "--model", str(damaged), "--file", str(corpus[1]), "--quiet"],
+        ["export", str(damaged), str(tmp_path / "exported")],
+    ]
+    for argv in commands:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "Traceback" not in err[0], (argv, err)
+        assert f"could not read the weights of {weights}" in err[0], err
+        assert "damaged or incomplete" in err[0]
+    assert not (tmp_path / "exported").exists()
+    with pytest.raises(UserError, match="damaged or incomplete"):
+        load_adapter_weights(None, damaged)
+
+
+def test_export_of_an_adapter_without_tokenizer_files_takes_its_bases(
+    lora_run: dict, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """As generate and perplexity do: the adapter alone (no tokenizer files beside it) exports
+    with its base's tokenizer, to the same weights as the run's merged/ folder."""
+    from transformers import AutoTokenizer
+
+    bare = adapter_copy(lora_run["out"], tmp_path / "bare", tokenizer=False)
+    out = tmp_path / "exported"
+    assert main(["export", str(bare), str(out)]) == 0
+    got = load_file(out / "model.safetensors")
+    want = load_file(lora_run["out"] / "merged" / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    text = "the river, 42 times"
+    base_ids = AutoTokenizer.from_pretrained(tiny_model_dir)(text).input_ids
+    assert AutoTokenizer.from_pretrained(out)(text).input_ids == base_ids
+
+
 def test_an_adapter_whose_base_is_gone_names_where_the_base_came_from(
     lora_run: dict, corpus: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -620,7 +675,7 @@ def test_out_of_memory_while_merging_is_one_line_and_keeps_the_run(
 
 def test_the_memory_plan_counts_the_merge_and_says_when_it_does_not_fit(lora_run: dict) -> None:
     """`inspect`'s plan holds the --merge step: the merged model's float32 bytes (what
-    lora.merged_model builds, measured on the run's merged/ folder) beside the run's weights in
+    lora.load_merged builds, measured on the run's merged/ folder) beside the run's weights in
     system RAM; where that is more than the RAM free, the flags that fit add --no-merge."""
     from dataclasses import replace
 

@@ -162,6 +162,20 @@ def test_export_gives_a_plain_folder_with_the_runs_logits(
     assert AutoTokenizer.from_pretrained(out)("a b").input_ids
 
 
+def test_export_keeps_the_dtype_the_checkpoint_holds(corpus: Path, tmp_path: Path) -> None:
+    """A pure bf16 run's checkpoint (--load-dtype bfloat16) exports as the bf16 tensors it holds,
+    bit for bit, not as a float32 copy twice its size that transformers loads as float32."""
+    run, out = tmp_path / "bf16-run", tmp_path / "exported"
+    flags = ("--precision", "bf16", "--load-dtype", "bfloat16", "--max-steps", "2")
+    assert cli_main(train_args(corpus, run, *flags)) == 0
+    assert cli_main(["export", str(run / "checkpoint-2"), str(out)]) == 0
+    exported, held = load_file(out / "model.safetensors"), load_file(run / "model.safetensors")
+    assert {t.dtype for t in held.values()} == {torch.bfloat16}
+    assert exported.keys() == held.keys()
+    assert all(exported[k].dtype == torch.bfloat16 for k in exported)
+    assert all(torch.equal(exported[k], held[k]) for k in held)
+
+
 def test_export_refuses_a_corrupt_checkpoint_and_a_used_folder(
     runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -11,6 +11,8 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -258,7 +260,7 @@ def _load_pretrained(
                 source, trust_remote_code=trust_remote_code, local_files_only=local_files_only
             )
             return meta_model_of(model_config, trust_remote_code), tokenizer
-        try:
+        with weights_read_from(spec):
             model = AutoModelForCausalLM.from_pretrained(
                 source,
                 dtype=dtype,
@@ -266,13 +268,6 @@ def _load_pretrained(
                 use_safetensors=True,  # never unpickle weights (a .bin file can run code)
                 local_files_only=local_files_only,
             )
-        except Exception as exc:
-            if type(exc).__name__ != "SafetensorError":  # safetensors' own, not an OSError
-                raise
-            raise UserError(
-                f"could not read the weights of {spec}: {_first_line(exc)}; the .safetensors "
-                "file is damaged or incomplete (an interrupted copy or download?): copy it again"
-            ) from None
         return model, tokenizer
 
     try:
@@ -343,6 +338,35 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
             return True
     except OSError:
         return False
+
+
+@contextmanager
+def weights_read_from(spec: str | Path) -> Iterator[None]:
+    """Reading a model's or an adapter's .safetensors weights: a damaged file (safetensors' own
+    SafetensorError, not an OSError) is one line that names it and says what to do."""
+    try:
+        yield
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise UserError(
+            f"could not read the weights of {spec}: {_first_line(exc)}; the .safetensors "
+            "file is damaged or incomplete (an interrupted copy or download?): copy it again"
+        ) from None
+
+
+def stored_float_dtype(folder: Path) -> torch.dtype:
+    """The dtype a model folder's .safetensors files hold its floating-point weights in (read from
+    their headers, no weights loaded); float32 where they mix dtypes or none is there."""
+    from safetensors import safe_open
+
+    names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    found: set[str] = set()
+    for file in sorted(folder.glob("*.safetensors")):
+        with weights_read_from(file), safe_open(str(file), framework="pt") as weights:
+            found |= {weights.get_slice(name).get_dtype() for name in weights.keys()}  # noqa: SIM118
+    floats = found & {"F32", "BF16", "F16", "F64"}
+    return names.get(floats.pop(), torch.float32) if len(floats) == 1 else torch.float32
 
 
 def _first_line(exc: BaseException) -> str:

@@ -25,7 +25,13 @@ import torch
 from domainlm.config import read_run_settings
 from domainlm.errors import TrainingAborted, UserError
 from domainlm.model.distributed import transformer_blocks
-from domainlm.model.loading import ADAPTER_CONFIG, SCRATCH_PREFIX, LoadedModel, load_model
+from domainlm.model.loading import (
+    ADAPTER_CONFIG,
+    SCRATCH_PREFIX,
+    LoadedModel,
+    load_model,
+    weights_read_from,
+)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MERGED_DIR = "merged"  # inside the run folder: the merged model (--merge)
@@ -221,7 +227,8 @@ def load_adapter_weights(peft_model: Any, folder: Path) -> None:
             "this version can continue; resume from another checkpoint (--resume) or start "
             "afresh (--overwrite-output-dir)"
         )
-    state = load_file(str(folder / ADAPTER_WEIGHTS))
+    with weights_read_from(folder / ADAPTER_WEIGHTS):
+        state = load_file(str(folder / ADAPTER_WEIGHTS))
     result = set_peft_model_state_dict(peft_model, state)
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing or result.unexpected_keys:
@@ -253,34 +260,36 @@ def save_adapter(peft_model: Any, folder: Path) -> None:
     shutil.rmtree(staging)
 
 
-def merged_model(
+def load_merged(
     folder: Path,
     *,
     seed: int | None = None,
     eos_token: str | None = None,
     trust_remote_code: bool = False,
-) -> torch.nn.Module:
+) -> LoadedModel:
     """The adapter saved in `folder` merged into a fresh float32 copy of its base: a plain
     transformers model (W + alpha / r * B @ A in float32, so an update smaller than a bf16 step
-    of W is not rounded away). Needs the base's parameters x 4 bytes of memory."""
+    of W is not rounded away), with the base's tokenizer. Needs the base's parameters x 4 bytes
+    of memory."""
     loaded = load_adapter(
         folder, seed=seed, eos_token=eos_token, trust_remote_code=trust_remote_code, peft=True
     )
-    return loaded.model.merge_and_unload()
+    loaded.model = loaded.model.merge_and_unload()
+    return loaded
 
 
 def save_merged(
     folder: Path, tokenizer: Any, *, seed: int, eos_token: str | None, trust_remote_code: bool
 ) -> Path:
-    """`folder/merged`: `merged_model(folder)` saved as a plain model folder with the tokenizer.
+    """`folder/merged`: `load_merged(folder)` saved as a plain model folder with the tokenizer.
 
     Out of memory while merging: a TrainingAborted naming what it needs and the way out (the
     adapter in `folder` is saved already; `domainlm export` merges it later)."""
     target = folder / MERGED_DIR
     try:
-        merged = merged_model(
+        merged = load_merged(
             folder, seed=seed, eos_token=eos_token, trust_remote_code=trust_remote_code
-        )
+        ).model
     except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
         if not is_out_of_memory(exc):
             raise
@@ -374,7 +383,8 @@ def load_adapter(
             f"its {ADAPTER_CONFIG}) cannot be loaded: {exc}"
         ) from None
     # safetensors only: the adapter_model.safetensors checked above is the file peft reads first
-    model = peft_lib.PeftModel.from_pretrained(loaded.model.float(), str(folder))
+    with weights_read_from(folder / ADAPTER_WEIGHTS):
+        model = peft_lib.PeftModel.from_pretrained(loaded.model.float(), str(folder))
     loaded.model = model if peft else model.get_base_model()
     loaded.model.eval()
     loaded.source = str(folder)

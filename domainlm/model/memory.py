@@ -187,7 +187,7 @@ class MemoryPlan:
     available: int | None = None  # bytes on the device at hand
     device: str = "cpu"
     # A LoRA run's --merge (the default), after training: a float32 copy of the base in system
-    # RAM (lora.merged_model), beside the run's weights when those are in system RAM too (CPU).
+    # RAM (lora.load_merged), beside the run's weights when those are in system RAM too (CPU).
     merge_bytes: int = 0
     host_available: int | None = None  # system RAM free (the merge's; = available on the CPU)
     # --strategy fsdp over this many ranks: full fine-tuning's rows are one rank's (LoRA's are

@@ -225,7 +225,7 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
     """Write checkpoint (full or sharded) as a plain Hugging Face folder `out` (model, tokenizer).
 
     A LoRA adapter (a LoRA run's checkpoint, or its final folder) is merged into a float32 copy
-    of its base (lora.merged_model), as --merge does at the end of a run. The checkpoint's
+    of its base (lora.load_merged), as --merge does at the end of a run. The checkpoint's
     checksums are checked first; `out` must not hold files already."""
     from domainlm.model.lora import is_adapter_folder
 
@@ -277,16 +277,26 @@ def load_for_export(checkpoint: Path, adapter: bool) -> tuple[Any, Any]:
     """The checkpoint's model (a LoRA adapter merged into its base) and tokenizer, on the CPU."""
     from transformers import AutoTokenizer
 
-    from domainlm.model.loading import load_model, quiet_transformers
-    from domainlm.model.lora import merged_model
+    from domainlm.model.loading import (
+        TOKENIZER_FILES,
+        load_model,
+        quiet_transformers,
+        stored_float_dtype,
+    )
+    from domainlm.model.lora import load_merged
 
     quiet_transformers()
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     if adapter:
-        return merged_model(checkpoint), tokenizer
+        # A LoRA run's folder without tokenizer files takes its base's, as generate does.
+        merged = load_merged(checkpoint)
+        if not any((checkpoint / name).is_file() for name in TOKENIZER_FILES):
+            return merged.model, merged.tokenizer
+        return merged.model, AutoTokenizer.from_pretrained(checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     if is_sharded_checkpoint(checkpoint):
         return model_from_sharded(checkpoint), tokenizer
-    return load_model(str(checkpoint)).model, tokenizer
+    # in the dtype its weights are stored in: a bf16 run's checkpoint exports as bf16
+    return load_model(str(checkpoint), dtype=stored_float_dtype(checkpoint)).model, tokenizer
 
 
 def clear_folder(folder: Path, made: Path | None) -> None:
