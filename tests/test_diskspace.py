@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ModuleTemp, uneven_corpus, write_lines
+from conftest import uneven_corpus, write_lines
 from safetensors.torch import load_file
 
 from domainlm.cli import main as cli_main
@@ -75,13 +75,15 @@ def error_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("domainlm:")]
 
 
-_SHARED: dict[str, Path] = {}  # made once per session, also for tests/test_preempt.py
+# Made once per session, also for tests/test_preempt.py: in pytest's session folders, not in
+# `module_tmp`'s (removed after this module's tests, before test_preempt's run).
+_SHARED: dict[str, Path] = {}
 
 
 @pytest.fixture
-def corpus(module_tmp: ModuleTemp) -> Path:
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if "corpus" not in _SHARED:
-        folder = module_tmp.mktemp("corpus")
+        folder = tmp_path_factory.mktemp("corpus")
         write_lines(folder / "train.txt", uneven_corpus(40, seed=0))
         write_lines(folder / "valid.txt", uneven_corpus(8, seed=1))
         _SHARED["corpus"] = folder
@@ -89,11 +91,11 @@ def corpus(module_tmp: ModuleTemp) -> Path:
 
 
 @pytest.fixture
-def reference(corpus: Path, module_tmp: ModuleTemp) -> Path:
+def reference(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One uninterrupted run of `run_args` (a module global: tests/test_preempt.py imports this
     module, so both files share the one run)."""
     if "reference" not in _SHARED:
-        out = module_tmp.mktemp("reference") / "out"
+        out = tmp_path_factory.mktemp("reference") / "out"
         assert cli_main(run_args(corpus, out)) == 0
         _SHARED["reference"] = out
     return _SHARED["reference"]

@@ -177,6 +177,61 @@ def test_sigkill_during_an_async_save_resumes_from_the_previous_checkpoint(
     assert not (out / ".checkpoint-6.tmp").exists()  # the partial write was replaced
 
 
+# `domainlm train` with one function of run/train.py replaced by an os._exit (no handler, no
+# clean-up: as a SIGKILL or the OOM killer at that point), after `{before}` runs.
+KILLED_IN = """
+import os, sys
+from pathlib import Path
+import domainlm.run.train as train
+def killed(output_dir, *args, **kwargs):
+    {before}
+    os._exit(137)
+setattr(train, sys.argv[1], killed)
+from domainlm.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+# where the final save is cut short: after the model and tokenizer are in the run folder; for
+# LoRA, midway through the merge (merged/ holds its config, not yet its weights)
+FINAL_SAVE_KILLS = {
+    "full": ("save_eval_results", "pass", ()),
+    "lora": (
+        "save_merged",
+        "(Path(output_dir) / 'merged').mkdir(); (Path(output_dir) / 'merged/config.json').write_text('{{}}')",
+        ("--lora",),
+    ),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(FINAL_SAVE_KILLS))
+def test_a_run_killed_in_its_final_save_resumes_and_can_be_overwritten(
+    mode: str, corpus: Path, reference: Path, tmp_path: Path
+) -> None:
+    """Every file of the final save is recorded as the run's before it is written: the same
+    command finishes the run, and --overwrite-output-dir replaces it, instead of both refusing
+    the run's own files as a user's ("which domainlm did not write")."""
+    function, before, flags = FINAL_SAVE_KILLS[mode]
+    out = tmp_path / "out"
+    command = train_cmd(corpus, out, *flags)
+    killer = [sys.executable, "-c", KILLED_IN.format(before=before), function, *command[3:]]
+    died = subprocess.run(killer, cwd=corpus, env=env_for(corpus), capture_output=True, text=True)
+    assert died.returncode == 137, died.stderr
+    assert (out / ("adapter_model.safetensors" if flags else "model.safetensors")).is_file()
+    assert "finished" not in json.loads((out / ckpt.RUN_FILE).read_text())
+    for extra in ((), ("--overwrite-output-dir",)):
+        again = subprocess.run(
+            [*command, *extra], cwd=corpus, env=env_for(corpus), capture_output=True, text=True
+        )
+        assert again.returncode == 0, again.stderr
+        assert "did not write" not in again.stderr
+        assert "finished" in json.loads((out / ckpt.RUN_FILE).read_text())
+        assert (out / "eval_results.json").is_file() and not (out / ".final.tmp").exists()
+        if flags:
+            assert load_file(out / "merged" / "model.safetensors")
+        else:
+            assert_same_weights(out, reference)
+
+
 def test_sigterm_saves_and_exits_143_then_resumes_exactly(
     corpus: Path, reference: Path, tmp_path: Path
 ) -> None:

@@ -355,6 +355,8 @@ OUTPUT_NAMES = (
 # What `domainlm report` writes into its output folder (a run's folder, by default) beside the
 # plots; train writes report.html itself.
 SUMMARY_FILE, REPORT_FILE = "summary.md", "report.html"
+# A finished run's final validation figures (run/train.py save_eval_results).
+EVAL_RESULTS_FILE = "eval_results.json"
 
 
 def written_by_a_report(path: Path) -> bool:
@@ -465,11 +467,36 @@ def remove_owned_files(output_dir: Path) -> list[str]:
     return removed
 
 
-def record_written(output_dir: Path, name: str) -> None:
-    """Add `name` to the run file's `written` list (before writing it: a crash mid-write still
-    leaves it owned, so --overwrite-output-dir removes it)."""
+def record_written(output_dir: Path, *names: str) -> None:
+    """Add `names` to the run file's `written` list (before writing them: a crash mid-write still
+    leaves them owned, so a resume writes over them and --overwrite-output-dir removes them)."""
     run = read_run_file(output_dir)
     run = run if isinstance(run, dict) else {}
     written = run.get("written", [])
-    if name not in written:
-        write_json_atomic(output_dir / RUN_FILE, {**run, "written": sorted([*written, name])})
+    if set(names) - set(written):
+        write_json_atomic(output_dir / RUN_FILE, {**run, "written": sorted({*written, *names})})
+
+
+# Where the final model and tokenizer are written before they are moved into the run folder
+# (`publish_final_files`): a run killed while writing them leaves only this owned folder.
+FINAL_STAGING = ".final.tmp"
+
+
+def staging_for_final_files(output_dir: Path) -> Path:
+    """An empty FINAL_STAGING folder in `output_dir`, recorded as written before it is made."""
+    staging = output_dir / FINAL_STAGING
+    record_written(output_dir, FINAL_STAGING)
+    if staging.is_dir() and not staging.is_symlink():
+        shutil.rmtree(staging)  # an earlier final save's, cut short
+    staging.mkdir()
+    return staging
+
+
+def publish_final_files(output_dir: Path, staging: Path) -> None:
+    """Move what `staging` holds into `output_dir`, every name recorded as written first (a kill
+    between two moves leaves only owned files), then remove the empty staging folder."""
+    names = sorted(p.name for p in staging.iterdir())
+    record_written(output_dir, *names)
+    for name in names:
+        (staging / name).replace(output_dir / name)
+    staging.rmdir()

@@ -22,7 +22,12 @@ from typing import Any
 
 from domainlm.config import TRAINING_SETTINGS, setting_shown, valid_history
 from domainlm.errors import UserError
-from domainlm.run.checkpoint import REPORT_FILE, SUMMARY_FILE, written_by_a_report
+from domainlm.run.checkpoint import (
+    EVAL_RESULTS_FILE,
+    REPORT_FILE,
+    SUMMARY_FILE,
+    written_by_a_report,
+)
 from domainlm.run.metrics import initial_perplexity, read_events, scored
 
 # file -> what it shows (the model card and report.html list them in this order)
@@ -128,7 +133,7 @@ def read_run(path: Path) -> RunData:
         evals=[e for e in events if "eval_ppl" in e],
         whole_evals=[e for e in events if "eval_whole_ppl" in e],
     )
-    for name, attr in (("run_config.json", "config"), ("eval_results.json", "results")):
+    for name, attr in (("run_config.json", "config"), (EVAL_RESULTS_FILE, "results")):
         try:
             payload = json.loads((path / name).read_text())
         except (OSError, ValueError):

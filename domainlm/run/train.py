@@ -63,14 +63,18 @@ from domainlm.run.async_save import background_writer
 from domainlm.run.best_model import BestModel, restore_best_model
 from domainlm.run.boundaries import Checkpoints, Evaluation, Progress, Sampling, StopGuard
 from domainlm.run.checkpoint import (
+    EVAL_RESULTS_FILE,
     best_checkpoint,
     check_output_dir,
     foreign_inside,
     list_checkpoints,
     load_training_state,
     owned_entries,
+    publish_final_files,
     read_run_file,
+    record_written,
     remove_owned_files,
+    staging_for_final_files,
 )
 from domainlm.run.diskspace import (
     check_run_disk_space,
@@ -651,14 +655,21 @@ def save_model_folder(
     tokenizer, config = run.data.loaded.tokenizer, run.config
     merge = bool(config.lora and config.merge)
     size = lambda: estimate_checkpoint(model, tokenizer, merge).model_folder  # noqa: E731
+    # Every name is recorded as written before it is: a run killed mid-save is resumed or
+    # overwritten as its own, not refused as holding a user's files.
     with model_folder_write(output_dir, size):  # a full disk: one line, exit 4 (diskspace.py)
+        staging = staging_for_final_files(output_dir)
         if config.lora:
-            save_adapter(model, output_dir)  # the run folder is the adapter; merged/ the model
+            save_adapter(model, staging)  # the run folder is the adapter; merged/ the model
         else:
-            model.save_pretrained(output_dir, state_dict=final_state)
-        tokenizer.save_pretrained(output_dir)
+            model.save_pretrained(staging, state_dict=final_state)
+        tokenizer.save_pretrained(staging)
+        publish_final_files(output_dir, staging)
+    if config.lora and config.merge:
+        record_written(output_dir, MERGED_DIR)
     merge_failed, merged_files = merge_adapter(run, size) if config.lora else (None, None)
     if final.tokens:
+        record_written(output_dir, EVAL_RESULTS_FILE)
         save_eval_results(output_dir, final, initial, run.metrics, runtime, tokens_seen, notes)
     run.loggers.close()
     summary = data_summary(run.data.train_stream, run.data.valid_stream)
@@ -799,7 +810,7 @@ def finished_result(
         run = read_run_file(output_dir) or {}
         as_json = lambda value: json.loads(json.dumps(value))  # noqa: E731 - tuples as lists
         try:
-            results = json.loads((output_dir / "eval_results.json").read_text(encoding="utf-8"))
+            results = json.loads((output_dir / EVAL_RESULTS_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             results = {}
         marker = run.get("finished")
@@ -908,4 +919,4 @@ def save_eval_results(
         "train_tokens": train_tokens,
     }
     results.update(notes or {})
-    (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (output_dir / EVAL_RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
