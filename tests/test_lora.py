@@ -729,6 +729,32 @@ def test_inspect_and_the_card_tell_a_lora_run_by_its_own_adapters(
     assert json.loads(capsys.readouterr().out)["memory_plan"]["lora_r"] == 16
 
 
+def test_inspect_takes_the_lora_targets_train_takes(
+    tiny_model_dir: Path, corpus: tuple[Path, Path], tmp_path: Path, capsys
+) -> None:
+    """`--lora-targets attn.c_proj` (a dotted suffix: the attention's output projection, not the
+    MLP's c_proj) trains; `inspect` plans it with the trainable count the run had, from the flag
+    and from the run's folder and checkpoint (whose adapter config names the full layer names),
+    where it used to refuse them all ("no such linear layer")."""
+    out = tmp_path / "run"
+    from peft import PeftConfig
+
+    train(config(tiny_model_dir, corpus, out, max_steps=1, save_steps=1, merge=False,
+                 lora_targets=["attn.c_proj"]))  # fmt: skip
+    assert "LoRA: 2,048 trainable" in capsys.readouterr().err
+
+    adapted = PeftConfig.from_pretrained(out).target_modules
+    assert sorted(adapted) == ["transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"]
+    by_hand = 2 * 8 * (64 + 64)  # two layers' attention output projection, 64 -> 64, r=8
+    for argv in (
+        ["inspect", "--model", str(tiny_model_dir), "--lora-targets", "attn.c_proj"],
+        ["inspect", "--model", str(out)],
+        ["inspect", "--model", str(out / "checkpoint-1")],
+    ):
+        assert main([*argv, "--json"]) == 0, capsys.readouterr().err
+        assert json.loads(capsys.readouterr().out)["memory_plan"]["trainable_lora"] == by_hand
+
+
 def test_train_on_a_merged_lora_run_names_its_merged_folder(
     lora_run: dict, corpus: tuple[Path, Path], tmp_path: Path, capsys
 ) -> None:

@@ -300,7 +300,6 @@ def test_layer_activations_equal_what_autograd_keeps(family, base_dtype, lora):
     from domainlm.model.lora import LoraSettings, attach_lora
     from domainlm.model.memory import (
         BatchShape,
-        default_lora_targets,
         layer_activations,
         lora_adapters,
         meta_model,
@@ -333,7 +332,7 @@ def test_layer_activations_equal_what_autograd_keeps(family, base_dtype, lora):
     weight = torch.finfo(base_dtype).bits // 8
     eager = shape.kv_heads == shape.heads  # as plan_memory decides it on the CPU
     batch = BatchShape(4, 64, compute=2, weight=weight, autocast=True, eager_scores=eager)
-    adapters = lora_adapters(shape, 8, default_lora_targets(shape), 0.05) if lora else None
+    adapters = lora_adapters(shape, 8, list(shape.linears), 0.05) if lora else None
     load = "float32" if weight == 4 else "auto"
     plan = plan_memory(cfg, model=family, batch_size=4, block_size=64, precision="bf16",
                        load_dtype=load)  # fmt: skip

@@ -175,6 +175,18 @@ def target_modules(model: torch.nn.Module, requested: tuple[str, ...] | None) ->
     return sorted(set(chosen)) if other else leaves
 
 
+def adapted_layers(model: torch.nn.Module, targets: list[str]) -> dict[str, tuple[int, int]]:
+    """The layers peft adapts for `targets` (as `target_modules` names them: a layer whose full
+    name is a target or ends with "." + one), full name -> (in, out) features."""
+    found: dict[str, tuple[int, int]] = {}
+    for name, module in model.named_modules():
+        if adaptable(module) and any(name == t or name.endswith("." + t) for t in targets):
+            rows, cols = module.weight.shape  # Linear: (out, in); Conv1D: (in, out)
+            linear = isinstance(module, torch.nn.Linear)
+            found[name] = (int(cols), int(rows)) if linear else (int(rows), int(cols))
+    return found
+
+
 # ----------------------------------------------------------------------------- training
 
 

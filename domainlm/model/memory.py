@@ -526,21 +526,26 @@ def host_bound(peak: int, base: int) -> int:
     return peak + (peak - base) + HOST_RUNTIME
 
 
-def lora_adapters(s: ModelShape, r: int, targets: list[str], dropout: float) -> Adapters:
-    """The Adapters of one layer for these targets (short names) at rank r."""
-    chosen = [k for k in s.linears if k.split(".")[-1] in targets]
+def lora_adapters(s: ModelShape, r: int, layer_keys: list[str], dropout: float) -> Adapters:
+    """The Adapters of one layer at rank r on its linear maps named `layer_keys` (keys of
+    `s.linears`; every layer planned as adapted where any one is: the larger activations)."""
+    chosen = [k for k in s.linears if k in layer_keys]
     return Adapters(len(chosen), sum(s.linears[k][0] for k in chosen), r, dropout > 0)
 
 
-def lora_params(s: ModelShape, r: int, targets: list[str]) -> int:
-    """Adapter parameters: r x (in + out) for every targeted linear map of every layer."""
-    chosen = [k for k in s.linears if k.split(".")[-1] in targets]
-    return s.layers * sum(r * (s.linears[k][0] + s.linears[k][1]) for k in chosen)
+def planned_lora_targets(
+    meta: torch.nn.Module, s: ModelShape, requested: list[str] | None, r: int
+) -> tuple[list[str], list[str], int]:
+    """The LoRA targets as `train` resolves them (lora.target_modules on the meta model: the
+    same matching of a leaf name, a dotted suffix such as attn.c_proj or a full name, and the
+    same errors), the keys of `s.linears` they adapt in any layer, and the adapter parameters:
+    r x (in + out) for every layer adapted."""
+    from domainlm.model.lora import adapted_layers, target_modules
 
-
-def default_lora_targets(s: ModelShape) -> list[str]:
-    """Every linear map of a layer's attention and MLP blocks, by short name."""
-    return sorted({k.split(".")[-1] for k in s.linears})
+    targets = target_modules(meta, tuple(requested) if requested else None)
+    adapted = adapted_layers(meta, targets)
+    keys = [k for k in s.linears if any(name.endswith("." + k) for name in adapted)]
+    return targets, keys, r * sum(i + o for i, o in adapted.values())
 
 
 def plan_memory(
@@ -560,19 +565,13 @@ def plan_memory(
     """The MemoryPlan of `model_config` (a transformers config) at this batch shape, from the
     config alone (the model is built on the meta device); `fsdp_ranks` > 1: full fine-tuning
     planned per rank under `--strategy fsdp` over that many ranks."""
-    shape = model_shape(meta_model(model_config))
-    targets = lora_targets or default_lora_targets(shape)
-    unknown = sorted(set(targets) - {k.split(".")[-1] for k in shape.linears})
-    if unknown:
-        raise UserError(
-            f"--lora-targets {', '.join(unknown)}: no such linear layer in {model}; it has "
-            + ", ".join(default_lora_targets(shape))
-        )
+    meta = meta_model(model_config)
+    shape = model_shape(meta)
+    targets, adapted_keys, trainable_lora = planned_lora_targets(meta, shape, lora_targets, lora_r)
     chunk = LOSS_CHUNK_TOKENS
     if device == "cuda":
         chunk = max(LOSS_CHUNK_TOKENS, CUDA_CHUNK_LOGITS // max(shape.vocab, 1) // 256 * 256)
     scenarios: dict[str, Terms] = {}
-    trainable_lora = lora_params(shape, lora_r, targets)
     for lora in (False, True):
         dtype = load_dtype_for(load_dtype if lora else _full_load(load_dtype), precision, lora)
         batch = BatchShape(
@@ -586,7 +585,7 @@ def plan_memory(
             cuda=device == "cuda",
         )
         trainable = trainable_lora if lora else shape.params
-        adapters = lora_adapters(shape, lora_r, targets, lora_dropout) if lora else None
+        adapters = lora_adapters(shape, lora_r, adapted_keys, lora_dropout) if lora else None
         for ckpt in (False, True):
             name = ("lora" if lora else "full") + ("+ckpt" if ckpt else "")
             scenarios[name] = scenario(
