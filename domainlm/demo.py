@@ -94,6 +94,21 @@ def write_demo_corpus(folder: Path, seed: int = 0, owned: bool = True) -> tuple[
 DEMO_STEPS = 180
 
 
+def stopped_demo(model_dir: Path, model: str, steps: int) -> bool:
+    """`model_dir` holds a demo run of this model and length that stopped before its end
+    (Ctrl-C, a kill) and saved a checkpoint: the demo continues it, not starts it again."""
+    from domainlm.run.checkpoint import list_checkpoints, read_run_file
+
+    run = read_run_file(model_dir)
+    if not isinstance(run, dict) or run.get("finished"):
+        return False
+    settings = run.get("config")
+    if not isinstance(settings, dict):
+        return False
+    same = settings.get("model") == model and settings.get("max_steps") == steps
+    return same and bool(list_checkpoints(model_dir))
+
+
 def run_demo(output_dir: Path, max_steps: int | None = None, model: str = "scratch:mini") -> None:
     from domainlm.run.train import train
 
@@ -126,7 +141,8 @@ def run_demo(output_dir: Path, max_steps: int | None = None, model: str = "scrat
         save_steps=60,
         save_total_limit=2,
         logging_steps=10,
-        overwrite_output_dir=True,
+        # a demo stopped (Ctrl-C) is continued, as its stop line says; anything else rewritten
+        overwrite_output_dir=not stopped_demo(output_dir / "model", model, steps),
         cache_dir=str(output_dir / "cache"),
     )
     result = train(config)

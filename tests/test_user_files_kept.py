@@ -25,6 +25,40 @@ def refused(capsys: pytest.CaptureFixture[str], args: list[str], *expected: str)
     return lines[0]
 
 
+def test_a_demo_stopped_with_ctrl_c_continues_where_it_stopped(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """The demo's stop line says that the same command continues from the newest checkpoint:
+    it does (it used to remove the checkpoints and train from step 0); a demo run to its end is
+    trained again from the start."""
+    import os
+    import signal
+
+    from domainlm.run import guard
+
+    out = tmp_path / "demo"
+    demo = ["demo", "--output-dir", str(out), "--preset", "scratch:tiny", "--max-steps", "4"]
+    calls = {"n": 0}
+
+    def ctrl_c_after_step_2() -> None:  # fit calls guard.step_delay once per step
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(guard, "step_delay", ctrl_c_after_step_2)
+        assert cli_main(demo) == 130
+    err = capsys.readouterr().err
+    assert "stopped after step 2" in err and "it continues from the newest checkpoint" in err
+    assert cli_main(demo) == 0
+    err = capsys.readouterr().err
+    assert f"resuming from {out / 'model' / 'checkpoint-2'} at step 2" in err, err
+    assert "removed" not in err
+    assert "finished" in json.loads((out / "model" / "run_config.json").read_text())
+    assert cli_main(demo) == 0  # finished: the demo runs again from the start
+    assert "removed" in capsys.readouterr().err
+
+
 def test_demo_keeps_a_users_data_and_rewrites_its_own(tmp_path: Path, capsys, monkeypatch) -> None:
     folder = tmp_path / "u"
     (folder / "data").mkdir(parents=True)
