@@ -113,8 +113,10 @@ def _add_train_parser(sub: Any) -> None:
     p.add_argument(
         "--config",
         dest="config_file",
+        action="append",  # to refuse a second one: argparse would keep the last, unread
         help="YAML file of options (key: value, any flag's spelling); flags override it. Each "
-        "value must have the flag's type; numbers may be written 5e-5.",
+        "value must have the flag's type; numbers may be written 5e-5. Its paths are read as "
+        "on the command line: relative to the folder the command runs in, ~ for your home.",
     )
     add_dataclass_arguments(p, TrainConfig, aliases=SEED_ALIASES)
     for flag in ACCEPTED_NO_OP_FLAGS:
@@ -128,8 +130,14 @@ def _add_train_parser(sub: Any) -> None:
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults < YAML file < command-line flags."""
     values: dict[str, Any] = {}
-    if getattr(args, "config_file", None):
-        values.update(load_yaml_options(Path(args.config_file)))
+    config_files = getattr(args, "config_file", None) or []
+    if len(config_files) > 1:
+        raise UserError(
+            f"--config given {len(config_files)} times ({', '.join(config_files)}); give one "
+            "file (the options of the others would not be read)"
+        )
+    if config_files:
+        values.update(load_yaml_options(Path(config_files[0])))
     field_names = {f.name for f in dataclasses.fields(TrainConfig)}
     values.update({k: v for k, v in vars(args).items() if k in field_names})
     requests = [
@@ -189,6 +197,11 @@ def unique_keys_loader() -> type:
     return UniqueKeysLoader
 
 
+# The options that name a file or folder: a --config file's `~/data/train.txt` is the home
+# folder's, as on the command line, where the shell expands it (not a folder named "~").
+PATH_OPTIONS = ("model", "train_file", "validation_file", "output_dir", "cache_dir", "resume")
+
+
 def load_yaml_options(path: Path) -> dict[str, Any]:
     """Options of a YAML file, in any spelling the command line accepts, as their fields' types.
 
@@ -198,11 +211,16 @@ def load_yaml_options(path: Path) -> dict[str, Any]:
     import yaml
 
     if not path.is_file():
-        raise UserError(f"--config {path}: no such file")
+        problem = "a folder, not a YAML file" if path.is_dir() else "no such file"
+        raise UserError(f"--config {path}: {problem}")
     try:
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=unique_keys_loader()) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"--config {path}: not UTF-8 text (byte {exc.start}); save it as UTF-8"
+        ) from None
     if not isinstance(raw, dict):
         raise UserError(f"--config {path}: expected a mapping of option: value")
     field_names = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -228,6 +246,8 @@ def load_yaml_options(path: Path) -> dict[str, Any]:
             )
         spelled[name] = str(key)
         options[name] = convert_option(name, value, label=f"--config {path}: {key}")
+        if name in PATH_OPTIONS and isinstance(options[name], str):
+            options[name] = os.path.expanduser(options[name])  # as a shell expands a flag's ~
         if name == "precision":
             requests.insert(0, (f"{key} {options[name]}", options[name]))
     precision = agreed_precision(requests, where=f"--config {path}: ")

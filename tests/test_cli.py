@@ -45,6 +45,52 @@ def test_yaml_config_and_flags_override_it(tmp_path: Path) -> None:
     assert (config.lr, config.batch_size, config.save_steps, config.eval_steps) == (0.001, 5, 7, 7)
 
 
+def test_config_paths_read_as_on_the_command_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A config file's `~/x` is the home folder's, as a shell expands a flag's (it was a folder
+    literally named "~" in the working folder); a relative path stays relative to the folder
+    the command runs in, as the --config help says."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(
+        "model: scratch:tiny\ntrain_file: ~/data/train.txt\noutput_dir: ~/runs/one\n"
+        "validation_file: data/valid.txt\ncache_dir: ~/cache\n"
+    )
+    config = parse(["--config", str(config_file)])
+    home = tmp_path / "home"
+    assert (config.train_file, config.output_dir) == (
+        f"{home}/data/train.txt",
+        f"{home}/runs/one",
+    )
+    assert (config.validation_file, config.cache_dir) == ("data/valid.txt", f"{home}/cache")
+    assert "relative to the folder the command runs in" in " ".join(
+        build_parser()._subparsers._group_actions[0].choices["train"].format_help().split()
+    )
+
+
+def test_a_config_file_that_cannot_be_read_whole_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Two --config files (argparse kept the last: the first was not even read), a Latin-1 file
+    (a UnicodeDecodeError traceback), a folder: one line each, exit 2, nothing written."""
+    first, second, latin = tmp_path / "a.yaml", tmp_path / "b.yaml", tmp_path / "latin.yaml"
+    first.write_text("model: scratch:tiny\nbatch_sise: 3\n")
+    second.write_text("model: scratch:tiny\n")
+    latin.write_bytes("# café\nmodel: scratch:tiny\n".encode("latin-1"))
+    base = ["train", "--train-file", "x", "--output-dir", str(tmp_path / "out")]
+    for configs, expected in [
+        ([first, second], f"--config given 2 times ({first}, {second}); give one file"),
+        ([latin], f"--config {latin}: not UTF-8 text (byte 5); save it as UTF-8"),
+        ([tmp_path], f"--config {tmp_path}: a folder, not a YAML file"),
+    ]:
+        flags = [part for path in configs for part in ("--config", str(path))]
+        assert main([*base, *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expected in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_yaml_key_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     config_file = tmp_path / "run.yaml"
     config_file.write_text("model: scratch:tiny\nbatch_sise: 3\n")
