@@ -35,8 +35,8 @@ from domainlm.data.blocks import BlockDataset, split_documents
 from domainlm.data.lint import count_long_documents, lint_corpus
 from domainlm.data.tokens import TokenStream, load_token_stream
 from domainlm.errors import UserError
-from domainlm.model.loading import special_token_texts, tokenizer_fingerprint
-from domainlm.model.lora import load_any_model
+from domainlm.model.loading import ADAPTER_CONFIG, special_token_texts, tokenizer_fingerprint
+from domainlm.model.lora import adapter_lora_settings, is_adapter_folder, load_any_model
 from domainlm.model.memory import (
     GIB,
     HEADROOM,
@@ -480,13 +480,19 @@ def with_run_shape(config: InspectConfig) -> tuple[InspectConfig, str | None]:
         if getattr(config, name) == "auto" and value != "auto" and value in choices:
             config = replace(config, **{name: value})
             taken.append(f"--{name.replace('_', '-')} {value}")
-    config, lora_taken = with_run_lora(config, identity.get("lora"))
+    lora = identity.get("lora")
+    if lora is None and is_adapter_folder(config.model):  # an adapter without its run's files
+        lora = adapter_lora_settings(config.model)
+    config, lora_taken = with_run_lora(config, lora)
     taken += lora_taken
-    if not taken or found is None:
+    if not taken:
         return config, None
+    where = found[0] if found else f"{config.model}/{ADAPTER_CONFIG}"
     shown = ", ".join(taken[:-1]) + " and " + taken[-1] if len(taken) > 1 else taken[0]
-    return config, (
-        f"note: planned at the run's {shown} ({found[0]}); pass them to plan another shape"
+    whose = "run's" if found else "adapter's"
+    return (
+        config,
+        f"note: planned at the {whose} {shown} ({where}); pass them to plan another shape",
     )
 
 

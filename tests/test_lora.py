@@ -599,6 +599,10 @@ def test_an_adapter_whose_base_is_gone_names_where_the_base_came_from(
     assert len(err) == 1 and "Traceback" not in err[0], err
     assert f"{orphan} is a LoRA adapter whose base model" in err[0]
     assert "base_model_name_or_path in its adapter_config.json" in err[0]
+    config_file.write_text('{"base_model_name_or_path": "x",')  # cut short: not "names no base"
+    assert main(["perplexity", "--model", str(orphan), "--file", str(corpus[1]), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{config_file} is not valid JSON" in err[0], err
 
 
 def test_an_adapter_run_on_a_scratch_base_scores_and_inspects_as_its_base(
@@ -727,6 +731,17 @@ def test_inspect_and_the_card_tell_a_lora_run_by_its_own_adapters(
     assert "--lora-r 4, --lora-dropout 0.0 and --lora-targets c_attn" in text
     assert main(["inspect", "--model", str(out), "--lora-r", "16", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["memory_plan"]["lora_r"] == 16
+    # the adapter alone, copied without its run's files: its adapter_config.json says the same
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(out / name, alone / name)
+    assert main(["inspect", "--model", str(alone), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["memory_plan"]
+    assert (plan["lora_r"], plan["lora_targets"]) == (4, ["c_attn"])
+    assert plan["trainable_lora"] == 2 * 4 * (64 + 3 * 64)  # 2 layers' c_attn, 64 -> 192
+    assert main(["inspect", "--model", str(alone)]) == 0
+    assert "planned at the adapter's --lora-r 4" in capsys.readouterr().out
 
 
 def test_inspect_takes_the_lora_targets_train_takes(

@@ -332,13 +332,36 @@ def is_adapter_folder(spec: str | Path) -> bool:
     return (Path(spec).expanduser() / ADAPTER_CONFIG).is_file()
 
 
-def adapter_base(folder: str | Path) -> str:
-    """The base model an adapter folder names (`base_model_name_or_path`)."""
+def read_adapter_config(folder: str | Path) -> dict[str, Any]:
+    """An adapter folder's adapter_config.json, or a UserError saying why it cannot be read."""
     path = Path(folder).expanduser() / ADAPTER_CONFIG
     try:
-        return str(json.loads(path.read_text(encoding="utf-8"))["base_model_name_or_path"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{path} names no base model") from exc
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        problem = "cannot be read" if isinstance(exc, OSError) else "is not valid JSON"
+        raise UserError(f"{path} {problem} ({exc}); copy the adapter again") from None
+    if not isinstance(settings, dict):
+        raise UserError(f"{path} is not a JSON object of adapter settings")
+    return settings
+
+
+def adapter_base(folder: str | Path) -> str:
+    """The base model an adapter folder names (`base_model_name_or_path`)."""
+    base = read_adapter_config(folder).get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise UserError(f"{Path(folder).expanduser() / ADAPTER_CONFIG} names no base model")
+    return base
+
+
+def adapter_lora_settings(folder: str | Path) -> dict[str, Any]:
+    """An adapter folder's LoRA settings as a run's identity keeps them (r, dropout, targets);
+    those it does not say, or says as peft's regex of targets, left out."""
+    settings = read_adapter_config(folder)
+    found = {"r": settings.get("r"), "dropout": settings.get("lora_dropout")}
+    targets = settings.get("target_modules")
+    if isinstance(targets, list) and all(isinstance(t, str) for t in targets):
+        found["targets"] = sorted(targets)
+    return {k: v for k, v in found.items() if v is not None}
 
 
 def load_any_model(
