@@ -280,6 +280,8 @@ def _add_demo_parser(sub: Any) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from domainlm.demo import run_demo
 
+    if not args.output_dir.strip():  # Path("") is the working folder: the demo would fill it
+        raise UserError("--output-dir is empty; give a folder for the demo's data and model")
     run_demo(Path(args.output_dir), max_steps=args.max_steps, model=args.preset)
     return 0
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from domainlm.config import TrainConfig, require_positive
 from domainlm.errors import UserError
+from domainlm.model.lora import is_adapter_folder
 
 MIN_CHARS, MAX_CHARS = 40, 2000
 
@@ -114,6 +115,11 @@ def run_demo(output_dir: Path, max_steps: int | None = None, model: str = "scrat
 
     if max_steps is not None:
         require_positive("max_steps", max_steps)
+    if is_adapter_folder(model):  # refused before the corpus is written, as below
+        raise UserError(
+            f"--preset {model} is a LoRA adapter folder: the demo trains a whole model; give a "
+            "model folder (a LoRA run's merged/), a hub id or a scratch: preset"
+        )
     # An unknown preset, or a hub model not cached when offline, is refused before the corpus
     # is written (its config alone is read).
     from domainlm.model.memory import model_config_of

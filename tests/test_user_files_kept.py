@@ -76,6 +76,16 @@ def test_demo_keeps_a_users_data_and_rewrites_its_own(tmp_path: Path, capsys, mo
     refused(capsys, ["demo", "--output-dir", str(own), "--preset", "scratch:nope"],
             "unknown preset scratch:nope")  # fmt: skip
     assert not own.exists()  # refused before its corpus is written
+    adapter = tmp_path / "adapter"  # a LoRA adapter folder (its config alone): likewise
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"base_model_name_or_path": "scratch:tiny"}')
+    refused(capsys, ["demo", "--output-dir", str(own), "--preset", str(adapter)],
+            "is a LoRA adapter folder: the demo trains a whole model")  # fmt: skip
+    assert not own.exists()
+    monkeypatch.chdir(adapter)  # an empty --output-dir: the working folder, not filled
+    refused(capsys, ["demo", "--output-dir", "", "--preset", "scratch:tiny"],
+            "--output-dir is empty")  # fmt: skip
+    assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json"]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub model not in the cache, offline: likewise
     refused(capsys, ["demo", "--output-dir", str(own), "--preset", "nobody/no-such-model"],
             "could not read the config of nobody/no-such-model")  # fmt: skip
