@@ -605,6 +605,30 @@ def test_an_adapter_whose_base_is_gone_names_where_the_base_came_from(
     assert len(err) == 1 and f"{config_file} is not valid JSON" in err[0], err
 
 
+def test_an_adapter_whose_base_folder_now_holds_other_weights_is_warned_of(
+    tiny_model_dir: Path, corpus: tuple[Path, Path], tmp_path: Path, capsys
+) -> None:
+    """The base folder replaced after the run (other weights, same names): perplexity and export
+    still run, but say that the adapter is applied to weights it did not learn on (they said
+    nothing, and gave other figures than the run's); the base as trained: no warning."""
+    from domainlm.model.loading import save_scratch_folder
+
+    base, out = tmp_path / "base", tmp_path / "run"
+    shutil.copytree(tiny_model_dir, base)
+    train(config(base, corpus, out, max_steps=1, save_steps=1, merge=False))
+    score = ["perplexity", "--model", str(out), "--file", str(corpus[1]), "--quiet"]
+    capsys.readouterr()
+    assert main(score) == 0
+    assert "warning" not in capsys.readouterr().err
+    save_scratch_folder("tiny", tmp_path / "other", seed=5)
+    shutil.copy(tmp_path / "other" / "model.safetensors", base / "model.safetensors")
+    for argv in (score, ["export", str(out / "checkpoint-1"), str(tmp_path / "exported")]):
+        assert main(argv) == 0
+        err = capsys.readouterr().err
+        assert f"warning: the base model {base} holds other weights than the run that" in err
+        assert "give the base it was trained on" in err
+
+
 def test_an_adapter_run_on_a_scratch_base_scores_and_inspects_as_its_base(
     corpus: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

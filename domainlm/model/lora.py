@@ -23,13 +23,14 @@ from typing import Any
 import torch
 
 from domainlm.config import read_run_settings
-from domainlm.errors import TrainingAborted, UserError
+from domainlm.errors import TrainingAborted, UserError, say_line
 from domainlm.model.distributed import transformer_blocks
 from domainlm.model.loading import (
     ADAPTER_CONFIG,
     SCRATCH_PREFIX,
     LoadedModel,
     load_model,
+    weights_fingerprint,
     weights_read_from,
 )
 
@@ -408,6 +409,9 @@ def load_adapter(
         )
     if seed is None:
         seed = scratch_seed(folder) if base.startswith(SCRATCH_PREFIX) else 0
+    changed = base_weights_changed(folder, base)
+    if changed:
+        say_line(f"warning: {changed}")
     try:
         loaded = load_model(
             base, seed=seed, eos_token=eos_token, trust_remote_code=trust_remote_code
@@ -424,6 +428,26 @@ def load_adapter(
     loaded.model.eval()
     loaded.source = str(folder)
     return loaded
+
+
+def base_weights_changed(folder: Path, base: str) -> str | None:
+    """What to say when the base folder holds other weights than the run that trained the
+    adapter in `folder` recorded (its identity's `base_weights`: the base replaced or trained
+    further since): the adapter then goes on top of weights it did not learn on. None when they
+    are the same, or nothing was recorded (a scratch base, an adapter without its run's files)."""
+    found = read_run_settings(folder)
+    identity = found[1].get("identity") if found else None
+    recorded = identity.get("base_weights") if isinstance(identity, dict) else None
+    if not isinstance(recorded, str) or found is None:
+        return None
+    now = weights_fingerprint(base)
+    if now is None or now == recorded:
+        return None
+    return (
+        f"the base model {base} holds other weights than the run that trained the adapter in "
+        f"{folder} was given ({found[0]} records them): the adapter is applied to weights it did "
+        "not learn on, and the figures are not the run's; give the base it was trained on"
+    )
 
 
 def scratch_seed(folder: Path) -> int:
