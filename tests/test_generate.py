@@ -199,6 +199,8 @@ def test_cli_streams_one_prompt_and_prints_json_for_many(
 
     assert main([*base, "--prompts-file", str(tmp_path / "missing.txt")]) == 2
     assert "no such file" in capsys.readouterr().err
+    assert main([*base, "--prompts-file", str(tmp_path)]) == 2  # a folder: said as one
+    assert f"--prompts-file {tmp_path}: a folder, not a file of prompts" in capsys.readouterr().err
     blank = write_lines(tmp_path / "blank.txt", ["", "  "])
     assert main([*base, "--prompt", "a", "--prompts-file", str(blank)]) == 2
     assert f"--prompts-file {blank} holds no prompt" in capsys.readouterr().err

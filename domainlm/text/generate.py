@@ -155,7 +155,8 @@ def read_prompts(config: GenerateConfig) -> list[str]:
     if config.prompts_file:
         path = Path(config.prompts_file)
         if not path.is_file():
-            raise UserError(f"--prompts-file {path}: no such file")
+            problem = "a folder, not a file of prompts" if path.is_dir() else "no such file"
+            raise UserError(f"--prompts-file {path}: {problem}")
         raw = path.read_bytes()
         try:
             text = raw.decode("utf-8-sig")
