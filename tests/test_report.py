@@ -180,6 +180,22 @@ def test_report_refuses_a_folder_that_is_no_run(tmp_path: Path) -> None:
     assert not out.exists()
 
 
+def test_a_checkpoint_and_a_run_without_its_metrics_are_said_as_what_they_are(
+    runs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Not "not a training run": a run's checkpoint names the run to give instead, and a run
+    whose metrics.jsonl is gone says that is what is missing."""
+    out, run = tmp_path / "out", runs[0]
+    checkpoint = run / "checkpoint-2"
+    with pytest.raises(UserError, match=f"a checkpoint of the run in {run}; give the run's"):
+        run_report([checkpoint], out)
+    bare = tmp_path / "bare"
+    shutil.copytree(run, bare, ignore=shutil.ignore_patterns("metrics.jsonl", "checkpoint-*"))
+    with pytest.raises(UserError, match="a training run without its metrics.jsonl"):
+        run_report([bare], out)
+    assert not out.exists()
+
+
 def test_a_report_is_not_written_into_a_runs_checkpoint_folder(
     runs: tuple[Path, Path], tmp_path: Path
 ) -> None:

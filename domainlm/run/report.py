@@ -125,6 +125,15 @@ def read_run(path: Path) -> RunData:
     if not path.is_dir():
         raise UserError(f"{path}: a file, not a folder; give the run's --output-dir")
     if not metrics.is_file():
+        if (path.parent / "metrics.jsonl").is_file() and (path / "checkpoint.json").is_file():
+            raise UserError(
+                f"{path}: a checkpoint of the run in {path.parent}; give the run's folder"
+            )
+        if (path / "run_config.json").is_file():
+            raise UserError(
+                f"{path}: a training run without its metrics.jsonl (moved or deleted?), which "
+                "the report is drawn from; put it back, or leave this run out"
+            )
         raise UserError(f"{path}: not a training run (no metrics.jsonl in it)")
     events = read_events(metrics)
     run = RunData(
