@@ -268,8 +268,9 @@ def test_full_disk_in_the_final_model_removes_its_weights_and_the_same_command_r
     real_save = PreTrainedModel.save_pretrained
 
     def disk_fills_in_final(self: PreTrainedModel, folder: object, *args: object, **kw: object):
-        if Path(str(folder)) == out:  # the model folder, not a checkpoint's temporary folder
-            (out / "model.safetensors").write_bytes(b"\0" * 4096)
+        staging = out / ckpt.FINAL_STAGING  # the final model's, not a checkpoint's
+        if Path(str(folder)) == staging:
+            (staging / "model.safetensors").write_bytes(b"\0" * 4096)
             raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")  # fmt: skip
         return real_save(self, folder, *args, **kw)
 
@@ -280,6 +281,7 @@ def test_full_disk_in_the_final_model_removes_its_weights_and_the_same_command_r
     assert f"no space left on device while writing the final model in {out}" in line
     assert "its weight files were removed, the checkpoints are intact" in line
     assert not (out / "model.safetensors").exists()  # no truncated model left to load
+    assert not (out / ckpt.FINAL_STAGING).exists()  # nor taking space where it was written
     assert [c.step for c in ckpt.list_checkpoints(out)] == [4, 6]
 
     assert cli_main(run_args(corpus, out)) == 0

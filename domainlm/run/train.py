@@ -659,11 +659,15 @@ def save_model_folder(
     # overwritten as its own, not refused as holding a user's files.
     with model_folder_write(output_dir, size):  # a full disk: one line, exit 4 (diskspace.py)
         staging = staging_for_final_files(output_dir)
-        if config.lora:
-            save_adapter(model, staging)  # the run folder is the adapter; merged/ the model
-        else:
-            model.save_pretrained(staging, state_dict=final_state)
-        tokenizer.save_pretrained(staging)
+        try:
+            if config.lora:
+                save_adapter(model, staging)  # the run folder is the adapter; merged/ the model
+            else:
+                model.save_pretrained(staging, state_dict=final_state)
+            tokenizer.save_pretrained(staging)
+        except BaseException:  # a full disk, an error: no partial model left taking space
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         publish_final_files(output_dir, staging)
     if config.lora and config.merge:
         record_written(output_dir, MERGED_DIR)
