@@ -33,6 +33,26 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return cache
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Remove the folders earlier, finished test sessions left under pytest's temporary root
+    (the folder of a live session holds a lock and stays), now rather than at this session's
+    end as pytest does: a CI machine that kept three sessions' folders (before this project's
+    `tmp_path_retention_count = 1`) had too little disk left for the next run."""
+    import time
+
+    factory = session.config._tmp_path_factory  # type: ignore[attr-defined]
+    if factory._given_basetemp is not None:  # --basetemp: the user's folder, cleared by pytest
+        return
+    try:
+        from _pytest.pathlib import cleanup_numbered_dir
+    except ImportError:  # pytest moved it: left to pytest's own clean-up at the end
+        return
+    ours = factory.getbasetemp()  # made first: it is the newest, kept
+    day = 24 * 3600
+    cleanup_numbered_dir(ours.parent, "pytest-", keep=1,
+                         consider_lock_dead_if_created_before=time.time() - 3 * day)  # fmt: skip
+
+
 class ModuleTemp:
     """Folders for one test module's shared files (what its module-scoped fixtures build: models,
     corpora, whole training runs), all under one folder that `module_tmp` removes when the

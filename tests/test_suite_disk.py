@@ -59,3 +59,42 @@ def test_a_passing_module_leaves_no_files_and_a_failing_one_keeps_them(
     else:
         assert "test_inner0/shared0/weights.bin" in left
         assert any(path.endswith("/own.bin") for path in left), left
+
+
+SEES_OLD_SESSIONS = """
+def test_sees_what_earlier_sessions_left(tmp_path):
+    root = tmp_path.parents[1]  # pytest-of-USER; tmp_path is root/pytest-N/<test>0
+    assert not (root / "pytest-3").exists()  # a finished session's: removed at the start
+    assert (root / "pytest-4" / "live.bin").is_file()  # a live session's (locked): kept
+"""
+
+
+def test_a_session_starts_by_removing_what_finished_sessions_left(tmp_path: Path) -> None:
+    """tests/conftest.py's pytest_sessionstart: earlier sessions' folders (kept three at a time
+    by pytest's default, they filled a CI machine's disk) are gone when the tests start, not
+    only when they end; a running session's folder (its .lock file fresh) is left alone."""
+    import getpass
+
+    root = tmp_path / "temproot" / f"pytest-of-{getpass.getuser()}"
+    (root / "pytest-3").mkdir(parents=True)
+    (root / "pytest-3" / "old.bin").write_bytes(bytes(1000))
+    (root / "pytest-4").mkdir()
+    (root / "pytest-4" / ".lock").write_text("4242")
+    (root / "pytest-4" / "live.bin").write_bytes(bytes(1000))
+    module = tmp_path / "test_inner.py"
+    module.write_text(SEES_OLD_SESSIONS)
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "conftest",
+            "-c", str(ROOT / "pyproject.toml"), "--rootdir", str(tmp_path), str(module),
+        ],
+        env={
+            **os.environ, "PYTHONPATH": str(ROOT / "tests"),
+            "PYTEST_DEBUG_TEMPROOT": str(tmp_path / "temproot"),
+        },
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (root / "pytest-4" / "live.bin").is_file()
