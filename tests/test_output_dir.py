@@ -8,6 +8,7 @@ names inside the folder, and removal happens on rank 0 while the other ranks wai
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,14 @@ def test_overwrite_refuses_another_tools_files_of_the_names_this_run_writes(
     assert (out / ckpt.RUN_FILE).read_text() == "USER CONTENT"
 
     (out / ckpt.RUN_FILE).unlink()
+    mine = out / ckpt.FINAL_STAGING / "notes.txt"  # the final save's staging name, a user's
+    mine.parent.mkdir()
+    mine.write_text("MINE")
+    assert cli_main(command) == 2
+    assert f"holds {ckpt.FINAL_STAGING}, which domainlm did not write" in capsys.readouterr().err
+    assert mine.read_text() == "MINE"
+
+    shutil.rmtree(mine.parent)
     assert cli_main(command) == 0
     assert (out / "checkpoint-3" / ckpt.MARKER).is_file()
     assert (out / "checkpoint-4" / "trainer_state.json").read_text() == '{"global_step": 3}'

@@ -337,6 +337,10 @@ def owned_entries(output_dir: Path) -> list[str]:
     return list(names)
 
 
+# Where the final model and tokenizer are written before they are moved into the run folder
+# (`publish_final_files`): a run killed while writing them leaves only this owned folder.
+FINAL_STAGING = ".final.tmp"
+
 # What a run writes into its folder besides checkpoints (the model and tokenizer files as
 # save_pretrained names them, a LoRA run's adapter and merged/, the logs, results and report;
 # README.md is skipped when not ours, run/report.py): a file of these names that domainlm did not
@@ -348,7 +352,7 @@ OUTPUT_NAMES = (
     "tokenizer.model", "spiece.model", "chat_template.jinja", "adapter_config.json",
     "adapter_model.safetensors", "merged", "eval_results.json", "metrics.jsonl", "samples.jsonl",
     "report.html", "training_loss.png", "validation_perplexity.png",
-    "learning_rate.png", "tensorboard", "mlruns", "wandb", "preempted.json",
+    "learning_rate.png", "tensorboard", "mlruns", "wandb", "preempted.json", FINAL_STAGING,
 )  # fmt: skip
 
 
@@ -475,11 +479,6 @@ def record_written(output_dir: Path, *names: str) -> None:
     written = run.get("written", [])
     if set(names) - set(written):
         write_json_atomic(output_dir / RUN_FILE, {**run, "written": sorted({*written, *names})})
-
-
-# Where the final model and tokenizer are written before they are moved into the run folder
-# (`publish_final_files`): a run killed while writing them leaves only this owned folder.
-FINAL_STAGING = ".final.tmp"
 
 
 def staging_for_final_files(output_dir: Path) -> Path:
