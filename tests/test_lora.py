@@ -356,6 +356,19 @@ def test_a_checkpoint_without_an_adapter_is_one_line_on_resume(tmp_path: Path) -
         load_adapter_weights(None, tmp_path / "checkpoint-4")
 
 
+def test_a_rank_above_a_layers_width_is_warned_of(
+    tiny_model_dir: Path, corpus: tuple[Path, Path], tmp_path: Path, capsys
+) -> None:
+    """--lora-r 100 on layers 64 wide (tiny GPT-2's c_attn: 64 -> 192): the update's rank can be
+    at most 64, the rest is parameters and time for nothing; r=64 is not warned of."""
+    for r, warned in ((100, True), (64, False)):
+        train(config(tiny_model_dir, corpus, tmp_path / f"r{r}", max_steps=1, merge=False,
+                     lora_r=r, lora_targets=["c_attn"]))  # fmt: skip
+        err = capsys.readouterr().err
+        said = f"warning: --lora-r {r} is more than the width of the narrowest layer it adapts (64)"
+        assert (said in err) is warned, err
+
+
 def test_an_unknown_target_lists_the_layers_lora_can_adapt(tiny_model_dir: Path) -> None:
     """Not the LM head, which `--lora-targets lm_head` is refused for."""
     from domainlm.errors import UserError

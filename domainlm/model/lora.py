@@ -188,6 +188,20 @@ def adapted_layers(model: torch.nn.Module, targets: list[str]) -> dict[str, tupl
     return found
 
 
+def rank_above_width(model: torch.nn.Module, targets: list[str], r: int) -> str | None:
+    """What to say when --lora-r is more than the width of a layer it adapts (its smaller
+    feature count): that layer's update B @ A has rank at most its width, so the rank above it
+    adds parameters and time, not capacity. None when every adapted layer is wide enough."""
+    widths = [min(features) for features in adapted_layers(model, targets).values()]
+    if not widths or r <= min(widths):
+        return None
+    return (
+        f"--lora-r {r} is more than the width of the narrowest layer it adapts ({min(widths)}): "
+        f"a layer's update has rank at most its width, so the rank above {min(widths)} adds "
+        "parameters and time, not capacity"
+    )
+
+
 # ----------------------------------------------------------------------------- training
 
 

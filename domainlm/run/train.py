@@ -51,6 +51,7 @@ from domainlm.model.lora import (
     attach_lora,
     base_record,
     lora_identity,
+    rank_above_width,
     save_adapter,
     save_merged,
     trainable_count,
@@ -294,6 +295,10 @@ def check_inputs(
     }
     if config.lora:  # an adapter goes on top of the weights it trained on: the base's, read again
         identity["base_weights"] = weights_fingerprint(config.model)
+        if not config.lora_quantization:  # a quantized layer's weight is packed: no width
+            wasted = rank_above_width(loaded.model, identity["lora"]["targets"], config.lora_r)
+            if wasted:
+                console.warn(wasted)
     # Data errors (empty, binary, invalid UTF-8) come before anything in output_dir is touched.
     train_stream, valid_stream = load_streams(config, loaded, identity["tokenizer"], console)
     identity["train_data"] = stream_fingerprint(train_stream)  # a resume reads the same blocks
