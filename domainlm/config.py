@@ -32,6 +32,9 @@ CHECKPOINT_FORMATS = ("auto", "full", "sharded")
 LOAD_DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_SEED = 42  # train's --seed; perplexity's builds a scratch:NAME preset the same way
 RUN_FILE = "run_config.json"  # a run folder's identity, settings and owned files (run/train.py)
+# Where a run's final model and tokenizer are written before they are moved into its folder
+# (run/checkpoint.py `publish_final_files`); there, the final save was cut short.
+FINAL_STAGING = ".final.tmp"
 # The run file's entry for the training data: {"path": absolute} (its tokens: identity's).
 TRAIN_DATA_FILE = "train_data_file"
 # The settings that shape the updates a run makes: the model card's table, and what a resumed

@@ -62,11 +62,16 @@ def word_documents(n: int, seed: int = 0) -> list[str]:
 
 # Written into a demo's --output-dir: the folder is the demo's, its files may be rewritten.
 DEMO_MARKER = ".domainlm-demo"
+MARKER_TEXT = "written by `domainlm demo`: its data/ and model/ may be rewritten\n"
 
 
-def write_demo_corpus(folder: Path, seed: int = 0, owned: bool = True) -> tuple[Path, Path]:
+def write_demo_corpus(
+    folder: Path, seed: int = 0, owned: bool = True, marker: Path | None = None
+) -> tuple[Path, Path]:
     """data/train.txt and valid.txt of the demo; a file already there with other text is
-    rewritten only when the folder is a demo's (`owned`), else refused (it is the user's)."""
+    rewritten only when the folder is a demo's (`owned`), else refused (it is the user's).
+    `marker`, the demo's, is written first: a demo killed while writing its corpus is still
+    the demo's folder."""
     docs = stdlib_docstrings()
     random.Random(seed).shuffle(docs)
     n_valid = max(1, len(docs) // 20)
@@ -87,6 +92,8 @@ def write_demo_corpus(folder: Path, seed: int = 0, owned: bool = True) -> tuple[
         raise UserError(
             f"cannot create {folder} ({exc.strerror or exc}); pass another --output-dir"
         ) from exc
+    if marker is not None:
+        marker.write_text(MARKER_TEXT)
     for path, text in texts.items():
         path.write_text(text, encoding="utf-8")
     return train_file, valid_file
@@ -127,8 +134,9 @@ def run_demo(output_dir: Path, max_steps: int | None = None, model: str = "scrat
     model_config_of(model)
     steps = max_steps or DEMO_STEPS
     marker = output_dir / DEMO_MARKER
-    train_file, valid_file = write_demo_corpus(output_dir / "data", owned=marker.is_file())
-    marker.write_text("written by `domainlm demo`: its data/ and model/ may be rewritten\n")
+    train_file, valid_file = write_demo_corpus(
+        output_dir / "data", owned=marker.is_file(), marker=marker
+    )
     print(f"demo corpus: Python standard library docstrings -> {train_file}, {valid_file}")
     config = TrainConfig(
         model=model,

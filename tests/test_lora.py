@@ -779,6 +779,12 @@ def test_inspect_and_the_card_tell_a_lora_run_by_its_own_adapters(
     assert plan["trainable_lora"] == 2 * 4 * (64 + 3 * 64)  # 2 layers' c_attn, 64 -> 192
     assert main(["inspect", "--model", str(alone)]) == 0
     assert "planned at the adapter's --lora-r 4" in capsys.readouterr().out
+    settings = json.loads((alone / "adapter_config.json").read_text())
+    for key, value in (("r", "8"), ("r", True), ("lora_dropout", "x")):  # a TypeError traceback
+        (alone / "adapter_config.json").write_text(json.dumps({**settings, key: value}))
+        assert main(["inspect", "--model", str(alone)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"adapter_config.json: {key} is {value!r}, not a" in err[0], err
 
 
 def test_inspect_takes_the_lora_targets_train_takes(

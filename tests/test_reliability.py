@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -177,28 +178,50 @@ def test_sigkill_during_an_async_save_resumes_from_the_previous_checkpoint(
     assert not (out / ".checkpoint-6.tmp").exists()  # the partial write was replaced
 
 
-# `domainlm train` with one function of run/train.py replaced by an os._exit (no handler, no
-# clean-up: as a SIGKILL or the OOM killer at that point), after `{before}` runs.
+# `domainlm train` with one function (argv[1]: "module:attribute") replaced by an os._exit (no
+# handler, no clean-up: as a SIGKILL or the OOM killer at that point) when `{when}` holds, after
+# `{before}` runs; otherwise the function runs as it is.
 KILLED_IN = """
-import os, sys
+import importlib, os, sys
 from pathlib import Path
-import domainlm.run.train as train
-def killed(output_dir, *args, **kwargs):
-    {before}
-    os._exit(137)
-setattr(train, sys.argv[1], killed)
+module_name, _, attribute = sys.argv[1].partition(":")
+owner = importlib.import_module(module_name)
+*parents, name = attribute.split(".")
+for parent in parents:
+    owner = getattr(owner, parent)
+real = getattr(owner, name)
+def killed(*args, **kwargs):
+    if {when}:
+        {before}
+        os._exit(137)
+    return real(*args, **kwargs)
+setattr(owner, name, killed)
 from domainlm.cli import main
 sys.exit(main(sys.argv[2:]))
 """
 
-# where the final save is cut short: after the model and tokenizer are in the run folder; for
-# LoRA, midway through the merge (merged/ holds its config, not yet its weights)
+# Where the final save is cut short (target, when, before, flags): after the model and tokenizer
+# are in the run folder; for LoRA, midway through the merge (merged/ holds its config, not yet
+# its weights); midway through a plot's PNG; midway through the model card.
 FINAL_SAVE_KILLS = {
-    "full": ("save_eval_results", "pass", ()),
+    "full": ("domainlm.run.train:save_eval_results", "True", "pass", ()),
     "lora": (
-        "save_merged",
-        "(Path(output_dir) / 'merged').mkdir(); (Path(output_dir) / 'merged/config.json').write_text('{{}}')",
+        "domainlm.run.train:save_merged",
+        "True",
+        "(Path(args[0]) / 'merged').mkdir(); (Path(args[0]) / 'merged/config.json').write_text('{{}}')",
         ("--lora",),
+    ),
+    "plot": (
+        "matplotlib.figure:Figure.savefig",
+        "True",
+        "Path(args[1]).write_bytes(bytes(10))",
+        (),
+    ),
+    "card": (
+        "pathlib:Path.write_text",
+        "'README' in args[0].name",
+        "real(args[0], args[1][:10])",
+        (),
     ),
 }
 
@@ -207,13 +230,15 @@ FINAL_SAVE_KILLS = {
 def test_a_run_killed_in_its_final_save_resumes_and_can_be_overwritten(
     mode: str, corpus: Path, reference: Path, tmp_path: Path
 ) -> None:
-    """Every file of the final save is recorded as the run's before it is written: the same
-    command finishes the run, and --overwrite-output-dir replaces it, instead of both refusing
-    the run's own files as a user's ("which domainlm did not write")."""
-    function, before, flags = FINAL_SAVE_KILLS[mode]
+    """Every file of the final save is recorded as the run's before it is written, or replaces
+    its name at once when complete (the plots, the card): the same command finishes the run,
+    and --overwrite-output-dir replaces it, instead of both refusing the run's own files as a
+    user's ("which domainlm did not write"), or keeping a half-written card as a user's."""
+    target, when, before, flags = FINAL_SAVE_KILLS[mode]
     out = tmp_path / "out"
     command = train_cmd(corpus, out, *flags)
-    killer = [sys.executable, "-c", KILLED_IN.format(before=before), function, *command[3:]]
+    harness = KILLED_IN.format(when=when, before=before)
+    killer = [sys.executable, "-c", harness, target, *command[3:]]
     died = subprocess.run(killer, cwd=corpus, env=env_for(corpus), capture_output=True, text=True)
     assert died.returncode == 137, died.stderr
     assert (out / ("adapter_model.safetensors" if flags else "model.safetensors")).is_file()
@@ -224,12 +249,33 @@ def test_a_run_killed_in_its_final_save_resumes_and_can_be_overwritten(
         )
         assert again.returncode == 0, again.stderr
         assert "did not write" not in again.stderr
+        assert "not written by domainlm" not in again.stderr  # the card is written again
         assert "finished" in json.loads((out / ckpt.RUN_FILE).read_text())
         assert (out / "eval_results.json").is_file() and not (out / ".final.tmp").exists()
+        assert "domainlm" in (out / "README.md").read_text()
+        assert (out / "training_loss.png").read_bytes().startswith(b"\x89PNG")
         if flags:
             assert load_file(out / "merged" / "model.safetensors")
         else:
             assert_same_weights(out, reference)
+
+
+def test_a_folder_whose_final_save_was_cut_short_names_its_newest_checkpoint(
+    corpus: Path, reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Killed while its final files were moved in (config.json there, the tokenizer still in
+    .final.tmp): perplexity says it is a run without its final model and names the checkpoint
+    to use, not "copy the tokenizer files of the model it came from into it"."""
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    (out / ".final.tmp").mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (out / name).replace(out / ".final.tmp" / name)
+    argv = ["perplexity", "--model", str(out), "--file", str(corpus / "valid.txt")]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a training run without its final model yet" in err[0], err
+    assert f"--model {out / f'checkpoint-{MAX_STEPS}'}" in err[0]
 
 
 def test_sigterm_saves_and_exits_143_then_resumes_exactly(

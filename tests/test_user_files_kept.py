@@ -59,6 +59,30 @@ def test_a_demo_stopped_with_ctrl_c_continues_where_it_stopped(
     assert "removed" in capsys.readouterr().err
 
 
+def test_a_demo_killed_while_writing_its_corpus_is_still_the_demos(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """The demo's marker is written before its corpus: stopped while writing data/train.txt,
+    the folder is still the demo's, and the next demo rewrites it (it refused the half-written
+    file as a user's, in every later demo there)."""
+    out = tmp_path / "demo"
+    real = Path.write_text
+
+    def cut_short(self: Path, text: str, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if self.name == "train.txt":
+            real(self, text[:100], *args, **kwargs)
+            raise KeyboardInterrupt  # as a kill there: nothing after it runs
+        return real(self, text, *args, **kwargs)
+
+    demo = ["demo", "--output-dir", str(out), "--preset", "scratch:tiny", "--max-steps", "1"]
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "write_text", cut_short)
+        assert cli_main(demo) == 130
+    capsys.readouterr()
+    assert cli_main(demo) == 0, capsys.readouterr().err
+    assert (out / "model" / "model.safetensors").is_file()
+
+
 def test_demo_keeps_a_users_data_and_rewrites_its_own(tmp_path: Path, capsys, monkeypatch) -> None:
     folder = tmp_path / "u"
     (folder / "data").mkdir(parents=True)

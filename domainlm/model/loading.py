@@ -216,6 +216,10 @@ def not_a_model_folder(path: Path, spec: str) -> str:
 def refuse_other_folders(path: Path, spec: str) -> None:
     """A folder that transformers cannot load as a model, said as what it is: a LoRA adapter, a
     sharded checkpoint (both with the way to a model folder), no model at all."""
+    from domainlm.config import FINAL_STAGING
+
+    if (path / FINAL_STAGING).is_dir():  # a run's final save cut short: a part of it moved in
+        raise UserError(not_a_model_folder(path, spec))
     if not (path / "config.json").is_file():
         if (path / ADAPTER_CONFIG).is_file():  # perplexity/generate/inspect take it (lora.py)
             merged = path / "merged"  # a LoRA run's (model/lora.py's MERGED_DIR)

@@ -373,6 +373,14 @@ def adapter_lora_settings(folder: str | Path) -> dict[str, Any]:
     those it does not say, or says as peft's regex of targets, left out."""
     settings = read_adapter_config(folder)
     found = {"r": settings.get("r"), "dropout": settings.get("lora_dropout")}
+    r, dropout = found["r"], found["dropout"]
+    where = Path(folder).expanduser() / ADAPTER_CONFIG
+    if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
+        raise UserError(f"{where}: r is {r!r}, not a whole number of at least 1")
+    if dropout is not None and (
+        isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1
+    ):
+        raise UserError(f"{where}: lora_dropout is {dropout!r}, not a number in [0, 1)")
     targets = settings.get("target_modules")
     if isinstance(targets, list) and all(isinstance(t, str) for t in targets):
         found["targets"] = sorted(targets)

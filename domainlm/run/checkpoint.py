@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from domainlm.config import RUN_FILE
+from domainlm.config import FINAL_STAGING, RUN_FILE
 from domainlm.errors import UserError
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -336,10 +336,6 @@ def owned_entries(output_dir: Path) -> list[str]:
         )
     return list(names)
 
-
-# Where the final model and tokenizer are written before they are moved into the run folder
-# (`publish_final_files`): a run killed while writing them leaves only this owned folder.
-FINAL_STAGING = ".final.tmp"
 
 # What a run writes into its folder besides checkpoints (the model and tokenizer files as
 # save_pretrained names them, a LoRA run's adapter and merged/, the logs, results and report;

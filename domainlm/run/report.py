@@ -187,7 +187,9 @@ def plot_runs(runs: list[RunData], output_dir: Path) -> list[Path]:
     for filename in PLOTS:
         fig = plot_figure(filename, runs)
         target = output_dir / filename
-        fig.savefig(target, dpi=PLOT_DPI)
+        tmp = target.with_name(f".{filename}.tmp")  # replaced at once: a kill leaves no half PNG
+        fig.savefig(tmp, dpi=PLOT_DPI, format="png")
+        os.replace(tmp, target)
         plt.close(fig)
         written.append(target)
     return written
@@ -608,7 +610,9 @@ def write_model_card(run: RunData, data: dict[str, Any] | None = None) -> Path |
             file=sys.stderr,
         )
         return None
-    target.write_text(model_card(run, data or card_data(run.path)), encoding="utf-8")
+    tmp = target.with_name(f".{CARD_FILE}.tmp")  # replaced at once: a kill leaves no empty card
+    tmp.write_text(model_card(run, data or card_data(run.path)), encoding="utf-8")
+    os.replace(tmp, target)
     return target
 
 
