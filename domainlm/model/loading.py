@@ -364,13 +364,18 @@ def stored_float_dtype(folder: Path) -> torch.dtype:
     their headers, no weights loaded); float32 where they mix dtypes or none is there."""
     from safetensors import safe_open
 
-    names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    names = {
+        "F32": torch.float32,
+        "BF16": torch.bfloat16,
+        "F16": torch.float16,
+        "F64": torch.float64,
+    }
     found: set[str] = set()
     for file in sorted(folder.glob("*.safetensors")):
         with weights_read_from(file), safe_open(str(file), framework="pt") as weights:
             found |= {weights.get_slice(name).get_dtype() for name in weights.keys()}  # noqa: SIM118
-    floats = found & {"F32", "BF16", "F16", "F64"}
-    return names.get(floats.pop(), torch.float32) if len(floats) == 1 else torch.float32
+    floats = found & set(names)
+    return names[floats.pop()] if len(floats) == 1 else torch.float32
 
 
 def _first_line(exc: BaseException) -> str:

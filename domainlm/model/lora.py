@@ -113,9 +113,20 @@ def check_quantization(quantization: str | None) -> None:
 # ----------------------------------------------------------------------------- target layers
 
 
+def linear_features(module: torch.nn.Module) -> tuple[int, int] | None:
+    """(in, out) features of a linear map: an nn.Linear, or transformers' Conv1D (GPT-2's
+    transposed linear, its weight stored (in, out)); None for any other module."""
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D":
+        rows, cols = module.weight.shape
+        return int(rows), int(cols)
+    return None
+
+
 def adaptable(module: torch.nn.Module) -> bool:
-    """A layer LoRA can adapt: nn.Linear, or transformers' Conv1D (GPT-2's transposed linear)."""
-    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+    """A layer LoRA can adapt: a linear map (`linear_features`)."""
+    return linear_features(module) is not None
 
 
 def block_linear_names(model: torch.nn.Module) -> list[str]:
@@ -181,10 +192,9 @@ def adapted_layers(model: torch.nn.Module, targets: list[str]) -> dict[str, tupl
     name is a target or ends with "." + one), full name -> (in, out) features."""
     found: dict[str, tuple[int, int]] = {}
     for name, module in model.named_modules():
-        if adaptable(module) and any(name == t or name.endswith("." + t) for t in targets):
-            rows, cols = module.weight.shape  # Linear: (out, in); Conv1D: (in, out)
-            linear = isinstance(module, torch.nn.Linear)
-            found[name] = (int(cols), int(rows)) if linear else (int(rows), int(cols))
+        features = linear_features(module)
+        if features and any(name == t or name.endswith("." + t) for t in targets):
+            found[name] = features
     return found
 
 
@@ -460,7 +470,7 @@ def base_weights_changed(folder: Path, base: str) -> str | None:
     found = read_run_settings(folder)
     identity = found[1].get("identity") if found else None
     recorded = identity.get("base_weights") if isinstance(identity, dict) else None
-    if not isinstance(recorded, str) or found is None:
+    if not isinstance(recorded, str):
         return None
     now = weights_fingerprint(base)
     if now is None or now == recorded:

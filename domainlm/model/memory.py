@@ -44,6 +44,7 @@ import torch
 
 from domainlm.config import LOAD_DTYPES
 from domainlm.errors import UserError
+from domainlm.model.lora import adapted_layers, linear_features, target_modules
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -254,18 +255,16 @@ def repeated_layer(model: torch.nn.Module) -> torch.nn.Module | None:
 
 
 def layer_linears(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
-    """The linear maps of the first transformer layer: short name -> (in, out) features; a
-    linear map is an nn.Linear or transformers' Conv1D (GPT-2), whose weight is stored (in, out)."""
+    """The linear maps of the first transformer layer: short name -> (in, out) features (an
+    nn.Linear or transformers' Conv1D: lora.linear_features)."""
     layer = repeated_layer(model)
     if layer is None:
         return {}
     found: dict[str, tuple[int, int]] = {}
     for name, module in layer.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            found[name] = (module.in_features, module.out_features)
-        elif type(module).__name__ == "Conv1D":
-            rows, cols = module.weight.shape
-            found[name] = (int(rows), int(cols))
+        features = linear_features(module)
+        if features:
+            found[name] = features
     return found
 
 
@@ -540,8 +539,6 @@ def planned_lora_targets(
     same matching of a leaf name, a dotted suffix such as attn.c_proj or a full name, and the
     same errors), the keys of `s.linears` they adapt in any layer, and the adapter parameters:
     r x (in + out) for every layer adapted."""
-    from domainlm.model.lora import adapted_layers, target_modules
-
     targets = target_modules(meta, tuple(requested) if requested else None)
     adapted = adapted_layers(meta, targets)
     keys = [k for k in s.linears if any(name.endswith("." + k) for name in adapted)]

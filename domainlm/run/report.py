@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from domainlm.config import TRAINING_SETTINGS, setting_shown, valid_history
+from domainlm.config import RUN_FILE, TRAINING_SETTINGS, setting_shown, valid_history
 from domainlm.errors import UserError
 from domainlm.run.checkpoint import (
     EVAL_RESULTS_FILE,
+    MARKER,
     REPORT_FILE,
     SUMMARY_FILE,
     written_by_a_report,
@@ -125,11 +126,11 @@ def read_run(path: Path) -> RunData:
     if not path.is_dir():
         raise UserError(f"{path}: a file, not a folder; give the run's --output-dir")
     if not metrics.is_file():
-        if (path.parent / "metrics.jsonl").is_file() and (path / "checkpoint.json").is_file():
+        if (path.parent / metrics.name).is_file() and (path / MARKER).is_file():
             raise UserError(
                 f"{path}: a checkpoint of the run in {path.parent}; give the run's folder"
             )
-        if (path / "run_config.json").is_file():
+        if (path / RUN_FILE).is_file():
             raise UserError(
                 f"{path}: a training run without its metrics.jsonl (moved or deleted?), which "
                 "the report is drawn from; put it back, or leave this run out"
