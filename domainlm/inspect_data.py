@@ -204,7 +204,13 @@ def plan_report(config: InspectConfig) -> dict[str, Any]:
     block = config.block_size or min(context, 1024)
     if block > context:
         raise UserError(f"--block-size {block} is larger than the context of {context} tokens")
-    plan = memory_plan(config, model_config, block)
+    try:
+        plan = memory_plan(config, model_config, block)
+    except UserError as error:  # targets read from the run or adapter, not given as a flag
+        if not (note and "--lora-targets" in note and str(error).startswith("--lora-targets")):
+            raise
+        source = note.removeprefix("note: planned at the ").split("; pass them")[0]
+        raise UserError(f"{error} (--lora-targets taken from the {source})") from None
 
     def replan(batch: int) -> MemoryPlan:
         return plan_for_settings(
@@ -439,6 +445,8 @@ def format_plan(report: dict[str, Any]) -> str:
             "planned under ddp (--lora with --strategy fsdp is refused)"
         )
     lines.append(f"  LoRA targets: {', '.join(plan['lora_targets'])}")
+    if plan["lora_rank_warning"]:
+        lines.append(f"  warning: {plan['lora_rank_warning']}")
     lines.append(
         f"  LoRA --merge (the default), after training: {plan['merge_bytes'] / GIB:.2f} GiB of "
         "system RAM (a float32 copy of the base"

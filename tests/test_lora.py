@@ -369,6 +369,16 @@ def test_a_rank_above_a_layers_width_is_warned_of(
         assert (said in err) is warned, err
 
 
+def test_inspect_warns_of_the_rank_train_warns_of(tiny_model_dir: Path, capsys) -> None:
+    """`inspect --model M` plans --lora-r 100 on 64-wide layers with train's warning; r=64 without."""
+    for r, warned in (("100", True), ("64", False)):
+        assert main(["inspect", "--model", str(tiny_model_dir), "--lora-r", r,
+                     "--lora-targets", "c_attn"]) == 0  # fmt: skip
+        out = capsys.readouterr().out
+        said = f"warning: --lora-r {r} is more than the width of the narrowest layer it adapts (64)"
+        assert (said in out) is warned, out
+
+
 def test_an_unknown_target_lists_the_layers_lora_can_adapt(tiny_model_dir: Path) -> None:
     """Not the LM head, which `--lora-targets lm_head` is refused for."""
     from domainlm.errors import UserError
@@ -785,6 +795,14 @@ def test_inspect_and_the_card_tell_a_lora_run_by_its_own_adapters(
         assert main(["inspect", "--model", str(alone)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"adapter_config.json: {key} is {value!r}, not a" in err[0], err
+    # targets its base lacks: named as the adapter's, not as a --lora-targets the user never gave
+    (alone / "adapter_config.json").write_text(
+        json.dumps({**settings, "target_modules": ["q_proj"]})
+    )
+    assert main(["inspect", "--model", str(alone)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--lora-targets q_proj matches no linear layer" in err[0], err
+    assert "taken from the adapter's" in err[0] and "adapter_config.json" in err[0], err
 
 
 def test_inspect_takes_the_lora_targets_train_takes(

@@ -44,7 +44,7 @@ import torch
 
 from domainlm.config import LOAD_DTYPES
 from domainlm.errors import UserError
-from domainlm.model.lora import adapted_layers, linear_features, target_modules
+from domainlm.model.lora import adapted_layers, linear_features, rank_above_width, target_modules
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -194,6 +194,8 @@ class MemoryPlan:
     # --strategy fsdp over this many ranks: full fine-tuning's rows are one rank's (LoRA's are
     # unsharded: LoRA runs under DDP, `--strategy fsdp --lora` is refused).
     fsdp_ranks: int = 1
+    # What train warns of too: a --lora-r above the width of a layer it adapts (lora.rank_above_width).
+    lora_rank_warning: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -595,6 +597,7 @@ def plan_memory(
         trainable_full=shape.params, trainable_lora=trainable_lora, scenarios=scenarios,
         available=available_bytes(device), device=device, merge_bytes=merge,
         host_available=available_bytes("cpu"), fsdp_ranks=fsdp_ranks,
+        lora_rank_warning=rank_above_width(meta, targets, lora_r),
     )  # fmt: skip
 
 

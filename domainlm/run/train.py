@@ -295,10 +295,9 @@ def check_inputs(
     }
     if config.lora:  # an adapter goes on top of the weights it trained on: the base's, read again
         identity["base_weights"] = weights_fingerprint(config.model)
-        if not config.lora_quantization:  # a quantized layer's weight is packed: no width
-            wasted = rank_above_width(loaded.model, identity["lora"]["targets"], config.lora_r)
-            if wasted:
-                console.warn(wasted)
+        wasted = rank_above_width(loaded.model, identity["lora"]["targets"], config.lora_r)
+        if wasted:  # inspect's memory plan says the same (MemoryPlan.lora_rank_warning)
+            console.warn(wasted)
     # Data errors (empty, binary, invalid UTF-8) come before anything in output_dir is touched.
     train_stream, valid_stream = load_streams(config, loaded, identity["tokenizer"], console)
     identity["train_data"] = stream_fingerprint(train_stream)  # a resume reads the same blocks
