@@ -86,6 +86,10 @@ def test_sigterm_with_too_little_grace_keeps_the_last_checkpoint_and_resumes_exa
         assert cli_main(args) == 143
     err = capsys.readouterr().err
     assert "more than --preempt-grace 0.001 s allows: on SIGTERM the run will keep its last" in err
+    assert (  # not the "and saving a checkpoint" it said before, for a save it will not make
+        "SIGTERM received: finishing this step; a save would not fit in --preempt-grace 0.001 s: "
+        "keeping the last checkpoint and writing preempted.json instead"
+    ) in err
     (line,) = error_lines(err)
     assert line.startswith("domainlm: stopped: SIGTERM: stopped after step 3 without a new ")
     assert f"kept checkpoint-2 and wrote {out / 'preempted.json'}" in line

@@ -315,6 +315,40 @@ def test_sigterm_saves_and_exits_143_then_resumes_exactly(
     assert metric_events(out) == metric_events(reference)
 
 
+# `domainlm train` sending itself SIGTERM as one function (argv[1]: "module:attribute") starts.
+SIGNALLED_IN = KILLED_IN.format(
+    when="True",
+    before="import signal; os.kill(os.getpid(), signal.SIGTERM); return real(*args, **kwargs)",
+).replace("        os._exit(137)\n", "")
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["domainlm.run.train:decide_resume", "domainlm.run.boundaries:Evaluation.initial"],
+    ids=["lock-held", "initial-evaluation"],
+)
+def test_sigterm_during_set_up_is_one_line_143_and_releases_the_lock(
+    corpus: Path, reference: Path, tmp_path: Path, target: str
+) -> None:
+    """A SIGTERM before the step loop (the lock held, the weights not read yet; or during the
+    validation before training): one line and exit 143, the lock released (SIGTERM's default
+    action ended the process silently, exit -15, leaving the lock), and the same command then
+    trains the run an uninterrupted one does."""
+    out = tmp_path / "out"
+    cmd = train_cmd(corpus, out)[2:]  # without `-m domainlm`
+    stopped = subprocess.run([sys.executable, "-c", SIGNALLED_IN, target, *cmd[1:]], cwd=corpus,
+                             env=env_for(corpus), capture_output=True, text=True)  # fmt: skip
+    assert stopped.returncode == 143, stopped.stderr
+    lines = stopped.stderr.strip().splitlines()
+    assert "Traceback" not in stopped.stderr and lines[-1].startswith("domainlm: stopped: SIGTERM")
+    assert "during set-up" in lines[-1] and "To resume, run" in lines[-1], lines[-1]
+    assert not (out / LOCK_FILE).exists()
+    done = subprocess.run(train_cmd(corpus, out), cwd=corpus, env=env_for(corpus),
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert_same_weights(out, reference)
+
+
 def test_the_resume_hint_is_the_command_as_the_user_can_type_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -14,6 +14,7 @@ The bad-step and out-of-memory guards belong to the step itself (step.py).
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -405,8 +406,24 @@ class StopGuard:
 
     def __init__(self, run: Run, cleanup: ExitStack, checkpoints: Checkpoints, progress: Progress):
         self.run, self.checkpoints, self.progress = run, checkpoints, progress
-        self.signals = cleanup.enter_context(guard.StopSignals(run.console.info))
         self.plan = preempt.PreemptPlan.measure(run)  # says at start if a save will not fit
+        self.signals = cleanup.enter_context(guard.StopSignals(self.announce))
+
+    def announce(self, signum: int) -> None:
+        """What the run does on this signal: save after the step, or (a SIGTERM whose save would
+        not fit in --preempt-grace) keep its last checkpoint and write preempted.json."""
+        name = signal.Signals(signum).name
+        plan = self.plan.after_a_save(self.checkpoints.last_seconds)
+        if signum == signal.SIGTERM and not plan.fits(0.0):
+            then = (
+                f"; a save would not fit in --preempt-grace {plan.grace:g} s: keeping the last "
+                f"checkpoint and writing {preempt.PREEMPTED_FILE} instead"
+            )
+        else:
+            then = " and saving a checkpoint"
+        self.run.console.info(
+            f"{name} received: finishing this step{then} (send it again to stop at once)"
+        )
 
     def after_step(self, step: StepOutcome) -> None:
         run = self.run

@@ -51,9 +51,10 @@ BAD_STEPS_EXIT = 3
 
 
 class StopSignals:
-    """Context manager turning SIGINT/SIGTERM into a stop request checked between steps."""
+    """Context manager turning SIGINT/SIGTERM into a stop request checked between steps;
+    `announce(signum)` says what the run will do (StopGuard: save, or preempted.json)."""
 
-    def __init__(self, announce: Callable[[str], None] | None = None) -> None:
+    def __init__(self, announce: Callable[[int], None] | None = None) -> None:
         self.signum: int | None = None
         self.received_at: float | None = None  # time.monotonic() of the first signal
         self._announce = announce
@@ -68,11 +69,7 @@ class StopSignals:
             raise KeyboardInterrupt
         self.signum, self.received_at = signum, time.monotonic()
         if self._announce is not None:
-            name = signal.Signals(signum).name
-            self._announce(
-                f"{name} received: finishing this step and saving a checkpoint "
-                "(send it again to stop at once)"
-            )
+            self._announce(signum)
 
     def __enter__(self) -> StopSignals:
         import threading
@@ -89,6 +86,38 @@ class StopSignals:
 
     def exit_code(self) -> int:
         return SIGNAL_EXIT.get(signal.Signals(self.signum), 1) if self.signum else 1
+
+
+class SetUpSignals:
+    """Until the step loop's StopSignals take over (StopGuard): SIGTERM stops the set-up as Ctrl-C
+    does, by an exception that unwinds (the run lock released, exit 143, one line), not by
+    SIGTERM's default action, which ends the process with no clean-up and no word."""
+
+    def __init__(self) -> None:
+        self._previous: Any = None
+        self._installed = False
+
+    @staticmethod
+    def _handle(signum: int, frame: FrameType | None) -> None:
+        raise TrainingAborted(
+            f"{signal.Signals(signum).name}: stopped during set-up, before this command trained a "
+            f"step; nothing new to save. To resume, run {resume_command()} (it continues from "
+            "the newest checkpoint, if there is one)",
+            exit_code=SIGNAL_EXIT[signal.SIGTERM],
+        )
+
+    def __enter__(self) -> SetUpSignals:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
+            self._installed = False
 
 
 def stop_agreed(stop: StopSignals, ctx: Any, device: torch.device) -> bool:

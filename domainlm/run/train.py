@@ -136,6 +136,7 @@ def train(config: TrainConfig) -> TrainResult:
     ctx = setup_distributed(config.dist_timeout, config.device, config.strategy)
     cleanup = ExitStack()  # the run lock and the signal handlers, released on every exit
     try:
+        cleanup.enter_context(guard.SetUpSignals())  # SIGTERM before the loop's StopGuard
         run = set_up(config, ctx, cleanup)
         if isinstance(run, TrainResult):
             return run
