@@ -86,8 +86,9 @@ def add_dataclass_arguments(
         help_text = f.metadata.get("help", "")
         kind, is_list = _base_type(hints[f.name])
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
-        if kind is bool:  # a flag that is on by default is turned off with --no-FLAG
-            kwargs["action"] = argparse.BooleanOptionalAction if f.default else "store_true"
+        if kind is bool:  # on by default (or set by a --config file): off with --no-FLAG
+            negatable = f.default or f.metadata.get("negatable")
+            kwargs["action"] = argparse.BooleanOptionalAction if negatable else "store_true"
         else:
             kwargs["type"] = kind
             if "choices" in f.metadata:

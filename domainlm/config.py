@@ -190,7 +190,10 @@ class TrainConfig:
         DEFAULT_SEED, "Seed for initialisation, data order, dropout and the validation split."
     )
     overwrite_output_dir: bool = opt(
-        False, "Start afresh in a folder of an earlier run (removes only files domainlm wrote)."
+        False,
+        "Start afresh in a folder of an earlier run (removes only files domainlm wrote); "
+        "--no-overwrite-output-dir turns off a --config file's.",
+        negatable=True,
     )
     resume: str = opt("auto", "auto (newest matching checkpoint), never, or a checkpoint path.")
     eos_token: str | None = opt(

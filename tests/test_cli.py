@@ -45,6 +45,20 @@ def test_yaml_config_and_flags_override_it(tmp_path: Path) -> None:
     assert (config.lr, config.batch_size, config.save_steps, config.eval_steps) == (0.001, 5, 7, 7)
 
 
+def test_a_config_files_overwrite_is_turned_off_on_the_command_line(tmp_path: Path) -> None:
+    """`--no-overwrite-output-dir` (the flag a stopped run's resume hint adds when a --config file
+    set overwrite_output_dir: the file's run would otherwise start afresh)."""
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(
+        "model: scratch:tiny\ntrain_file: a.txt\noutput_dir: o\noverwrite_output_dir: true\n"
+    )
+    assert parse(["--config", str(config_file)]).overwrite_output_dir is True
+    assert (
+        parse(["--config", str(config_file), "--no-overwrite-output-dir"]).overwrite_output_dir
+        is False
+    )
+
+
 def test_config_paths_read_as_on_the_command_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -282,7 +282,8 @@ def test_sigterm_saves_and_exits_143_then_resumes_exactly(
     corpus: Path, reference: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
-    cmd = train_cmd(corpus, out)
+    # --overwrite-output-dir: the resume hint must leave it out (it removed the run it resumed)
+    cmd = train_cmd(corpus, out, "--overwrite-output-dir")
     proc = subprocess.Popen(
         cmd,
         cwd=corpus,  # `python -m` imports from the working folder: the same for all runs
@@ -341,7 +342,7 @@ def test_sigterm_during_set_up_is_one_line_143_and_releases_the_lock(
     assert stopped.returncode == 143, stopped.stderr
     lines = stopped.stderr.strip().splitlines()
     assert "Traceback" not in stopped.stderr and lines[-1].startswith("domainlm: stopped: SIGTERM")
-    assert "during set-up" in lines[-1] and "To resume, run" in lines[-1], lines[-1]
+    assert "during set-up" in lines[-1] and "To start it again, run" in lines[-1], lines[-1]
     assert not (out / LOCK_FILE).exists()
     done = subprocess.run(train_cmd(corpus, out), cwd=corpus, env=env_for(corpus),
                           capture_output=True, text=True)  # fmt: skip
@@ -369,9 +370,23 @@ def test_the_resume_hint_is_the_command_as_the_user_can_type_it(
     assert resume_command() == "domainlm train --output-dir 'my run'"
     monkeypatch.setattr(sys, "argv", [str(elsewhere), *args])
     assert resume_command() == f"{elsewhere} train --output-dir 'my run'"
+    # What would not continue the run is left out: --overwrite-output-dir would remove it,
+    # --resume never refuse it, --resume PATH go back to where it began (auto finds the newest);
+    # a --config file's overwrite is turned off. As typed where nothing is to continue from.
+    monkeypatch.setattr(sys, "argv", [str(on_path), *args, "--overwrite_output_dir", "--resume",
+                                      "never", "--resume=out/checkpoint-2", "--seed", "3"])  # fmt: skip
+    assert resume_command() == "domainlm train --output-dir 'my run' --seed 3"
+    assert resume_command(continues=False) == shlex.join(["domainlm", *sys.argv[1:]])
+    monkeypatch.setattr(sys, "argv", [str(on_path), *args])
+    assert resume_command(overwrite=True) == (
+        "domainlm train --output-dir 'my run' --no-overwrite-output-dir"
+    )
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
     monkeypatch.setattr(sys, "argv", [str(tmp_path / "domainlm" / "__main__.py"), *args])
     assert resume_command() == "the same torchrun command again"
+    assert resume_command(overwrite=True) == (
+        "the same torchrun command again without --overwrite-output-dir or --resume"
+    )
 
 
 def test_sigint_exits_130_and_the_lock_refuses_a_second_run(

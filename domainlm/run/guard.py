@@ -101,8 +101,7 @@ class SetUpSignals:
     def _handle(signum: int, frame: FrameType | None) -> None:
         raise TrainingAborted(
             f"{signal.Signals(signum).name}: stopped during set-up, before this command trained a "
-            f"step; nothing new to save. To resume, run {resume_command()} (it continues from "
-            "the newest checkpoint, if there is one)",
+            f"step; nothing new to save. To start it again, run {resume_command(continues=False)}",
             exit_code=SIGNAL_EXIT[signal.SIGTERM],
         )
 
@@ -130,18 +129,49 @@ def stop_agreed(stop: StopSignals, ctx: Any, device: torch.device) -> bool:
     return count > 0
 
 
-def resume_command() -> str:
+# Flags that would not continue a stopped run from its newest checkpoint in --output-dir:
+# --overwrite-output-dir removes the run; --resume never refuses it, and --resume PATH names the
+# checkpoint the run began from, not the one it stopped at (auto, the default, finds that).
+OVERWRITE_FLAGS = ("--overwrite-output-dir", "--overwrite_output_dir")
+RESUME_FLAG = "--resume"
+
+
+def continuing_args(args: list[str], overwrite: bool) -> list[str]:
+    """`args` less the flags that would not continue the run (OVERWRITE_FLAGS, --resume and its
+    value); `--no-overwrite-output-dir` added where the run's overwrite came from a --config file."""
+    kept: list[str] = []
+    value_next = False
+    for arg in args:
+        if value_next:
+            value_next = False
+        elif arg == RESUME_FLAG:
+            value_next = True
+        elif arg not in OVERWRITE_FLAGS and not arg.startswith(RESUME_FLAG + "="):
+            kept.append(arg)
+    if overwrite and not any(arg in OVERWRITE_FLAGS for arg in args):
+        kept.append("--no-overwrite-output-dir")
+    return kept
+
+
+def resume_command(continues: bool = True, overwrite: bool = False) -> str:
     """The command line of this process, to print as the way to resume: as the user can type it
     (the interpreter's path where `python` on PATH is another one); under torchrun, whose command
-    line a rank cannot see, "the same torchrun command again"."""
+    line a rank cannot see, "the same torchrun command again". `continues`: the run stopped with
+    a checkpoint in --output-dir to continue from, and the command is the one that continues it
+    (`continuing_args`; `overwrite`: the run's --overwrite-output-dir, from the command line or a
+    --config file); else the command as it was."""
     import shlex
     import shutil
     import sys
 
-    if os.environ.get("TORCHELASTIC_RUN_ID"):  # set by torchrun for its workers
-        return "the same torchrun command again"
-    if os.environ.get("WORLD_SIZE"):  # another launcher's rank
-        return "the same launch command again"
+    args = continuing_args(sys.argv[1:], overwrite) if continues else sys.argv[1:]
+    launched = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("WORLD_SIZE")
+    if launched:  # torchrun's workers (TORCHELASTIC_RUN_ID) or another launcher's ranks
+        launcher = "torchrun" if os.environ.get("TORCHELASTIC_RUN_ID") else "launch"
+        left_out = continues and (overwrite or any(a == RESUME_FLAG for a in sys.argv[1:]))
+        return f"the same {launcher} command again" + (
+            " without --overwrite-output-dir or --resume" if left_out else ""
+        )
     name = Path(sys.argv[0]).name if sys.argv else ""
     if name == "domainlm":
         found = shutil.which("domainlm")  # paths compared unresolved: a venv's python is a
@@ -153,14 +183,17 @@ def resume_command() -> str:
         program = f"{'python' if same else shlex.quote(sys.executable)} -m domainlm"
     else:
         return "the same command again"
-    return f"{program} {shlex.join(sys.argv[1:])}"
+    return f"{program} {shlex.join(args)}"
 
 
-def stopped_by_signal(stop: StopSignals, step: int, output_dir: Path) -> TrainingAborted:
+def stopped_by_signal(
+    stop: StopSignals, step: int, output_dir: Path, overwrite: bool = False
+) -> TrainingAborted:
     name = signal.Signals(stop.signum).name if stop.signum else "a signal"
     return TrainingAborted(
         f"{name}: stopped after step {step}, saved {output_dir / f'checkpoint-{step}'}. "
-        f"To resume, run {resume_command()} (it continues from the newest checkpoint)",
+        f"To resume, run {resume_command(overwrite=overwrite)} (it continues from the newest "
+        "checkpoint)",
         exit_code=stop.exit_code(),
     )
 

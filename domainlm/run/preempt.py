@@ -166,12 +166,15 @@ def fallback_stop(
         write_json_atomic(run.output_dir / PREEMPTED_FILE, record)
     barrier(run.ctx)
     where = f"kept {kept}" if kept else "no checkpoint yet (the run starts again at step 0)"
+    # --resume PATH outside --output-dir kept as the resume point: the command still names it
+    continues = last_saved is None or last_saved.parent.resolve() == run.output_dir.resolve()
     left = max(plan.grace - elapsed, 0.0)
     return TrainingAborted(
         f"{record['signal']}: stopped after step {step} without a new checkpoint: "
         f"{plan.describe()}, more than the {left:.2g} s left of --preempt-grace {plan.grace:g} s; "
         f"{where} and wrote {run.output_dir / PREEMPTED_FILE}. To resume, run "
-        f"{resume_command()} (it continues from {kept or 'step 0'})",
+        f"{resume_command(continues, run.config.overwrite_output_dir)} (it continues from "
+        f"{kept or 'step 0'})",
         exit_code=signals.exit_code(),
     )
 
