@@ -50,6 +50,23 @@ TRAINING_SETTINGS = (
 COMMAND_SETTINGS = ("quiet", "strict", "dist_timeout", "cache_dir", "preempt_grace")
 
 
+# Settings that name files, compared by what is in them: --output-dir is the folder whose run
+# file is read, the data's tokens are the identity's train_data and the finish marker's
+# validation, a local --model folder is `same_model_spelled`'s.
+SETTINGS_NAMING_FILES = ("output_dir", "train_file", "validation_file", "model")
+
+
+def run_settings(settings: Any) -> Any:
+    """A run file's settings, as a finished run is recognised by them: less the command's own
+    (config.COMMAND_SETTINGS: --quiet, ...) and those naming files (SETTINGS_NAMING_FILES), so
+    that `./out/`, `out` and a copy of the folder elsewhere, or the data spelled another way,
+    are the same run."""
+    if not isinstance(settings, dict):
+        return settings
+    skipped = (*COMMAND_SETTINGS, *SETTINGS_NAMING_FILES)
+    return {key: value for key, value in settings.items() if key not in skipped}
+
+
 def setting_shown(value: Any) -> Any:
     """A setting's value in a message or the model card: None (not given) as "(unset)"."""
     return "(unset)" if value is None else value

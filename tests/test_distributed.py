@@ -522,3 +522,65 @@ def test_fsdp_on_one_torchrun_rank_shards_and_equals_one_process(
     assert "on cpu x1, precision fp32, parameters sharded by FSDP" in log
     assert_same_losses(train_losses(out), train_losses(single_run))
     assert_same_weights(out, single_run)
+
+
+# A torchrun worker running `domainlm train` as rank 0 would, but rank 1 with the values of some
+# flags replaced (argv[1]: "--flag=value,..."): machines whose files or command lines differ.
+RANK_1_DIFFERS = """
+import os, sys
+from domainlm.cli import main
+args = sys.argv[2:]
+if os.environ["RANK"] == "1":
+    for pair in filter(None, sys.argv[1].split(",")):
+        flag, value = pair.split("=", 1)
+        args[args.index(flag) + 1] = value
+sys.exit(main(args))
+"""
+
+
+def launch_with_rank_1(
+    data: dict[str, Path], out: Path, tmp_path: Path, rank_1: str, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    """A 2-rank torchrun of the shared run's command, rank 1's flags changed by `rank_1`."""
+    script = tmp_path / "rank_1_differs.py"
+    script.write_text(RANK_1_DIFFERS)
+    launcher = ["torch.distributed.run", "--nproc_per_node=2", f"--master-port={free_port()}"]
+    cmd = torchrun_cmd(launcher, data, out, *extra)
+    at = cmd.index("-m", 3)  # torchrun's `-m domainlm`: the script instead
+    cmd[at : at + 2] = [str(script), rank_1]
+    return subprocess.run(cmd, env=launch_env(data["cache"]), capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT)  # fmt: skip
+
+
+def test_ranks_that_disagree_stop_with_one_line_before_training(
+    data: dict[str, Path], tmp_path: Path
+) -> None:
+    """Every rank reads its own command and files: rank 1 with other training data, another
+    --max-steps, its own --output-dir under FSDP's sharded checkpoints, or its own --output-dir
+    holding no checkpoint when rank 0 resumes, stops the run with one line on each rank before
+    a step. They trained a mix silently, ran two schedules, published checkpoints missing rank
+    1's shards (exit 0), or crashed in gloo."""
+    other = write_lines(tmp_path / "other.txt", uneven_corpus(30, seed=5))
+    own = tmp_path / "rank1-out"
+    cases = [
+        (f"--train-file={other}", (), "rank 1 of 2 runs with other training data than rank 0"),
+        ("--max-steps=6", (), "rank 1 of 2 runs with other --max-steps 6 (rank 0: 4) than rank 0"),
+        (f"--output-dir={own}", ("--strategy", "fsdp"), "rank 1 of 2 does not see --output-dir"),
+    ]
+    for number, (rank_1, extra, said) in enumerate(cases):
+        out = tmp_path / f"out{number}"
+        done = launch_with_rank_1(data, out, tmp_path, rank_1, *extra)
+        errors = [line for line in done.stderr.splitlines() if line.startswith("domainlm: ")]
+        assert done.returncode != 0 and len(errors) == 2, done.stderr[-3000:]
+        assert all(said in line for line in errors), errors
+        assert not (out / "metrics.jsonl").exists() and not (out / ".domainlm.lock").exists()
+    assert not own.exists()
+    # Rank 0's folder holds checkpoint-2, rank 1's (another machine's disk) nothing.
+    out = tmp_path / "resumed"
+    launch_with_rank_1(data, out, tmp_path, f"--output-dir={own}", "--max-steps", "2")
+    assert (out / "checkpoint-2").is_dir() and not own.exists()
+    done = launch_with_rank_1(data, out, tmp_path, f"--output-dir={own}")
+    errors = [line for line in done.stderr.splitlines() if line.startswith("domainlm: ")]
+    assert done.returncode != 0 and len(errors) == 2, done.stderr[-3000:]
+    said = "rank 0 resumes from checkpoint-2, but rank 1 of 2 finds no checkpoint in its"
+    assert all(said in line for line in errors), errors

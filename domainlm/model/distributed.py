@@ -78,6 +78,15 @@ def from_rank_0(value: Any, ctx: DistContext) -> Any:
     return box[0]
 
 
+def from_every_rank(value: Any, ctx: DistContext) -> list[Any]:
+    """Every rank's `value` (anything picklable), in rank order, on every rank."""
+    if not ctx.enabled:
+        return [value]
+    values: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
 def setup_distributed(
     timeout_s: float = DEFAULT_TIMEOUT_S, device: str | None = None, strategy: str = "auto"
 ) -> DistContext:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from domainlm.config import COMMAND_SETTINGS, TrainConfig
+from domainlm.config import TrainConfig, run_settings
 from domainlm.data.blocks import BlockDataset, split_documents
 from domainlm.data.corpus import check_input
 from domainlm.data.lint import check_training_data
@@ -87,6 +87,7 @@ from domainlm.run.diskspace import (
 from domainlm.run.lock import RunLock
 from domainlm.run.memory_check import check_run_memory
 from domainlm.run.metrics import Console, MetricsLog, initial_perplexity
+from domainlm.run.ranks import agreed_resume, check_ranks_agree, check_shared_output_dir
 from domainlm.run.report import data_summary, write_run_report
 from domainlm.run.resume import (
     GLOBAL_BATCH,
@@ -242,7 +243,9 @@ def set_up(config: TrainConfig, ctx: DistContext, cleanup: ExitStack) -> Run | T
         return done
     output_dir = Path(config.output_dir)
     total_steps = count_steps(config, ctx.world_size, len(data.dataset))[1]
-    data.resume_from = decide_resume(config, output_dir, data.identity, console, ctx, total_steps)
+    data.resume_from = agreed_resume(  # every rank continues from the same checkpoint
+        ctx, lambda: decide_resume(config, output_dir, data.identity, console, ctx, total_steps)
+    )
     if not weights_from_rank_0(ctx) or ctx.is_main:  # else on meta, filled from rank 0
         data.loaded.model = load_weights(config, data.resume_from, load_dtype)
     if config.packing == "docs":  # runs the model: refused before anything is removed
@@ -302,6 +305,7 @@ def check_inputs(
     # Data errors (empty, binary, invalid UTF-8) come before anything in output_dir is touched.
     train_stream, valid_stream = load_streams(config, loaded, identity["tokenizer"], console)
     identity["train_data"] = stream_fingerprint(train_stream)  # a resume reads the same blocks
+    check_ranks_agree(config, ctx, identity, valid_stream)  # torchrun: one command, one data
     # Data lint (domainlm/data/lint.py): warnings, or with --strict an error before any write.
     lint_warnings = check_training_data(
         config, block_size, train_stream, valid_stream, console,
@@ -309,6 +313,7 @@ def check_inputs(
     )  # fmt: skip
     if ctx.is_main:  # one run per output dir; taken before the run file is read
         cleanup.enter_context(RunLock(output_dir))
+    check_shared_output_dir(config, ctx, output_dir)  # sharded checkpoints: one folder for all
     dataset = BlockDataset(train_stream, block_size, config.packing)
     return RunData(
         loaded, identity, block_size, eval_stride, train_stream, valid_stream, dataset,
@@ -866,23 +871,6 @@ def finished_result(
     )
     console.summary(result, saved_now=False)
     return result
-
-
-# Settings that name files, compared by what is in them: --output-dir is the folder whose run
-# file is read, the data's tokens are the identity's train_data and the finish marker's
-# validation, a local --model folder is `same_model_spelled`'s.
-SETTINGS_NAMING_FILES = ("output_dir", "train_file", "validation_file", "model")
-
-
-def run_settings(settings: Any) -> Any:
-    """A run file's settings, as a finished run is recognised by them: less the command's own
-    (config.COMMAND_SETTINGS: --quiet, ...) and those naming files (SETTINGS_NAMING_FILES), so
-    that `./out/`, `out` and a copy of the folder elsewhere, or the data spelled another way,
-    are the same run."""
-    if not isinstance(settings, dict):
-        return settings
-    skipped = (*COMMAND_SETTINGS, *SETTINGS_NAMING_FILES)
-    return {key: value for key, value in settings.items() if key not in skipped}
 
 
 def same_model_spelled(saved: Any, identity: dict[str, Any]) -> bool:
