@@ -43,7 +43,8 @@ TRAINING_SETTINGS = (
     "block_size", "batch_size", "grad_accum", "epochs", "max_steps", "early_stopping_patience",
     "load_best_model_at_end", "lr", "scheduler", "warmup_steps", "min_lr_ratio", "weight_decay",
     "adam_beta1", "adam_beta2", "max_grad_norm", "precision", "load_dtype", "packing", "seed",
-    "eval_steps", "max_eval_tokens",  # what early stopping and the best checkpoint compare
+    "eval_steps", "max_eval_tokens", "eval_stride",  # what early stopping and the best compare
+    "strategy",  # ddp or fsdp: the same updates up to float rounding, said when it changes
 )  # fmt: skip
 # The settings of a command, not of its run: how it shows its progress, how long it waits, where
 # its token cache is. A finished run started again with only these changed has nothing to do.

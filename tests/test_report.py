@@ -309,3 +309,17 @@ def test_an_unfinished_runs_page_names_the_step_of_its_latest_figure(
     run_report([killed], tmp_path / "page")
     page = (tmp_path / "page" / "report.html").read_text()
     assert f"</b> at step {last} (not finished)" in page and "</b> after" not in page
+
+
+def test_the_cards_settings_show_what_auto_resolved_to() -> None:
+    """A block size left to domainlm showed as `| block_size | None |`, the run's 128 nowhere;
+    now as the resolved precision is: `auto (128)`. A given value is shown as it is."""
+    from domainlm.run.report import card_training_section
+
+    config = {"block_size": None, "precision": "auto", "lr": 0.001}
+    rows = card_training_section(config, [], {"block_size": 128, "precision": "bf16"})
+    assert {"| block_size | auto (128) |", "| precision | auto (bf16) |", "| lr | 0.001 |"} <= set(
+        rows
+    )
+    given = card_training_section({"block_size": 64, "precision": "fp32"}, [], {"block_size": 64})
+    assert {"| block_size | 64 |", "| precision | fp32 |"} <= set(given)

@@ -64,6 +64,7 @@ class RunData:
     finished: bool = False  # run_config.json records the final model written
     lora: dict[str, Any] | None = None  # the LoRA settings of a LoRA run (its identity's)
     precision: str | None = None  # what --precision resolved to (run files since 2026-12-07)
+    block_size: int | None = None  # the block size the run trained at (its identity's)
     whole_evals: list[dict[str, Any]] = field(default_factory=list)  # beside a cut evaluation
     label: str = ""  # the name among other runs of a report, where folder names repeat
 
@@ -157,6 +158,8 @@ def read_run(path: Path) -> RunData:
             identity = payload.get("identity")
             lora = identity.get("lora") if isinstance(identity, dict) else None
             run.lora = lora if isinstance(lora, dict) else None
+            block = identity.get("block_size") if isinstance(identity, dict) else None
+            run.block_size = block if isinstance(block, int) else None
             precision = payload.get("precision")
             run.precision = precision if isinstance(precision, str) else None
     return run
@@ -386,7 +389,8 @@ def model_card(run: RunData, data: dict[str, Any] | None = None) -> str:
     lines += [f"# {run.name}", ""]
     lines += [card_opening(run, base), ""]
     lines += card_data_section(run, data)
-    lines += card_training_section(run.config, run.history, run.precision)
+    resolved = {"precision": run.precision, "block_size": run.block_size}
+    lines += card_training_section(run.config, run.history, resolved)
     lines += card_results_section(run)
     lines += [
         "",
@@ -499,17 +503,20 @@ def card_opening(run: RunData, base: str) -> str:
 
 
 def card_training_section(
-    config: dict[str, Any], history: list[dict[str, Any]], precision: str | None = None
+    config: dict[str, Any], history: list[dict[str, Any]], resolved: dict[str, Any] | None = None
 ) -> list[str]:
-    """The settings table (the last command's values; `precision`, what `--precision`
-    resolved to, beside it), then the changes made on resume."""
+    """The settings table (the last command's values; beside one left to domainlm, what it
+    resolved to: `resolved`, e.g. precision auto (bf16), block_size auto (1024)), then the
+    changes made on resume."""
     lines = ["", "## Training hyperparameters", "", "| setting | value |", "|---|---|"]
     for key in TRAINING_SETTINGS:
         if key in config:
-            value = config[key]
-            resolved = key == "precision" and precision and precision != value
+            value, took = config[key], (resolved or {}).get(key)
+            shown = "auto" if value is None and took is not None else value
             lines.append(
-                f"| {key} | {value} ({precision}) |" if resolved else f"| {key} | {value} |"
+                f"| {key} | {shown} ({took}) |"
+                if took and took != value
+                else f"| {key} | {value} |"
             )
     if history:
         lines += [
