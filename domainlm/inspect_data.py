@@ -304,7 +304,7 @@ def inspect_data(config: InspectConfig) -> dict[str, Any]:
         leaked = lint.validation.leaked_lines
     else:
         train_docs, held_docs = split_documents(
-            full.num_documents, config.validation_split, config.seed
+            full.num_documents, config.validation_split, config.seed, config.train_file
         )
         train, valid = full.select(train_docs), full.select(held_docs)
         leaked = held_out_leaks(full, train_docs, held_docs)

@@ -3,8 +3,13 @@ traceback, nothing written or deleted. Plus what is not an error: a very long si
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import io
+import lzma
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -525,3 +530,93 @@ def test_a_run_without_its_final_model_names_its_newest_checkpoint(
                        "is a training run without its final model yet", hint)  # fmt: skip
         assert line.endswith(hint)
     assert cli_main(["perplexity", "--model", str(run / "checkpoint-2"), "--text", "a b c"]) == 0
+
+
+@pytest.mark.parametrize("command", ["train", "perplexity"])
+def test_a_json_array_file_is_refused_with_how_to_convert(
+    tiny_model_dir: Path, tmp_path: Path, capsys, command
+) -> None:
+    """A .json file is read as JSON Lines (run_clm.py's meaning); one holding a JSON array is
+    refused in one line saying so and how to convert it, by training and by perplexity alike."""
+    data = tmp_path / "train.json"
+    data.write_text('[{"text": "first document"}, {"text": "second document"}]\n')
+    out = tmp_path / "out"
+    args = args_for(tiny_model_dir, data, out)
+    if command == "perplexity":
+        args = ["perplexity", "--model", str(tiny_model_dir), "--file", str(data), "--quiet"]
+    refused(capsys, args, out, str(data), "JSON Lines is expected", "jq -c '.[]'")
+
+
+def test_gbk_text_is_told_to_convert_with_iconv(tiny_model_dir: Path, tmp_path: Path, capsys):
+    """Chinese text saved as GBK: the refusal names iconv's conversion first (--encoding-errors
+    replace would train on U+FFFD), still with the lines; Latin-1 text keeps the plain advice."""
+    train = tmp_path / "train.txt"
+    train.write_bytes("第一行中文文本\nplain ascii line\n第二行的内容，很好\n".encode("gbk"))
+    out = tmp_path / "out"
+    refused(
+        capsys, args_for(tiny_model_dir, train, out), out, "invalid UTF-8 on line(s) 1, 3;",
+        f"iconv -f gb18030 -t utf-8 {train} > {train}.utf8.txt", "--encoding-errors replace",
+    )  # fmt: skip
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("café résumé naïve\ndéjà vu\n".encode("latin-1"))
+    line = refused(capsys, args_for(tiny_model_dir, latin, out), out, "--encoding-errors replace")
+    assert "iconv" not in line and "GB18030" not in line
+
+
+def compressed_or_wide(text: bytes) -> dict[str, tuple[bytes, str]]:
+    """name -> (the file's bytes, what the one-line refusal must say)."""
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as handle:
+        handle.writestr("train.txt", text)
+    zstd = b"\x28\xb5\x2f\xfd\x24\x0c\x61\x00\x00" + text  # a zstd frame header, then bytes
+    return {
+        "gzip": (
+            gzip.compress(text),
+            "is gzip-compressed, not text; decompress it first: gzip -dc",
+        ),
+        "bzip2": (
+            bz2.compress(text),
+            "is bzip2-compressed, not text; decompress it first: bzip2 -dc",
+        ),
+        "xz": (lzma.compress(text), "is xz-compressed, not text; decompress it first: xz -dc"),
+        "zstd": (zstd, "is zstd-compressed, not text; decompress it first: zstd -dc"),
+        "zip": (archive.getvalue(), "is a zip archive, not text; decompress it first: unzip"),
+        "utf-16-le": (text.decode().encode("utf-16"), "is UTF-16 text (it starts with a UTF-16"),
+        "utf-16-be": (b"\xfe\xff" + text.decode().encode("utf-16-be"), "iconv -f utf-16 -t utf-8"),
+        "utf-32": (
+            text.decode().encode("utf-32"),
+            "UTF-32 byte-order mark), not UTF-8; convert it: iconv -f utf-32",
+        ),
+    }
+
+
+@pytest.mark.parametrize("kind", list(compressed_or_wide(b"x")))
+def test_compressed_and_utf16_files_are_named_for_what_they_are(
+    tiny_model_dir: Path, tmp_path: Path, capsys, kind
+) -> None:
+    """Not "binary ... remove its NUL bytes (tr -d '\\000')", advice that would ruin them."""
+    text = "".join(f"line {n} of the text\n" for n in range(40)).encode()
+    content, message = compressed_or_wide(text)[kind]
+    train = tmp_path / "train.txt"
+    train.write_bytes(content)
+    out = tmp_path / "out"
+    line = refused(capsys, args_for(tiny_model_dir, train, out), out, str(train), message)
+    assert "tr -d" not in line and "binary" not in line
+
+
+def test_old_mac_line_ends_in_a_single_document_are_named(
+    tiny_model_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """A file of CR-only line ends is one line, so one document: the refusal (no validation file
+    to hold out from it) says why and how to convert; a real one-line file does not."""
+    train = tmp_path / "cr.txt"
+    train.write_bytes(b"line one\rline two\rline three\r")
+    out = tmp_path / "out"
+    refused(
+        capsys, args_for(tiny_model_dir, train, out), out, "single document",
+        "carriage return(s) with no line feed", f"tr '\\r' '\\n' < {train}", "--validation-file",
+    )  # fmt: skip
+    one = tmp_path / "one.txt"
+    one.write_bytes(b"just one line of text\r\n")
+    line = refused(capsys, args_for(tiny_model_dir, one, out), out, "single document")
+    assert "carriage return" not in line

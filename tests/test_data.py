@@ -46,6 +46,35 @@ def test_jsonl_text_field(tmp_path: Path) -> None:
     assert read_documents(path) == ["first doc", "two\nlines"]
 
 
+def test_a_json_file_is_read_as_json_lines(tmp_path: Path) -> None:
+    """`--train-file train.json` means JSON Lines, as in transformers' run_clm.py: the "text"
+    field (or --text-column's) of each line, not the line `{"text": ...}` verbatim; a folder
+    does not take .json files (configs, dataset_info.json), only the file given."""
+    from domainlm.data.corpus import text_files
+
+    path = tmp_path / "train.json"
+    lines = [{"text": "first doc", "body": "b1"}, {"text": "two\nlines", "body": "b2"}]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert read_documents(path) == ["first doc", "two\nlines"]
+    assert read_documents(path, text_column="body") == ["b1", "b2"]
+    (tmp_path / "notes.txt").write_text("a note\n")
+    assert text_files(tmp_path) == [tmp_path / "notes.txt"]
+
+
+@pytest.mark.parametrize(
+    "content",
+    ['[{"text": "a"}, {"text": "b"}]', '[\n  {"text": "a"},\n  {"text": "b"}\n]\n',
+     '{\n  "text": "a"\n}\n'],
+    ids=["array-on-one-line", "array-over-lines", "object-over-lines"],
+)  # fmt: skip
+def test_a_json_document_not_json_lines_says_how_to_convert(tmp_path: Path, content) -> None:
+    path = tmp_path / "train.json"
+    path.write_text(content)
+    with pytest.raises(UserError, match=r"JSON Lines is expected.*jq -c '\.\[\]'") as info:
+        read_documents(path)
+    assert "\n" not in str(info.value)
+
+
 def test_jsonl_without_text_field_is_a_user_error(tmp_path: Path) -> None:
     path = tmp_path / "t.jsonl"
     path.write_text('{"body": "x"}\n')

@@ -109,6 +109,26 @@ def test_every_format_gives_the_same_token_stream(files, name, tmp_path) -> None
     assert again.cache_hit and again.key == cached.key
 
 
+@pytest.mark.parametrize(
+    "name, upper", [("jsonl", "JSONL"), ("csv", "CSV"), ("parquet", "Parquet")]
+)
+def test_any_case_of_a_suffix_is_read_as_the_lower_case_file(files, name, upper, tmp_path) -> None:
+    """`D.JSONL`, `X.CSV` and `X.Parquet`, given as a file or in a folder, give the token stream
+    and the lint of their lower-case twins (they were read as plain lines of `{"text": ...}` and
+    `n,text,other`, lint finding no problem, or refused as binary)."""
+    tokenizer = gpt2_tokenizer()
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    twin = folder / f"DOCS.{upper}"
+    twin.write_bytes(files[name].read_bytes())
+    for source in (twin, folder):
+        cached = load_token_stream(source, tokenizer, EOS, "gpt2", tmp_path / "cache")
+        np.testing.assert_array_equal(np.asarray(cached.stream.tokens), reference_stream(DOCS))
+        lint = lint_corpus(source, None, tmp_path / "cache").train
+        expected = lint_corpus(files[name], None, tmp_path / "cache").train
+        assert {**lint.to_dict(), "path": ""} == {**expected.to_dict(), "path": ""}, source
+
+
 def test_text_column_picks_another_column_and_is_in_the_cache_key(tmp_path) -> None:
     paths = write_formats(tmp_path / "body", DOCS, column="body")
     tokenizer = gpt2_tokenizer()

@@ -7,24 +7,39 @@ one before every document (context only, never a target) are masked out of the l
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from domainlm.data.corpus import bare_carriage_returns
 from domainlm.data.tokens import TokenStream
 from domainlm.errors import UserError
 
 IGNORE_INDEX = -100
 
 
-def split_documents(num_documents: int, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded random (not contiguous) train / held-out document indices, each sorted."""
+def split_documents(
+    num_documents: int, share: float, seed: int, source: str | os.PathLike | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded random (not contiguous) train / held-out document indices, each sorted.
+
+    `source`: the training input, read for the refusal of a single document only: where it
+    holds old-Mac line ends (CR alone), which do not end a line, the message says so."""
     if num_documents < 2:
+        hint = ""
+        if source is not None and bare_carriage_returns(source):
+            file = source if Path(source).is_file() else "FILE"
+            hint = (
+                " (it holds carriage return(s) with no line feed, old Mac line ends, which do not "
+                f"end a line: convert them, e.g. tr '\\r' '\\n' < {file} > {file}.lf.txt)"
+            )
         raise UserError(
-            "the training file has a single document, too few to hold some out for validation; "
-            "pass --validation-file"
+            f"the training file has a single document{hint}, too few to hold some out for "
+            "validation; pass --validation-file"
         )
     held = min(max(1, round(num_documents * share)), num_documents - 1)
     order = np.random.default_rng(seed).permutation(num_documents)

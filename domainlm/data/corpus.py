@@ -27,6 +27,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,8 +41,10 @@ from domainlm.data.formats import (
     DEFAULT_TEXT_COLUMN,
     check_table,
     dataset_folder_files,
+    is_json_lines,
     is_table,
     iter_text_batches,
+    suffix_of,
 )
 from domainlm.errors import UserError
 
@@ -80,13 +83,37 @@ def text_files(path: str | os.PathLike) -> list[Path]:
             ]  # fmt: skip
             files += [
                 here / name for name in names
-                if not name.startswith(".") and Path(name).suffix.lower() in FOLDER_SUFFIXES
+                if not name.startswith(".") and suffix_of(name) in FOLDER_SUFFIXES
                 and (here / name).is_file()
             ]  # fmt: skip
         if not files:
             raise UserError(f"{path}: the folder holds no .txt, .jsonl, .parquet or .csv files")
         return sorted(files)
     return [p]
+
+
+def reader_key_parts(path: str | os.PathLike) -> list[str]:
+    """Token cache key parts for an input holding a file whose reader changed: a .json file (once
+    read as plain lines, now as JSON Lines) or a record file with an upper-case suffix
+    (`D.JSONL`, `X.CSV`: once plain lines too). None for the rest, whose keys stay the same."""
+    changed = any(
+        suffix_of(f) == ".json" or (f.suffix != suffix_of(f) and (is_json_lines(f) or is_table(f)))
+        for f in text_files(path)
+    )
+    return ["readers=case-insensitive,json"] if changed else []
+
+
+def bare_carriage_returns(path: str | os.PathLike, limit: int = CHUNK_BYTES) -> bool:
+    """Whether the text files of an input hold a carriage return not followed by a line feed
+    (old Mac line ends), other than a file's last byte; the first `limit` bytes of each file."""
+    for file in text_files(path):
+        if is_table(file) or is_json_lines(file):
+            continue
+        with open(file, "rb") as handle:
+            head = handle.read(limit)
+        if re.search(rb"\r(?!\n)", head.rstrip(b"\r")):
+            return True
+    return False
 
 
 def check_input(path: str | os.PathLike, text_column: str = DEFAULT_TEXT_COLUMN) -> list[Path]:
@@ -171,21 +198,83 @@ def _last_boundary(buffer: bytes, doc_sep: str) -> int:
 def decode_chunk(file: Path, first_line: int, chunk: bytes, encoding_errors: str) -> str:
     """UTF-8 text of a chunk (a BOM dropped at the file start); bad bytes name their lines."""
     codec = "utf-8-sig" if first_line == 1 else "utf-8"
-    if first_line == 1 and b"\x00" in chunk[: 1 << 20]:
-        raise UserError(
-            f"{file}: looks like a binary file, not text: NUL bytes on line(s) "
-            f"{lines_shown(nul_lines(chunk[: 1 << 20], first_line))}; give a text file, or if "
-            "this is one remove its NUL bytes (tr -d '\\000')"
-        )
+    if first_line == 1:
+        refuse_non_text(file, chunk[: 1 << 20])
     try:
         return chunk.decode(codec)
     except UnicodeDecodeError:
         if encoding_errors == "replace":
             return chunk.decode(codec, errors="replace")
-    raise UserError(
-        f"{file}: invalid UTF-8 on line(s) {invalid_utf8_lines_shown(chunk, first_line)}; fix "
-        "the file or pass --encoding-errors replace"
-    )
+    raise UserError(invalid_utf8_message(file, chunk, first_line))
+
+
+# (first bytes, what the file is, how to decompress it); bz2's magic with its first block's
+# header (1AY&SY), so that no text that happens to start with "BZh" is taken for one
+COMPRESSED_MAGIC = (
+    (re.compile(rb"\x1f\x8b"), "gzip-compressed", "gzip -dc FILE > OUT"),
+    (re.compile(rb"BZh[1-9]1AY&SY"), "bzip2-compressed", "bzip2 -dc FILE > OUT"),
+    (re.compile(rb"\xfd7zXZ\x00"), "xz-compressed", "xz -dc FILE > OUT"),
+    (re.compile(rb"\x28\xb5\x2f\xfd"), "zstd-compressed", "zstd -dc FILE > OUT"),
+    (re.compile(rb"PK\x03\x04"), "a zip archive", "unzip FILE, then give the files it holds"),
+)
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
+# UTF-32's marks first: UTF-32-LE's starts with UTF-16-LE's
+UNICODE_BOMS = (
+    (b"\xff\xfe\x00\x00", "utf-32"),
+    (b"\x00\x00\xfe\xff", "utf-32"),
+    (b"\xff\xfe", "utf-16"),
+    (b"\xfe\xff", "utf-16"),
+)
+
+
+def refuse_non_text(file: Path, head: bytes) -> None:
+    """The one place that tells a file that is not UTF-8 text by its first bytes `head`: a
+    compressed file or archive, UTF-16/32 text (its byte-order mark), or NUL bytes (binary).
+    A UserError saying what it is and what to do; nothing when it may be text."""
+    for magic, what, command in COMPRESSED_MAGIC:
+        if magic.match(head):
+            plain = (
+                file.with_suffix("") if suffix_of(file) in COMPRESSED_SUFFIXES
+                else file.with_name(f"{file.stem}.decompressed{file.suffix}")
+            )  # fmt: skip
+            command = command.replace("FILE", str(file)).replace("OUT", str(plain))
+            raise UserError(f"{file}: is {what}, not text; decompress it first: {command}")
+    for bom, codec in UNICODE_BOMS:
+        if head.startswith(bom):
+            raise UserError(
+                f"{file}: is {codec.upper()} text (it starts with a {codec.upper()} byte-order "
+                f"mark), not UTF-8; convert it: iconv -f {codec} -t utf-8 {file} > {file}.utf8.txt"
+            )
+    if b"\x00" in head:
+        raise UserError(
+            f"{file}: looks like a binary file, not text: NUL bytes on line(s) "
+            f"{lines_shown(nul_lines(head, 1))}; give a text file, or if "
+            "this is one remove its NUL bytes (tr -d '\\000')"
+        )
+
+
+def invalid_utf8_message(file: Path, chunk: bytes, first_line: int) -> str:
+    """The refusal of a chunk with invalid UTF-8: its lines, and iconv's command first where the
+    bad lines read as Chinese in GB18030 (GBK, GB2312), whose text `replace` would ruin."""
+    bad = invalid_utf8_lines(chunk, first_line)
+    shown = f"{file}: invalid UTF-8 on line(s) {lines_shown(bad)}"
+    lines = chunk.split(b"\n")
+    if reads_as_gb18030([lines[n - first_line] for n in bad[:1000]]):
+        return (
+            f"{shown}; it reads as GB18030/GBK (Chinese) text: convert it first with "
+            f"iconv -f gb18030 -t utf-8 {file} > {file}.utf8.txt (--encoding-errors replace "
+            "would go on, turning each bad character into U+FFFD)"
+        )
+    return f"{shown}; fix the file or pass --encoding-errors replace"
+
+
+def reads_as_gb18030(lines: list[bytes]) -> bool:
+    """Whether lines that are not UTF-8 are GB18030 text: nine in ten decode in it, and into
+    CJK characters (Latin-1 accents decode too, now and then, but rarely as whole lines)."""
+    texts = [line.decode("gb18030", errors="replace") for line in lines]
+    decoded = [text for text in texts if "\ufffd" not in text]
+    has_cjk = any("\u4e00" <= c <= "\u9fff" for text in decoded for c in text)
+    return bool(lines) and len(decoded) >= 0.9 * len(lines) and has_cjk
 
 
 def invalid_utf8_lines_shown(chunk: bytes, first_line: int) -> str:
@@ -233,7 +322,7 @@ def chunk_numbered_documents(
     A .jsonl line gives its `text_column` field.
     """
     lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
-    if file.suffix == ".jsonl":
+    if is_json_lines(file):
         return _jsonl_texts(file, first_line, lines, text_column)
     if doc_sep == "blank":
         docs: list[tuple[int, str]] = []
@@ -254,14 +343,21 @@ def chunk_numbered_documents(
 def _jsonl_texts(
     file: Path, first_line: int, lines: list[str], text_column: str
 ) -> list[tuple[int, str]]:
-    texts = []
+    texts: list[tuple[int, str]] = []
+    first_record = first_line == 1
     for number, line in enumerate(lines, start=first_line):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
+            # an array's "[", or a pretty-printed object's "{" alone on the file's first line
+            if line.lstrip().startswith("[") or (first_record and line.strip() == "{"):
+                _refuse_one_json_document(file)
             raise UserError(f"{file}:{number}: not valid JSON ({exc.msg})") from exc
+        if isinstance(record, list):
+            _refuse_one_json_document(file)
+        first_record = False
         if isinstance(record, dict) and text_column in record and record[text_column] is None:
             continue  # a null text is an empty document, skipped, as a table's null row
         if not isinstance(record, dict) or not isinstance(record.get(text_column), str):
@@ -269,6 +365,15 @@ def _jsonl_texts(
         if record[text_column].strip():
             texts.append((number, record[text_column]))
     return texts
+
+
+def _refuse_one_json_document(file: Path) -> None:
+    """A .json(l) file that is one JSON array, or one object spread over lines, not JSON Lines."""
+    raise UserError(
+        f"{file}: holds one JSON document (an array, or an object over several lines); JSON "
+        "Lines is expected, one object per line; convert it, e.g. for an array of objects: "
+        f"jq -c '.[]' {file} > {Path(file).with_suffix('.jsonl')}"
+    )
 
 
 def table_numbered_documents(

@@ -27,6 +27,8 @@ from typing import Any
 from domainlm.errors import UserError
 
 TABLE_SUFFIXES = (".parquet", ".csv", ".arrow")
+# Records of one JSON object per line; `.json` too (what run_clm.py's --train_file means by it)
+JSON_LINES_SUFFIXES = (".jsonl", ".json")
 DEFAULT_TEXT_COLUMN = "text"
 BATCH_BYTES = 4 << 20  # aim: this much text per batch
 MIN_BATCH_ROWS, MAX_BATCH_ROWS = 16, 65536
@@ -44,8 +46,19 @@ class TextBatch:
     progress: int  # bytes of the file this batch stands for (for progress bars)
 
 
+def suffix_of(file: str | Path) -> str:
+    """A file's suffix, lower-cased: the one input to every choice of reader, so `X.CSV`,
+    `D.JSONL` and `X.Parquet` are read as their lower-case twins are."""
+    return Path(file).suffix.lower()
+
+
 def is_table(file: Path) -> bool:
-    return file.suffix in TABLE_SUFFIXES
+    return suffix_of(file) in TABLE_SUFFIXES
+
+
+def is_json_lines(file: Path) -> bool:
+    """A .jsonl (or .json) file: one JSON object per line, its text a field of each."""
+    return suffix_of(file) in JSON_LINES_SUFFIXES
 
 
 # ----------------------------------------------------------------------------- dataset folders
@@ -89,7 +102,7 @@ def iter_text_batches(
     import pyarrow as pa
 
     readers = {".parquet": _parquet_batches, ".csv": _csv_batches, ".arrow": _arrow_batches}
-    batches = readers[file.suffix](file, text_column, encoding_errors)
+    batches = readers[suffix_of(file)](file, text_column, encoding_errors)
     while True:
         try:
             batch = next(batches)
@@ -111,7 +124,7 @@ def check_table(file: Path, text_column: str = DEFAULT_TEXT_COLUMN) -> None:
 
 
 def _what(file: Path) -> str:
-    return {".parquet": "Parquet file", ".csv": "CSV file"}.get(file.suffix, "Arrow data file")
+    return {".parquet": "Parquet file", ".csv": "CSV file"}.get(suffix_of(file), "Arrow data file")
 
 
 def _one_line(exc: BaseException) -> str:

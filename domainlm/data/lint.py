@@ -35,11 +35,17 @@ from domainlm.data.corpus import (
     lines_shown,
     text_files,
 )
-from domainlm.data.formats import DEFAULT_TEXT_COLUMN, is_table, iter_text_batches
+from domainlm.data.formats import (
+    DEFAULT_TEXT_COLUMN,
+    is_json_lines,
+    is_table,
+    iter_text_batches,
+)
 from domainlm.data.tokens import default_cache_dir
 
-# 3: .jsonl text field; 4: CRLF one character; 5: "file:line" in folders, bare CRs
-LINT_VERSION = "5"
+# 3: .jsonl text field; 4: CRLF one character; 5: "file:line" in folders, bare CRs;
+# 6: any case of a suffix (D.JSONL is records), .json read as JSON Lines
+LINT_VERSION = "6"
 SHORT_LINE_CHARS = 10  # a non-empty line under this many characters is "very short"
 MAX_EXAMPLES = 3
 CONTROL_CHARS = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -157,8 +163,8 @@ def _short(text: str, limit: int = 60) -> str:
 
 
 def _has_records(file: Path) -> bool:
-    """A table or a .jsonl file: its texts are fields of records, not its lines."""
-    return is_table(file) or file.suffix == ".jsonl"
+    """A table or a .jsonl (.json) file: its texts are fields of records, not its lines."""
+    return is_table(file) or is_json_lines(file)
 
 
 def _iter_file_lines(path: str | os.PathLike) -> Iterator[tuple[Path, int, bytes]]:
@@ -228,7 +234,7 @@ def _scan(
     files = len(text_files(path))
     for file, first, texts in _iter_table_rows(path, text_column):
         place = _placer(path, file, files)
-        if first == 1 and file.suffix == ".jsonl":  # its text read without the mark, as a .txt
+        if first == 1 and is_json_lines(file):  # its text read without the mark, as a .txt
             with open(file, "rb") as handle:
                 _note_bom(lint, place, handle.read(len(BOM)))
         hashes.append(_scan_rows(lint, special, first, texts, place))

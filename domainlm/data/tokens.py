@@ -160,7 +160,7 @@ def load_token_stream(
     options, the text column (.jsonl field or table column) and the `prefix`, the tokens before
     every document (`LoadedModel.document_prefix`).
     """
-    from domainlm.data.corpus import corpus_fingerprint, tokenize_to_files
+    from domainlm.data.corpus import corpus_fingerprint, reader_key_parts, tokenize_to_files
 
     cache = writable_cache_dir(Path(cache_dir) if cache_dir else default_cache_dir())
     key_text = "|".join(
@@ -176,6 +176,7 @@ def load_token_stream(
         + ([f"column={text_column}"] if text_column != "text" else [])
         # A prefix changes the stream; none keeps the key (and the caches) of before.
         + ([f"prefix={','.join(str(int(t)) for t in prefix)}"] if prefix else [])
+        + reader_key_parts(path)  # .json and D.JSONL once read as lines: not their old caches
     )
     key = hashlib.sha256(key_text.encode()).hexdigest()[:24]
     tokens_file, starts_file = cache / f"{key}.tokens.npy", cache / f"{key}.docs.npy"

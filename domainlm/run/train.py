@@ -795,7 +795,7 @@ def load_streams(
             )
         return train_stream, load(config.validation_file)
     train_docs, held_docs = split_documents(
-        train_stream.num_documents, config.validation_split, config.seed
+        train_stream.num_documents, config.validation_split, config.seed, config.train_file
     )
     console.info(
         f"no --validation-file: holding out {len(held_docs)} of {train_stream.num_documents} "

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from domainlm.data.formats import is_json_lines, is_table
 from domainlm.data.tokens import TokenStream
 
 NGRAM = 8
@@ -155,7 +156,7 @@ class NgramIndex:
 def source_line(path: str | os.PathLike, document: int, doc_sep: str = "line") -> int | None:
     """1-based line number of document `document` in a single .txt training file (else None)."""
     p = Path(path)
-    if not p.is_file() or p.suffix in (".jsonl", ".parquet", ".csv", ".arrow"):
+    if not p.is_file() or is_json_lines(p) or is_table(p):
         return None
     seen = -1
     previous_blank = True
