@@ -334,8 +334,11 @@ def _add_generate_parser(sub: Any) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
+    from domainlm.model.distributed import context_from_env
     from domainlm.text.generate import GenerateConfig, run_generate
 
+    if not context_from_env().is_main:  # under torchrun rank 0 generates; each rank printed all
+        return 0
     names = {f.name for f in dataclasses.fields(GenerateConfig)}
     run_generate(GenerateConfig(**{k: v for k, v in vars(args).items() if k in names}))
     return 0

@@ -584,3 +584,14 @@ def test_ranks_that_disagree_stop_with_one_line_before_training(
     assert done.returncode != 0 and len(errors) == 2, done.stderr[-3000:]
     said = "rank 0 resumes from checkpoint-2, but rank 1 of 2 finds no checkpoint in its"
     assert all(said in line for line in errors), errors
+
+
+def test_generate_under_torchrun_prints_each_sample_once(data: dict[str, Path]) -> None:
+    """Rank 0 generates; every rank printed every sample (two ranks: each sample twice)."""
+    launcher = ["torch.distributed.run", "--nproc_per_node=2", f"--master-port={free_port()}"]
+    cmd = [sys.executable, "-m", *launcher, "-m", "domainlm", "generate", "--model",
+           str(data["model"]), "--prompt", "The river", "--max-new-tokens", "4", "--seed", "1",
+           "--json"]  # fmt: skip
+    printed = run_ok(cmd, launch_env(data["cache"]))
+    samples = [json.loads(line) for line in printed.splitlines() if line.startswith("{")]
+    assert len(samples) == 1 and samples[0]["text"], printed[-3000:]
