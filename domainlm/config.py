@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import tempfile
 import types
 import typing
 from collections.abc import Callable
@@ -410,6 +412,29 @@ def check_device(device: str | None) -> None:
     """--device is one of DEVICES, or None ($DOMAINLM_DEVICE or auto, checked when used)."""
     if device is not None and device not in DEVICES:
         raise UserError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+
+
+def check_writable_folder(folder: Path, label: str) -> None:
+    """Refuse, in one line starting with `label`, a `folder` (or, when it is still to be made,
+    its nearest existing parent) that is a file or where no file can be written. Besides
+    os.access (which root passes on a read-only mount), a probe file is made and removed."""
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{label}: {existing} is a file, not a folder; name a folder")
+    problem = None if os.access(existing, os.W_OK | os.X_OK) else "permission denied"
+    if problem is None:
+        try:
+            handle, probe = tempfile.mkstemp(prefix=".domainlm-probe-", dir=existing)
+            os.close(handle)
+            os.unlink(probe)
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+    if problem is not None:
+        raise UserError(
+            f"{label}: cannot write in the folder {existing} ({problem}); name a writable place"
+        )
 
 
 LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_quantization")

@@ -620,3 +620,44 @@ def test_old_mac_line_ends_in_a_single_document_are_named(
     one.write_bytes(b"just one line of text\r\n")
     line = refused(capsys, args_for(tiny_model_dir, one, out), out, "single document")
     assert "carriage return" not in line
+
+
+def refuse_writes_in(monkeypatch: pytest.MonkeyPatch, locked: Path) -> None:
+    """Make `locked` act as a folder on a read-only mount. Tests may run as root, for whom
+    chmod does not forbid writing, so the failure is injected: the writability probe (a file
+    made with tempfile.mkstemp) fails there with EROFS, as on a read-only file system."""
+    import errno
+    import tempfile
+
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if Path(kwargs.get("dir", "")).resolve() == locked.resolve():
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(locked))
+        return real_mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+
+
+def test_per_line_scores_in_a_read_only_folder_or_under_a_file_are_refused_before_scoring(
+    tiny_model_dir: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """--per-line in a read-only folder is one line before any model is loaded or scored (it
+    was an OSError traceback after scoring everything); under a file, it says it is a file."""
+    from domainlm.evaluation import perplexity
+
+    def no_loading(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("a model was loaded before the refusal")
+
+    monkeypatch.setattr(perplexity, "load_any_model", no_loading)
+    text = write_lines(tmp_path / "valid.txt", uneven_corpus(4, seed=2))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    refuse_writes_in(monkeypatch, locked)
+    base = ["perplexity", "--model", str(tiny_model_dir), "--file", str(text), "--quiet"]
+    target = locked / "s.jsonl"
+    refused(capsys, [*base, "--per-line", str(target)], locked,
+            f"--per-line {target}: cannot write in the folder {locked}", "Read-only file system")  # fmt: skip
+    under_a_file = text / "s.jsonl"
+    refused(capsys, [*base, "--per-line", str(under_a_file)], tmp_path,
+            f"--per-line {under_a_file}: {text} is a file, not a folder")  # fmt: skip

@@ -316,6 +316,35 @@ def test_bad_input_is_one_line_and_exit_2(
     assert not out.exists()
 
 
+def test_a_later_models_problem_is_refused_before_the_first_is_scored(
+    tmp_path, tiny_model_dir, capsys, weight_reads
+):
+    """With several --model, a later model's problem (a context shorter than --block-size, a
+    sharded checkpoint, no such folder) is one line before any weights are read: it was found
+    only after the earlier models were scored in full."""
+    import shutil
+
+    from domainlm.model.loading import DCP_METADATA, save_scratch_folder
+
+    short = save_scratch_folder("tiny", tmp_path / "short", seed=0, n_positions=16)
+    sharded = tmp_path / "sharded"
+    shutil.copytree(tiny_model_dir, sharded, ignore=shutil.ignore_patterns("*.safetensors"))
+    (sharded / DCP_METADATA).write_bytes(b"shards")
+    missing = tmp_path / "run" / "checkpoint-99"
+    text = write_lines(tmp_path / "input.txt", corpus_lines())
+    capsys.readouterr()  # the folders' writing
+    for later, message in (
+        (short, f"--block-size 32 is larger than the context of 16 tokens of {short}"),
+        (sharded, f"{sharded} is a sharded checkpoint"),
+        (missing, f"model folder {missing} does not exist"),
+    ):
+        argv = ["perplexity", "--model", str(tiny_model_dir), "--model", str(later),
+                "--file", str(text), "--block-size", str(L), "--quiet"]  # fmt: skip
+        assert main(argv) == 2
+        assert message in _error_line(capsys)
+        assert weight_reads == [], "a model was loaded for scoring before the refusal"
+
+
 def test_bad_input_from_a_real_process(tmp_path, tiny_model_dir):
     result = subprocess.run(
         [sys.executable, "-m", "domainlm", "perplexity", "--model", str(tiny_model_dir),

@@ -323,3 +323,34 @@ def test_the_cards_settings_show_what_auto_resolved_to() -> None:
     )
     given = card_training_section({"block_size": 64, "precision": "fp32"}, [], {"block_size": 64})
     assert {"| block_size | 64 |", "| precision | fp32 |"} <= set(given)
+
+
+def test_a_report_into_a_read_only_folder_is_one_line(
+    runs: tuple[Path, Path], tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """`report RUN --output ROFS/rep` was an OSError traceback from mkdir; now one line, exit 2,
+    nothing made. Tests may run as root, for whom chmod does not forbid writing, so the
+    read-only file system is injected: the writability probe (tempfile.mkstemp) raises EROFS
+    in the locked folder."""
+    import errno
+    import os
+    import tempfile
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if Path(kwargs.get("dir", "")).resolve() == locked.resolve():
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(locked))
+        return real_mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    for output in (locked / "rep", locked):
+        assert main(["report", str(runs[1]), "--output", str(output)]) == 2
+        err = capsys.readouterr().err
+        assert err.splitlines() == [
+            f"domainlm: error: --output {output}: cannot write in the folder {locked} "
+            "(Read-only file system); name a writable place"
+        ], err
+    assert list(locked.iterdir()) == []

@@ -31,6 +31,7 @@ from domainlm.config import (
     TEXT_COLUMN_HELP,
     check_device,
     check_seed,
+    check_writable_folder,
     opt,
     read_run_settings,
 )
@@ -160,10 +161,16 @@ class PerplexityConfig:
             out = Path(self.per_line)
             if out.suffix not in PER_LINE_SUFFIXES:
                 raise UserError(f"--per-line {out}: name a .jsonl or .csv file")
+            if out.parent.is_file():
+                raise UserError(
+                    f"--per-line {out}: {out.parent} is a file, not a folder; name a file in a "
+                    "folder"
+                )
             if not out.parent.is_dir():
                 raise UserError(f"--per-line {out}: the folder {out.parent} does not exist")
             if out.is_dir():
                 raise UserError(f"--per-line {out}: is a folder, name a file")
+            check_writable_folder(out.parent, f"--per-line {out}")
             if self.file is not None and is_within(out, Path(self.file)):
                 raise UserError(
                     f"--per-line {out} is the text being scored (--file {self.file}): writing "
@@ -252,6 +259,8 @@ def evaluate_perplexity(config: PerplexityConfig) -> list[PerplexityReport]:
     ctx = setup_distributed(device=config.device)
     try:
         corpus = read_corpus(config)
+        if len(config.model) > 1:
+            check_models(config)
         device = pick_device(ctx.local_rank if ctx.enabled else None, config.device)
         precision = resolve_precision(config.precision, device)
         reports = [
@@ -264,6 +273,22 @@ def evaluate_perplexity(config: PerplexityConfig) -> list[PerplexityReport]:
     finally:
         if joined_here:
             teardown_distributed(ctx)
+
+
+def check_models(config: PerplexityConfig) -> None:
+    """Refuse any model's problem (no such folder or model, no config or tokenizer, a sharded
+    checkpoint, a context shorter than --block-size) before the first model is scored: each
+    read as its config and tokenizer, its shapes on the meta device, no weights read."""
+    for spec in config.model:
+        shapes = load_any_model(
+            spec,
+            seed=config.seed,
+            eos_token=config.eos_token,
+            trust_remote_code=config.trust_remote_code,
+            weights=False,
+        )
+        block_size = shapes.block_size(config.block_size)
+        check_window(block_size, config.stride or block_size - 1)
 
 
 def other_validation_note(spec: str, block_size: int, stride: int, precision: str) -> str | None:

@@ -20,7 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from domainlm.config import RUN_FILE, TRAINING_SETTINGS, setting_shown, valid_history
+from domainlm.config import (
+    RUN_FILE,
+    TRAINING_SETTINGS,
+    check_writable_folder,
+    setting_shown,
+    valid_history,
+)
 from domainlm.errors import UserError
 from domainlm.run.checkpoint import (
     EVAL_RESULTS_FILE,
@@ -931,7 +937,13 @@ def run_report(run_dirs: list[Path], output: Path | None = None) -> list[Path]:
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} is a file; give a folder")
     check_report_output(output, runs)
-    output.mkdir(parents=True, exist_ok=True)
+    check_writable_folder(output, f"--output {output}")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(
+            f"--output {output}: cannot make the folder ({exc.strerror or exc})"
+        ) from exc
     plots = plot_runs(runs, output)
     table = summary_table(runs)
     (output / SUMMARY_FILE).write_text("# Runs\n\n" + table, encoding="utf-8")
