@@ -753,3 +753,20 @@ def test_an_asked_precision_is_used_on_the_cpu(
                             temperature=0, precision=asked, device="cpu")  # fmt: skip
     assert len(generate_texts(config)) == 1
     assert seen == [used]
+
+
+def test_a_memorization_threshold_below_the_shortest_span_found_is_refused(
+    tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The index finds copied spans of NGRAM tokens or more: a lower threshold was accepted and
+    a shorter copy then reported as copied_tokens 0. Refused in one line naming the minimum."""
+    args = ["generate", "--model", str(tiny_model_dir), "--prompt", "a", "--max-new-tokens", "1"]
+    assert main([*args, "--memorization-threshold", str(NGRAM - 1)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"domainlm: error: --memorization-threshold must be at least {NGRAM}, got {NGRAM - 1}: "
+        f"the memorization index finds copied spans of {NGRAM} tokens or more"
+    ]
+    assert GenerateConfig(model=str(tiny_model_dir), prompts=["a"], memorization_threshold=NGRAM)
+    with pytest.raises(SystemExit):
+        main([*args, "--help"])
+    assert f"at least {NGRAM}" in " ".join(capsys.readouterr().out.split())

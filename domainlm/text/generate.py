@@ -31,6 +31,7 @@ from domainlm.config import (
     read_run_settings,
 )
 from domainlm.errors import UserError
+from domainlm.text.memorize import NGRAM
 
 SAMPLES_FILE = "samples.jsonl"
 # Settings of the samples written while training: varied enough to read, the same seed at every
@@ -79,7 +80,9 @@ class GenerateConfig:
         None, "Training data for --check-memorization. Default: the run's, for a run's folder."
     )
     memorization_threshold: int = opt(
-        50, "Warn when a sample copies at least this many tokens verbatim."
+        50,
+        "Warn when a sample copies at least this many tokens verbatim (at least "
+        f"{NGRAM}: the shortest span the memorization index finds).",
     )
     cache_dir: str | None = opt(
         None, "Token cache folder. Default: $DOMAINLM_CACHE or ~/.cache/domainlm."
@@ -98,6 +101,12 @@ class GenerateConfig:
         for name in ("max_new_tokens", "num_samples", "batch_size", "memorization_threshold"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be a positive number")
+        if self.memorization_threshold < NGRAM:
+            raise UserError(
+                f"--memorization-threshold must be at least {NGRAM}, got "
+                f"{self.memorization_threshold}: the memorization index finds copied spans of "
+                f"{NGRAM} tokens or more"
+            )
         self.settings()  # checks temperature, top-k, top-p and the penalty
         check_seed(self.seed)
         if self.precision not in PRECISIONS:
@@ -624,8 +633,6 @@ class MemorizationChecker:
 
     def describe(self, result: dict[str, Any] | None) -> str:
         if not result or not result["copied_tokens"]:
-            from domainlm.text.memorize import NGRAM
-
             return f"memorization: no span of {NGRAM}+ tokens copied from the training data"
         where = self._where(result)
         return (
