@@ -32,6 +32,8 @@ SEED_ALIASES: dict[str, str] = {
     "max_grad_norm": "max_grad_norm",
 }
 # run_clm.py / TrainingArguments flags with no equivalent of the same meaning: what to use instead.
+# The one table for both the command line (`unrecognized`) and a --config file's keys.
+NO_SEPARATE_TOKENIZER = "not supported: --model a folder holding both the model and its tokenizer"
 SEED_FLAGS_INSTEAD: dict[str, str] = {
     "warmup_ratio": "--warmup-steps (a number of steps)",
     "evaluation_strategy": "--eval-steps",
@@ -40,6 +42,22 @@ SEED_FLAGS_INSTEAD: dict[str, str] = {
     "logging_strategy": "--logging-steps",
     "logging_dir": "--report-to tensorboard (it writes into --output-dir)",
     "do_predict": "domainlm perplexity --model <output-dir> --file <test file>",
+    "validation_split_percentage": "--validation-split 0.05 (a fraction, not a percent)",
+    "resume_from_checkpoint": "--resume PATH (the default, auto, resumes the newest checkpoint)",
+    "fsdp": "--strategy fsdp (under torchrun)",
+    "no_cuda": "--device cpu",
+    "use_cpu": "--device cpu",
+    "torch_dtype": "--load-dtype",
+    "tokenizer_name": NO_SEPARATE_TOKENIZER,
+    "config_name": NO_SEPARATE_TOKENIZER,
+    "model_type": "not supported: --model a folder, a hub id, or scratch:NAME for random weights",
+    "dataset_name": "files only: --train-file (.txt, .jsonl, .parquet, .csv, a save_to_disk folder)",
+    "max_train_samples": "--max-steps (or a shorter --train-file)",
+    "preprocessing_num_workers": "nothing: the tokens are cached after the first read (--cache-dir)",
+    "overwrite_cache": "nothing: the token cache is keyed on the files' content, so an edited "
+    "file is read again (or remove the --cache-dir folder)",
+    "keep_linebreaks": "--doc-sep blank (texts are paragraphs, their line breaks kept; line: one "
+    "text per line)",
 }
 # Flags that HF accepts and that mean nothing different here (we always train and evaluate).
 ACCEPTED_NO_OP_FLAGS = ("do_train", "do_eval")
@@ -239,8 +257,13 @@ def load_yaml_options(path: Path) -> dict[str, Any]:
             continue
         if name in ACCEPTED_NO_OP_FLAGS:
             continue
+        if name in SEED_FLAGS_INSTEAD:
+            raise UserError(
+                f"--config {path}: unknown option {key!r} (run_clm.py's; here use: "
+                f"{SEED_FLAGS_INSTEAD[name]})"
+            )
         if name not in field_names:
-            raise UserError(f"--config {path}: unknown option {key!r}")
+            raise UserError(f"--config {path}: unknown option {key!r}; see domainlm train --help")
         if name in spelled:
             raise UserError(
                 f"--config {path}: {spelled[name]!r} and {key!r} both set {name}; keep one"
@@ -453,8 +476,16 @@ class _PrintVersion(argparse.Action):
         parser.exit()
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse's parser whose errors (a value of the wrong type, a missing required option)
+    are one line pointing to --help, not the ~40 lines of usage before it."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="domainlm",
         description="Fine-tune GPT-2 or any Hugging Face causal LM on your own text, and measure it.",
         allow_abbrev=False,

@@ -142,6 +142,58 @@ def test_an_unknown_flag_is_one_line_naming_the_command(capsys: pytest.CaptureFi
     )
 
 
+def test_run_clm_flags_name_what_to_use_here_on_the_command_line_and_in_yaml(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Every run_clm.py flag of SEED_FLAGS_INSTEAD (--validation_split_percentage, --fsdp,
+    --no_cuda, --dataset_name, ...), given as a flag or as a --config key, is one line with what
+    to use here (a YAML key got only "unknown option"), and every flag a hint names is one that
+    `domainlm train` takes."""
+    import re
+
+    from domainlm.cli import SEED_FLAGS_INSTEAD
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    train_flags = set(re.findall(r"--[a-z][a-z-]*", capsys.readouterr().out))
+    config_file = tmp_path / "run.yaml"
+    base = ["train", "--model", "scratch:tiny", "--train-file", "x", "--output-dir", "o"]
+    for name, instead in SEED_FLAGS_INSTEAD.items():
+        if not instead.startswith("domainlm "):  # another command's flags
+            assert set(re.findall(r"--[a-z][a-z-]*", instead)) <= train_flags, instead
+        assert main([*base, f"--{name}", "1"]) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"domainlm train: error: unrecognized arguments: --{name} 1 (run_clm.py's; here use: "
+            f"--{name} -> {instead})"
+        ]
+        config_file.write_text(f"model: scratch:tiny\n{name}: 1\n")
+        assert main([*base, "--config", str(config_file)]) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"domainlm: error: --config {config_file}: unknown option '{name}' (run_clm.py's; "
+            f"here use: {instead})"
+        ]
+    assert {"validation_split_percentage", "fsdp", "no_cuda", "keep_linebreaks"} <= set(
+        SEED_FLAGS_INSTEAD
+    )
+    assert not Path("o").exists()
+
+
+def test_a_value_of_the_wrong_type_is_one_line_not_the_usage(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """argparse printed ~40 lines of usage before the error line."""
+    for argv, error in [
+        (["train", "--num_train_epochs", "abc"],
+         "domainlm train: error: argument --epochs/--num_train_epochs: invalid float value: 'abc'"),
+        (["perplexity", "--file", "x"],
+         "domainlm perplexity: error: the following arguments are required: --model"),
+    ]:  # fmt: skip
+        with pytest.raises(SystemExit) as stopped:
+            main(argv)
+        assert stopped.value.code == 2
+        assert capsys.readouterr().err.splitlines() == [f"{error}; see --help"]
+
+
 class WriteRecorder:
     """A stand-in stderr that keeps each write apart."""
 
