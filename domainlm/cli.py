@@ -31,6 +31,8 @@ SEED_ALIASES: dict[str, str] = {
     "lr_scheduler_type": "scheduler",
     "max_grad_norm": "max_grad_norm",
 }
+# generate takes run_clm.py's spelling of the model; its --batch-size is not a training batch
+GENERATE_ALIASES = {"model_name_or_path": "model"}
 # run_clm.py / TrainingArguments flags with no equivalent of the same meaning: what to use instead.
 # The one table for both the command line (`unrecognized`) and a --config file's keys.
 NO_SEPARATE_TOKENIZER = "not supported: --model a folder holding both the model and its tokenizer"
@@ -349,7 +351,7 @@ def _add_generate_parser(sub: Any) -> None:
         "reports the longest span of each sample copied verbatim from the training data.",
         allow_abbrev=False,
     )
-    add_dataclass_arguments(p, GenerateConfig, aliases=SEED_ALIASES)
+    add_dataclass_arguments(p, GenerateConfig, aliases=GENERATE_ALIASES)
     p.add_argument(
         "--prompt", dest="prompts", action="append", help="a prompt to continue (repeatable)"
     )
@@ -429,7 +431,10 @@ def _add_export_parser(sub: Any) -> None:
 def _run_export(args: argparse.Namespace) -> int:
     from domainlm.run.sharded import export_checkpoint
 
-    out = export_checkpoint(Path(args.checkpoint), Path(args.out))
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():  # export_checkpoint says "not an empty folder"
+        raise UserError(f"{out} is a file, not a folder; give a new folder to export to")
+    out = export_checkpoint(Path(args.checkpoint), out)
     print(f"exported {args.checkpoint} to {out}")
     return 0
 

@@ -338,8 +338,11 @@ class TrainConfig:
         for name in ("warmup_steps",):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be 0 or more")
-        if self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise UserError("--weight-decay and --max-grad-norm must be 0 or more")
+        for name in ("weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise UserError(
+                    f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}"
+                )
         check_validation_split(self.validation_split)
         if not 0 <= self.min_lr_ratio <= 1:
             raise UserError("--min-lr-ratio must be between 0 and 1")

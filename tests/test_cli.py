@@ -266,3 +266,36 @@ def test_version_names_the_package_and_the_libraries_a_bug_report_needs() -> Non
     assert line.startswith(f"domainlm {importlib.metadata.version('domainlm')} (")
     assert f"torch {torch.__version__}" in line
     assert f"transformers {transformers.__version__}" in line
+
+
+def test_help_and_messages_name_the_flag_and_the_thing_that_is_wrong(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """generate --help: no train-only alias (--per_device_train_batch_size) for --batch-size,
+    and --repetition-penalty says it multiplies negative logits and leaves the start token
+    out; --max-grad-norm -1 names that flag alone (not --weight-decay too); the stride check
+    names the command's flag; `export CKPT a-file` says it is a file."""
+    from domainlm.errors import UserError
+    from domainlm.evaluation.windows import check_window
+
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--per_device_train_batch_size" not in text and "--batch-size" in text
+    assert "and multiply their negative ones by it" in text
+    assert "the start token in front of the prompt (BOS, or EOS) does not count as seen" in text
+
+    base = ["train", "--model", "scratch:tiny", "--train-file", "t.txt", "--output-dir", "o"]
+    for flag in ("--max-grad-norm", "--weight-decay"):
+        assert main([*base, flag, "-1"]) == 2
+        assert capsys.readouterr().err == f"domainlm: error: {flag} must be 0 or more, got -1.0\n"
+    with pytest.raises(UserError, match=r"^--eval-stride must be between 1 and block size - 1"):
+        check_window(256, 500, stride_flag="--eval-stride")
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    assert main(["export", str(tmp_path / "checkpoint-2"), str(notes)]) == 2
+    assert capsys.readouterr().err == (
+        f"domainlm: error: {notes} is a file, not a folder; give a new folder to export to\n"
+    )
+    assert notes.read_text() == "mine" and not Path("o").exists()

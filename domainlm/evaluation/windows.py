@@ -42,12 +42,14 @@ def make_windows(stream_length: int, block_size: int, stride: int, first: int = 
     ]
 
 
-def check_window(block_size: int, stride: int) -> None:
+def check_window(block_size: int, stride: int, stride_flag: str = "--stride") -> None:
+    """Refuse a window that cannot be scored; `stride_flag` is the command's flag for the
+    stride (perplexity's --stride, train's --eval-stride)."""
     if block_size < 2:
         raise UserError(f"--block-size must be at least 2, got {block_size}")
     if not 1 <= stride <= block_size - 1:
         raise UserError(
-            f"--stride must be between 1 and block size - 1 = {block_size - 1}, got {stride}"
+            f"{stride_flag} must be between 1 and block size - 1 = {block_size - 1}, got {stride}"
         )
 
 

@@ -55,7 +55,13 @@ class GenerateConfig:
     top_p: float = opt(
         1.0, "Nucleus sampling: the smallest set of tokens holding this probability."
     )
-    repetition_penalty: float = opt(1.0, "Divide positive logits of seen tokens by this (1: off).")
+    repetition_penalty: float = opt(
+        1.0,
+        "Divide the positive logits of tokens seen in the prompt or the sample so far by this, "
+        "and multiply their negative ones by it, as transformers does (1: off). Unlike "
+        "transformers' generate, the start token in front of the prompt (BOS, or EOS) does not "
+        "count as seen.",
+    )
     num_samples: int = opt(1, "Samples per prompt.")
     seed: int | None = opt(
         None,
