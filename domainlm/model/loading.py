@@ -246,7 +246,14 @@ def _load_pretrained(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(spec).expanduser()
-    looks_local = spec.startswith((".", "/", "~")) or path.exists() or spec.count("/") > 1
+    # A hub id is "name" or "owner/name"; "run/checkpoint-99" whose "run" is a folder here is a
+    # local path (a checkpoint not written), not a hub id to look up.
+    looks_local = (
+        spec.startswith((".", "/", "~"))
+        or path.exists()
+        or spec.count("/") > 1
+        or ("/" in spec and path.parent.is_dir())
+    )
     if looks_local and not path.is_dir():
         problem = "is a file, not a folder" if path.exists() else "does not exist"
         raise UserError(f"model folder {spec} {problem}; give a hub id, a folder or scratch:tiny")
