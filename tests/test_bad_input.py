@@ -666,15 +666,18 @@ def test_per_line_scores_in_a_read_only_folder_or_under_a_file_are_refused_befor
 def test_a_missing_checkpoint_of_a_local_run_folder_is_said_not_to_exist(
     tmp_path: Path, corpus: Path, capsys, monkeypatch
 ) -> None:
-    """`--model run/checkpoint-99` with run/ a folder here is a local path: "does not exist",
-    and the hub is not asked (it said the model is not in the Hugging Face cache and the hub is
-    unreachable). An owner/name whose owner is no folder here is still a hub id."""
+    """`--model run/checkpoint-99` with run/ a run folder here is a local path: "does not
+    exist", and the hub is not asked (it said the model is not in the Hugging Face cache and the
+    hub is unreachable). An owner/name whose owner is no folder here, or a plain folder (./Qwen/
+    holding other models), is still a hub id."""
     from domainlm.model import loading
 
     asked: list[bool] = []
     monkeypatch.setattr(loading, "hub_reachable", lambda *a, **k: asked.append(True) or False)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run_config.json").write_text("{}")
+    (tmp_path / "owner").mkdir()  # a plain folder
     text = str(corpus / "valid.txt")
     argv = ["perplexity", "--model", "run/checkpoint-99", "--file", text, "--quiet"]
     refused(capsys, argv, tmp_path / "run",
@@ -683,3 +686,6 @@ def test_a_missing_checkpoint_of_a_local_run_folder_is_said_not_to_exist(
     argv = ["perplexity", "--model", "no-such-org-xyz/m", "--file", text, "--quiet"]
     refused(capsys, argv, tmp_path / "run", "'no-such-org-xyz/m' is not in the local Hugging Face")
     assert asked == [True]
+    argv = ["perplexity", "--model", "owner/m", "--file", text, "--quiet"]
+    refused(capsys, argv, tmp_path / "run", "'owner/m' is not in the local Hugging Face")
+    assert asked == [True, True]

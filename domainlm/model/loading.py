@@ -240,19 +240,27 @@ def refuse_other_folders(path: Path, spec: str) -> None:
         )
 
 
+def is_model_or_run_folder(folder: Path) -> bool:
+    """A folder holding a model's config.json or a domainlm run's run_config.json."""
+    from domainlm.config import RUN_FILE
+
+    return (folder / "config.json").is_file() or (folder / RUN_FILE).is_file()
+
+
 def _load_pretrained(
     spec: str, trust_remote_code: bool, dtype: torch.dtype = torch.float32, weights: bool = True
 ) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(spec).expanduser()
-    # A hub id is "name" or "owner/name"; "run/checkpoint-99" whose "run" is a folder here is a
-    # local path (a checkpoint not written), not a hub id to look up.
+    # A hub id is "name" or "owner/name"; "run/checkpoint-99" whose "run" is a model or run
+    # folder here is a local path (a checkpoint not written), not a hub id to look up; a plain
+    # folder named like a hub owner (./Qwen/ holding other models) leaves "Qwen/name" a hub id.
     looks_local = (
         spec.startswith((".", "/", "~"))
         or path.exists()
         or spec.count("/") > 1
-        or ("/" in spec and path.parent.is_dir())
+        or ("/" in spec and is_model_or_run_folder(path.parent))
     )
     if looks_local and not path.is_dir():
         problem = "is a file, not a folder" if path.exists() else "does not exist"

@@ -281,7 +281,7 @@ def check_inputs(
     )
     block_size = loaded.block_size(config.block_size, default_cap=1024)
     eval_stride = config.eval_stride or block_size - 1
-    check_window(block_size, eval_stride)
+    check_window(block_size, eval_stride, stride_flag="--eval-stride")
     if config.sample_prompts:  # one too long for the context: refused now, not at its sample
         encode_prompts(loaded.tokenizer, config.sample_prompts, len(loaded.start_ids),
                        loaded.context_length, what="--sample-prompts: prompt")  # fmt: skip
