@@ -80,6 +80,17 @@ def saved_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
     return tensors
 
 
+def tied_copies_bytes(model: torch.nn.Module) -> int:
+    """The bytes of every parameter's second and later names (tied weights), once each."""
+    seen: set[int] = set()
+    extra = 0
+    for _, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            extra += param.numel() * param.element_size()
+        seen.add(id(param))
+    return extra
+
+
 def tokenizer_bytes(tokenizer: Any) -> int:
     """The tokenizer files' size: tokenizer.json as the fast backend writes it (pretty-printed),
     else the vocabulary files of the folder it came from."""
@@ -92,10 +103,12 @@ def tokenizer_bytes(tokenizer: Any) -> int:
 
 
 def estimate_checkpoint(
-    model: torch.nn.Module, tokenizer: Any, merge: bool = False
+    model: torch.nn.Module, tokenizer: Any, merge: bool = False, sharded: bool = False
 ) -> CheckpointSize:
     """One checkpoint's size without writing it: weights in their dtype, AdamW's two moments per
     trainable parameter (in its dtype) and step, the training state, the tokenizer files.
+    `sharded` (torch.distributed.checkpoint's format): a tied weight is stored under each of
+    its names (a tied GPT-2's embedding twice: 30% more than the estimate of one).
 
     A LoRA (PEFT) model saves its adapter only; with `merge`, the final folder also holds
     merged/: the frozen base with the adapter folded in, in float32 (lora.save_merged), and
@@ -113,6 +126,8 @@ def estimate_checkpoint(
             merged += tokenizer_bytes(tokenizer) + SMALL_FILES
     weights = sum(t.numel() * t.element_size() for t in tensors)
     weights += SAFETENSORS_PER_TENSOR * len(tensors)
+    if sharded:
+        weights += tied_copies_bytes(model)
     moments = sum(2 * p.numel() * p.element_size() for p in trainable)
     optimizer = moments + 3 * TORCH_SAVE_PER_TENSOR * len(trainable)  # exp_avg, exp_avg_sq, step
     return CheckpointSize(weights, optimizer, tokenizer_bytes(tokenizer), merged=merged)
@@ -234,9 +249,11 @@ def check_run_disk_space(
     """
     from domainlm.model.distributed import all_reduce_sum
     from domainlm.run.checkpoint import list_checkpoints
+    from domainlm.run.sharded import SHARDED, checkpoint_format
 
     output_dir = Path(config.output_dir)
-    size = estimate_checkpoint(model, tokenizer, merge=bool(config.lora and config.merge))
+    sharded = checkpoint_format(config.checkpoint_format, model) == SHARDED
+    size = estimate_checkpoint(model, tokenizer, bool(config.lora and config.merge), sharded)
     existing = [folder_bytes(c.path) for c in list_checkpoints(output_dir)]
     need = space_needed(
         size, start_step, total_steps, config.save_steps, config.save_total_limit, existing

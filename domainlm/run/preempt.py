@@ -98,8 +98,10 @@ class PreemptPlan:
         """Rank 0 measures (the others get its figures); says at start when a save will not fit,
         and reads a preempted.json a stopped run left."""
         from domainlm.model.distributed import all_reduce_sum
+        from domainlm.run.sharded import SHARDED, checkpoint_format
 
-        size = estimate_checkpoint(run.net.model, run.data.loaded.tokenizer).total
+        sharded = checkpoint_format(run.config.checkpoint_format, run.net.model) == SHARDED
+        size = estimate_checkpoint(run.net.model, run.data.loaded.tokenizer, sharded=sharded).total
         injected = os.environ.get(SAVE_SECONDS_ENV)
         seconds, write = 0.0, 0.0
         if injected:
