@@ -689,3 +689,21 @@ def test_a_missing_checkpoint_of_a_local_run_folder_is_said_not_to_exist(
     argv = ["perplexity", "--model", "owner/m", "--file", text, "--quiet"]
     refused(capsys, argv, tmp_path / "run", "'owner/m' is not in the local Hugging Face")
     assert asked == [True, True]
+
+
+def test_the_data_folder_as_output_dir_is_refused(
+    tiny_model_dir: Path, corpus: Path, tmp_path: Path, capsys
+) -> None:
+    """`--train-file data --output-dir data` (allowed with --overwrite-output-dir, "to write
+    beside its files") made the run's metrics.jsonl training data: every later command there
+    failed on it. Refused before anything is written, spelled either way; so is the
+    --validation-file folder."""
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(corpus / "train.txt", data / "a.txt")
+    for out in (data, tmp_path / "data" / "."):
+        refused(capsys, args_for(tiny_model_dir, data, out, "--overwrite-output-dir"), data,
+                f"--output-dir {out} is the --train-file folder")  # fmt: skip
+    flags = ("--validation-file", str(data), "--overwrite-output-dir")
+    refused(capsys, args_for(tiny_model_dir, corpus / "train.txt", data, *flags), data,
+            "is the --validation-file folder")  # fmt: skip

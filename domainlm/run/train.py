@@ -271,6 +271,7 @@ def check_inputs(
     if config.validation_file:
         check_input(config.validation_file, config.text_column)
     check_output_dir(output_dir)
+    check_not_a_data_folder(config, output_dir)
     resolve_report_to(config.report_to)  # --report-to: known trackers, each installed
     loaded = load_model(
         config.model,
@@ -319,6 +320,21 @@ def check_inputs(
         loaded, identity, block_size, eval_stride, train_stream, valid_stream, dataset,
         resume_from=None, lint_warnings=lint_warnings,
     )  # fmt: skip
+
+
+def check_not_a_data_folder(config: TrainConfig, output_dir: Path) -> None:
+    """Refuse an --output-dir that is the --train-file or --validation-file folder: the run's
+    own files (metrics.jsonl, ...) would be read as data by the next command (a run folder
+    inside a data folder is left out of it, corpus.text_files)."""
+    files = (("--train-file", config.train_file), ("--validation-file", config.validation_file))
+    for flag, data in files:
+        folder = Path(data).expanduser() if data else None
+        if folder and folder.is_dir() and folder.resolve() == output_dir.expanduser().resolve():
+            raise UserError(
+                f"--output-dir {output_dir} is the {flag} folder: the run's own files "
+                "(metrics.jsonl, ...) would be read as data next time; choose another folder "
+                "(one inside the data folder is left out of the data)"
+            )
 
 
 def load_weights(
