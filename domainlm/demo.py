@@ -100,6 +100,7 @@ def write_demo_corpus(
 
 
 DEMO_STEPS = 180
+DEMO_BLOCK = 256  # tokens a block; a --preset with a shorter context trains at its context
 
 
 def stopped_demo(model_dir: Path, model: str, steps: int) -> bool:
@@ -129,9 +130,11 @@ def run_demo(output_dir: Path, max_steps: int | None = None, model: str = "scrat
         )
     # An unknown preset, or a hub model not cached when offline, is refused before the corpus
     # is written (its config alone is read).
+    from domainlm.model.loading import context_length
     from domainlm.model.memory import model_config_of
 
-    model_config_of(model)
+    # 256 tokens a block, or a --preset's shorter context (the error named train's --block-size)
+    block_size = min(DEMO_BLOCK, context_length(model_config_of(model)))
     steps = max_steps or DEMO_STEPS
     marker = output_dir / DEMO_MARKER
     train_file, valid_file = write_demo_corpus(
@@ -143,7 +146,7 @@ def run_demo(output_dir: Path, max_steps: int | None = None, model: str = "scrat
         train_file=str(train_file),
         validation_file=str(valid_file),
         output_dir=str(output_dir / "model"),
-        block_size=256,
+        block_size=block_size,
         batch_size=8,
         lr=2e-3,
         warmup_steps=min(20, steps // 5),  # a short demo (--max-steps 3) still reaches --lr

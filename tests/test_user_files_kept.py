@@ -283,3 +283,18 @@ def test_an_epochs_resume_at_a_larger_batch_refuses_a_users_folder_at_its_true_l
         f"--output-dir {out} holds checkpoint-{last}, which domainlm did not write",
     )
     assert (out / f"checkpoint-{last}" / "notes.txt").read_text() == "mine\n"
+
+
+def test_a_demo_preset_with_a_shorter_context_trains_at_its_context(tmp_path: Path) -> None:
+    """The demo trains at 256 tokens a block; a --preset folder of 128 positions was refused
+    with "--block-size 256 is larger than the context ...", naming a flag the demo lacks."""
+    from domainlm.model.loading import save_scratch_folder
+
+    model = save_scratch_folder("tiny", tmp_path / "short", seed=0, n_positions=128)
+    out = tmp_path / "demo"
+    assert (
+        cli_main(["demo", "--output-dir", str(out), "--preset", str(model), "--max-steps", "2"])
+        == 0
+    )
+    run = json.loads((out / "model" / "run_config.json").read_text())
+    assert run["identity"]["block_size"] == 128
