@@ -354,3 +354,24 @@ def test_a_report_into_a_read_only_folder_is_one_line(
             "(Read-only file system); name a writable place"
         ], err
     assert list(locked.iterdir()) == []
+
+
+def test_a_run_named_twice_is_one_and_a_runs_folder_does_not_take_a_comparison(
+    runs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`report a ./a` listed the run twice; `report a b --output b` replaced b's own report
+    with the comparison (another run's folder was refused, a compared one not); more than 10
+    runs drew the 1st and the 11th in one colour."""
+    from domainlm.run.report import run_colours
+
+    out = tmp_path / "report"
+    again = runs[0].parent / ".." / runs[0].parent.name / runs[0].name
+    assert main(["report", str(runs[0]), str(again), "--output", str(out)]) == 0
+    capsys.readouterr()
+    assert [line[:2] for line in (out / "summary.md").read_text().splitlines()].count("| ") == 2
+    before = (runs[1] / "report.html").read_bytes()
+    assert main(["report", str(runs[0]), str(runs[1]), "--output", str(runs[1])]) == 2
+    err = capsys.readouterr().err
+    assert "its own report would be replaced by the comparison" in err
+    assert (runs[1] / "report.html").read_bytes() == before
+    assert len(set(run_colours(20))) == 20 and len(set(run_colours(10))) == 10

@@ -205,6 +205,17 @@ def plot_runs(runs: list[RunData], output_dir: Path) -> list[Path]:
     return written
 
 
+def run_colours(count: int) -> list[Any]:
+    """A colour per run: matplotlib's 10 for up to 10 runs, tab20's 20 beyond (with 11 runs the
+    first and the eleventh were one blue), repeating only past 20."""
+    import matplotlib.pyplot as plt
+
+    palette = list(plt.rcParams["axes.prop_cycle"].by_key()["color"])
+    if count > len(palette):
+        palette = list(plt.get_cmap("tab20").colors)
+    return [palette[index % len(palette)] for index in range(count)]
+
+
 def plot_figure(filename: str, runs: list[RunData]) -> Any:
     """The matplotlib Figure of one entry of PLOTS, runs overlaid (one colour per run, in order).
 
@@ -217,10 +228,10 @@ def plot_figure(filename: str, runs: list[RunData]) -> Any:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=PLOT_SIZE_IN, dpi=PLOT_DPI)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = run_colours(len(runs))
     drew = 0
     for index, run in enumerate(runs):
-        colour = colours[index % len(colours)]
+        colour = colours[index]
         prefix = f"{run.name}: " if len(runs) > 1 else ""
         if filename == "training_loss.png":
             drew += _line(ax, run.train, "loss", colour, prefix + "training")
@@ -890,12 +901,14 @@ def check_report_output(output: Path, runs: list[RunData]) -> None:
         )
     if not output.is_dir():
         return
-    if (output / "run_config.json").is_file() and all(
-        output.resolve() != run.path.resolve() for run in runs
+    if (output / "run_config.json").is_file() and (
+        len(runs) > 1 or output.resolve() != runs[0].path.resolve()
     ):
+        whose = "a run's folder" if len(runs) > 1 else "another training run's folder"
         raise UserError(
-            f"--output {output} is another training run's folder: its own report would be "
-            "replaced; give another folder"
+            f"--output {output} is {whose}: its own report would be replaced"
+            + (" by the comparison" if len(runs) > 1 else "")
+            + "; give another folder"
         )
     for name in [*PLOTS, SUMMARY_FILE, REPORT_FILE]:
         path = output / name
@@ -929,6 +942,8 @@ def label_runs(runs: list[RunData]) -> None:
 def run_report(run_dirs: list[Path], output: Path | None = None) -> list[Path]:
     """`domainlm report`: plots, summary.md and report.html of one or more runs (one page
     comparing them); a single run's card refreshed when the output is its own folder."""
+    # one run named twice (`report a ./a`) is one run, not two rows and curves
+    run_dirs = list({path.resolve(): path for path in run_dirs}.values())
     runs = [read_run(path) for path in run_dirs]  # all checked before anything is written
     if len(runs) > 1:
         label_runs(runs)
