@@ -32,7 +32,12 @@ from domainlm.config import (
     read_run_settings,
 )
 from domainlm.data.blocks import BlockDataset, split_documents
-from domainlm.data.lint import count_long_documents, lint_corpus
+from domainlm.data.lint import (
+    count_long_documents,
+    lint_corpus,
+    unknown_token,
+    unknown_token_warnings,
+)
 from domainlm.data.tokens import TokenStream, load_token_stream
 from domainlm.errors import UserError
 from domainlm.model.loading import ADAPTER_CONFIG, special_token_texts, tokenizer_fingerprint
@@ -334,7 +339,12 @@ def inspect_data(config: InspectConfig) -> dict[str, Any]:
             "train": lint.train.to_dict(),
             "validation": lint.validation.to_dict() if lint.validation else None,
         },
-        "warnings": lint.warnings(config.doc_sep, block),
+        "warnings": lint.warnings(config.doc_sep, block)
+        + unknown_token_warnings(
+            [(config.train_file, full)]
+            + ([(config.validation_file, valid)] if config.validation_file else []),
+            *unknown_token(loaded.tokenizer, loaded.eos_id),
+        ),
     }
     if config.time_steps:  # it times unsharded steps here: the unsharded plan says if they fit
         unsharded = replace(config, strategy="auto")

@@ -398,3 +398,31 @@ def test_memorization_index_and_inspect_leave_the_bos_out(llama_dir):
     for block in (8, 12, 20):
         expected = sum(1 + n > block for n in lengths)
         assert count_long_documents(stream.doc_starts, block, stream.prefix_length) == expected
+
+
+def test_text_the_vocabulary_does_not_cover_is_warned_of(
+    bert_dir, tiny_model_dir, tmp_path, capsys
+):
+    """A BERT-style vocabulary (uer/gpt2-chinese-*) turns text outside it (another script,
+    emoji) into [UNK]: lint said "no problems found" while most tokens were [UNK]. inspect and
+    train now say how many; a covered text, and GPT-2 (whose unk_token is its EOS, in every
+    document), are not warned of."""
+    from domainlm.cli import main
+
+    covered = write_lines(tmp_path / "covered.txt", DOCS * 3)
+    foreign = write_lines(tmp_path / "foreign.txt", ["こんにちは 世界 です", *DOCS] * 3)
+    said = "are the tokenizer's unknown token [UNK]: its vocabulary does not cover this text"
+    for model, file, warned in ((bert_dir, foreign, True), (bert_dir, covered, False),
+                                (tiny_model_dir, foreign, False)):  # fmt: skip
+        assert main(["inspect", "--model", str(model), "--train-file", str(file), "--json",
+                     "--time-steps", "0", "--block-size", "16"]) == 0  # fmt: skip
+        warnings = json.loads(capsys.readouterr().out)["warnings"]
+        assert any(said in w for w in warnings) is warned, (model, file, warnings)
+    # the count, from the tokenizer itself: the foreign line's [UNK]s, three times
+    tokenizer = load_model(str(bert_dir)).tokenizer
+    unknown = 3 * bare_ids(tokenizer, "こんにちは 世界 です").count(tokenizer.unk_token_id)
+    assert unknown >= 3
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(bert_dir), "--train-file", str(foreign), "--output-dir",
+                 str(out), "--block-size", "16", "--max-steps", "1", "--quiet"]) == 0  # fmt: skip
+    assert f"{foreign}: {unknown} of its" in capsys.readouterr().err

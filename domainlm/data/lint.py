@@ -462,6 +462,46 @@ def _report_from_dict(data: dict[str, Any]) -> LintReport:
     return LintReport(_file_from_dict(data["train"]), _file_from_dict(valid) if valid else None)
 
 
+# A share of a text's tokens being the tokenizer's unknown token above which lint says so: the
+# tokenizer does not cover the text (another script; emoji under a BERT-style vocabulary).
+UNKNOWN_SHARE_WARNED = 0.01
+
+
+def unknown_token(tokenizer: Any, eos_id: int) -> tuple[int | None, str]:
+    """The tokenizer's own unknown token ([UNK], <unk>): its id and text; no id where it has
+    none, or where it is a token the stream holds anyway (GPT-2's unk_token is <|endoftext|>,
+    every document's EOS)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    ends = {
+        eos_id,
+        getattr(tokenizer, "bos_token_id", None),
+        getattr(tokenizer, "pad_token_id", None),
+    }
+    if not isinstance(unk, int) or unk in ends:
+        return None, ""
+    return unk, str(getattr(tokenizer, "unk_token", ""))
+
+
+def unknown_token_warnings(
+    streams: Sequence[tuple[str, Any]], unknown_id: int | None, unknown_text: str
+) -> list[str]:
+    """One warning per (name, TokenStream) whose tokens are UNKNOWN_SHARE_WARNED or more the
+    unknown token: the model would learn and be scored on that token in place of the text."""
+    if unknown_id is None:
+        return []
+    found = []
+    for name, stream in streams:
+        count, total = int(np.count_nonzero(stream.tokens == unknown_id)), stream.num_predicted
+        if total and count / total >= UNKNOWN_SHARE_WARNED:
+            found.append(
+                f"{name}: {count:,} of its {total:,} tokens ({count / total:.1%}) are the "
+                f"tokenizer's unknown token {unknown_text}: its vocabulary does not cover this "
+                "text (another script, emoji?); the model learns and is scored on that token in "
+                "their place: choose a model whose tokenizer covers the text"
+            )
+    return found
+
+
 def check_training_data(
     config: Any,
     block_size: int,
@@ -469,8 +509,10 @@ def check_training_data(
     valid_stream: Any,
     console: Any,
     special_tokens: Sequence[str] = (),
+    unknown: tuple[int | None, str] = (None, ""),
 ) -> list[str]:
     """Lint at the start of `train`: warnings on the console, or with --strict one UserError.
+    `unknown`: the tokenizer's unknown token and its text (`unknown_token`).
 
     Runs after the token streams are loaded and before the output folder is touched.
     """
@@ -497,6 +539,9 @@ def check_training_data(
         report.train.long_documents = train_long
         report.validation.long_documents = valid_long
     problems = report.warnings(config.doc_sep, block_size)
+    named = [(str(config.train_file), train_stream)]
+    named += [(str(config.validation_file), valid_stream)] if config.validation_file else []
+    problems += unknown_token_warnings(named, *unknown)
     if report.validation is None and report.train.duplicate_lines:
         problems.append(
             f"{config.train_file}: with no --validation-file, copies of a duplicated line can land "

@@ -25,7 +25,7 @@ import torch
 from domainlm.config import TrainConfig, run_settings
 from domainlm.data.blocks import BlockDataset, split_documents
 from domainlm.data.corpus import check_input
-from domainlm.data.lint import check_training_data
+from domainlm.data.lint import check_training_data, unknown_token
 from domainlm.data.packing import check_packing_support
 from domainlm.data.tokens import TokenStream, load_token_stream, stream_fingerprint
 from domainlm.errors import TrainingAborted, UserError
@@ -310,7 +310,7 @@ def check_inputs(
     # Data lint (domainlm/data/lint.py): warnings, or with --strict an error before any write.
     lint_warnings = check_training_data(
         config, block_size, train_stream, valid_stream, console,
-        special_token_texts(loaded.tokenizer),
+        special_token_texts(loaded.tokenizer), unknown_token(loaded.tokenizer, loaded.eos_id),
     )  # fmt: skip
     if ctx.is_main:  # one run per output dir; taken before the run file is read
         cleanup.enter_context(RunLock(output_dir))
