@@ -408,10 +408,19 @@ def format_report(report: dict[str, Any]) -> str:
     elif tm:
         lines.append(
             f"time estimate: {tm['seconds_per_step']:.3g} s/step x {report['total_steps']:,} steps "
-            f"= {tm['total_hours']:.3g} h ({tm['rule']})"
+            f"= {hours_shown(tm['total_hours'])} ({tm['rule']})"
         )
     lines += [f"warning: {w}" for w in report["warnings"]] or ["lint: no problems found"]
     return "\n".join(lines)
+
+
+def hours_shown(hours: float) -> str:
+    """A duration for a person: `42 s`, `12.5 min`, `3.2 h` (it was `0.000178 h`)."""
+    if hours * 3600 < 60:
+        return f"{hours * 3600:.2g} s"
+    if hours < 1:
+        return f"{hours * 60:.3g} min"
+    return f"{hours:.3g} h"
 
 
 def format_plan(report: dict[str, Any]) -> str:
@@ -537,6 +546,11 @@ def with_run_lora(config: InspectConfig, lora: object) -> tuple[InspectConfig, l
 
 
 def run_inspect(config: InspectConfig) -> int:
+    if config.validation_file and not config.train_file:  # it was read by no one, said nowhere
+        raise UserError(
+            "--validation-file is inspected with the --train-file it validates; give both (or "
+            "neither, for the model's memory plan alone)"
+        )
     if not config.train_file:
         report = plan_report(config)
         print(json.dumps(report, indent=2) if config.json else format_plan(report))

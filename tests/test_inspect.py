@@ -160,3 +160,19 @@ def test_the_data_report_reads_weights_only_to_time_steps(
     short = inspect_data(InspectConfig(**settings, time_steps=1))
     assert len(reads) == 1 and "not timed" in short["time"]["skipped"]
     assert "time estimate: a full fine-tuning step of b=8" in format_report(short)
+
+
+def test_the_time_estimate_reads_as_a_person_says_it() -> None:
+    """`= 0.000178 h` for a short run; now seconds, minutes or hours, whichever fits."""
+    from domainlm.inspect_data import hours_shown
+
+    assert [hours_shown(h) for h in (0.000178, 0.2, 3.2)] == ["0.64 s", "12 min", "3.2 h"]
+
+
+def test_a_validation_file_without_a_train_file_is_refused(tiny_model_dir, tmp_path, capsys):
+    """It was ignored without a word: the memory plan alone was printed."""
+    valid = tmp_path / "v.txt"
+    valid.write_text("a line\n")
+    assert main(["inspect", "--model", str(tiny_model_dir), "--validation-file", str(valid)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--validation-file is inspected with the --train-file" in err[0]

@@ -596,16 +596,16 @@ def announce(run: Run, steps_per_epoch: int) -> None:
     config, model, dataset = run.config, run.net.model, run.data.dataset
     global_batch = config.batch_size * config.grad_accum * run.ctx.world_size
     run.console.info(
-        f"model {config.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) "
+        f"model {config.model} ({count_shown(sum(p.numel() for p in model.parameters()))} params) "
         f"on {run.device.type} x{run.ctx.world_size}, precision {run.precision}"
         + (", parameters sharded by FSDP" if is_sharded(model) else "")
         + (f", LoRA: {count_shown(trainable_count(model))} trainable" if config.lora else "")
     )
     run.console.info(
-        f"train: {run.data.train_stream.num_documents} documents, {dataset.num_predicted:,} "
-        f"tokens, {len(dataset)} blocks of {run.data.block_size}; global batch "
+        f"train: {run.data.train_stream.num_documents:,} documents, {dataset.num_predicted:,} "
+        f"tokens, {len(dataset):,} blocks of {run.data.block_size}; global batch "
         f"{config.batch_size} x {config.grad_accum} accum x {run.ctx.world_size} ranks = "
-        f"{global_batch} blocks; {steps_per_epoch} steps/epoch, {run.total_steps} steps"
+        f"{global_batch:,} blocks; {steps_per_epoch:,} steps/epoch, {run.total_steps:,} steps"
     )
 
 
