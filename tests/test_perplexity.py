@@ -484,3 +484,15 @@ def test_scoring_a_run_with_another_window_says_so(tiny_model_dir, tmp_path, cap
         "rounding differs from one computation to another: the figures agree "
         "exactly when both are fp32, a run trained with --precision fp32)"
     )
+    # A checkpoint validated before a resume changed the window or precision is described by the
+    # settings of its own steps (it was by the run's last: "validated in bf16" of an fp32 one).
+    train(TrainConfig(model=str(tiny_model_dir), train_file=str(train_file),
+                      validation_file=str(valid_file), output_dir=str(out), block_size=32,
+                      max_steps=4, save_steps=2, eval_stride=16, precision="bf16",
+                      quiet=True))  # fmt: skip
+    capsys.readouterr()
+    assert main([*argv[:2], str(out / "checkpoint-2"), *argv[3:], *window]) == 0
+    assert "note:" not in capsys.readouterr().err  # checkpoint-2: fp32, stride 31
+    assert main([*argv, *window]) == 0  # the final model: bf16, stride 16
+    (note,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("note:")]
+    assert "--stride 16, this scores" in note and "the run validated in bf16" in note

@@ -34,6 +34,7 @@ from domainlm.config import (
     check_writable_folder,
     opt,
     read_run_settings,
+    valid_history,
 )
 from domainlm.data.corpus import chunk_numbered_documents, iter_numbered_documents
 from domainlm.data.tokens import token_dtype, tokenize_documents
@@ -291,6 +292,25 @@ def check_models(config: PerplexityConfig) -> None:
         check_window(block_size, config.stride or block_size - 1)
 
 
+def settings_at_checkpoint(run: dict[str, Any], spec: str) -> tuple[dict[str, Any], Any]:
+    """The settings (and resolved precision, where known) a run's checkpoint `spec` was trained
+    and validated with: the run file's last ones, with the changes its history records from
+    that checkpoint's step on undone (a resume changes what the steps after it use). For the run
+    folder itself, its last ones."""
+    settings, precision = dict(run.get("config") or {}), run.get("precision")
+    name = Path(spec).expanduser().name
+    if not (name.startswith("checkpoint-") and name.removeprefix("checkpoint-").isdigit()):
+        return settings, precision
+    step = int(name.removeprefix("checkpoint-"))
+    for entry in reversed(valid_history(run.get("history"))):
+        if entry["step"] >= step:
+            for key, (before, _) in entry["changed"].items():
+                settings[key] = before
+                if key == "precision":  # the run file resolves only the last command's auto
+                    precision = before if before in ("fp32", "bf16", "fp16") else None
+    return settings, precision
+
+
 def other_validation_note(spec: str, block_size: int, stride: int, precision: str) -> str | None:
     """A note when `spec` is a domainlm run (or one of its checkpoints) whose validation used
     another window, or a half precision (bf16/fp16: training's kernels and these round
@@ -300,10 +320,10 @@ def other_validation_note(spec: str, block_size: int, stride: int, precision: st
     try:
         run = found[1] if found else {}
         run_block = int(run["identity"]["block_size"])
-        run_stride = int(run.get("config", {}).get("eval_stride") or run_block - 1)
+        settings, run_precision = settings_at_checkpoint(run, spec)
+        run_stride = int(settings.get("eval_stride") or run_block - 1)
     except (KeyError, TypeError, ValueError, AttributeError):
         return None  # not a domainlm run
-    run_precision = run.get("precision")
     reasons = []
     if (run_block, run_stride) != (block_size, stride):
         reasons.append(
