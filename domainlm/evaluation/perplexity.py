@@ -106,8 +106,10 @@ class PerplexityConfig:
     )
     convention: str = opt(
         "eos",
-        "eos: every line ends with EOS and all its tokens are scored; plain: the text as one "
-        "stream with no EOS, first token not scored (what model(ids, labels=ids) does).",
+        "eos: every line ends with EOS and all its tokens are scored; plain: the text as the "
+        "tokenizer encodes it with its own special tokens (a BOS; [CLS] ... [SEP] for a "
+        "BERT-style one, whose [SEP] is then scored) and no EOS added, first token not scored "
+        "(what model(ids, labels=ids) does).",
         choices=CONVENTIONS,
     )
     per_line: str | None = opt(
