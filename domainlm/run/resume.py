@@ -203,6 +203,12 @@ def check_same_run(
                     f"--seed {identity[key]}: the order of the blocks in each epoch comes from "
                     f"it; to continue that run give --seed {saved[key]} again, else {remedy}"
                 )
+            if key == "tokenizer":  # its fingerprint: the ids a text gets, and each end token
+                raise UserError(
+                    f"{what} belongs to a run whose tokenizer gave other token ids (its files, "
+                    "or the end-of-document token: --eos-token, changed since); to continue that "
+                    f"run give the model and --eos-token it had, else {remedy}"
+                )
             raise UserError(
                 f"{what} belongs to a run with another {key} ({saved[key]} vs {identity[key]}); "
                 f"{remedy}"
