@@ -154,6 +154,15 @@ def test_a_patient_run_stops_where_the_rule_says_with_that_steps_model(
     got = weights(resumed)
     assert all((got[k] == expected[k]).all() for k in got)
 
+    # Started again with another --lr: early stopping still ends it where it ended, so the
+    # warning says no step is left (it said "the steps from here use them").
+    capsys.readouterr()
+    other = train(settings(tiny_model_dir, *data, copy, early_stopping_patience=PATIENCE,
+                           lr=1e-2))  # fmt: skip
+    assert other.steps == stop
+    assert "with other settings than the run's so far: --lr" in (err := capsys.readouterr().err)
+    assert "; no step is left (run_config.json's" in err, err
+
 
 def test_patience_longer_than_the_evaluations_is_said(
     tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path, capsys

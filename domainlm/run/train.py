@@ -573,7 +573,16 @@ def settings_history(
     per_accum = config.batch_size * ranks[1]
     if was != will and was % per_accum == 0:
         batch += f" (--grad-accum {was // per_accum} keeps it at {was})"
-    used = "the steps from here use them" if start_step < total_steps else "no step is left"
+    # A run early stopping ended at this step stays ended, unless its patience changes.
+    finished = previous.get("finished") if isinstance(previous, dict) else None
+    stopped_here = (
+        isinstance(finished, dict)
+        and finished.get("step") == start_step
+        and bool(finished.get("stopped_early"))
+    )
+    ended = stopped_here and "early_stopping_patience" not in changed
+    left = start_step < total_steps and not ended
+    used = "the steps from here use them" if left else "no step is left"
     say = console.info if was == will and set(changed) <= set(GLOBAL_BATCH) else console.warn
     say(
         f"resuming at step {start_step} with other settings than the run's so far: "
