@@ -248,7 +248,7 @@ def test_full_disk_in_a_checkpoint_is_one_line_exit_4_and_the_same_command_resum
         "needs about 43.6 MB, "
     )
     assert "checkpoint-2 is intact and the partial .checkpoint-4.tmp was removed" in line
-    assert "Free space and run the same command again" in line
+    assert "Free space, then run " in line and ": it resumes from there" in line
     assert [c.step for c in ckpt.list_checkpoints(out)] == [2]
     assert ckpt.checkpoint_problem(out / "checkpoint-2") is None
     assert not (out / ".checkpoint-4.tmp").exists() and not (out / "checkpoint-4").exists()

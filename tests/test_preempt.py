@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -108,6 +109,43 @@ def test_sigterm_with_too_little_grace_keeps_the_last_checkpoint_and_resumes_exa
     assert f"resuming from {out / 'checkpoint-2'} at step 2" in err
     assert "stopped by SIGTERM after step 3 without a checkpoint of it" in err
     assert not (out / "preempted.json").exists()
+    assert_same_run(out, reference)
+
+
+def test_the_resume_hint_turns_off_a_config_files_overwrite_and_continues(
+    corpus: Path,  # noqa: F811
+    reference: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """overwrite_output_dir in a --config file, --overwrite-output-dir typed as well: the hint
+    after a SIGTERM (and after a fallback to preempted.json) keeps the file and adds
+    --no-overwrite-output-dir; run as printed it continues the run, which ends as the
+    uninterrupted one (the printed command removed the run and trained from step 0)."""
+    out = tmp_path / "out"
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("overwrite_output_dir: true\n")
+    typed = ["--config", str(config_file), "--overwrite-output-dir"]
+    # preempted.json at step 3 (checkpoint-2 kept); resumed there, a save at its 2nd step, 4
+    for grace, step in (("0.001", 3), ("60", 2)):
+        with monkeypatch.context() as patch:
+            sigterm_after_step(patch, step)
+            args = run_args(corpus, out, "--preempt-grace", grace, *typed)
+            args = args if grace == "0.001" else hint  # noqa: F821 - the first stop's, below
+            patch.setattr(
+                sys,
+                "argv",
+                [str(Path(cli_main.__code__.co_filename).parent / "__main__.py"), *args],
+            )  # as `python -m domainlm`
+            assert cli_main(args) == 143
+        (line,) = error_lines(capsys.readouterr().err)
+        printed = line.split("To resume, run ", 1)[1].split(" (it continues", 1)[0]
+        assert printed.endswith(f"--config {config_file} --no-overwrite-output-dir"), printed
+        hint = shlex.split(printed)[3:]  # less `python -m domainlm`
+    assert cli_main(hint) == 0
+    err = capsys.readouterr().err
+    assert f"resuming from {out / 'checkpoint-4'} at step 4" in err and "removed" not in err
     assert_same_run(out, reference)
 
 

@@ -355,6 +355,7 @@ def test_the_resume_hint_is_the_command_as_the_user_can_type_it(
 ) -> None:
     """`domainlm` when that is the one on PATH, else its path; a torchrun rank, which cannot see
     torchrun's command line, says so (its own `python -m domainlm` would start one process)."""
+    from domainlm.run import guard
     from domainlm.run.guard import resume_command
 
     for name in ("TORCHELASTIC_RUN_ID", "WORLD_SIZE"):
@@ -371,22 +372,31 @@ def test_the_resume_hint_is_the_command_as_the_user_can_type_it(
     monkeypatch.setattr(sys, "argv", [str(elsewhere), *args])
     assert resume_command() == f"{elsewhere} train --output-dir 'my run'"
     # What would not continue the run is left out: --overwrite-output-dir would remove it,
-    # --resume never refuse it, --resume PATH go back to where it began (auto finds the newest);
-    # a --config file's overwrite is turned off. As typed where nothing is to continue from.
-    monkeypatch.setattr(sys, "argv", [str(on_path), *args, "--overwrite_output_dir", "--resume",
-                                      "never", "--resume=out/checkpoint-2", "--seed", "3"])  # fmt: skip
+    # --resume never refuse it, --resume PATH go back to where it began (auto finds the newest).
+    # As typed where nothing is to continue from.
+    typed = [*args, "--overwrite_output_dir", "--resume", "never", "--resume=out/checkpoint-2",
+             "--seed", "3"]  # fmt: skip
+    monkeypatch.setattr(guard, "RUN_FLAGS", guard.RunFlags(overwrite=True, resume="never"))
+    monkeypatch.setattr(sys, "argv", [str(on_path), *typed])
     assert resume_command() == "domainlm train --output-dir 'my run' --seed 3"
     assert resume_command(continues=False) == shlex.join(["domainlm", *sys.argv[1:]])
-    monkeypatch.setattr(sys, "argv", [str(on_path), *args])
-    assert resume_command(overwrite=True) == (
-        "domainlm train --output-dir 'my run' --no-overwrite-output-dir"
-    )
+    # A --config file's overwrite or resume, typed too or not, is turned off after it (the
+    # printed command removed the run when the file set overwrite_output_dir and it was typed).
+    for extra in ([], ["--overwrite-output-dir", "--resume", "never"]):
+        monkeypatch.setattr(sys, "argv", [str(on_path), *args, "--config", "c.yaml", *extra])
+        assert resume_command() == (
+            "domainlm train --output-dir 'my run' --config c.yaml --no-overwrite-output-dir "
+            "--resume auto"
+        )
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
     monkeypatch.setattr(sys, "argv", [str(tmp_path / "domainlm" / "__main__.py"), *args])
+    monkeypatch.setattr(guard, "RUN_FLAGS", guard.RunFlags())
     assert resume_command() == "the same torchrun command again"
-    assert resume_command(overwrite=True) == (
-        "the same torchrun command again without --overwrite-output-dir or --resume"
-    )
+    monkeypatch.setattr(guard, "RUN_FLAGS", guard.RunFlags(overwrite=True))
+    monkeypatch.setattr(sys, "argv", [sys.argv[0], *args, "--config", "c.yaml"])
+    assert resume_command() == "the same torchrun command again with --no-overwrite-output-dir"
+    monkeypatch.setattr(sys, "argv", [sys.argv[0], *args, "--overwrite-output-dir"])
+    assert resume_command() == "the same torchrun command again without --overwrite-output-dir"
 
 
 def test_sigint_exits_130_and_the_lock_refuses_a_second_run(

@@ -438,5 +438,4 @@ class StopGuard:
         self.checkpoints.save_unless_saved(step.done)
         self.checkpoints.wait()  # a background save is published before the run exits
         self.progress.close()
-        overwrite = run.config.overwrite_output_dir
-        raise guard.stopped_by_signal(self.signals, step.done, run.output_dir, overwrite)
+        raise guard.stopped_by_signal(self.signals, step.done, run.output_dir)

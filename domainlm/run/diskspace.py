@@ -314,7 +314,7 @@ def out_of_space_stop(
     need = f"it needs about {human(needed)}, " if needed else ""
     return OutOfSpace(
         f"{reason} while writing {what} in {folder}: {need}{human(free_bytes(folder))} is free "
-        f"there; {resume_from}. Free space and run the same command again ({resume_command()}): "
+        f"there; {resume_from}. Free space, then run {resume_command()}: "
         "it resumes from there"
     )
 

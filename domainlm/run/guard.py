@@ -134,44 +134,75 @@ def stop_agreed(stop: StopSignals, ctx: Any, device: torch.device) -> bool:
 # checkpoint the run began from, not the one it stopped at (auto, the default, finds that).
 OVERWRITE_FLAGS = ("--overwrite-output-dir", "--overwrite_output_dir")
 RESUME_FLAG = "--resume"
+CONFIG_FLAG = "--config"
 
 
-def continuing_args(args: list[str], overwrite: bool) -> list[str]:
-    """`args` less the flags that would not continue the run (OVERWRITE_FLAGS, --resume and its
-    value); `--no-overwrite-output-dir` added where the run's overwrite came from a --config file."""
+@dataclass
+class RunFlags:
+    """What this process's run resolved --overwrite-output-dir and --resume to (command line and
+    --config file together), noted at the start of `train` for the stop messages' command."""
+
+    overwrite: bool = False
+    resume: str = "auto"
+
+
+RUN_FLAGS = RunFlags()
+
+
+def note_run_flags(overwrite: bool, resume: str) -> None:
+    RUN_FLAGS.overwrite, RUN_FLAGS.resume = overwrite, resume
+
+
+def continuing_args(args: list[str], flags: RunFlags) -> tuple[list[str], list[str], list[str]]:
+    """(`args` less the flags that would not continue the run, those left out, those added):
+    OVERWRITE_FLAGS and --resume with its value left out; where the run's own settings (`flags`)
+    overwrite or name a checkpoint from a --config file, `--no-overwrite-output-dir` and
+    `--resume auto` added after it, which the command line's last word wins over."""
     kept: list[str] = []
+    dropped: list[str] = []
     value_next = False
     for arg in args:
         if value_next:
+            dropped[-1] += f" {arg}"
             value_next = False
         elif arg == RESUME_FLAG:
+            dropped.append(arg)
             value_next = True
-        elif arg not in OVERWRITE_FLAGS and not arg.startswith(RESUME_FLAG + "="):
+        elif arg in OVERWRITE_FLAGS or arg.startswith(RESUME_FLAG + "="):
+            dropped.append(arg)
+        else:
             kept.append(arg)
-    if overwrite and not any(arg in OVERWRITE_FLAGS for arg in args):
-        kept.append("--no-overwrite-output-dir")
-    return kept
+    from_file = any(arg == CONFIG_FLAG or arg.startswith(CONFIG_FLAG + "=") for arg in args)
+    typed_overwrite = any(arg in OVERWRITE_FLAGS for arg in args)
+    typed_resume = any(arg.startswith(RESUME_FLAG) for arg in dropped)
+    added = []
+    if flags.overwrite and (from_file or not typed_overwrite):
+        added.append("--no-overwrite-output-dir")
+    if flags.resume != "auto" and (from_file or not typed_resume):
+        added += [RESUME_FLAG, "auto"]
+    return kept + added, dropped, added
 
 
-def resume_command(continues: bool = True, overwrite: bool = False) -> str:
+def resume_command(continues: bool = True) -> str:
     """The command line of this process, to print as the way to resume: as the user can type it
     (the interpreter's path where `python` on PATH is another one); under torchrun, whose command
-    line a rank cannot see, "the same torchrun command again". `continues`: the run stopped with
-    a checkpoint in --output-dir to continue from, and the command is the one that continues it
-    (`continuing_args`; `overwrite`: the run's --overwrite-output-dir, from the command line or a
-    --config file); else the command as it was."""
+    line a rank cannot see, "the same torchrun command again" (with what to change). `continues`:
+    the run stopped with a checkpoint in --output-dir to continue from, and the command is the
+    one that continues it (`continuing_args`, by the run's RUN_FLAGS); else the command as it was."""
     import shlex
     import shutil
     import sys
 
-    args = continuing_args(sys.argv[1:], overwrite) if continues else sys.argv[1:]
+    args, dropped, added = (
+        continuing_args(sys.argv[1:], RUN_FLAGS) if continues else (sys.argv[1:], [], [])
+    )
     launched = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("WORLD_SIZE")
     if launched:  # torchrun's workers (TORCHELASTIC_RUN_ID) or another launcher's ranks
         launcher = "torchrun" if os.environ.get("TORCHELASTIC_RUN_ID") else "launch"
-        left_out = continues and (overwrite or any(a == RESUME_FLAG for a in sys.argv[1:]))
-        return f"the same {launcher} command again" + (
-            " without --overwrite-output-dir or --resume" if left_out else ""
+        changes = ([f"without {', '.join(dropped)}"] if dropped else []) + (
+            [f"with {' '.join(added)}"] if added else []
         )
+        return f"the same {launcher} command again" + "".join(f" {c}" for c in changes)
     name = Path(sys.argv[0]).name if sys.argv else ""
     if name == "domainlm":
         found = shutil.which("domainlm")  # paths compared unresolved: a venv's python is a
@@ -186,14 +217,11 @@ def resume_command(continues: bool = True, overwrite: bool = False) -> str:
     return f"{program} {shlex.join(args)}"
 
 
-def stopped_by_signal(
-    stop: StopSignals, step: int, output_dir: Path, overwrite: bool = False
-) -> TrainingAborted:
+def stopped_by_signal(stop: StopSignals, step: int, output_dir: Path) -> TrainingAborted:
     name = signal.Signals(stop.signum).name if stop.signum else "a signal"
     return TrainingAborted(
         f"{name}: stopped after step {step}, saved {output_dir / f'checkpoint-{step}'}. "
-        f"To resume, run {resume_command(overwrite=overwrite)} (it continues from the newest "
-        "checkpoint)",
+        f"To resume, run {resume_command()} (it continues from the newest checkpoint)",
         exit_code=stop.exit_code(),
     )
 

@@ -175,7 +175,7 @@ def fallback_stop(
         f"{record['signal']}: stopped after step {step} without a new checkpoint: "
         f"{plan.describe()}, more than the {left:.2g} s left of --preempt-grace {plan.grace:g} s; "
         f"{where} and wrote {run.output_dir / PREEMPTED_FILE}. To resume, run "
-        f"{resume_command(continues, run.config.overwrite_output_dir)} (it continues from "
+        f"{resume_command(continues)} (it continues from "
         f"{kept or 'step 0'})",
         exit_code=signals.exit_code(),
     )

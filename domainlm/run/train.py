@@ -137,6 +137,7 @@ def train(config: TrainConfig) -> TrainResult:
     ctx = setup_distributed(config.dist_timeout, config.device, config.strategy)
     cleanup = ExitStack()  # the run lock and the signal handlers, released on every exit
     try:
+        guard.note_run_flags(config.overwrite_output_dir, config.resume)  # for the stop lines
         cleanup.enter_context(guard.SetUpSignals())  # SIGTERM before the loop's StopGuard
         run = set_up(config, ctx, cleanup)
         if isinstance(run, TrainResult):
