@@ -506,12 +506,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def unrecognized(arguments: list[str]) -> str:
-    """argparse's message for arguments no option takes, with what to use instead of a
-    run_clm.py flag that has no equivalent here."""
+def unrecognized(arguments: list[str], command: str = "train") -> str:
+    """argparse's message for arguments no option takes, with, for `train` (whose flags the
+    table names), what to use instead of a run_clm.py flag that has no equivalent here."""
     message = f"unrecognized arguments: {' '.join(arguments)}"
     flags = [a.split("=")[0].lstrip("-").replace("-", "_") for a in arguments if a.startswith("--")]
-    instead = [f"--{f} -> {SEED_FLAGS_INSTEAD[f]}" for f in flags if f in SEED_FLAGS_INSTEAD]
+    table = SEED_FLAGS_INSTEAD if command == "train" else {}
+    instead = [f"--{f} -> {table[f]}" for f in flags if f in table]
     if instead:
         return f"{message} (run_clm.py's; here use: {'; '.join(instead)})"
     return f"{message}; see --help"
@@ -522,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # one line naming the command (argparse would print the top level's usage)
-        say_line(f"domainlm {args.command}: error: {unrecognized(unknown)}")
+        say_line(f"domainlm {args.command}: error: {unrecognized(unknown, args.command)}")
         return 2
     reuse_freed_host_memory()  # fewer page faults per step (domainlm/model/malloc.py)
     try:

@@ -176,6 +176,12 @@ def test_run_clm_flags_name_what_to_use_here_on_the_command_line_and_in_yaml(
         SEED_FLAGS_INSTEAD
     )
     assert not Path("o").exists()
+    # The table names train's flags: another command gets no hint it lacks the flag for
+    # (`perplexity --torch_dtype` was told to use --load-dtype, which perplexity refuses).
+    for command in (["perplexity", "--model", "scratch:tiny", "--text", "a"], ["demo"]):
+        assert main([*command, "--torch_dtype", "bf16"]) == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.endswith("unrecognized arguments: --torch_dtype bf16; see --help"), line
 
 
 def test_a_value_of_the_wrong_type_is_one_line_not_the_usage(
