@@ -695,6 +695,9 @@ def test_a_missing_checkpoint_of_a_local_run_folder_is_said_not_to_exist(
     argv = ["perplexity", "--model", "owner/m", "--file", text, "--quiet"]
     refused(capsys, argv, tmp_path / "run", "'owner/m' is not in the local Hugging Face")
     assert asked == [True, True]
+    # inspect's memory plan reads the config alone, by the same rule (it asked the hub)
+    refused(capsys, ["inspect", "--model", "run/checkpoint-99"], tmp_path / "run",
+            "model folder run/checkpoint-99 does not exist")  # fmt: skip
 
 
 def test_the_data_folder_as_output_dir_is_refused(

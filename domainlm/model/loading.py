@@ -247,15 +247,12 @@ def is_model_or_run_folder(folder: Path) -> bool:
     return (folder / "config.json").is_file() or (folder / RUN_FILE).is_file()
 
 
-def _load_pretrained(
-    spec: str, trust_remote_code: bool, dtype: torch.dtype = torch.float32, weights: bool = True
-) -> tuple[Any, Any]:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
+def check_local_spec(spec: str) -> Path:
+    """The path of a --model spec, refused in one line where it names a local folder that is not
+    there. A hub id is "name" or "owner/name"; "run/checkpoint-99" whose "run" is a model or run
+    folder here is a local path (a checkpoint not written), not a hub id to look up; a plain
+    folder named like a hub owner (./Qwen/ holding other models) leaves "Qwen/name" a hub id."""
     path = Path(spec).expanduser()
-    # A hub id is "name" or "owner/name"; "run/checkpoint-99" whose "run" is a model or run
-    # folder here is a local path (a checkpoint not written), not a hub id to look up; a plain
-    # folder named like a hub owner (./Qwen/ holding other models) leaves "Qwen/name" a hub id.
     looks_local = (
         spec.startswith((".", "/", "~"))
         or path.exists()
@@ -265,6 +262,15 @@ def _load_pretrained(
     if looks_local and not path.is_dir():
         problem = "is a file, not a folder" if path.exists() else "does not exist"
         raise UserError(f"model folder {spec} {problem}; give a hub id, a folder or scratch:tiny")
+    return path
+
+
+def _load_pretrained(
+    spec: str, trust_remote_code: bool, dtype: torch.dtype = torch.float32, weights: bool = True
+) -> tuple[Any, Any]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = check_local_spec(spec)
     if path.is_dir():
         refuse_other_folders(path, spec)
     source = str(path) if path.is_dir() else spec

@@ -649,12 +649,12 @@ def available_bytes(device: str) -> int | None:
 def model_config_of(spec: str, trust_remote_code: bool = False) -> Any:
     """The transformers config of a model spec (scratch:NAME, folder, hub id): config.json only,
     no weights read."""
-    from pathlib import Path
 
     from transformers import AutoConfig
 
     from domainlm.model.loading import (
         SCRATCH_PREFIX,
+        check_local_spec,
         hub_reachable,
         not_a_model_folder,
         scratch_config,
@@ -662,9 +662,7 @@ def model_config_of(spec: str, trust_remote_code: bool = False) -> Any:
 
     if spec.startswith(SCRATCH_PREFIX):
         return scratch_config(spec[len(SCRATCH_PREFIX) :])
-    path = Path(spec).expanduser()
-    if spec.startswith((".", "/", "~")) and not path.is_dir():
-        raise UserError(f"model folder {spec} does not exist")
+    path = check_local_spec(spec)  # a local folder not there: one line, the hub not asked
     if path.is_dir() and not (path / "config.json").is_file():
         from domainlm.model.lora import adapter_base, is_adapter_folder
 
