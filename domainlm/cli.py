@@ -80,6 +80,34 @@ def _base_type(annotation: Any) -> tuple[Any, bool]:
     return annotation, False
 
 
+class NegatableFlag(argparse.Action):
+    """A boolean flag with its negation in each spelling: --no-merge-x for --merge-x, --no_merge_x
+    for --merge_x (argparse's BooleanOptionalAction makes --no-merge_x, and refuses --no_merge_x)."""
+
+    def __init__(
+        self,
+        option_strings: Sequence[str],
+        dest: str,
+        default: Any = None,
+        required: bool = False,
+        help: str | None = None,
+    ) -> None:
+        strings = []
+        for option in option_strings:
+            strings.append(option)
+            if option.startswith("--"):
+                strings.append(("--no_" if "_" in option else "--no-") + option[2:])
+        super().__init__(strings, dest, nargs=0, default=default, required=required, help=help)
+
+    def __call__(
+        self, parser: Any, namespace: Any, values: Any, option_string: str | None = None
+    ) -> None:
+        setattr(namespace, self.dest, not (option_string or "").startswith(("--no-", "--no_")))
+
+    def format_usage(self) -> str:
+        return " | ".join(self.option_strings)
+
+
 def add_dataclass_arguments(
     parser: argparse.ArgumentParser,
     cls: type,
@@ -108,7 +136,7 @@ def add_dataclass_arguments(
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if kind is bool:  # on by default (or set by a --config file): off with --no-FLAG
             negatable = f.default or f.metadata.get("negatable")
-            kwargs["action"] = argparse.BooleanOptionalAction if negatable else "store_true"
+            kwargs["action"] = NegatableFlag if negatable else "store_true"
         else:
             kwargs["type"] = kind
             if "choices" in f.metadata:

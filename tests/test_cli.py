@@ -53,10 +53,15 @@ def test_a_config_files_overwrite_is_turned_off_on_the_command_line(tmp_path: Pa
         "model: scratch:tiny\ntrain_file: a.txt\noutput_dir: o\noverwrite_output_dir: true\n"
     )
     assert parse(["--config", str(config_file)]).overwrite_output_dir is True
-    assert (
-        parse(["--config", str(config_file), "--no-overwrite-output-dir"]).overwrite_output_dir
-        is False
-    )
+    for negation in ("--no-overwrite-output-dir", "--no_overwrite_output_dir"):
+        # each spelling negates as itself (argparse made --no-overwrite_output_dir of the
+        # second, and refused --no_overwrite_output_dir)
+        assert parse(["--config", str(config_file), negation]).overwrite_output_dir is False
+    lora = ["--config", str(config_file), "--lora"]
+    assert parse([*lora, "--no-merge"]).merge is False  # a flag on by default
+    assert parse([*lora, "--merge"]).merge is True
+    train_help = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    assert "--no-overwrite_output_dir" not in train_help
 
 
 def test_config_paths_read_as_on_the_command_line(
