@@ -233,3 +233,31 @@ def test_a_grace_period_of_zero_or_less_is_refused() -> None:
         with pytest.raises(UserError, match="--preempt-grace must be a positive number"):
             TrainConfig(model="m", train_file="t", output_dir="o", preempt_grace=bad)
     assert TrainConfig(model="m", train_file="t", output_dir="o").preempt_grace == 60.0
+
+
+def test_a_sigterm_after_the_last_step_lets_the_final_save_finish(
+    corpus: Path,  # noqa: F811
+    reference: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A SIGTERM while the final model is written: the run ends as it would have (exit 0, the
+    uninterrupted run's files), and says so; it announced a checkpoint it never wrote."""
+    from domainlm.run import train as train_module
+
+    real = train_module.save_model_folder
+
+    def signalled(*args, **kwargs):  # type: ignore[no-untyped-def]
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "save_model_folder", signalled)
+    out = tmp_path / "out"
+    assert cli_main(run_args(corpus, out)) == 0
+    err = capsys.readouterr().err
+    assert (
+        "SIGTERM received: the steps are done; the run ends once its final model is written" in err
+    )
+    assert "saving a checkpoint" not in err
+    assert_same_run(out, reference)

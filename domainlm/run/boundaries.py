@@ -408,11 +408,18 @@ class StopGuard:
         self.run, self.checkpoints, self.progress = run, checkpoints, progress
         self.plan = preempt.PreemptPlan.measure(run)  # says at start if a save will not fit
         self.signals = cleanup.enter_context(guard.StopSignals(self.announce))
+        self.finishing = False  # the steps are over: the final model is being written
 
     def announce(self, signum: int) -> None:
         """What the run does on this signal: save after the step, or (a SIGTERM whose save would
         not fit in --preempt-grace) keep its last checkpoint and write preempted.json."""
         name = signal.Signals(signum).name
+        if self.finishing:  # nothing to stop: the run ends as it would have
+            self.run.console.info(
+                f"{name} received: the steps are done; the run ends once its final model is "
+                "written (send it again to stop at once)"
+            )
+            return
         plan = self.plan.after_a_save(self.checkpoints.last_seconds)
         if signum == signal.SIGTERM and not plan.fits(0.0):
             then = (

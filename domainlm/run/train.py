@@ -189,6 +189,7 @@ def fit(run: Run, cleanup: ExitStack) -> TrainResult:
         if outcome.final:
             break
     progress.close()
+    stop.finishing = True  # a signal from here on lets the final save finish
     runtime = time.perf_counter() - started
     final = evaluation.final(done)
     checkpoints.wait()  # the final model is saved once the last checkpoint is published
