@@ -64,8 +64,8 @@ def test_a_json_file_is_read_as_json_lines(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "content",
     ['[{"text": "a"}, {"text": "b"}]', '[\n  {"text": "a"},\n  {"text": "b"}\n]\n',
-     '{\n  "text": "a"\n}\n'],
-    ids=["array-on-one-line", "array-over-lines", "object-over-lines"],
+     '{\n  "text": "a"\n}\n', '{"text": "multi",\n "x": 1}\n'],
+    ids=["array-on-one-line", "array-over-lines", "object-over-lines", "object-from-line-1"],
 )  # fmt: skip
 def test_a_json_document_not_json_lines_says_how_to_convert(tmp_path: Path, content) -> None:
     path = tmp_path / "train.json"

@@ -351,8 +351,11 @@ def _jsonl_texts(
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            # an array's "[", or a pretty-printed object's "{" alone on the file's first line
+            # an array's "[", or a pretty-printed object's "{" alone on the file's first line,
+            # or any first line that the lines after it complete into one JSON document
             if line.lstrip().startswith("[") or (first_record and line.strip() == "{"):
+                _refuse_one_json_document(file)
+            if first_record and _one_json_document("\n".join(lines[number - first_line :])):
                 _refuse_one_json_document(file)
             raise UserError(f"{file}:{number}: not valid JSON ({exc.msg})") from exc
         if isinstance(record, list):
@@ -365,6 +368,14 @@ def _jsonl_texts(
         if record[text_column].strip():
             texts.append((number, record[text_column]))
     return texts
+
+
+def _one_json_document(text: str) -> bool:
+    """Whether `text` is one JSON object or array spread over several lines."""
+    try:
+        return isinstance(json.loads(text), dict | list) and "\n" in text.strip()
+    except json.JSONDecodeError:
+        return False
 
 
 def _refuse_one_json_document(file: Path) -> None:
