@@ -316,11 +316,11 @@ def test_the_cards_settings_show_what_auto_resolved_to() -> None:
     now as the resolved precision is: `auto (128)`. A given value is shown as it is."""
     from domainlm.run.report import card_training_section
 
-    config = {"block_size": None, "precision": "auto", "lr": 0.001}
-    rows = card_training_section(config, [], {"block_size": 128, "precision": "bf16"})
-    assert {"| block_size | auto (128) |", "| precision | auto (bf16) |", "| lr | 0.001 |"} <= set(
-        rows
-    )
+    config = {"block_size": None, "precision": "auto", "lr": 0.001, "eval_stride": None}
+    took = {"block_size": 128, "precision": "bf16", "eval_stride": 127}
+    rows = set(card_training_section(config, [], took))
+    assert {"| block_size | auto (128) |", "| precision | auto (bf16) |", "| lr | 0.001 |"} <= rows
+    assert "| eval_stride | auto (127) |" in rows
     given = card_training_section({"block_size": 64, "precision": "fp32"}, [], {"block_size": 64})
     assert {"| block_size | 64 |", "| precision | fp32 |"} <= set(given)
 
