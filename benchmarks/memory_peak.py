@@ -57,6 +57,9 @@ CONFIGS = [
     ("llama-small", "llama", "bf16", False, False, 4, 256, "bfloat16"),  # pure bf16
     # a small micro-batch: the end of the backward is the peak (a tied head's two gradients)
     ("124M", "gpt2:gpt2", "fp32", True, False, 1, 64),
+    # Gemma 2's soft-capped logits: the loss takes the full (tokens, vocabulary) logits
+    ("gemma2-small", "gemma2", "bf16", False, False, 8, 256),
+    ("gemma2-small", "gemma2", "bf16", False, True, 8, 256),
 ]
 # Under `--strategy fsdp` (--fsdp): full fine-tuning, sharded over 2 or 3 gloo ranks on this CPU.
 # The small micro-batches (1 x 64) make the backward's moment the peak: the sharded gradients,
@@ -81,11 +84,20 @@ LORA_ONLY = [c for c in CONFIGS if c[4]]
 
 
 def model_config(spec: str):  # type: ignore[no-untyped-def]
-    """The transformers config of a benchmark model: a scratch GPT-2 shape or a small Llama."""
+    """The transformers config of a benchmark model: a scratch GPT-2 shape, a small Llama, or
+    a small Gemma 2 (its logits soft-capped)."""
     if spec.startswith("gpt2:"):
         from domainlm.model.loading import scratch_config
 
         return scratch_config(spec.split(":", 1)[1])
+    if spec == "gemma2":
+        from transformers import Gemma2Config
+
+        return Gemma2Config(
+            vocab_size=32000, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+            max_position_embeddings=1024, final_logit_softcapping=30.0,
+        )  # fmt: skip
     from transformers import LlamaConfig
 
     return LlamaConfig(

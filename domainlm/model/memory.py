@@ -45,6 +45,7 @@ import torch
 from domainlm.config import LOAD_DTYPES
 from domainlm.errors import UserError
 from domainlm.model.lora import adapted_layers, linear_features, rank_above_width, target_modules
+from domainlm.model.loss import linear_head
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -147,6 +148,11 @@ class ModelShape:
     gated: bool  # RMSNorm + gated MLP (Llama-style) rather than LayerNorm + GELU MLP
     linears: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (in, out) per layer
     layer_params: int = 0  # parameters of one transformer layer (FSDP's unit)
+    # model/loss.py takes the full (tokens, vocabulary) logits, not its chunked head (a model
+    # outside CHUNKED_HEAD_MODEL_TYPES, or one transforming its logits: `linear_head` is None);
+    # `soft_capped`: Gemma 2's tanh keeps one more copy of them for the backward
+    full_logits: bool = False
+    soft_capped: bool = False
 
     @property
     def root_params(self) -> int:
@@ -239,6 +245,8 @@ def model_shape(model: torch.nn.Module) -> ModelShape:
         gated=gated,
         linears=linears,
         layer_params=sum(p.numel() for p in first_layer.parameters()) if first_layer else 0,
+        full_logits=linear_head(model) is None,
+        soft_capped=getattr(cfg, "final_logit_softcapping", None) is not None,
     )
 
 
@@ -380,6 +388,12 @@ def loss_terms(
     residual = residual_bytes(b)
     grad_bytes = 4 if b.fp16 else c
     kept = 2 * residual * n * h + (v * h * c if head_trainable else 0)
+    if s.full_logits:  # `token_nll_sums` over the model's own (b, T, V) logits
+        # kept: the float32 log-softmax (and the soft-cap's tanh); transient, the larger of the
+        # forward's logits with their float32 copy and the backward's two float32 gradients
+        # (and, soft-capped, the gradient through the tanh beside them)
+        capped = c if s.soft_capped else 0
+        return kept + n * v * (4 + capped), n * v * (max(c + 4, 8) + capped)
     cast = v * h * c if b.weight != c else 0
     if cuda:  # one compiled kernel per chunk: the chunk's logits, its float32 work, its gradient
         return kept, cast + min(n, chunk) * v * (2 * c + 8)
