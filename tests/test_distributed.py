@@ -402,10 +402,14 @@ def test_two_rank_checkpoint_resumed_by_one_rank(
     capsys.readouterr()
     result = train(one_process_config(data, out))
     assert result.resumed_from == out / "checkpoint-2"
-    assert "resuming at step 2 with other settings than the run's so far: --grad-accum 1 -> 2, " \
-        "ranks 2 -> 1; the global batch stays 4 blocks;" in capsys.readouterr().err  # fmt: skip
+    # the FSDP run's --strategy fsdp -> auto is said and recorded too
+    strategy = ", --strategy fsdp -> auto" if source == "fsdp" else ""
+    assert "resuming at step 2 with other settings than the run's so far: --grad-accum 1 -> 2" \
+        f"{strategy}, ranks 2 -> 1; the global batch stays 4 blocks;" in capsys.readouterr().err  # fmt: skip
     history = json.loads((out / "run_config.json").read_text())["history"]
-    assert history == [{"step": 2, "changed": {"grad_accum": [1, 2], "ranks": [2, 1]}}]
+    changed = {"grad_accum": [1, 2], "ranks": [2, 1]}
+    changed |= {"strategy": ["fsdp", "auto"]} if source == "fsdp" else {}
+    assert history == [{"step": 2, "changed": changed}]
     end = torch.load(out / "checkpoint-4" / "training_state.pt", weights_only=True)
     assert (end["world_size"], end["step"], end["epoch"], end["offset"]) == (1, 4, 0, 16)
     assert_same_losses(train_losses(out), train_losses(ddp_run[0]))
