@@ -34,6 +34,15 @@ CHECKPOINT_FORMATS = ("auto", "full", "sharded")
 LOAD_DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_SEED = 42  # train's --seed; perplexity's builds a scratch:NAME preset the same way
 RUN_FILE = "run_config.json"  # a run folder's identity, settings and owned files (run/train.py)
+CHECKPOINT_PREFIX = "checkpoint-"  # a run's checkpoint-<step> folders (run/checkpoint.py)
+
+
+def checkpoint_step(name: str) -> int | None:
+    """The step of a checkpoint folder's name (`checkpoint-500` -> 500); None for another name."""
+    suffix = name.removeprefix(CHECKPOINT_PREFIX)
+    return int(suffix) if suffix != name and suffix.isdigit() else None
+
+
 # Where a run's final model and tokenizer are written before they are moved into its folder
 # (run/checkpoint.py `publish_final_files`); there, the final save was cut short.
 FINAL_STAGING = ".final.tmp"

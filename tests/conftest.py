@@ -141,3 +141,20 @@ def one_thread_like_the_ranks():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def refuse_writes_in(monkeypatch: pytest.MonkeyPatch, locked: Path) -> None:
+    """Make `locked` act as a folder on a read-only mount. Tests may run as root, for whom
+    chmod does not forbid writing, so the failure is injected: the writability probe (a file
+    made with tempfile.mkstemp) fails there with EROFS, as on a read-only file system."""
+    import errno
+    import tempfile
+
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if Path(kwargs.get("dir", "")).resolve() == locked.resolve():
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(locked))
+        return real_mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import uneven_corpus, write_lines
+from conftest import refuse_writes_in, uneven_corpus, write_lines
 
 from domainlm.cli import main as cli_main
 
@@ -626,23 +626,6 @@ def test_old_mac_line_ends_in_a_single_document_are_named(
     one.write_bytes(b"just one line of text\r\n")
     line = refused(capsys, args_for(tiny_model_dir, one, out), out, "single document")
     assert "carriage return" not in line
-
-
-def refuse_writes_in(monkeypatch: pytest.MonkeyPatch, locked: Path) -> None:
-    """Make `locked` act as a folder on a read-only mount. Tests may run as root, for whom
-    chmod does not forbid writing, so the failure is injected: the writability probe (a file
-    made with tempfile.mkstemp) fails there with EROFS, as on a read-only file system."""
-    import errno
-    import tempfile
-
-    real_mkstemp = tempfile.mkstemp
-
-    def mkstemp(*args, **kwargs):  # type: ignore[no-untyped-def]
-        if Path(kwargs.get("dir", "")).resolve() == locked.resolve():
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(locked))
-        return real_mkstemp(*args, **kwargs)
-
-    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
 
 
 def test_per_line_scores_in_a_read_only_folder_or_under_a_file_are_refused_before_scoring(

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import ModuleTemp, uneven_corpus, write_lines
+from conftest import ModuleTemp, refuse_writes_in, uneven_corpus, write_lines
 
 from domainlm import TrainConfig, train
 from domainlm.cli import main
@@ -331,21 +331,10 @@ def test_a_report_into_a_read_only_folder_is_one_line(
     """`report RUN --output ROFS/rep` was an OSError traceback from mkdir; now one line, exit 2,
     nothing made. Tests may run as root, for whom chmod does not forbid writing, so the
     read-only file system is injected: the writability probe (tempfile.mkstemp) raises EROFS
-    in the locked folder."""
-    import errno
-    import os
-    import tempfile
-
+    in the locked folder (conftest.refuse_writes_in)."""
     locked = tmp_path / "locked"
     locked.mkdir()
-    real_mkstemp = tempfile.mkstemp
-
-    def mkstemp(*args, **kwargs):  # type: ignore[no-untyped-def]
-        if Path(kwargs.get("dir", "")).resolve() == locked.resolve():
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(locked))
-        return real_mkstemp(*args, **kwargs)
-
-    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    refuse_writes_in(monkeypatch, locked)
     for output in (locked / "rep", locked):
         assert main(["report", str(runs[1]), "--output", str(output)]) == 2
         err = capsys.readouterr().err

@@ -32,6 +32,7 @@ from domainlm.config import (
     check_device,
     check_seed,
     check_writable_folder,
+    checkpoint_step,
     opt,
     read_run_settings,
     valid_history,
@@ -300,10 +301,9 @@ def settings_at_checkpoint(run: dict[str, Any], spec: str) -> tuple[dict[str, An
     that checkpoint's step on undone (a resume changes what the steps after it use). For the run
     folder itself, its last ones."""
     settings, precision = dict(run.get("config") or {}), run.get("precision")
-    name = Path(spec).expanduser().name
-    if not (name.startswith("checkpoint-") and name.removeprefix("checkpoint-").isdigit()):
+    step = checkpoint_step(Path(spec).expanduser().name)
+    if step is None:
         return settings, precision
-    step = int(name.removeprefix("checkpoint-"))
     for entry in reversed(valid_history(run.get("history"))):
         if entry["step"] >= step:
             for key, (before, _) in entry["changed"].items():

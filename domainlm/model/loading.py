@@ -198,11 +198,11 @@ def meta_model_of(model_config: Any, trust_remote_code: bool = False) -> Any:
 def not_a_model_folder(path: Path, spec: str) -> str:
     """Why folder `path` (given as `spec`) is no model: a domainlm run without its final model
     yet (training, or stopped) names its newest checkpoint, which is one."""
-    from domainlm.config import RUN_FILE
+    from domainlm.config import CHECKPOINT_PREFIX, RUN_FILE, checkpoint_step
 
     steps = [
-        int(c.name.split("-", 1)[1]) for c in path.glob("checkpoint-*")
-        if c.name.split("-", 1)[1].isdigit() and (c / "config.json").is_file()
+        step for c in path.glob(f"{CHECKPOINT_PREFIX}*")
+        if (step := checkpoint_step(c.name)) is not None and (c / "config.json").is_file()
         and (c / "checkpoint.json").is_file()
     ]  # fmt: skip
     if (path / RUN_FILE).is_file() and steps:

@@ -24,10 +24,9 @@ from typing import Any
 
 import torch
 
-from domainlm.config import FINAL_STAGING, RUN_FILE
+from domainlm.config import CHECKPOINT_PREFIX, FINAL_STAGING, RUN_FILE, checkpoint_step
 from domainlm.errors import UserError
 
-CHECKPOINT_PREFIX = "checkpoint-"
 MARKER = "checkpoint.json"
 STATE_FILE = "training_state.pt"
 SAVE_DELAY_ENV = "DOMAINLM_INJECT_SAVE_DELAY"
@@ -171,11 +170,8 @@ def list_checkpoints(output_dir: Path) -> list[CheckpointInfo]:
     if not output_dir.is_dir():
         return found
     for path in output_dir.iterdir():
-        name = path.name
-        if not (path.is_dir() and name.startswith(CHECKPOINT_PREFIX)):
-            continue
-        suffix = name[len(CHECKPOINT_PREFIX) :]
-        if not suffix.isdigit() or not (path / MARKER).is_file():
+        step = checkpoint_step(path.name)
+        if step is None or not path.is_dir() or not (path / MARKER).is_file():
             continue
         try:
             info = json.loads((path / MARKER).read_text())
@@ -184,7 +180,7 @@ def list_checkpoints(output_dir: Path) -> list[CheckpointInfo]:
         scored_on = info.get("validation")
         found.append(
             CheckpointInfo(
-                int(suffix), path, info.get("eval_perplexity"),
+                step, path, info.get("eval_perplexity"),
                 scored_on if isinstance(scored_on, str) else None,
             )
         )  # fmt: skip
